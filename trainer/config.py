@@ -100,6 +100,9 @@ class Config:
     keep_checkpoints: int = 2
     # TensorBoard directory; empty = <job_dir>/logs (or $AIP_TENSORBOARD_LOG_DIR).
     log_dir: str = ""
+    # Where the best model is exported at the end (config, vocab, weights); empty = none,
+    # or $AIP_MODEL_DIR.
+    model_dir: str = ""
     # Local staging folder for a gs:// job_dir; empty = a folder under the system temp dir.
     local_dir: str = ""
     # Seconds to wait at the end for background uploads before reporting failures.
