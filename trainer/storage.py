@@ -173,18 +173,18 @@ def _atomic_local(path: str, fill: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def _write_bytes(path: str, data: bytes, retry: Any) -> None:
+def _write_bytes(path: str, data: bytes, retry_timeout: float | None = None) -> None:
     if not is_gcs(path):
         _atomic_local(path, lambda f: f.write(data))
         return
     # Explicit retry: uploads without if_generation_match are not retried by
     # default, but ours are idempotent overwrites.
-    _blob(path).upload_from_string(data, retry=retry)
+    _blob(path).upload_from_string(data, retry=_retry(retry_timeout))
 
 
 def write_bytes(path: str, data: bytes) -> None:
     """Writes `data` to `path`; local writes are atomic and create parent dirs."""
-    _write_bytes(path, data, _retry())
+    _write_bytes(path, data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -311,11 +311,13 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
     return list(out)
 
 
-def _copy_file(src: str, dst: str, retry: Any) -> None:
+def _copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
     if not is_gcs(src) and not is_gcs(dst):
         with open(src, "rb") as f_in:
             _atomic_local(dst, lambda f_out: shutil.copyfileobj(f_in, f_out, _CHUNK))
-    elif not is_gcs(src):
+        return
+    retry = _retry(retry_timeout)
+    if not is_gcs(src):
         if not os.path.isfile(src):
             raise FileNotFoundError(src)
         _blob(dst).upload_from_filename(src, retry=retry)
@@ -339,7 +341,7 @@ def _copy_file(src: str, dst: str, retry: Any) -> None:
 
 def copy_file(src: str, dst: str) -> None:
     """Copies one file between any mix of local and gs:// paths (local dst is atomic)."""
-    _copy_file(src, dst, _retry())
+    _copy_file(src, dst)
 
 
 def upload_dir(local_dir: str, remote_dir: str) -> list[str]:
@@ -458,14 +460,14 @@ class Uploader:
         """Copies one item, retrying until it succeeds (True) or close() (False)."""
         delay, attempt = 0.5, 0
         # A short library-level retry: our own loop keeps trying and logs each failure.
-        retry = _retry(timeout=min(10.0, self._max_backoff))
+        retry_timeout = min(10.0, self._max_backoff)
         while not self._stop.is_set():
             attempt += 1
             try:
                 if item.data is not None:
-                    _write_bytes(item.remote, item.data, retry)
+                    _write_bytes(item.remote, item.data, retry_timeout)
                 else:
-                    _copy_file(item.local, item.remote, retry)
+                    _copy_file(item.local, item.remote, retry_timeout)
                 return True
             except Exception as e:  # noqa: BLE001 - any failure is retried.
                 wait = min(self._max_backoff, delay * random.uniform(0.8, 1.2))
