@@ -1,0 +1,277 @@
+"""Tests for trainer.storage against real local files and a real storage emulator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from trainer import storage
+from trainer.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=["local", "gcs"])
+def root(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A fresh empty folder: a local tmp dir or a new emulator bucket."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("gcs_bucket")()
+
+
+def _tree(root: str) -> None:
+    for name, data in [
+        ("a/x.txt", b"x"),
+        ("a/y.txt", b"yy"),
+        ("a/z1.bin", b"z"),
+        ("a/sub/deep.txt", b"deep"),
+        ("b/x.txt", b"bx"),
+        ("top.txt", b"top"),
+    ]:
+        storage.write_bytes(storage.join(root, *name.split("/")), data)
+
+
+def test_paths():
+    assert storage.is_gcs("gs://b/x") and not storage.is_gcs("/tmp/x")
+    assert storage.join("gs://b", "a", "c.txt") == "gs://b/a/c.txt"
+    assert storage.join("gs://b/a/", "c.txt") == "gs://b/a/c.txt"
+    assert storage.join("/tmp", "a", "c.txt") == os.path.join("/tmp", "a", "c.txt")
+    assert storage.local_path_for("/tmp/x") == "/tmp/x"
+    assert storage.local_path_for("gs://b/x") is None
+
+
+def test_round_trip(root):
+    path = storage.join(root, "dir", "f.txt")
+    assert not storage.exists(path)
+    storage.write_text(path, "héllo\n")
+    assert storage.exists(path)
+    assert storage.exists(storage.join(root, "dir"))  # A folder exists too.
+    assert storage.read_text(path) == "héllo\n"
+    assert storage.read_bytes(path) == "héllo\n".encode()
+    assert storage.size(path) == len("héllo\n".encode())
+    storage.write_bytes(path, b"v2")  # Overwrite.
+    assert storage.read_bytes(path) == b"v2"
+    storage.delete(path)
+    storage.delete(path)  # Missing is fine.
+    assert not storage.exists(path)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(path)
+    with pytest.raises(FileNotFoundError):
+        storage.size(path)
+
+
+def test_listdir_and_delete_prefix(root):
+    _tree(root)
+    assert storage.listdir(root) == ["a", "b", "top.txt"]
+    assert storage.listdir(storage.join(root, "a")) == ["sub", "x.txt", "y.txt", "z1.bin"]
+    assert storage.listdir(storage.join(root, "a") + "/") == ["sub", "x.txt", "y.txt", "z1.bin"]
+    assert storage.listdir(storage.join(root, "missing")) == []
+    storage.delete_prefix(storage.join(root, "a"))
+    storage.delete_prefix(storage.join(root, "missing"))
+    assert storage.listdir(root) == ["b", "top.txt"]
+    assert not storage.exists(storage.join(root, "a", "sub", "deep.txt"))
+
+
+def test_glob(root):
+    _tree(root)
+
+    def g(pattern: str) -> list[str]:
+        prefix = storage.join(root, "")
+        return [p[len(prefix) :].replace(os.sep, "/") for p in storage.glob(prefix + pattern)]
+
+    assert g("a/*.txt") == ["a/x.txt", "a/y.txt"]
+    assert g("a/?.txt") == ["a/x.txt", "a/y.txt"]
+    assert g("a/[xz]*") == ["a/x.txt", "a/z1.bin"]
+    assert g("*/x.txt") == ["a/x.txt", "b/x.txt"]
+    assert g("a/*") == ["a/sub", "a/x.txt", "a/y.txt", "a/z1.bin"]  # Folders too, not deeper.
+    assert g("a/*/*.txt") == ["a/sub/deep.txt"]
+    assert g("t*") == ["top.txt"]
+    assert g("a/x.txt") == ["a/x.txt"]  # No wildcard: the path if it exists.
+    assert g("a/nope.txt") == []
+    assert g("nope/*") == []
+
+
+def test_expand_patterns(root):
+    _tree(root)
+    a_star = storage.join(root, "a", "*")
+    b_x = storage.join(root, "b", "x.txt")
+    a_x = storage.join(root, "a", "x.txt")
+    got = storage.expand_patterns(f"{b_x}, {a_star},{a_x}")
+    # Pattern order, sorted within a pattern, duplicates and the "sub" folder dropped.
+    names = ["x.txt", "y.txt", "z1.bin"]
+    assert got == [b_x] + [storage.join(root, "a", n) for n in names]
+    assert storage.expand_patterns([b_x, b_x]) == [b_x]
+    missing = storage.join(root, "c", "*.txt")
+    with pytest.raises(UserError, match=r"data pattern matched no files: .*c.\*\.txt"):
+        storage.expand_patterns([b_x, missing, storage.join(root, "d")])
+    with pytest.raises(UserError, match="matched no files"):
+        storage.expand_patterns(storage.join(root, "a"))  # Only a folder.
+
+
+def test_copy_file_all_directions(tmp_path, gcs_bucket):
+    bucket = gcs_bucket()
+    src = str(tmp_path / "src.bin")
+    data = os.urandom(3 * 1024 * 1024 + 17)  # Larger than one 1 MiB copy chunk.
+    storage.write_bytes(src, data)
+    hops = [
+        (src, str(tmp_path / "l2l" / "copy.bin")),
+        (src, f"{bucket}/up/copy.bin"),
+        (f"{bucket}/up/copy.bin", f"{bucket}/g2g/copy.bin"),
+        (f"{bucket}/g2g/copy.bin", str(tmp_path / "down" / "copy.bin")),
+    ]
+    for a, b in hops:
+        storage.copy_file(a, b)
+        assert storage.read_bytes(b) == data, (a, b)
+    assert sorted(os.listdir(tmp_path / "down")) == ["copy.bin"]  # No temp file left.
+    for missing in [str(tmp_path / "nope"), f"{bucket}/nope"]:
+        for dst in [str(tmp_path / "dst"), f"{bucket}/dst"]:
+            with pytest.raises(FileNotFoundError):
+                storage.copy_file(missing, dst)
+    assert not os.path.exists(tmp_path / "dst")
+
+
+def test_upload_dir(root, tmp_path):
+    local = tmp_path / "job"
+    for rel in ["ckpt/w.h5", "ckpt/sub/x", "config.json"]:
+        storage.write_text(str(local / rel), rel)
+    dst = storage.join(root, "job")
+    got = storage.upload_dir(str(local), dst)
+    rels = ["ckpt/sub/x", "ckpt/w.h5", "config.json"]
+    assert sorted(got) == sorted(storage.join(dst, *r.split("/")) for r in rels)
+    for r in rels:
+        assert storage.read_text(storage.join(dst, *r.split("/"))) == r
+
+
+def test_md5_matches_emulator(tmp_path, gcs_bucket, gcs_emulator):
+    bucket = gcs_bucket()
+    src = str(tmp_path / "f.bin")
+    storage.write_bytes(src, os.urandom(100_000))
+    storage.copy_file(src, f"{bucket}/f.bin")
+    name = urllib.parse.quote(bucket[len("gs://") :])
+    url = f"{gcs_emulator.host}/storage/v1/b/{name}/o/f.bin"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        meta = json.load(resp)
+    assert meta["md5Hash"] == storage.md5_file(src)
+
+
+def test_local_write_is_atomic(tmp_path):
+    path = str(tmp_path / "new" / "f.json")
+    storage.write_text(path, "old")
+    storage.write_text(path, "new")
+    with pytest.raises(TypeError):
+        storage.write_bytes(path, "not bytes")  # Fails mid-write.
+    assert storage.read_text(path) == "new"
+    assert os.listdir(tmp_path / "new") == ["f.json"]  # No temp files left behind.
+
+
+def test_emulator_guard(monkeypatch):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    with pytest.raises(RuntimeError, match="TRAINER_REQUIRE_EMULATOR"):
+        storage.exists("gs://some-bucket/x")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://10.1.2.3:9023")
+    with pytest.raises(RuntimeError, match="refusing"):
+        storage.exists("gs://some-bucket/x")
+
+
+def test_subprocess_inherits_emulator(gcs_bucket):
+    path = f"{gcs_bucket()}/hello.txt"
+    storage.write_text(path, "from parent")
+    code = f"from trainer import storage; print(storage.read_text({path!r}))"
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "from parent"
+
+
+def test_uploader_fifo_local(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    done: list[str] = []
+    seen_before_pointer: list[bool] = []
+    uploader = storage.Uploader(max_backoff=0.2)
+    # The first file does not exist yet: the item is retried and must hold up the rest.
+    late = str(src / "late.txt")
+    uploader.submit(late, str(dst / "late.txt"), on_done=lambda: done.append("late"))
+    for i in range(5):
+        storage.write_text(str(src / f"{i}.txt"), str(i))
+        uploader.submit(str(src / f"{i}.txt"), str(dst / f"{i}.txt"), lambda i=i: done.append(i))
+    uploader.submit_bytes(str(dst / "pointer.json"), b'{"step": 5}')
+    uploader.submit(
+        str(src / "0.txt"),
+        str(dst / "after.txt"),
+        on_done=lambda: seen_before_pointer.append(os.path.exists(dst / "pointer.json")),
+    )
+    time.sleep(0.5)
+    assert uploader.pending() == 8 and done == []
+    storage.write_text(late, "written late")  # Read when processed, not when submitted.
+    assert uploader.close(timeout=20) == []
+    assert done == ["late", 0, 1, 2, 3, 4]
+    assert seen_before_pointer == [True]
+    assert storage.read_text(str(dst / "late.txt")) == "written late"
+    assert storage.read_text(str(dst / "pointer.json")) == '{"step": 5}'
+    with pytest.raises(RuntimeError):
+        uploader.submit(late, str(dst / "x"))
+
+
+def test_uploader_survives_outage(tmp_path, gcs_bucket, gcs_emulator, caplog):
+    bucket = gcs_bucket()
+    files = {}
+    for i in range(3):
+        files[str(tmp_path / f"f{i}.bin")] = os.urandom(1000 + i)
+        storage.write_bytes(str(tmp_path / f"f{i}.bin"), files[str(tmp_path / f"f{i}.bin")])
+    storage.write_bytes(f"{bucket}/before.txt", b"kept")
+    uploader = storage.Uploader(max_backoff=0.5)
+    gcs_emulator.stop()
+    try:
+        expected = []
+        for i, local in enumerate(files):
+            uploader.submit(local, f"{bucket}/out/f{i}.bin")
+            expected.append((local, f"{bucket}/out/f{i}.bin"))
+        uploader.submit_bytes(f"{bucket}/out/pointer.json", b"{}")
+        expected.append(("<2 bytes>", f"{bucket}/out/pointer.json"))
+        with caplog.at_level(logging.WARNING):
+            assert uploader.flush(timeout=2.0) == expected
+        assert uploader.pending() == 4
+        assert any("f0.bin" in r.getMessage() for r in caplog.records)
+    finally:
+        gcs_emulator.start()
+    assert uploader.flush(timeout=30) == []
+    for i, data in enumerate(files.values()):
+        assert storage.read_bytes(f"{bucket}/out/f{i}.bin") == data
+    assert storage.read_bytes(f"{bucket}/out/pointer.json") == b"{}"
+    assert storage.read_bytes(f"{bucket}/before.txt") == b"kept"  # Restart kept the data.
+    assert uploader.close(timeout=5) == []
+
+
+def test_uploader_close_is_not_blocked_by_outage(tmp_path, gcs_bucket, gcs_emulator):
+    bucket = gcs_bucket()
+    storage.write_text(str(tmp_path / "f.txt"), "f")
+    uploader = storage.Uploader(max_backoff=30.0, name="close-test")
+    gcs_emulator.stop()
+    try:
+        uploader.submit(str(tmp_path / "f.txt"), f"{bucket}/f.txt")
+        start = time.monotonic()
+        assert uploader.close(timeout=0.5) == [(str(tmp_path / "f.txt"), f"{bucket}/f.txt")]
+        assert time.monotonic() - start < 5
+    finally:
+        gcs_emulator.start()
+    # The thread exits once its current attempt ends; it starts no new attempt.
+    deadline = time.monotonic() + 15
+    while any(t.name == "close-test" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
