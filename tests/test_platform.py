@@ -1,0 +1,181 @@
+"""Tests for trainer/platform.py: Google Cloud conventions, without TensorFlow or a cloud."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from trainer import platform
+from trainer.config import Config
+from trainer.errors import UserError
+
+
+def _env(cluster: dict | None = None, task: dict | None = None, **extra) -> dict[str, str]:
+    config = dict(extra)
+    if cluster is not None:
+        config["cluster"] = cluster
+    if task is not None:
+        config["task"] = task
+    return {"TF_CONFIG": json.dumps(config)}
+
+
+# The shapes the services really send (addresses shortened).
+SINGLE_MASTER = _env({"master": ["m-0:2222"]}, {"type": "master", "index": 0},
+                     environment="cloud", job={"scale_tier": "BASIC_GPU"})
+LEGACY_CLUSTER = {"master": ["m-0:2222"], "worker": ["w-0:2222", "w-1:2222"]}
+VERTEX_CLUSTER = {"chief": ["c-0:2222"], "worker": ["w-0:2222", "w-1:2222", "w-2:2222"],
+                  "evaluator": ["e-0:2222"]}
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["task", "--job-dir=gs://b/run"], ["task", "--job_dir=gs://b/run"]),
+    (["task", "--job-dir", "gs://b/run", "--epochs=2"], ["task", "--job_dir=gs://b/run",
+                                                         "--epochs=2"]),
+    (["task", "--epochs=2", "--job-dir"], ["task", "--epochs=2", "--job_dir"]),
+    (["task", "--prime=--job-dir x"], ["task", "--prime=--job-dir x"]),
+    (["task", "--", "--job-dir", "x"], ["task", "--", "--job-dir", "x"]),
+    (["task", "--job-dir=a=b"], ["task", "--job_dir=a=b"]),
+])
+def test_normalize_argv(argv, expected):
+    original = list(argv)
+    assert platform.normalize_argv(argv) == expected
+    assert argv == original
+
+
+def test_apply_environment_fills_only_empty_fields():
+    environ = {"AIP_CHECKPOINT_DIR": "gs://b/out/checkpoints/",
+               "AIP_TENSORBOARD_LOG_DIR": "gs://b/out/logs/",
+               "AIP_MODEL_DIR": "gs://b/out/model/"}
+    cfg = platform.apply_environment(Config(), environ)
+    assert (cfg.job_dir, cfg.log_dir, cfg.model_dir) == (
+        "gs://b/out/checkpoints/", "gs://b/out/logs/", "gs://b/out/model/")
+
+    mine = Config(job_dir="runs/x", log_dir="", model_dir="export/")
+    cfg = platform.apply_environment(mine, environ)
+    assert (cfg.job_dir, cfg.log_dir, cfg.model_dir) == ("runs/x", "gs://b/out/logs/", "export/")
+    assert mine.log_dir == ""  # The input is not modified.
+
+    assert platform.apply_environment(mine, {"AIP_MODEL_DIR": ""}) is mine
+    assert platform.apply_environment(mine, {}) is mine
+
+
+def test_without_tf_config_one_chief():
+    assert platform.tf_config({}) is None
+    assert platform.tf_config({"TF_CONFIG": "  "}) is None
+    assert platform.num_workers({}) == 1
+    assert platform.is_chief({})
+
+
+def test_single_master_is_not_multi_worker():
+    assert platform.num_workers(SINGLE_MASTER) == 1
+    assert platform.is_chief(SINGLE_MASTER)
+
+
+@pytest.mark.parametrize("task, chief", [
+    ({"type": "master", "index": 0}, True),
+    ({"type": "worker", "index": 0}, False),
+    ({"type": "worker", "index": 1}, False),
+])
+def test_legacy_cluster(task, chief):
+    environ = _env(LEGACY_CLUSTER, task)
+    assert platform.num_workers(environ) == 3
+    assert platform.is_chief(environ) is chief
+
+
+@pytest.mark.parametrize("task, chief", [
+    ({"type": "chief", "index": 0}, True),
+    ({"type": "worker", "index": 0}, False),
+    ({"type": "evaluator", "index": 0}, False),
+])
+def test_vertex_cluster_does_not_count_the_evaluator(task, chief):
+    environ = _env(VERTEX_CLUSTER, task)
+    assert platform.num_workers(environ) == 4
+    assert platform.is_chief(environ) is chief
+
+
+@pytest.mark.parametrize("task, chief", [
+    ({"type": "worker", "index": 0}, True),
+    ({"type": "worker", "index": 1}, False),
+    ({"type": "ps", "index": 0}, False),
+])
+def test_workers_only_cluster_worker_zero_is_chief(task, chief):
+    environ = _env({"worker": ["w-0:1", "w-1:1"], "ps": ["p-0:1"]}, task)
+    assert platform.num_workers(environ) == 2
+    assert platform.is_chief(environ) is chief
+
+
+def test_bad_tf_config_is_a_user_error():
+    with pytest.raises(UserError, match="TF_CONFIG is not valid JSON"):
+        platform.num_workers({"TF_CONFIG": "{cluster"})
+    with pytest.raises(UserError, match="JSON object"):
+        platform.tf_config({"TF_CONFIG": "[1]"})
+
+
+def test_prepare_tf_config_renames_master_to_chief():
+    environ = _env(LEGACY_CLUSTER, {"type": "master", "index": 0}, environment="cloud")
+    platform.prepare_tf_config(environ)
+    config = json.loads(environ["TF_CONFIG"])
+    assert config["cluster"] == {"chief": ["m-0:2222"], "worker": ["w-0:2222", "w-1:2222"]}
+    assert config["task"] == {"type": "chief", "index": 0}
+    assert config["environment"] == "cloud"
+    assert platform.num_workers(environ) == 3 and platform.is_chief(environ)
+
+    worker = _env(LEGACY_CLUSTER, {"type": "worker", "index": 1})
+    platform.prepare_tf_config(worker)
+    config = json.loads(worker["TF_CONFIG"])
+    assert "master" not in config["cluster"] and config["task"]["type"] == "worker"
+    assert not platform.is_chief(worker)
+
+
+def test_prepare_tf_config_leaves_other_configs_alone():
+    vertex = _env(VERTEX_CLUSTER, {"type": "chief", "index": 0})
+    before = dict(vertex)
+    platform.prepare_tf_config(vertex)
+    assert vertex == before
+    empty: dict[str, str] = {}
+    platform.prepare_tf_config(empty)
+    assert empty == {}
+
+
+def test_prepare_tf_config_defaults_to_the_process_environment(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", SINGLE_MASTER["TF_CONFIG"])
+    platform.prepare_tf_config()
+    assert json.loads(platform.os.environ["TF_CONFIG"])["task"]["type"] == "chief"
+
+
+def test_metric_reporter_without_hypertune(monkeypatch):
+    monkeypatch.setitem(sys.modules, "hypertune", None)  # Makes the import fail.
+    reporter = platform.MetricReporter()
+    assert not reporter.enabled
+    reporter.report("val_loss", 1.5, 10)  # Does nothing, raises nothing.
+
+
+def test_metric_reporter_with_a_fake_hypertune(monkeypatch):
+    calls = []
+
+    class FakeHyperTune:
+        def report_hyperparameter_tuning_metric(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setitem(sys.modules, "hypertune", types.SimpleNamespace(HyperTune=FakeHyperTune))
+    reporter = platform.MetricReporter()
+    assert reporter.enabled
+    reporter.report("val_loss", 1.25, 300)
+    assert calls == [{"hyperparameter_metric_tag": "val_loss", "metric_value": 1.25,
+                      "global_step": 300}]
+
+
+def test_metric_reporter_never_raises(monkeypatch, caplog):
+    class BrokenHyperTune:
+        def __init__(self):
+            raise PermissionError("/tmp/hypertune is read-only")
+
+    monkeypatch.setitem(sys.modules, "hypertune", types.SimpleNamespace(HyperTune=BrokenHyperTune))
+    reporter = platform.MetricReporter()
+    reporter.report("val_loss", 1.0, 1)
+    reporter.report("val_loss", 0.5, 2)
+    assert not reporter.enabled
+    assert caplog.text.count("tuning metrics disabled") == 1

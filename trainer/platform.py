@@ -1,0 +1,200 @@
+"""Google Cloud training conventions: command line, environment, cluster, tuning metrics.
+
+Vertex AI and the legacy AI Platform Training start the same container or package
+with conventions of their own; this module turns them into plain `Config` values and
+TensorFlow settings, so nothing else needs to know which service (if any) runs it:
+
+- Legacy AI Platform passes `--job-dir`, which absl rejects for a flag named job_dir.
+- Vertex AI names the output folders in `$AIP_CHECKPOINT_DIR`, `$AIP_TENSORBOARD_LOG_DIR`
+  and `$AIP_MODEL_DIR` (all under the job's baseOutputDirectory).
+- Both describe the cluster in `$TF_CONFIG`; legacy AI Platform calls the chief
+  "master", which MultiWorkerMirroredStrategy does not accept, and sets TF_CONFIG even
+  for a single machine (a cluster of one master), which is not a multi-worker job.
+- Hyperparameter tuning reads metrics written by the `hypertune` module
+  (PyPI: cloudml-hypertune), an optional dependency.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from trainer.config import Config
+from trainer.errors import UserError
+
+# Hyphenated flag names that the services pass -> the names the flags really have.
+_LEGACY_FLAGS = {"--job-dir": "--job_dir"}
+# Config field <- environment variable, used only when the field is empty.
+ENVIRONMENT_DEFAULTS = {
+    "job_dir": "AIP_CHECKPOINT_DIR",
+    "log_dir": "AIP_TENSORBOARD_LOG_DIR",
+    "model_dir": "AIP_MODEL_DIR",
+}
+# Task types that train (the evaluator and parameter servers do not hold a model replica).
+_CHIEF_TYPES = ("chief", "master")
+_TRAINING_TYPES = _CHIEF_TYPES + ("worker",)
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """Rewrites `--job-dir=X` and `--job-dir X` as `--job_dir=X`; leaves the rest alone.
+
+    Args:
+      argv: A full command line, program name first.
+
+    Returns:
+      A new list; arguments after a bare `--` are never touched.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            out.extend(argv[i:])
+            break
+        name, eq, value = arg.partition("=")
+        if name in _LEGACY_FLAGS:
+            if eq:
+                out.append(f"{_LEGACY_FLAGS[name]}={value}")
+            elif i + 1 < len(argv):
+                out.append(f"{_LEGACY_FLAGS[name]}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(_LEGACY_FLAGS[name])  # Let the flag parser report the missing value.
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def apply_environment(cfg: Config, environ: Mapping[str, str] = os.environ) -> Config:
+    """Fills empty output locations from the Vertex AI environment variables.
+
+    Flags win: a field the user set is kept. Empty variables count as unset.
+
+    Args:
+      cfg: The configuration parsed from flags.
+      environ: The process environment.
+
+    Returns:
+      A new Config (or `cfg` itself when nothing changed).
+    """
+    changes = {field: environ[var] for field, var in ENVIRONMENT_DEFAULTS.items()
+               if not getattr(cfg, field) and environ.get(var)}
+    return cfg.replace(**changes) if changes else cfg
+
+
+def tf_config(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """Returns the parsed `$TF_CONFIG`, or None when it is unset or empty.
+
+    Raises:
+      UserError: TF_CONFIG is not a JSON object.
+    """
+    raw = environ.get("TF_CONFIG", "").strip()
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as e:
+        raise UserError(f"TF_CONFIG is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise UserError(f"TF_CONFIG must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _cluster(environ: Mapping[str, str]) -> dict[str, list[str]]:
+    config = tf_config(environ) or {}
+    cluster = config.get("cluster") or {}
+    return cluster if isinstance(cluster, dict) else {}
+
+
+def num_workers(environ: Mapping[str, str] = os.environ) -> int:
+    """Counts the machines that train (chief, master and worker tasks); 1 without TF_CONFIG.
+
+    A cluster of a single master, as legacy AI Platform describes a one-machine job,
+    counts as 1, so it is not mistaken for a multi-worker job.
+    """
+    cluster = _cluster(environ)
+    return max(1, sum(len(cluster.get(kind) or []) for kind in _TRAINING_TYPES))
+
+
+def is_chief(environ: Mapping[str, str] = os.environ) -> bool:
+    """True on the machine that writes checkpoints, logs and the exported model.
+
+    That is the chief (or master) task, or worker 0 when the cluster has no chief;
+    every process is the chief when there is no TF_CONFIG or it names no task.
+    """
+    config = tf_config(environ)
+    task = (config or {}).get("task") or {}
+    kind = task.get("type")
+    if not kind:
+        return True
+    if kind in _CHIEF_TYPES:
+        return True
+    cluster = _cluster(environ)
+    has_chief = any(cluster.get(name) for name in _CHIEF_TYPES)
+    return kind == "worker" and int(task.get("index", 0)) == 0 and not has_chief
+
+
+def prepare_tf_config(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Renames the legacy "master" task to "chief" in `$TF_CONFIG`, in place.
+
+    Must run before TensorFlow reads TF_CONFIG, i.e. before the distribution strategy
+    is created. Other fields (environment, job, trial) are kept as they are.
+    """
+    config = tf_config(environ)
+    if not config:
+        return
+    cluster = config.get("cluster")
+    task = config.get("task")
+    changed = False
+    if isinstance(cluster, dict) and "master" in cluster:
+        masters = cluster.pop("master")
+        cluster["chief"] = list(cluster.get("chief") or []) + list(masters or [])
+        changed = True
+    if isinstance(task, dict) and task.get("type") == "master":
+        task["type"] = "chief"
+        changed = True
+    if changed:
+        environ["TF_CONFIG"] = json.dumps(config)
+
+
+class MetricReporter:
+    """Reports a metric to a hyperparameter tuning service, when one is listening.
+
+    Uses `hypertune` (PyPI: cloudml-hypertune) when it can be imported, which is how
+    Vertex AI and AI Platform Training collect the metric named in the study spec;
+    without it every call does nothing. Reporting never raises: a tuning metric that
+    cannot be written is logged once and must not end a training run.
+    """
+
+    def __init__(self, module_name: str = "hypertune") -> None:
+        self._module_name = module_name
+        self._tuner: Any = None
+        self._failed = False
+        try:
+            self._module = importlib.import_module(module_name)
+        except Exception:  # noqa: BLE001 - an optional dependency may fail in any way.
+            self._module = None
+
+    @property
+    def enabled(self) -> bool:
+        """True when metrics go somewhere."""
+        return self._module is not None and not self._failed
+
+    def report(self, tag: str, value: float, step: int) -> None:
+        """Reports `value` of the metric `tag` (e.g. "val_loss") after `step` steps."""
+        if not self.enabled:
+            return
+        try:
+            if self._tuner is None:
+                self._tuner = self._module.HyperTune()
+            self._tuner.report_hyperparameter_tuning_metric(
+                hyperparameter_metric_tag=tag, metric_value=float(value), global_step=int(step))
+        except Exception as e:  # noqa: BLE001 - see the class docstring.
+            self._failed = True
+            logging.warning("cannot report %s to %s, tuning metrics disabled: %s",
+                            tag, self._module_name, e)
