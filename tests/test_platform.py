@@ -50,13 +50,13 @@ def test_apply_environment_fills_only_empty_fields():
                "AIP_TENSORBOARD_LOG_DIR": "gs://b/out/logs/",
                "AIP_MODEL_DIR": "gs://b/out/model/"}
     cfg = platform.apply_environment(Config(), environ)
-    assert (cfg.job_dir, cfg.log_dir, cfg.model_dir) == (
+    assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
         "gs://b/out/checkpoints/", "gs://b/out/logs/", "gs://b/out/model/")
 
-    mine = Config(job_dir="runs/x", log_dir="", model_dir="export/")
+    mine = Config(job_dir="runs/x", tensorboard_dir="", model_dir="export/")
     cfg = platform.apply_environment(mine, environ)
-    assert (cfg.job_dir, cfg.log_dir, cfg.model_dir) == ("runs/x", "gs://b/out/logs/", "export/")
-    assert mine.log_dir == ""  # The input is not modified.
+    assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == ("runs/x", "gs://b/out/logs/", "export/")
+    assert mine.tensorboard_dir == ""  # The input is not modified.
 
     assert platform.apply_environment(mine, {"AIP_MODEL_DIR": ""}) is mine
     assert platform.apply_environment(mine, {}) is mine

@@ -88,6 +88,8 @@ class Config:
     precision: str = "float32"
     # Compile the training step with XLA.
     jit_compile: bool = False
+    # Split the CPU into this many logical devices (try mirrored training without GPUs).
+    logical_cpus: int = 0
 
     # --- output ---
     # Where checkpoints, config.json, vocab.json, metrics and logs go (local or gs://).
@@ -99,7 +101,7 @@ class Config:
     # Resume checkpoints kept; older ones are deleted.
     keep_checkpoints: int = 2
     # TensorBoard directory; empty = <job_dir>/logs (or $AIP_TENSORBOARD_LOG_DIR).
-    log_dir: str = ""
+    tensorboard_dir: str = ""
     # Where the best model is exported at the end (config, vocab, weights); empty = none,
     # or $AIP_MODEL_DIR.
     model_dir: str = ""
@@ -134,7 +136,7 @@ class Config:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         non_negative = ("window_shift", "steps_per_epoch", "val_steps", "warmup_steps",
                         "clipnorm", "train_minutes", "checkpoint_every_steps",
-                        "sample_length", "upload_timeout")
+                        "sample_length", "upload_timeout", "logical_cpus")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")

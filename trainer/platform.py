@@ -31,7 +31,7 @@ _LEGACY_FLAGS = {"--job-dir": "--job_dir"}
 # Config field <- environment variable, used only when the field is empty.
 ENVIRONMENT_DEFAULTS = {
     "job_dir": "AIP_CHECKPOINT_DIR",
-    "log_dir": "AIP_TENSORBOARD_LOG_DIR",
+    "tensorboard_dir": "AIP_TENSORBOARD_LOG_DIR",
     "model_dir": "AIP_MODEL_DIR",
 }
 # Task types that train (the evaluator and parameter servers do not hold a model replica).
