@@ -1,0 +1,265 @@
+"""Job directory layout, resume checkpoints and the best checkpoint.
+
+A job directory (local or gs://) holds:
+  config.json, vocab.json     what generation needs besides the weights
+  weights-improvement-{epoch:02d}-{value:.4f}.weights.h5   best weights so far
+  best.json                   pointer to the best weights, with sizes and md5s
+  ckpt/ckpt-{step}.*          resume checkpoints (model, optimizer, progress)
+  ckpt/latest.json            pointer to the resume checkpoints, newest first
+  metrics.jsonl, logs/        per-epoch metrics and TensorBoard events
+
+Everything is written to a local folder first (the job directory itself when
+it is local) and, for gs://, uploaded in the background in submission order.
+A pointer is submitted after the files it names, so a reader that only follows
+pointers never sees a partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from trainer import models, storage
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.vocabulary import Vocabulary
+
+BEST = "best.json"
+LATEST = "ckpt/latest.json"
+IMPROVEMENTS_KEPT = 3
+
+
+def weights_name(epoch: int, value: float) -> str:
+    """The seed's ModelCheckpoint pattern, in Keras 3's required suffix."""
+    return f"weights-improvement-{epoch:02d}-{value:.4f}.weights.h5"
+
+
+def file_record(local_path: str) -> dict[str, Any]:
+    return {"size": os.path.getsize(local_path), "md5": storage.md5_file(local_path)}
+
+
+class JobDir:
+    """A job directory, staged through a local folder and published in order.
+
+    Args:
+      path: the job directory, local or gs://.
+      local_dir: staging folder for a gs:// job directory; default under the temp dir.
+      writer: False on non-chief workers; they stage into a private scratch folder
+        and publish nothing.
+    """
+
+    def __init__(self, path: str, local_dir: str = "", writer: bool = True):
+        self.path = path.rstrip("/")
+        self.writer = writer
+        self.remote = storage.is_gcs(self.path)
+        if not writer:
+            self.local = tempfile.mkdtemp(prefix="char-lstm-worker-")
+        elif self.remote:
+            digest = hashlib.sha1(self.path.encode()).hexdigest()[:12]
+            self.local = local_dir or os.path.join(tempfile.gettempdir(), "char-lstm", digest)
+        else:
+            self.local = self.path
+        os.makedirs(self.local, exist_ok=True)
+        self.uploader = storage.Uploader(name="job-dir-uploader") if self.remote and writer else None
+
+    def remote_path(self, name: str) -> str:
+        return storage.join(self.path, name)
+
+    def local_path(self, name: str) -> str:
+        path = os.path.join(self.local, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def publish(self, name: str, on_done=None) -> None:
+        """Queues the staged file `name` for upload (after everything queued before)."""
+        if self.uploader and self.writer:
+            self.uploader.submit(self.local_path(name), self.remote_path(name), on_done)
+        elif on_done:
+            on_done()
+
+    def write(self, name: str, text: str, on_done=None) -> None:
+        """Writes a small file atomically, staged and published."""
+        if not self.writer:
+            return
+        storage.write_text(self.local_path(name), text)
+        self.publish(name, on_done)
+
+    def read(self, name: str) -> str | None:
+        """Reads a file from the job directory itself; None when it is absent."""
+        try:
+            return storage.read_text(self.remote_path(name))
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        for path in {self.local_path(name), self.remote_path(name)}:
+            try:
+                storage.delete(path)
+            except Exception as err:  # A stale file left behind is harmless.
+                logging.warning("could not delete %s: %s", path, err)
+
+    def flush(self, timeout: float | None) -> list[tuple[str, str]]:
+        """Waits for queued uploads; returns those still not done."""
+        return self.uploader.flush(timeout) if self.uploader else []
+
+    def close(self, timeout: float | None) -> list[tuple[str, str]]:
+        left = self.uploader.close(timeout) if self.uploader else []
+        if not self.writer:
+            shutil.rmtree(self.local, ignore_errors=True)
+        return left
+
+
+class ResumeCheckpoints:
+    """Resume checkpoints of a tf.train.Checkpoint, with a pointer and fallback."""
+
+    def __init__(self, job: JobDir, checkpoint: tf.train.Checkpoint, keep: int):
+        self.job, self.checkpoint, self.keep = job, checkpoint, keep
+        self.entries: list[dict[str, Any]] = []
+
+    def save(self, step: int, epoch: int) -> None:
+        """Writes ckpt-{step}; every worker must call this (it may use collectives)."""
+        prefix = f"ckpt/ckpt-{step}"
+        self.checkpoint.write(self.job.local_path(prefix))
+        if not self.job.writer:
+            return
+        folder = os.path.dirname(self.job.local_path(prefix))
+        names = sorted(f"ckpt/{n}" for n in os.listdir(folder) if n.startswith(f"ckpt-{step}."))
+        entry = {"prefix": prefix, "step": step, "epoch": epoch, "time": time.time(),
+                 "files": {n: file_record(self.job.local_path(n)) for n in names}}
+        for name in names:
+            self.job.publish(name)
+        old = [e for e in self.entries if e["prefix"] != prefix]
+        self.entries = ([entry] + old)[:self.keep]
+        dropped = [n for e in old[self.keep - 1:] for n in e["files"]]
+        self.job.write(LATEST, json.dumps({"checkpoints": self.entries}, indent=1),
+                       on_done=lambda: [self.job.delete(n) for n in dropped])
+
+    def restore(self) -> dict[str, Any] | None:
+        """Restores the newest intact checkpoint; None when the job has none.
+
+        A checkpoint whose files are missing, of the wrong size or checksum, or
+        that TensorFlow cannot read is skipped with a warning, and the one before
+        it is tried. If none is usable the job stops rather than start over and
+        later overwrite the run's best checkpoint with a worse one.
+        """
+        text = self.job.read(LATEST)
+        if text is None:
+            return None
+        try:
+            self.entries = json.loads(text)["checkpoints"]
+        except (ValueError, KeyError) as err:
+            raise UserError(f"{self.job.remote_path(LATEST)} is corrupt ({err}); delete the "
+                            "ckpt folder to start the run over") from err
+        for entry in self.entries:
+            problem = self._fetch(entry)
+            if problem is None:
+                try:
+                    self.checkpoint.read(self.job.local_path(entry["prefix"])).expect_partial()
+                    return entry
+                except (tf.errors.OpError, ValueError, AssertionError) as err:
+                    problem = f"unreadable: {str(err).splitlines()[0]}"
+            logging.warning("resume checkpoint %s skipped (%s); trying an older one",
+                            entry["prefix"], problem)
+        raise UserError(f"no intact resume checkpoint in {self.job.remote_path('ckpt')}; "
+                        "delete that folder to start the run over")
+
+    def _fetch(self, entry: dict[str, Any]) -> str | None:
+        """Makes the checkpoint's files present and verified locally; returns a problem."""
+        for name, record in entry["files"].items():
+            local = self.job.local_path(name)
+            if self.job.remote and not _matches(local, record):
+                try:
+                    storage.copy_file(self.job.remote_path(name), local)
+                except FileNotFoundError:
+                    return f"{name} is missing"
+            if not os.path.exists(local):
+                return f"{name} is missing"
+            if not _matches(local, record):
+                return f"{name} does not match its recorded size and checksum"
+        return None
+
+
+def _matches(local: str, record: dict[str, Any]) -> bool:
+    return (os.path.exists(local) and os.path.getsize(local) == record["size"]
+            and storage.md5_file(local) == record["md5"])
+
+
+class BestExporter:
+    """Keeps the best weights by a monitored value; never replaces a better best."""
+
+    def __init__(self, job: JobDir, monitor: str, best: float = float("inf")):
+        self.job, self.monitor = job, monitor
+        pointer = job.read(BEST)
+        self.pointer = json.loads(pointer) if pointer else None
+        if self.pointer and self.pointer.get("monitor") == monitor:
+            best = min(best, float(self.pointer["value"]))
+        self.best = best
+
+    def maybe_export(self, model: keras.Model, epoch: int, step: int, value: float) -> bool:
+        """Saves weights and moves the pointer if `value` beats the best; chief only."""
+        if not value < self.best:
+            return False
+        self.best = value
+        if not self.job.writer:
+            return True
+        name = weights_name(epoch, value)
+        model.save_weights(self.job.local_path(name))
+        self.job.publish(name)
+        files = {n: file_record(self.job.local_path(n)) for n in (name, "config.json", "vocab.json")}
+        history = ([name] + (self.pointer or {}).get("history", []))
+        stale = [n for n in history[IMPROVEMENTS_KEPT:] if n != name]
+        self.pointer = {"epoch": epoch, "step": step, "monitor": self.monitor, "value": value,
+                        "weights": name, "files": files, "history": history[:IMPROVEMENTS_KEPT],
+                        "time": time.time()}
+        self.job.write(BEST, json.dumps(self.pointer, indent=1),
+                       on_done=lambda: [self.job.delete(n) for n in stale])
+        return True
+
+
+def load_trained(job_dir: str, checkpoint: str | None = None
+                 ) -> tuple[Config, Vocabulary, keras.Model, dict[str, Any]]:
+    """Loads config, vocabulary and weights from a job directory, for inference.
+
+    Args:
+      job_dir: a job directory (local or gs://) written by the training job.
+      checkpoint: a weights file name or path; default: the one best.json names.
+
+    Returns:
+      (config, vocabulary, model with the weights loaded, the best pointer or {}).
+    """
+    job_dir = job_dir.rstrip("/")
+    try:
+        cfg = Config.from_dict(json.loads(storage.read_text(storage.join(job_dir, "config.json"))))
+        vocab = Vocabulary.load(storage.join(job_dir, "vocab.json"))
+    except FileNotFoundError as err:
+        raise UserError(f"{job_dir} is not a job directory: {err}") from err
+    pointer: dict[str, Any] = {}
+    if checkpoint is None:
+        try:
+            pointer = json.loads(storage.read_text(storage.join(job_dir, BEST)))
+        except FileNotFoundError as err:
+            raise UserError(f"{job_dir} has no best checkpoint yet ({BEST} is missing)") from err
+        checkpoint = storage.join(job_dir, pointer["weights"])
+    elif "/" not in checkpoint:
+        checkpoint = storage.join(job_dir, checkpoint)
+    model = models.build_model(cfg, vocab.size)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model.weights.h5")
+        try:
+            storage.copy_file(checkpoint, local)
+        except FileNotFoundError as err:
+            raise UserError(f"checkpoint {checkpoint} does not exist") from err
+        record = pointer.get("files", {}).get(pointer.get("weights"))
+        if record and not _matches(local, record):
+            raise UserError(f"{checkpoint} does not match the size and checksum in {BEST}")
+        model.load_weights(local)
+    return cfg, vocab, model, pointer

@@ -1,0 +1,82 @@
+"""Picks the tf.distribute strategy and says where this process stands in it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+from absl import logging
+
+from trainer import platform
+from trainer.config import Config
+from trainer.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """This process's place in the job."""
+
+    num_workers: int
+    worker: int
+    is_chief: bool
+    replicas: int
+
+    @property
+    def replicas_per_worker(self) -> int:
+        return self.replicas // self.num_workers
+
+
+def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
+    """Creates the strategy `cfg.strategy` names ('auto' decides from the machine).
+
+    auto: a TF_CONFIG cluster of more than one worker -> multi_worker; more than
+    one GPU -> mirrored; otherwise one device.
+    """
+    if cfg.logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_cpus)
+        except RuntimeError as err:  # TF was initialised before this call.
+            logging.warning("could not split the CPU into logical devices: %s", err)
+    gpus = tf.config.list_logical_devices("GPU")
+    name = cfg.strategy
+    if name == "auto":
+        if platform.num_workers() > 1:
+            name = "multi_worker"
+        elif len(gpus) > 1:
+            name = "mirrored"
+        else:
+            name = "one_device"
+    if name == "multi_worker":
+        platform.prepare_tf_config()
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = strategy.cluster_resolver
+        num_workers = max(1, platform.num_workers())
+        worker = _worker_index(resolver.task_type, resolver.task_id, num_workers)
+        is_chief = platform.is_chief()
+    else:
+        if name == "mirrored":
+            devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+            strategy = tf.distribute.MirroredStrategy(devices)
+        else:
+            strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+        num_workers, worker, is_chief = 1, 0, True
+    placement = Placement(num_workers, worker, is_chief, strategy.num_replicas_in_sync)
+    if cfg.batch_size < 1 or placement.replicas % num_workers:
+        raise UserError(f"{placement.replicas} replicas cannot be split over {num_workers} workers")
+    logging.info("strategy %s: %d replica(s) on %d worker(s); this is worker %d%s",
+                 name, placement.replicas, num_workers, worker, " (chief)" if is_chief else "")
+    return strategy, placement
+
+
+def _worker_index(task_type: str | None, task_id: int | None, num_workers: int) -> int:
+    """Index among chief + workers: the chief is 0, worker i is i (+1 with a chief)."""
+    cluster = platform.tf_config() or {}
+    has_chief = bool(cluster.get("cluster", {}).get("chief"))
+    if task_type in ("chief", "master"):
+        return 0
+    index = (task_id or 0) + (1 if has_chief else 0)
+    if index >= num_workers:
+        raise UserError(f"TF_CONFIG task {task_type}:{task_id} is outside the cluster")
+    return index

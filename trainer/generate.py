@@ -1,0 +1,213 @@
+"""Generates text from a trained job directory.
+
+    python -m trainer.generate --job_dir=runs/shakespeare --length=500
+    python -m trainer.generate --job_dir=gs://bucket/run --prime="ROMEO:" --num_samples=4 \\
+        --format=json --output=samples.json
+
+The job directory (local or gs://) holds everything needed: config.json,
+vocab.json and the best weights named by best.json. A single text sample streams
+to stdout as it is generated; the prompt itself is not repeated there. Notes on
+what was loaded and which prompt was used go to stderr. Bad input ends with a
+one-line error on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from trainer import storage, vocabulary
+from trainer.config import Config
+from trainer.errors import UserError
+
+FLAGS = flags.FLAGS
+# Tries at finding a data shard long enough for a prompt before giving up.
+_SHARD_TRIES = 5
+
+
+def define_flags() -> None:
+    """Defines this entrypoint's flags (and only here: library code takes arguments)."""
+    flags.DEFINE_string("job_dir", None, "Job directory written by trainer.task (local or "
+                        "gs://); config, vocabulary and best weights are read from it.")
+    flags.DEFINE_string("checkpoint", None, "Weights file to use instead of the best one: a "
+                        "file name inside --job_dir or a full path.")
+    flags.DEFINE_string("prime", None, "Prompt text to continue; default: a random window of "
+                        "the validation text, or a newline when no data is reachable.")
+    flags.DEFINE_string("prime_file", None, "Read the prompt from this file (local or gs://) "
+                        "instead of --prime.")
+    flags.DEFINE_integer("length", 500, "Number of characters to generate per sample.",
+                         lower_bound=0)
+    flags.DEFINE_integer("num_samples", 1, "Number of samples generated together in one "
+                         "batch, all from the same prompt.", lower_bound=1)
+    flags.DEFINE_integer("seed", None, "Random seed; the same seed, prompt and settings give "
+                         "the same text (default: a fresh seed, printed on stderr).",
+                         lower_bound=0)
+    flags.DEFINE_float("temperature", 0.8, "Divides the logits before sampling: lower is "
+                       "more predictable, higher more varied; 0 means --greedy.", lower_bound=0)
+    flags.DEFINE_integer("top_k", 0, "Sample only among the k most likely characters "
+                         "(0 = all).", lower_bound=0)
+    flags.DEFINE_float("top_p", 1.0, "Sample only among the most likely characters whose "
+                       "probabilities add up to p (1 = all).", upper_bound=1.0)
+    flags.DEFINE_boolean("greedy", False, "Always pick the most likely character (no "
+                         "randomness).")
+    flags.DEFINE_string("output", None, "Write the result to this file (local or gs://) "
+                        "instead of stdout.")
+    flags.DEFINE_enum("format", "text", ["text", "json"], "text: the samples as plain text; "
+                      "json: the samples with the prompt and every setting.")
+    flags.DEFINE_enum("oov", "error", ["error", "skip"], "What to do with prompt characters "
+                      "the model's vocabulary lacks: stop with an error, or skip them.")
+    flags.mark_flag_as_required("job_dir")
+
+
+def read_prompt(prime: str | None, prime_file: str | None) -> str | None:
+    """The user's prompt from --prime or --prime_file; None when neither is given."""
+    if prime is not None and prime_file is not None:
+        raise UserError("give either --prime or --prime_file, not both")
+    if prime_file is None:
+        return prime
+    try:
+        return storage.read_text(prime_file)
+    except FileNotFoundError as err:
+        raise UserError(f"--prime_file {prime_file} does not exist") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"--prime_file {prime_file} is not UTF-8 text: {err}") from err
+
+
+def data_prompt(cfg: Config, seed: int) -> tuple[str, str]:
+    """Picks a random window of the job's validation text, as the 2017 tutorial did.
+
+    Without validation data configured the training text is used. Any failure to
+    reach the data (moved files, no credentials) falls back to a newline.
+
+    Args:
+      cfg: the job's config (data patterns, seq_length, lowercase).
+      seed: picks the shard and the window.
+
+    Returns:
+      (prompt, a description of where it came from).
+    """
+    rng = random.Random(seed)
+    if cfg.val_data:
+        what, patterns, tail = "validation", cfg.val_data, None
+    elif cfg.val_fraction:
+        what, patterns, tail = "validation", cfg.train_data, cfg.val_fraction
+    else:
+        what, patterns, tail = "training", cfg.train_data, None
+    if not patterns:
+        return "\n", "a newline (the job names no data)"
+    try:
+        paths = storage.expand_patterns(patterns)
+        rng.shuffle(paths)
+        for path in paths[:_SHARD_TRIES]:
+            text, _ = vocabulary.decode(storage.read_bytes(path), cfg.lowercase)
+            # The same cut as input_pipeline.make_regions: the tail is validation.
+            begin = len(text) - int(len(text) * tail) if tail else 0
+            if len(text) - begin < 2:
+                continue
+            width = min(cfg.seq_length, len(text) - begin)
+            start = rng.randint(begin, len(text) - width)
+            return (text[start:start + width],
+                    f"a random {width}-char window of the {what} text {path}")
+        reason = "no shard is long enough"
+    except Exception as err:  # noqa: BLE001 - any failure means "no data reachable".
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return "\n", f"a newline (no {what} data reachable: {reason})"
+
+
+def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
+    """The whole output for --format: plain samples, or JSON with their settings."""
+    if fmt == "json":
+        return json.dumps({**details, "samples": list(samples)}, ensure_ascii=False,
+                          indent=1) + "\n"
+    if len(samples) == 1:
+        return samples[0]
+    return "".join(f"--- sample {i + 1}/{len(samples)} ---\n{s}\n"
+                   for i, s in enumerate(samples))
+
+
+def run() -> None:
+    """Loads the job directory and writes the samples the flags ask for."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Imported here, after the line above, so that TensorFlow starts quietly and
+    # --help never waits for it.
+    from trainer import checkpoints, sampling
+
+    settings = sampling.Settings(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                 top_p=FLAGS.top_p, greedy=FLAGS.greedy).validate()
+    prompt = read_prompt(FLAGS.prime, FLAGS.prime_file)
+    seed = FLAGS.seed if FLAGS.seed is not None else random.SystemRandom().randrange(2**31)
+    try:
+        cfg, vocab, model, pointer = checkpoints.load_trained(FLAGS.job_dir, FLAGS.checkpoint)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"could not load a model from {FLAGS.job_dir}: "
+                        f"{type(err).__name__}: {err}") from err
+    weights = FLAGS.checkpoint or pointer.get("weights", "?")
+    note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"
+            if {"epoch", "monitor", "value"} <= pointer.keys() else "")
+    _say(f"loaded {weights}{note} from {FLAGS.job_dir}")
+    oov = FLAGS.oov
+    if prompt is None:
+        prompt, source = data_prompt(cfg, seed)
+        oov = "skip"  # Not the user's text: chars outside the vocabulary are just left out.
+        _say(f"prompt: {source}:\n{prompt}")
+    else:
+        source = "--prime_file" if FLAGS.prime_file is not None else "--prime"
+        missing = vocab.missing(prompt.lower() if vocab.lowercase else prompt)
+        if missing and oov == "skip":
+            _say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
+                 + ", ".join(repr(c) for c in missing[:20]))
+    if FLAGS.seed is None:
+        _say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
+
+    sampler = sampling.Sampler(model, vocab)
+    prompts = [prompt] * FLAGS.num_samples
+    streaming = FLAGS.num_samples == 1 and FLAGS.format == "text" and FLAGS.output is None
+    if streaming:
+        for parts in sampler.stream(prompts, FLAGS.length, settings, seed, oov):
+            sys.stdout.write(parts[0])
+            sys.stdout.flush()
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")  # Only for the shell prompt's sake; pipes get the text as is.
+        return
+    samples = sampler.generate_batch(prompts, FLAGS.length, settings, seed, oov)
+    details = {"job_dir": FLAGS.job_dir, "checkpoint": weights, "prompt": prompt,
+               "prompt_source": source, "length": FLAGS.length, "seed": seed, "oov": oov,
+               "settings": {"temperature": settings.temperature, "top_k": settings.top_k,
+                            "top_p": settings.top_p, "greedy": settings.is_greedy}}
+    text = render(samples, FLAGS.format, details)
+    if FLAGS.output is None:
+        sys.stdout.write(text)
+    else:
+        storage.write_text(FLAGS.output, text)
+        _say(f"wrote {len(samples)} sample(s) to {FLAGS.output}")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        _say(f"generate: error: unexpected arguments: {' '.join(argv[1:])}")
+        return 1
+    try:
+        run()
+    except UserError as err:
+        _say(f"generate: error: {err}")
+        return 1
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; stop quietly, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,109 @@
+"""What a person watching the run sees: epoch log lines, TensorBoard, metrics, samples.
+
+Only the chief reports. TensorBoard events are written to a local folder and,
+for a gs:// log directory, uploaded after every epoch through `storage`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from trainer import checkpoints, storage
+from trainer import platform as cloud
+from trainer.config import Config
+from trainer.distribution import Placement
+from trainer.input_pipeline import Region
+from trainer.vocabulary import Vocabulary, decode
+
+
+class Reporter:
+    """Epoch-end reporting for the chief; a no-op on other workers."""
+
+    def __init__(self, cfg: Config, job: checkpoints.JobDir, place: Placement,
+                 vocab: Vocabulary, model: keras.Model, val_regions: list[Region]):
+        self.cfg, self.job, self.active = cfg, job, place.is_chief
+        self.vocab, self.model = vocab, model
+        if not self.active:
+            return
+        self.log_dir = cfg.tensorboard_dir or job.remote_path("logs")
+        self.local_logs = (self.log_dir if not storage.is_gcs(self.log_dir)
+                           else job.local_path("logs-staging/"))
+        self.uploader = storage.Uploader(name="tensorboard-uploader") if storage.is_gcs(
+            self.log_dir) else None
+        self.writer = tf.summary.create_file_writer(self.local_logs)
+        self.tuning = cloud.MetricReporter()
+        self.prime = self._prime(val_regions)
+        self.sampler = None
+
+    def _prime(self, regions: list[Region]) -> str:
+        """The start of the validation text, or a newline without validation data."""
+        if not regions or not self.cfg.sample_length:
+            return "\n"
+        region = regions[0]
+        text, _ = decode(storage.read_bytes(region.path), self.cfg.lowercase)
+        return text[region.begin:region.begin + self.cfg.seq_length]
+
+    def sample(self) -> str:
+        """A sample from the current weights (empty when --sample_length=0)."""
+        if not self.cfg.sample_length:
+            return ""
+        from trainer.sampling import Sampler  # Import late: generation is optional here.
+
+        if self.sampler is None:
+            self.sampler = Sampler(self.model, self.vocab)
+        return self.sampler.generate(self.prime, self.cfg.sample_length,
+                                     temperature=self.cfg.sample_temperature, seed=self.cfg.seed)
+
+    def epoch_end(self, epoch: int, step: int, metrics: dict[str, float], improved: bool,
+                  optimizer: keras.optimizers.Optimizer) -> None:
+        if not self.active:
+            return
+        cfg = self.cfg
+        lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        parts = [f"{k} {v:.4f}" for k, v in metrics.items() if k != "chars_per_sec"]
+        logging.info("epoch %d/%d step %d: %s | %.0f chars/s | lr %.2e | best %s %.4f%s",
+                     epoch, cfg.epochs, step, ", ".join(parts), metrics["chars_per_sec"], lr,
+                     cfg.monitor, metrics[cfg.monitor] if improved else float("nan"),
+                     " (saved)" if improved else " (not improved)")
+        text = self.sample()
+        if text:
+            logging.info("sample after epoch %d:\n%s%s", epoch, self.prime, text)
+        with self.writer.as_default(step=step):
+            for name, value in metrics.items():
+                tf.summary.scalar(name, value)
+            tf.summary.scalar("learning_rate", lr)
+            if text:
+                tf.summary.text("sample", f"```\n{self.prime}{text}\n```")
+        self.writer.flush()
+        record = {"epoch": epoch, "step": step, "learning_rate": lr, "improved": improved,
+                  **metrics}
+        with open(self.job.local_path("metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.job.publish("metrics.jsonl")
+        self.tuning.report(cfg.monitor, metrics[cfg.monitor], step)
+        self._sync_logs()
+
+    def _sync_logs(self) -> None:
+        if self.uploader is None:
+            return
+        for root, _, names in os.walk(self.local_logs):
+            for name in names:
+                local = os.path.join(root, name)
+                rel = os.path.relpath(local, self.local_logs).replace(os.sep, "/")
+                self.uploader.submit(local, storage.join(self.log_dir, rel))
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self.writer.close()
+        self._sync_logs()
+        if self.uploader:
+            left = self.uploader.close(self.cfg.upload_timeout)
+            for local, remote in left:
+                logging.error("TensorBoard file not uploaded: %s -> %s", local, remote)

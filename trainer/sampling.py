@@ -1,0 +1,347 @@
+"""Sampling text from the model with carried LSTM state, inside compiled TF loops.
+
+The prompt is fed once through the model's own layers; after that every new
+character costs one LSTM step per layer, with each layer's (h, c) carried from
+the step before, never a re-run of a window. The step loop is a `tf.while_loop`
+inside one `tf.function`, so a block of characters is one call from Python.
+
+The Sampler holds references to the model's layers, not copies, so it always
+samples from the current weights (the training job calls it between epochs).
+
+Randomness is stateless: the draw for step t uses the seed (seed, t), so the
+same seed, prompts and settings give the same text, and a stream generated
+block by block equals the same sample generated in one call.
+
+Prompts of different lengths in one batch are left-padded and masked; the
+LSTM layers keep their zero state over the padding, so each row is exactly what
+feeding that prompt alone would give. An empty prompt starts from a newline
+(or the out-of-vocabulary id when the vocabulary has no newline), since the
+model needs one input before it predicts anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import models
+from trainer.errors import UserError
+from trainer.vocabulary import OOV_ID, Vocabulary
+
+OOV_MODES = ("error", "skip")
+# Characters per compiled call when streaming: small enough to show progress,
+# large enough that the Python round trip costs nothing next to the steps.
+STREAM_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How the next character is chosen from the model's logits."""
+
+    # Logits are divided by this; below 1 is more conservative. 0 means greedy.
+    temperature: float = 0.8
+    # Keep only the k most likely characters; 0 keeps all.
+    top_k: int = 0
+    # Keep the smallest set of characters whose probability reaches p; 1 keeps all.
+    top_p: float = 1.0
+    # Always take the most likely character.
+    greedy: bool = False
+
+    def validate(self) -> Settings:
+        """Raises UserError naming the first bad value; returns self."""
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error") -> np.ndarray:
+    """Turns prompt text into ids, normalised as the training text was.
+
+    Args:
+      vocab: the model's vocabulary; its `lowercase` setting is applied first.
+      text: the prompt.
+      oov: "error" raises on characters the vocabulary lacks, "skip" drops them.
+
+    Returns:
+      An int32 array of ids, none of them the out-of-vocabulary id.
+
+    Raises:
+      UserError: for unknown characters with oov="error", or a bad `oov`.
+    """
+    if oov not in OOV_MODES:
+        raise UserError(f"oov must be one of {', '.join(OOV_MODES)}, got {oov!r}")
+    text = text.replace("\r\n", "\n")
+    if vocab.lowercase:
+        text = text.lower()
+    missing = vocab.missing(text)
+    if missing and oov == "error":
+        shown = ", ".join(repr(c) for c in missing[:20])
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise UserError(f"the prompt has {len(missing)} character(s) the model's vocabulary "
+                        f"lacks: {shown}{more} (drop them with --oov=skip)")
+    ids = vocab.encode(text).astype(np.int32)
+    return ids[ids != OOV_ID]
+
+
+def start_id(vocab: Vocabulary) -> int:
+    """The id fed for an empty prompt: a newline if the vocabulary has one."""
+    ids = vocab.encode("\n")
+    return int(ids[0])
+
+
+def pad_prompts(vocab: Vocabulary, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads encoded prompts into one batch.
+
+    Args:
+      vocab: gives the id that stands in for an empty prompt.
+      prompts: id arrays, one per row.
+
+    Returns:
+      (ids, mask), both (batch, longest); mask is False on the padding.
+    """
+    rows = [p if len(p) else np.array([start_id(vocab)], np.int32) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros((len(rows), width), bool)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = True
+    return ids, mask
+
+
+class Sampler:
+    """Generates text from a character model, one carried-state LSTM step per char."""
+
+    def __init__(self, model: keras.Model, vocab: Vocabulary):
+        """Wraps `model` (from `models.build_model`) without copying its weights.
+
+        Args:
+          model: the training model; its embedding, lstm_* and logits layers are used.
+          vocab: the vocabulary the model was trained with.
+        """
+        self.model = model
+        self.vocab = vocab
+        self.embedding = model.get_layer("embedding")
+        self.lstms = models.lstm_layers(model)
+        self.dense = model.get_layer("logits")
+        if not self.lstms:
+            raise ValueError("the model has no LSTM layers")
+        # Added to the logits so the out-of-vocabulary id is never drawn.
+        self._oov_mask = tf.constant(
+            [-np.inf if i == OOV_ID else 0.0 for i in range(vocab.size)], tf.float32)
+        self._feed = tf.function(self.feed, reduce_retracing=True)
+        self._steps = tf.function(self.steps, reduce_retracing=True)
+
+    # --- graph building blocks (also used inside the exported SavedModel) ---
+
+    def feed(self, ids: tf.Tensor, mask: tf.Tensor | None = None
+             ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+        """Runs left-padded prompts through the model once, one LSTM step per char.
+
+        The prompt goes through the same cell steps as the sampling loop rather
+        than through the LSTM layers: a layer may pick the cuDNN kernel on a GPU,
+        which rejects left padding and would put GPU-only ops into an export.
+
+        Args:
+          ids: (batch, time) int32 ids, time >= 1.
+          mask: (batch, time) bool, False on left padding; None when there is none.
+
+        Returns:
+          (logits for the next char (batch, vocab) float32, states (h0, c0, h1, c1, ...)).
+        """
+        ids = tf.convert_to_tensor(ids, tf.int32)
+        batch = tf.shape(ids)[0]
+        states = tuple(tf.zeros([batch, layer.cell.units], layer.cell.compute_dtype)
+                       for layer in self.lstms for _ in "hc")
+        logits = tf.zeros([batch, self.vocab.size], tf.float32)
+
+        def body(t, logits, states):
+            logits, new_states = self._step(ids[:, t], states)
+            if mask is not None:
+                # Padding leaves the state as it was (zero until the prompt starts).
+                keep = mask[:, t, None]
+                new_states = tuple(tf.where(keep, new, old)
+                                   for new, old in zip(new_states, states))
+            return t + 1, logits, new_states
+
+        _, logits, states = tf.while_loop(
+            lambda t, *_: t < tf.shape(ids)[1], body, (tf.constant(0), logits, states),
+            parallel_iterations=1)
+        return logits, states
+
+    def _step(self, ids: tf.Tensor, states: tuple[tf.Tensor, ...]
+              ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+        """One char per row through every layer; returns masked logits and new states."""
+        x = self.embedding(ids)
+        new_states = []
+        for j, layer in enumerate(self.lstms):
+            x, (h, c) = layer.cell(x, [states[2 * j], states[2 * j + 1]], training=False)
+            new_states += [h, c]
+        return self._mask_oov(self.dense(x)), tuple(new_states)
+
+    def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: tf.Tensor,
+              step0: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+              top_p: tf.Tensor, greedy: bool = False, filter_k: bool = False,
+              filter_p: bool = False, keep_logits: bool = False) -> tuple:
+        """Draws `n` chars per row, one LSTM step per char, in a `tf.while_loop`.
+
+        Args:
+          logits: (batch, vocab) logits for the first char to draw.
+          states: the carried (h, c) of every layer, flattened.
+          n: int32 scalar, chars to draw.
+          step0: int32 scalar, index of the first step (the random draw of step t
+            uses the seed (seed, t), so blocks continue one stream).
+          seed: int64 scalar.
+          temperature, top_k, top_p: scalars, see `Settings`.
+          greedy, filter_k, filter_p: which choice rule runs (Python bools, so
+            each combination is its own compiled loop and unused rules cost nothing).
+          keep_logits: also return the masked logits each char was drawn from.
+
+        Returns:
+          (ids (batch, n) int32, logits after the last char, states after it,
+          and (batch, n, vocab) logits when keep_logits).
+        """
+        n = tf.convert_to_tensor(n, tf.int32)
+        batch = tf.shape(logits)[0]
+        drawn = tf.TensorArray(tf.int32, size=n, element_shape=tf.TensorShape([None]))
+        seen = tf.TensorArray(tf.float32, size=n if keep_logits else 0,
+                              element_shape=logits.shape)
+
+        def body(i, logits, states, drawn, seen):
+            if keep_logits:
+                seen = seen.write(i, logits)
+            ids = self._choose(logits, tf.stack([seed, tf.cast(step0 + i, tf.int64)]),
+                               temperature, top_k, top_p, greedy, filter_k, filter_p)
+            logits, states = self._step(ids, states)
+            return i + 1, logits, states, drawn.write(i, ids), seen
+
+        _, logits, states, drawn, seen = tf.while_loop(
+            lambda i, *_: i < n, body, (tf.constant(0), logits, tuple(states), drawn, seen),
+            parallel_iterations=1)
+        ids = tf.reshape(tf.transpose(drawn.stack()), [batch, n])
+        if keep_logits:
+            return ids, logits, states, tf.transpose(seen.stack(), [1, 0, 2])
+        return ids, logits, states
+
+    def _mask_oov(self, logits: tf.Tensor) -> tf.Tensor:
+        return tf.cast(logits, tf.float32) + self._oov_mask
+
+    @staticmethod
+    def _choose(logits: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+                top_p: tf.Tensor, greedy: bool, filter_k: bool, filter_p: bool) -> tf.Tensor:
+        """Picks one id per row: argmax, or a draw after temperature, top-k, top-p."""
+        if greedy:
+            return tf.argmax(logits, axis=-1, output_type=tf.int32)
+        logits = logits / temperature
+        if filter_k:
+            k = tf.minimum(top_k, tf.shape(logits)[-1])
+            kth = tf.math.top_k(logits, k).values[:, -1:]
+            logits = tf.where(logits < kth, -np.inf, logits)
+        if filter_p:
+            ordered = tf.sort(logits, axis=-1, direction="DESCENDING")
+            before = tf.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
+            # The most likely char is always kept; then each char whose predecessors
+            # have not yet reached top_p.
+            kept = tf.reduce_sum(tf.cast(before < top_p, tf.int32), axis=-1, keepdims=True)
+            cutoff = tf.gather(ordered, tf.maximum(kept, 1) - 1, batch_dims=1)
+            logits = tf.where(logits < cutoff, -np.inf, logits)
+        return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
+
+    # --- Python API ---
+
+    def sample_ids(self, prompts: Sequence[np.ndarray], length: int, settings: Settings,
+                   seed: int = 0, block: int = 0, keep_logits: bool = False
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Generates ids for a batch of encoded prompts, yielding them block by block.
+
+        Args:
+          prompts: id arrays (see `encode_prompt`), one per row; lengths may differ.
+          length: chars to generate per row.
+          settings: the choice rule.
+          seed: same seed, prompts and settings -> same ids.
+          block: chars per compiled call; 0 generates everything in one call.
+          keep_logits: also yield the (batch, n, vocab) logits each char was drawn from.
+
+        Yields:
+          (ids (batch, n), logits or None) per block; nothing when length is 0.
+        """
+        settings.validate()
+        if length <= 0:
+            return
+        ids, mask = pad_prompts(self.vocab, prompts)
+        logits, states = self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))
+        flags = dict(greedy=settings.is_greedy, filter_k=settings.top_k > 0,
+                     filter_p=settings.top_p < 1.0, keep_logits=keep_logits)
+        scalars = dict(seed=tf.constant(seed, tf.int64),
+                       temperature=tf.constant(max(settings.temperature, 1e-6), tf.float32),
+                       top_k=tf.constant(settings.top_k, tf.int32),
+                       top_p=tf.constant(settings.top_p, tf.float32))
+        done = 0
+        while done < length:
+            n = length - done if block <= 0 else min(block, length - done)
+            out = self._steps(logits, states, tf.constant(n, tf.int32),
+                              tf.constant(done, tf.int32), **scalars, **flags)
+            logits, states = out[1], out[2]
+            yield out[0].numpy(), out[3].numpy() if keep_logits else None
+            done += n
+
+    def stream(self, prompts: Sequence[str], length: int, settings: Settings | None = None,
+               seed: int = 0, oov: str = "error", block: int = STREAM_BLOCK
+               ) -> Iterator[list[str]]:
+        """Yields the new text of every row, `block` chars at a time.
+
+        Args:
+          prompts: prompt texts, one per row.
+          length: chars to generate per row.
+          settings: the choice rule; default `Settings()`.
+          seed: same seed, prompts and settings -> same text.
+          oov: what to do with prompt characters the vocabulary lacks ("error"/"skip").
+          block: chars per compiled call.
+
+        Yields:
+          A list with one string per row for each block.
+        """
+        encoded = [encode_prompt(self.vocab, p, oov) for p in prompts]
+        for ids, _ in self.sample_ids(encoded, length, settings or Settings(), seed, block):
+            yield [self.vocab.decode(row.tolist()) for row in ids]
+
+    def generate_batch(self, prompts: Sequence[str], length: int,
+                       settings: Settings | None = None, seed: int = 0,
+                       oov: str = "error") -> list[str]:
+        """Returns `length` new chars for each prompt, generated in one compiled call."""
+        texts = [""] * len(prompts)
+        for parts in self.stream(prompts, length, settings, seed, oov, block=0):
+            texts = [t + p for t, p in zip(texts, parts, strict=True)]
+        return texts
+
+    def generate(self, prime: str, length: int, temperature: float = 0.8, seed: int = 0,
+                 **options) -> str:
+        """Returns `length` new chars following `prime` (the prompt is not included).
+
+        Args:
+          prime: prompt text; may be empty.
+          length: chars to generate.
+          temperature: see `Settings`.
+          seed: same seed -> same text.
+          **options: top_k, top_p, greedy (see `Settings`) and oov ("error"/"skip").
+
+        Returns:
+          The generated text.
+        """
+        # "skip" by default: the training job primes its per-epoch sample with
+        # validation text, which may hold chars the training vocabulary lacks.
+        oov = options.pop("oov", "skip")
+        settings = Settings(temperature=temperature, **options)
+        return self.generate_batch([prime], length, settings, seed, oov)[0]

@@ -1,0 +1,133 @@
+"""Training entrypoint: `python -m trainer.task --flags`.
+
+The only place training flags are defined: one flag per `Config` field, with
+the field's comment as help. `--preset=NAME` (or `--flagfile=configs/NAME.flags`)
+loads a preset; flags after it override it. Also accepts `--job-dir`, the way
+legacy AI Platform passes its jobDir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+from trainer import config, platform  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+
+_CHOICES = {"objective": config.OBJECTIVES, "strategy": config.STRATEGIES,
+            "precision": config.PRECISIONS, "lr_schedule": config.LR_SCHEDULES,
+            "monitor": config.MONITORS}
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one flag per Config field, plus --preset, on `flag_values`."""
+    helps = config.field_help()
+    for field in dataclasses.fields(Config):
+        name, default, text = field.name, field.default, helps[field.name]
+        if name in _CHOICES:
+            flags.DEFINE_enum(name, default, _CHOICES[name], text, flag_values=flag_values)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, text, flag_values=flag_values)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, text, flag_values=flag_values)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, text, flag_values=flag_values)
+        else:
+            flags.DEFINE_string(name, default, text, flag_values=flag_values)
+    flags.DEFINE_string("preset", None, "A preset from configs/ by name (seed, cpu, gpu, ...); "
+                        "same as --flagfile=configs/NAME.flags.", flag_values=flag_values)
+
+
+def preset_path(name: str) -> str:
+    """Finds configs/NAME.flags: in the working directory, the repo, or the installed package."""
+    from importlib import resources
+
+    candidates = [os.path.join("configs", f"{name}.flags"),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", f"{name}.flags")]
+    try:
+        candidates.append(str(resources.files("trainer.configs") / f"{name}.flags"))
+    except ModuleNotFoundError:
+        pass
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"unknown preset {name!r}: no configs/{name}.flags")
+
+
+def expand_presets(argv: list[str]) -> list[str]:
+    """Rewrites --preset=NAME (or --preset NAME) into --flagfile=PATH in place."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--preset", "-preset") and i + 1 < len(argv):
+            out.append(f"--flagfile={preset_path(argv[i + 1])}")
+            i += 2
+            continue
+        if arg.startswith(("--preset=", "-preset=")):
+            arg = f"--flagfile={preset_path(arg.split('=', 1)[1])}"
+        out.append(arg)
+        i += 1
+    return out
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> Config:
+    """Builds and validates the Config, filling outputs from the platform's env vars."""
+    cfg = Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})
+    return platform.apply_environment(cfg).validate()
+
+
+def parse_flags(argv: list[str]) -> Config:
+    """Parses a full argv (argv[0] is the program) on fresh flags; raises UserError."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        flag_values(platform.normalize_argv(expand_presets(list(argv))))
+    except flags.Error as err:
+        raise UserError(str(err).splitlines()[0]) from err
+    return config_from_flags(flag_values)
+
+
+def _parse_argv(argv: list[str]) -> list[str]:
+    """absl's flags_parser: one-line errors instead of absl's fatal banner."""
+    try:
+        return flags.FLAGS(platform.normalize_argv(expand_presets(list(argv))))
+    except (flags.Error, UserError) as err:
+        print(f"error: {str(err).splitlines()[0]} (see --helpshort)", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]} (see --helpshort)", file=sys.stderr)
+        sys.exit(2)
+    logging.set_verbosity(logging.INFO)
+    from trainer import train  # Import late: --helpshort should not wait for TensorFlow.
+
+    # TensorFlow's own INFO lines (e.g. one per checkpoint shard) drown the epoch lines.
+    train.tf.get_logger().setLevel("WARNING")
+    logging.get_absl_handler().addFilter(
+        lambda record: not record.getMessage().startswith("Sharding callback duration"))
+
+    try:
+        summary = train.train(config_from_flags(flags.FLAGS))
+    except train.Preempted as stop:
+        logging.warning("%s", stop)
+        sys.exit(143)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if summary:
+        print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=_parse_argv)

@@ -1,0 +1,290 @@
+"""The training loop: one custom loop for every tf.distribute strategy.
+
+Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy, so the step is a
+`tf.function` around `strategy.run` with a GradientTape, used by the one-device,
+mirrored and multi-worker strategies alike. Around it: resume checkpoints
+(every epoch, every N steps and on SIGTERM), the best checkpoint by the
+monitored loss, TensorBoard, a sample per epoch, and background uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer import checkpoints, distribution, input_pipeline, models, storage
+from trainer.config import Config, incompatibilities
+from trainer.errors import UserError
+from trainer.reporting import Reporter
+from trainer.vocabulary import Vocabulary, scan
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a resume checkpoint was saved and uploads were flushed."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+class _StopSignal:
+    """Turns SIGTERM (what Vertex AI sends before preemption) into a flag polled per step."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+
+    def __enter__(self) -> _StopSignal:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a resume checkpoint at the next step boundary")
+        self.received = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _prepare_data(cfg: Config, job: checkpoints.JobDir):
+    """Scans the shards once, and loads or builds the vocabulary."""
+    train_scan = scan(storage.expand_patterns(cfg.train_data), cfg.lowercase, "training")
+    val_scan = (scan(storage.expand_patterns(cfg.val_data), cfg.lowercase, "validation")
+                if cfg.val_data else None)
+    saved = job.read("vocab.json")
+    vocab = (Vocabulary.from_json(saved) if saved
+             else Vocabulary.from_counts(train_scan.counts, cfg.lowercase))
+    train_regions, val_regions = input_pipeline.make_regions(train_scan, val_scan, cfg)
+    return vocab, train_regions, val_regions, train_scan.total_chars
+
+
+def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
+    saved = job.read("config.json")
+    if saved is None:
+        return
+    problems = incompatibilities(Config.from_dict(json.loads(saved)).to_dict(), cfg)
+    if problems:
+        raise UserError(f"{cfg.job_dir} holds a run with an incompatible config ("
+                        f"{'; '.join(problems)}); use another --job_dir")
+
+
+def _optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
+    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup),
+        alpha=cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
+        warmup_target=cfg.learning_rate, warmup_steps=warmup)
+    optimizer = keras.optimizers.Adam(schedule, global_clipnorm=cfg.clipnorm or None)
+    if cfg.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Trains per `cfg`, resuming from the job directory when it holds a run.
+
+    Returns:
+      A summary: best value, last epoch's metrics, steps, chars trained.
+
+    Raises:
+      UserError: bad data, an incompatible job directory, a diverged loss.
+      Preempted: SIGTERM arrived; a resume checkpoint was saved.
+    """
+    strategy, place = distribution.make_strategy(cfg)
+    global_batch = cfg.batch_size * place.replicas
+    if cfg.monitor == "val_loss" and not (cfg.val_data or cfg.val_fraction):
+        logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
+        cfg = cfg.replace(monitor="loss")
+    logging.info("config:\n%s", cfg.to_json())
+    logging.info("batch %d per replica x %d replica(s) = global batch %d",
+                 cfg.batch_size, place.replicas, global_batch)
+    job = checkpoints.JobDir(cfg.job_dir, cfg.local_dir, writer=place.is_chief)
+    _check_job_dir(cfg, job)
+    vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job)
+    sharding = input_pipeline.Sharding(place.worker, place.num_workers)
+    pass_steps = input_pipeline.steps_per_pass(
+        train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding)
+    if pass_steps < 1:
+        raise UserError(f"the training data holds fewer windows than one global batch of "
+                        f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
+    steps_per_epoch = cfg.steps_per_epoch or pass_steps
+    val_steps = 0
+    if val_regions:
+        val_steps = input_pipeline.steps_per_pass(
+            val_regions, cfg.window, cfg.seq_length, cfg.batch_size, place.replicas_per_worker,
+            sharding)
+        if val_steps < 1:
+            raise UserError(f"the validation data holds fewer windows than one global batch of "
+                            f"{global_batch}; lower --batch_size or add validation text")
+        val_steps = min(val_steps, cfg.val_steps or val_steps)
+    total_steps = cfg.epochs * steps_per_epoch
+    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %d steps/epoch, "
+                 "%d validation steps", vocab.size, train_chars, len(train_regions),
+                 steps_per_epoch, val_steps)
+    job.write("config.json", cfg.to_json())
+    job.write("vocab.json", vocab.to_json())
+
+    keras.mixed_precision.set_dtype_policy(cfg.precision)
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        model = models.build_model(cfg, vocab.size)
+        optimizer = _optimizer(cfg, total_steps)
+        optimizer.build(model.trainable_variables)
+        progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
+                    "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False)}
+    keras.mixed_precision.set_dtype_policy("float32")
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress)
+    resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
+    restored = resume.restore()
+    step = int(progress["step"].numpy())
+    if restored:
+        logging.info("resumed from %s at step %d (epoch %d)", restored["prefix"], step,
+                     step // steps_per_epoch + 1)
+    best = checkpoints.BestExporter(job, cfg.monitor, float(progress["best"].numpy()))
+    for lstm in models.lstm_layers(model):
+        if not models.cudnn_eligible(lstm):
+            logging.warning("%s is not eligible for the cuDNN kernel", lstm.name)
+
+    def dataset_fn(regions, shift, steps, shuffle, start, repeat):
+        return lambda ctx: input_pipeline.dataset(
+            regions, vocab, cfg, batch_size=cfg.batch_size, shift=shift, steps=steps,
+            replicas_per_worker=place.replicas_per_worker, sharding=sharding, shuffle=shuffle,
+            start_step=start, repeat=repeat)
+
+    train_iter = iter(strategy.distribute_datasets_from_function(
+        dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
+    train_step, eval_step = _steps(cfg, strategy, model, optimizer, global_batch)
+    reporter = Reporter(cfg, job, place, vocab, model, val_regions)
+    started, chars_per_step = time.time(), global_batch * cfg.seq_length
+    summary: dict[str, Any] = {}
+    with _StopSignal() as stop:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            first = step
+            bar = keras.utils.Progbar(steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
+                                      stateful_metrics=["loss", "accuracy", "bpc"])
+            bar.update(step - epoch * steps_per_epoch)
+            totals = np.zeros(3)
+            pending: list[tf.Tensor] = []
+            epoch_start, out_of_time = time.time(), False
+            while step < (epoch + 1) * steps_per_epoch:
+                pending.append(train_step(train_iter))
+                step += 1
+                due = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
+                out_of_time = bool(cfg.train_minutes) and (
+                    time.time() - started > 60 * cfg.train_minutes)
+                if len(pending) >= 10 or due or stop.received or out_of_time or \
+                        step % steps_per_epoch == 0:
+                    totals += np.sum([p.numpy() for p in pending], axis=0)
+                    pending = []
+                    if not np.isfinite(totals[0]):
+                        raise TrainingDiverged(
+                            f"loss became {totals[0]} at step {step}; lower --learning_rate "
+                            "or set --clipnorm")
+                    bar.update(step - epoch * steps_per_epoch, list(_metrics(totals).items()))
+                progress["step"].assign(step)
+                if stop.received:
+                    resume.save(step, epoch)
+                    job.close(min(cfg.upload_timeout, 60.0))
+                    raise Preempted(f"stopped by SIGTERM at step {step}; rerun the same "
+                                    "command to resume")
+                if out_of_time:
+                    logging.info("--train_minutes=%g reached at step %d", cfg.train_minutes, step)
+                    break
+                if due and step % steps_per_epoch:
+                    resume.save(step, epoch)
+            train_metrics = _metrics(totals)
+            seconds = time.time() - epoch_start
+            train_metrics["chars_per_sec"] = (step - first) * chars_per_step / max(seconds, 1e-9)
+            val_metrics = _evaluate(strategy, eval_step, dataset_fn(
+                val_regions, cfg.seq_length, val_steps, False, 0, False)) if val_steps else {}
+            metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
+            value = metrics[cfg.monitor]
+            improved = best.maybe_export(model, epoch + 1, step, value)
+            progress["best"].assign(best.best)
+            reporter.epoch_end(epoch + 1, step, metrics, improved, optimizer)
+            resume.save(step, epoch + 1)
+            summary = {"epoch": epoch + 1, "step": step, **metrics, "best": best.best,
+                       "chars_trained": step * chars_per_step}
+            if out_of_time:
+                break
+    reporter.close()
+    left = job.close(cfg.upload_timeout)
+    if left:
+        raise UserError("these files could not be uploaded; their local copies are kept: " +
+                        ", ".join(f"{local} -> {remote}" for local, remote in left))
+    if place.is_chief and cfg.model_dir and best.pointer:
+        _export_model(cfg, best.pointer)
+    return summary
+
+
+def _metrics(totals: np.ndarray) -> dict[str, float]:
+    loss_sum, correct, count = totals
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
+
+
+def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
+    """Builds the compiled train and eval steps; each returns [loss sum, correct, count]."""
+
+    def forward(x, y, training):
+        logits = model(x, training=training)
+        if cfg.objective == "last":
+            logits = logits[:, -1]
+        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+        count = tf.cast(tf.size(y), tf.float32)
+        return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct), count])
+
+    def train_replica(x, y):
+        with tf.GradientTape() as tape:
+            losses, sums = forward(x, y, True)
+            per_window = tf.reshape(losses, [tf.shape(losses)[0], -1])
+            loss = tf.nn.compute_average_loss(tf.reduce_mean(per_window, -1),
+                                              global_batch_size=global_batch)
+            scaled = optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        return sums
+
+    @tf.function(jit_compile=cfg.jit_compile)
+    def train_step(iterator):
+        x, y = next(iterator)
+        sums = strategy.run(train_replica, args=(x, y))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+    @tf.function
+    def eval_step(x, y):
+        sums = strategy.run(lambda a, b: forward(a, b, False)[1], args=(x, y))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+
+    return train_step, eval_step
+
+
+def _evaluate(strategy, eval_step, dataset_fn) -> dict[str, float]:
+    totals = np.zeros(3)
+    for x, y in strategy.distribute_datasets_from_function(dataset_fn):
+        totals += eval_step(x, y).numpy()
+    return _metrics(totals)
+
+
+def _export_model(cfg: Config, pointer: dict[str, Any]) -> None:
+    """Copies what generation needs into --model_dir (Vertex AI's $AIP_MODEL_DIR)."""
+    for name in pointer["files"]:
+        storage.copy_file(storage.join(cfg.job_dir, name), storage.join(cfg.model_dir, name))
+    storage.write_text(storage.join(cfg.model_dir, checkpoints.BEST),
+                       json.dumps(pointer, indent=1))
+    logging.info("exported the best model to %s", cfg.model_dir)
