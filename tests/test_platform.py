@@ -55,11 +55,29 @@ def test_apply_environment_fills_only_empty_fields():
 
     mine = Config(job_dir="runs/x", tensorboard_dir="", model_dir="export/")
     cfg = platform.apply_environment(mine, environ)
-    assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == ("runs/x", "gs://b/out/logs/", "export/")
+    assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
+        "runs/x", "gs://b/out/logs/", "export/")
     assert mine.tensorboard_dir == ""  # The input is not modified.
 
     assert platform.apply_environment(mine, {"AIP_MODEL_DIR": ""}) is mine
     assert platform.apply_environment(mine, {}) is mine
+
+
+def test_tuning_trials_get_their_own_folders():
+    legacy_trial = _env(LEGACY_CLUSTER, {"type": "master", "index": 0, "trial": "3"})
+    cfg = platform.apply_environment(Config(job_dir="gs://b/job/", model_dir="gs://b/m"),
+                                     legacy_trial)
+    assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
+        "gs://b/job/trial-3", "", "gs://b/m/trial-3")
+    assert platform.apply_environment(cfg, legacy_trial) == cfg  # Applying twice is harmless.
+
+    # Vertex AI: the AIP_* folders are per trial already and are used as they are.
+    vertex_trial = {"CLOUD_ML_TRIAL_ID": "7", "AIP_CHECKPOINT_DIR": "gs://b/out/7/checkpoints/"}
+    assert platform.trial_id(vertex_trial) == "7"
+    assert platform.apply_environment(Config(), vertex_trial).job_dir == "gs://b/out/7/checkpoints/"
+    assert platform.apply_environment(Config(job_dir="runs/x"), vertex_trial).job_dir == (
+        "runs/x/trial-7")
+    assert platform.trial_id(SINGLE_MASTER) == ""
 
 
 def test_without_tf_config_one_chief():

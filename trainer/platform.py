@@ -7,6 +7,9 @@ TensorFlow settings, so nothing else needs to know which service (if any) runs i
 - Legacy AI Platform passes `--job-dir`, which absl rejects for a flag named job_dir.
 - Vertex AI names the output folders in `$AIP_CHECKPOINT_DIR`, `$AIP_TENSORBOARD_LOG_DIR`
   and `$AIP_MODEL_DIR` (all under the job's baseOutputDirectory).
+- In a tuning job every trial gets the same command line; a --job_dir given there would
+  be shared by trials running side by side, so it gets a `trial-<id>` sub-folder
+  (Vertex AI's `$AIP_*` folders are per trial already).
 - Both describe the cluster in `$TF_CONFIG`; legacy AI Platform calls the chief
   "master", which MultiWorkerMirroredStrategy does not accept, and sets TF_CONFIG even
   for a single machine (a cluster of one master), which is not a multi-worker job.
@@ -71,9 +74,11 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def apply_environment(cfg: Config, environ: Mapping[str, str] = os.environ) -> Config:
-    """Fills empty output locations from the Vertex AI environment variables.
+    """Applies the services' conventions for output locations.
 
-    Flags win: a field the user set is kept. Empty variables count as unset.
+    Empty output fields are filled from the Vertex AI environment variables (empty
+    variables count as unset); fields the user set are kept, except that in a tuning
+    trial they get a `trial-<id>` sub-folder so parallel trials do not share one.
 
     Args:
       cfg: The configuration parsed from flags.
@@ -82,9 +87,26 @@ def apply_environment(cfg: Config, environ: Mapping[str, str] = os.environ) -> C
     Returns:
       A new Config (or `cfg` itself when nothing changed).
     """
-    changes = {field: environ[var] for field, var in ENVIRONMENT_DEFAULTS.items()
-               if not getattr(cfg, field) and environ.get(var)}
+    trial = trial_id(environ)
+    changes = {}
+    for field, var in ENVIRONMENT_DEFAULTS.items():
+        value = getattr(cfg, field)
+        if not value:
+            if environ.get(var):
+                changes[field] = environ[var]
+        elif trial and not value.rstrip("/").endswith(f"/trial-{trial}"):
+            changes[field] = f"{value.rstrip('/')}/trial-{trial}"
     return cfg.replace(**changes) if changes else cfg
+
+
+def trial_id(environ: Mapping[str, str] = os.environ) -> str:
+    """The hyperparameter tuning trial this process runs, or "" outside a tuning job.
+
+    Legacy AI Platform puts it in TF_CONFIG's task; Vertex AI sets $CLOUD_ML_TRIAL_ID.
+    """
+    task = (tf_config(environ) or {}).get("task") or {}
+    trial = task.get("trial") if isinstance(task, dict) else None
+    return str(trial or environ.get("CLOUD_ML_TRIAL_ID") or "")
 
 
 def tf_config(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
