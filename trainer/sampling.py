@@ -230,7 +230,9 @@ class Sampler:
         _, logits, states, drawn, seen = tf.while_loop(
             lambda i, *_: i < n, body, (tf.constant(0), logits, tuple(states), drawn, seen),
             parallel_iterations=1)
-        ids = tf.reshape(tf.transpose(drawn.stack()), [batch, n])
+        # Stacking an empty TensorArray of unknown row count fails, so n == 0 is separate.
+        ids = tf.cond(n > 0, lambda: tf.transpose(drawn.stack()),
+                      lambda: tf.zeros([batch, 0], tf.int32))
         if keep_logits:
             return ids, logits, states, tf.transpose(seen.stack(), [1, 0, 2])
         return ids, logits, states

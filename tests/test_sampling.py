@@ -1,0 +1,184 @@
+"""Tests for trainer.sampling: carried state equals the full model, seeds, choice rules."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import models, sampling
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.sampling import Sampler, Settings
+from trainer.vocabulary import OOV_ID, Vocabulary
+
+VOCAB = Vocabulary(list("\n .,;!?abcdefghijklmnopqrstuvwxyzABC"))
+CFG = Config(embedding_dim=8, rnn_units=24, num_layers=2, dropout=0.2)
+
+
+def _model(seed: int = 1, cfg: Config = CFG) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(cfg, VOCAB.size)
+    # Larger output weights than the initializer gives, so the next-char
+    # distributions are far from uniform and choice rules make a difference.
+    dense = model.get_layer("logits")
+    dense.kernel.assign(dense.kernel * 8.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def sampler(model: keras.Model) -> Sampler:
+    return Sampler(model, VOCAB)
+
+
+def _full_model_probs(model: keras.Model, ids: np.ndarray) -> np.ndarray:
+    """Next-char probabilities after every prefix, from the whole-sequence model."""
+    logits = model(ids[None], training=False).numpy()[0]
+    logits[:, OOV_ID] = -np.inf
+    return tf.nn.softmax(logits).numpy()
+
+
+def test_carried_state_matches_full_model_at_every_step(model, sampler):
+    prompts = ["the cat sat", "", "a?", "on the mat, then"]
+    encoded = [sampling.encode_prompt(VOCAB, p) for p in prompts]
+    length = 40
+    parts = list(sampler.sample_ids(encoded, length, Settings(temperature=1.0), seed=3,
+                                    block=16, keep_logits=True))
+    ids = np.concatenate([p[0] for p in parts], axis=1)
+    logits = np.concatenate([p[1] for p in parts], axis=1)
+    assert ids.shape == logits.shape[:2] == (len(prompts), length)
+    for row, prompt in enumerate(encoded):
+        # An empty prompt is fed as the start char.
+        prompt = prompt if len(prompt) else np.array([sampling.start_id(VOCAB)])
+        full = _full_model_probs(model, np.concatenate([prompt, ids[row]]))
+        expected = full[len(prompt) - 1:len(prompt) - 1 + length]
+        np.testing.assert_allclose(tf.nn.softmax(logits[row]).numpy(), expected, atol=1e-5)
+
+
+def test_same_seed_same_text_and_blocks_continue_one_stream(sampler):
+    text = sampler.generate("the ", 60, temperature=1.0, seed=7)
+    assert len(text) == 60
+    assert sampler.generate("the ", 60, temperature=1.0, seed=7) == text
+    assert sampler.generate("the ", 60, temperature=1.0, seed=8) != text
+    streamed = "".join(p[0] for p in sampler.stream(["the "], 60, Settings(1.0), seed=7,
+                                                    block=7))
+    assert streamed == text
+
+
+def test_top_k_1_and_zero_temperature_equal_greedy(sampler):
+    prompts = ["the cat", "b"]
+    greedy = sampler.generate_batch(prompts, 50, Settings(greedy=True))
+    assert sampler.generate_batch(prompts, 50, Settings(temperature=0.0), seed=1) == greedy
+    assert sampler.generate_batch(prompts, 50, Settings(temperature=1e-4), seed=2) == greedy
+    assert sampler.generate_batch(prompts, 50, Settings(1.5, top_k=1), seed=3) == greedy
+    assert sampler.generate_batch(prompts, 50, Settings(1.5, top_p=1e-6), seed=4) == greedy
+    assert sampler.generate_batch(prompts, 50, Settings(1.5), seed=4) != greedy
+
+
+@pytest.mark.parametrize("settings,allowed", [(Settings(2.0, top_k=3), 3),
+                                              (Settings(1.0, top_p=0.5), None)])
+def test_draws_stay_inside_the_filtered_set(sampler, settings, allowed):
+    encoded = [sampling.encode_prompt(VOCAB, "abc")] * 8
+    (ids, logits), = sampler.sample_ids(encoded, 30, settings, seed=5, keep_logits=True)
+    order = np.argsort(-logits, axis=-1)
+    rank = np.take_along_axis(np.argsort(order, axis=-1), ids[..., None], axis=-1)[..., 0]
+    if allowed is None:  # top_p: every char ranked above the drawn one held < p of the mass.
+        probs = tf.nn.softmax(logits / settings.temperature).numpy()
+        before = np.cumsum(np.take_along_axis(probs, order, -1), -1) - np.take_along_axis(
+            probs, order, -1)
+        assert np.all(np.take_along_axis(before, rank[..., None], -1) < settings.top_p)
+    else:
+        assert rank.max() < allowed
+    assert len(np.unique(ids)) > 1
+
+
+def test_oov_id_is_never_drawn(model):
+    dense = model.get_layer("logits")
+    bias = dense.bias.numpy()
+    try:
+        dense.bias.assign(np.where(np.arange(VOCAB.size) == OOV_ID, 100.0, bias))
+        text = Sampler(model, VOCAB).generate("abc", 40, temperature=3.0, seed=1)
+    finally:
+        dense.bias.assign(bias)
+    assert "\ufffd" not in text and len(text) == 40
+
+
+def test_length_zero_and_empty_prompt(sampler):
+    assert sampler.generate("abc", 0) == ""
+    assert sampler.generate_batch(["a", ""], 0) == ["", ""]
+    assert list(sampler.stream(["abc"], 0)) == []
+    # An empty prompt starts from a newline.
+    assert sampler.generate("", 30, seed=2) == sampler.generate("\n", 30, seed=2)
+    assert len(sampler.generate("", 30, seed=2)) == 30
+
+
+def test_batch_rows_equal_rows_generated_alone(sampler):
+    prompts = ["the long prompt here", "ab", ""]
+    batch = sampler.generate_batch(prompts, 25, Settings(greedy=True))
+    assert batch == [sampler.generate_batch([p], 25, Settings(greedy=True))[0] for p in prompts]
+
+
+def test_encode_prompt_oov_error_names_the_chars_and_skip_drops_them():
+    with pytest.raises(UserError, match=r"2 character\(s\).*'#'.*'é'") as err:
+        sampling.encode_prompt(VOCAB, "ab#cé#")
+    assert "\n" not in str(err.value)
+    np.testing.assert_array_equal(sampling.encode_prompt(VOCAB, "ab#cé#", oov="skip"),
+                                  VOCAB.encode("abc"))
+    with pytest.raises(UserError, match="oov"):
+        sampling.encode_prompt(VOCAB, "abc", oov="replace")
+    lower = Vocabulary(list("abc "), lowercase=True)
+    np.testing.assert_array_equal(sampling.encode_prompt(lower, "AbC"), lower.encode("abc"))
+
+
+def test_sampler_sees_the_current_weights(model):
+    sampler = Sampler(model, VOCAB)
+    before = sampler.generate("abc", 30, seed=1)
+    weights = model.get_weights()
+    try:
+        model.set_weights(_model(seed=2).get_weights())
+        after = sampler.generate("abc", 30, seed=1)
+        assert after != before
+        assert after == Sampler(model, VOCAB).generate("abc", 30, seed=1)
+    finally:
+        model.set_weights(weights)
+
+
+def test_cudnn_eligible_weights_load_into_a_non_cudnn_model(tmp_path, monkeypatch):
+    # On a GPU the "auto" layers train with the cuDNN kernel; here the same weights
+    # file must load into layers that can only run the generic kernel.
+    trained = _model(seed=4)
+    assert all(models.cudnn_eligible(layer) for layer in models.lstm_layers(trained))
+    path = str(tmp_path / "w.weights.h5")
+    trained.save_weights(path)
+
+    plain_lstm = models.lstm_layer
+
+    def no_cudnn(units, name):
+        layer = plain_lstm(units, name)
+        layer.use_cudnn = False
+        return layer
+
+    monkeypatch.setattr(models, "lstm_layer", no_cudnn)
+    loaded = models.build_model(CFG, VOCAB.size)
+    assert not any(layer.use_cudnn for layer in models.lstm_layers(loaded))
+    loaded.load_weights(path)
+    ids = VOCAB.encode("the cat sat on the mat")[None].astype(np.int32)
+    np.testing.assert_allclose(loaded(ids).numpy(), trained(ids).numpy(), atol=1e-5)
+    settings = Settings(temperature=0.9, top_k=5)
+    assert (Sampler(loaded, VOCAB).generate_batch(["the"], 40, settings, seed=9)
+            == Sampler(trained, VOCAB).generate_batch(["the"], 40, settings, seed=9))
+
+
+def test_settings_validate():
+    with pytest.raises(UserError, match="top_p"):
+        Settings(top_p=0.0).validate()
+    with pytest.raises(UserError, match="temperature"):
+        Settings(temperature=-1.0).validate()
+    with pytest.raises(UserError, match="top_k"):
+        Settings(top_k=-1).validate()
