@@ -31,38 +31,40 @@ FLAGS = flags.FLAGS
 _SHARD_TRIES = 5
 
 
-def define_flags() -> None:
-    """Defines this entrypoint's flags (and only here: library code takes arguments)."""
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines this entrypoint's flags on `flag_values` (library code takes arguments)."""
+    fv = {"flag_values": flag_values}
     flags.DEFINE_string("job_dir", None, "Job directory written by trainer.task (local or "
-                        "gs://); config, vocabulary and best weights are read from it.")
+                        "gs://); config, vocabulary and best weights are read from it.", **fv)
     flags.DEFINE_string("checkpoint", None, "Weights file to use instead of the best one: a "
-                        "file name inside --job_dir or a full path.")
+                        "file name inside --job_dir or a full path.", **fv)
     flags.DEFINE_string("prime", None, "Prompt text to continue; default: a random window of "
-                        "the validation text, or a newline when no data is reachable.")
+                        "the validation text, or a newline when no data is reachable.", **fv)
     flags.DEFINE_string("prime_file", None, "Read the prompt from this file (local or gs://) "
-                        "instead of --prime.")
+                        "instead of --prime.", **fv)
     flags.DEFINE_integer("length", 500, "Number of characters to generate per sample.",
-                         lower_bound=0)
+                         lower_bound=0, **fv)
     flags.DEFINE_integer("num_samples", 1, "Number of samples generated together in one "
-                         "batch, all from the same prompt.", lower_bound=1)
+                         "batch, all from the same prompt.", lower_bound=1, **fv)
     flags.DEFINE_integer("seed", None, "Random seed; the same seed, prompt and settings give "
                          "the same text (default: a fresh seed, printed on stderr).",
-                         lower_bound=0)
+                         lower_bound=0, **fv)
     flags.DEFINE_float("temperature", 0.8, "Divides the logits before sampling: lower is "
-                       "more predictable, higher more varied; 0 means --greedy.", lower_bound=0)
+                       "more predictable, higher more varied; 0 means --greedy.",
+                       lower_bound=0, **fv)
     flags.DEFINE_integer("top_k", 0, "Sample only among the k most likely characters "
-                         "(0 = all).", lower_bound=0)
+                         "(0 = all).", lower_bound=0, **fv)
     flags.DEFINE_float("top_p", 1.0, "Sample only among the most likely characters whose "
-                       "probabilities add up to p (1 = all).", upper_bound=1.0)
+                       "probabilities add up to p (1 = all).", upper_bound=1.0, **fv)
     flags.DEFINE_boolean("greedy", False, "Always pick the most likely character (no "
-                         "randomness).")
+                         "randomness).", **fv)
     flags.DEFINE_string("output", None, "Write the result to this file (local or gs://) "
-                        "instead of stdout.")
+                        "instead of stdout.", **fv)
     flags.DEFINE_enum("format", "text", ["text", "json"], "text: the samples as plain text; "
-                      "json: the samples with the prompt and every setting.")
+                      "json: the samples with the prompt and every setting.", **fv)
     flags.DEFINE_enum("oov", "error", ["error", "skip"], "What to do with prompt characters "
-                      "the model's vocabulary lacks: stop with an error, or skip them.")
-    flags.mark_flag_as_required("job_dir")
+                      "the model's vocabulary lacks: stop with an error, or skip them.", **fv)
+    flags.mark_flag_as_required("job_dir", flag_values)
 
 
 def read_prompt(prime: str | None, prime_file: str | None) -> str | None:
@@ -120,6 +122,22 @@ def data_prompt(cfg: Config, seed: int) -> tuple[str, str]:
     return "\n", f"a newline (no {what} data reachable: {reason})"
 
 
+def load(job_dir: str, checkpoint: str | None) -> tuple:
+    """`checkpoints.load_trained`, with unreadable files reported as a UserError.
+
+    Returns:
+      (config, vocabulary, model, best pointer).
+    """
+    from trainer import checkpoints
+
+    try:
+        return checkpoints.load_trained(job_dir, checkpoint)
+    except (OSError, ValueError, KeyError) as err:
+        # A truncated or foreign weights file, or a hand-edited best.json.
+        raise UserError(f"could not load a model from {job_dir}: "
+                        f"{type(err).__name__}: {err}") from err
+
+
 def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
     """The whole output for --format: plain samples, or JSON with their settings."""
     if fmt == "json":
@@ -131,75 +149,78 @@ def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
                    for i, s in enumerate(samples))
 
 
-def run() -> None:
-    """Loads the job directory and writes the samples the flags ask for."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # Imported here, after the line above, so that TensorFlow starts quietly and
-    # --help never waits for it.
-    from trainer import checkpoints, sampling
+def run(fv: flags.FlagValues) -> None:
+    """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
+    # Imported here so that --help and flag errors never wait for TensorFlow.
+    from trainer import sampling
 
-    settings = sampling.Settings(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                 top_p=FLAGS.top_p, greedy=FLAGS.greedy).validate()
-    prompt = read_prompt(FLAGS.prime, FLAGS.prime_file)
-    seed = FLAGS.seed if FLAGS.seed is not None else random.SystemRandom().randrange(2**31)
-    try:
-        cfg, vocab, model, pointer = checkpoints.load_trained(FLAGS.job_dir, FLAGS.checkpoint)
-    except (OSError, ValueError, KeyError) as err:
-        raise UserError(f"could not load a model from {FLAGS.job_dir}: "
-                        f"{type(err).__name__}: {err}") from err
-    weights = FLAGS.checkpoint or pointer.get("weights", "?")
+    settings = sampling.Settings(temperature=fv.temperature, top_k=fv.top_k,
+                                 top_p=fv.top_p, greedy=fv.greedy).validate()
+    prompt = read_prompt(fv.prime, fv.prime_file)
+    seed = fv.seed if fv.seed is not None else random.SystemRandom().randrange(2**31)
+    cfg, vocab, model, pointer = load(fv.job_dir, fv.checkpoint)
+    weights = fv.checkpoint or pointer.get("weights", "?")
     note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"
             if {"epoch", "monitor", "value"} <= pointer.keys() else "")
-    _say(f"loaded {weights}{note} from {FLAGS.job_dir}")
-    oov = FLAGS.oov
+    _say(f"loaded {weights}{note} from {fv.job_dir}")
+    oov = fv.oov
     if prompt is None:
         prompt, source = data_prompt(cfg, seed)
         oov = "skip"  # Not the user's text: chars outside the vocabulary are just left out.
         _say(f"prompt: {source}:\n{prompt}")
     else:
-        source = "--prime_file" if FLAGS.prime_file is not None else "--prime"
+        source = "--prime_file" if fv.prime_file is not None else "--prime"
         missing = vocab.missing(prompt.lower() if vocab.lowercase else prompt)
         if missing and oov == "skip":
             _say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
                  + ", ".join(repr(c) for c in missing[:20]))
-    if FLAGS.seed is None:
+    if fv.seed is None:
         _say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
 
     sampler = sampling.Sampler(model, vocab)
-    prompts = [prompt] * FLAGS.num_samples
-    streaming = FLAGS.num_samples == 1 and FLAGS.format == "text" and FLAGS.output is None
+    prompts = [prompt] * fv.num_samples
+    streaming = fv.num_samples == 1 and fv.format == "text" and fv.output is None
     if streaming:
-        for parts in sampler.stream(prompts, FLAGS.length, settings, seed, oov):
+        for parts in sampler.stream(prompts, fv.length, settings, seed, oov):
             sys.stdout.write(parts[0])
             sys.stdout.flush()
         if sys.stdout.isatty():
             sys.stdout.write("\n")  # Only for the shell prompt's sake; pipes get the text as is.
         return
-    samples = sampler.generate_batch(prompts, FLAGS.length, settings, seed, oov)
-    details = {"job_dir": FLAGS.job_dir, "checkpoint": weights, "prompt": prompt,
-               "prompt_source": source, "length": FLAGS.length, "seed": seed, "oov": oov,
+    samples = sampler.generate_batch(prompts, fv.length, settings, seed, oov)
+    details = {"job_dir": fv.job_dir, "checkpoint": weights, "prompt": prompt,
+               "prompt_source": source, "length": fv.length, "seed": seed, "oov": oov,
                "settings": {"temperature": settings.temperature, "top_k": settings.top_k,
                             "top_p": settings.top_p, "greedy": settings.is_greedy}}
-    text = render(samples, FLAGS.format, details)
-    if FLAGS.output is None:
+    text = render(samples, fv.format, details)
+    if fv.output is None:
         sys.stdout.write(text)
     else:
-        storage.write_text(FLAGS.output, text)
-        _say(f"wrote {len(samples)} sample(s) to {FLAGS.output}")
+        storage.write_text(fv.output, text)
+        _say(f"wrote {len(samples)} sample(s) to {fv.output}")
 
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def parse_argv(argv: list[str]) -> list[str]:
+    """absl's flags_parser, with a one-line error instead of absl's fatal banner."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        _say(f"error: {str(err).splitlines()[0]} (see --helpshort)")
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        _say(f"generate: error: unexpected arguments: {' '.join(argv[1:])}")
+        _say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
         return 1
     try:
-        run()
+        run(FLAGS)
     except UserError as err:
-        _say(f"generate: error: {err}")
+        _say(f"error: {err}")
         return 1
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; stop quietly, as command-line tools do.
@@ -210,4 +231,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_argv)

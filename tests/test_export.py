@@ -1,0 +1,121 @@
+"""Tests for trainer.export: the SavedModel loads in a fresh process and samples like Sampler."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from trainer import checkpoints, export, models, sampling, storage
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.sampling import Sampler, Settings
+from trainer.vocabulary import Vocabulary
+
+VOCAB = Vocabulary(list("\n .,abcdefghijklmnopqrstuvwxyz"))
+PROMPTS = ["the quick", "", "Über ab\r\ncd", "a"]
+
+# Runs in a fresh interpreter that never imports the trainer: the SavedModel alone.
+_LOAD_AND_CALL = textwrap.dedent("""
+    import json, sys
+    import tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    serve, seeded = loaded.signatures["serving_default"], loaded.signatures["generate_seeded"]
+    prompts = tf.constant(json.loads(sys.argv[2]))
+    def call(fn, length, temperature, **seed):
+        out = fn(prompts=prompts, length=tf.constant(length, tf.int32),
+                 temperature=tf.constant(temperature, tf.float32), **seed)
+        return [s.decode("utf-8") for s in out["generated"].numpy()]
+    print(json.dumps({
+        "inputs": sorted(serve.structured_input_signature[1]),
+        "outputs": sorted(serve.structured_outputs),
+        "served": call(serve, 40, 0.8),
+        "seeded": call(seeded, 40, 0.8, seed=tf.constant(5, tf.int64)),
+        "greedy": call(serve, 30, 0.0),
+        "empty": call(serve, 0, 0.8),
+    }))
+""")
+
+
+def _job_dir(path: str, seed: int = 1) -> keras.Model:
+    """A job directory written by the training job's own checkpoint writer."""
+    cfg = Config(embedding_dim=8, rnn_units=16, num_layers=2, train_data="x", job_dir=path)
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(cfg, VOCAB.size)
+    # Peaked, context-dependent distributions, as a trained model's are.
+    model.set_weights([w * 5.0 for w in model.get_weights()])
+    job = checkpoints.JobDir(path)
+    job.write("config.json", cfg.to_json())
+    job.write("vocab.json", VOCAB.to_json())
+    assert checkpoints.BestExporter(job, "val_loss").maybe_export(model, 1, 10, 2.0)
+    assert job.close(timeout=60) == []
+    return model
+
+
+def _run_export(*args: str) -> None:
+    values = flags.FlagValues()
+    export.define_flags(values)
+    values(["export", *args])
+    export.run(values)
+
+
+def test_saved_model_loads_in_a_fresh_process_and_matches_the_sampler(tmp_path):
+    job_dir, export_dir = str(tmp_path / "job"), str(tmp_path / "export" / "1")
+    model = _job_dir(job_dir)
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}", "--max_length=35")
+    result = subprocess.run([sys.executable, "-c", _LOAD_AND_CALL, export_dir,
+                             json.dumps(PROMPTS)], capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["inputs"] == ["length", "prompts", "temperature"]
+    assert out["outputs"] == ["generated"]
+    # --max_length cuts the 40 chars asked for.
+    assert [len(s) for s in out["served"]] == [35] * len(PROMPTS)
+    assert out["empty"] == [""] * len(PROMPTS)
+    sampler = Sampler(model, VOCAB)
+    # In the graph unknown chars are skipped, as with oov="skip".
+    assert out["seeded"] == sampler.generate_batch(PROMPTS, 35, Settings(0.8), seed=5,
+                                                   oov="skip")
+    assert out["greedy"] == sampler.generate_batch(PROMPTS, 30, Settings(greedy=True),
+                                                   oov="skip")
+
+
+def test_graph_prompt_encoding_equals_pad_prompts():
+    lower = Vocabulary(list("\n abc"), lowercase=True)
+    module = export.CharGenerator(models.build_model(Config(rnn_units=8, embedding_dim=4,
+                                                            num_layers=1), lower.size), lower)
+    prompts = ["AbC", "", "xx a\r\nb", "ÀBÇ"]
+    ids, mask = module._encode(tf.constant(prompts))
+    want_ids, want_mask = sampling.pad_prompts(
+        lower, [sampling.encode_prompt(lower, p, oov="skip") for p in prompts])
+    np.testing.assert_array_equal(ids.numpy(), want_ids)
+    np.testing.assert_array_equal(mask.numpy(), want_mask)
+
+
+def test_export_to_gcs_and_overwrite(gcs_bucket, tmp_path):
+    bucket = gcs_bucket()
+    job_dir, export_dir = f"{bucket}/job", f"{bucket}/models/char/1"
+    model = _job_dir(job_dir, seed=3)
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
+    assert storage.listdir(export_dir) == ["fingerprint.pb", "saved_model.pb", "variables"]
+    with pytest.raises(UserError, match="already holds a SavedModel"):
+        _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}", "--overwrite")
+    local = tmp_path / "downloaded"
+    for path in storage.glob(f"{export_dir}/*") + storage.glob(f"{export_dir}/variables/*"):
+        if not path.endswith("/variables"):
+            storage.copy_file(path, str(local / path[len(export_dir) + 1:]))
+    seeded = tf.saved_model.load(str(local)).signatures["generate_seeded"]
+    out = seeded(prompts=tf.constant(["the "]), length=tf.constant(20),
+                 temperature=tf.constant(0.8), seed=tf.constant(9, tf.int64))
+    assert out["generated"].numpy()[0].decode() == Sampler(model, VOCAB).generate(
+        "the ", 20, seed=9)
