@@ -211,7 +211,8 @@ def train(cfg: Config) -> dict[str, Any]:
             train_metrics["chars_per_sec"] = (step - first) * chars_per_step / max(seconds, 1e-9)
             val_metrics = _evaluate(strategy, eval_step, dataset_fn(
                 val_regions, cfg.seq_length, val_steps, False, 0, False)) if val_steps else {}
-            metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()}}
+            metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()},
+                       "elapsed_sec": time.time() - started}
             value = metrics[cfg.monitor]
             improved = best.maybe_export(model, epoch + 1, step, value)
             progress["best"].assign(best.best)
