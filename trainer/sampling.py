@@ -96,9 +96,8 @@ def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error") -> np.ndarra
 
 
 def start_id(vocab: Vocabulary) -> int:
-    """The id fed for an empty prompt: a newline if the vocabulary has one."""
-    ids = vocab.encode("\n")
-    return int(ids[0])
+    """The id fed for an empty prompt: a newline's, or the OOV id when there is no newline."""
+    return int(vocab.encode("\n")[0])
 
 
 def pad_prompts(vocab: Vocabulary, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +279,7 @@ class Sampler:
           (ids (batch, n), logits or None) per block; nothing when length is 0.
         """
         settings.validate()
-        if length <= 0:
+        if length <= 0 or not len(prompts):
             return
         ids, mask = pad_prompts(self.vocab, prompts)
         logits, states = self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))

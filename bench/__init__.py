@@ -1,0 +1,1 @@
+"""Benchmarks, run together by `make bench` (python -m bench.run) or one by one."""
