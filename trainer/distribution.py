@@ -39,12 +39,13 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
                 cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_cpus)
         except RuntimeError as err:  # TF was initialised before this call.
             logging.warning("could not split the CPU into logical devices: %s", err)
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical, devices: listing logical ones starts the TF runtime, and
+    # MultiWorkerMirroredStrategy must be created before that.
     name = cfg.strategy
     if name == "auto":
         if platform.num_workers() > 1:
             name = "multi_worker"
-        elif len(gpus) > 1:
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
             name = "mirrored"
         else:
             name = "one_device"
@@ -56,6 +57,7 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
         worker = _worker_index(resolver.task_type, resolver.task_id, num_workers)
         is_chief = platform.is_chief()
     else:
+        gpus = tf.config.list_logical_devices("GPU")
         if name == "mirrored":
             devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
             strategy = tf.distribute.MirroredStrategy(devices)

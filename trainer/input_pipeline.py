@@ -171,7 +171,9 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
     begins = tf.constant([r.begin for r in mine], tf.int64)
     ends = tf.constant([r.end for r in mine], tf.int64)
     load = _load_ids(vocab, cfg.lowercase)
-    chunk = max(1, batch_size // min(cfg.shard_cycle, len(mine)))
+    # Sized by the worker's batch, not the replica's, so the stream of windows is the
+    # same however many replicas split it: mirrored training sees one-device batches.
+    chunk = max(1, batch_size * replicas_per_worker // min(cfg.shard_cycle, len(mine)))
     per_pass = steps * replicas_per_worker
 
     def seed(*parts) -> tf.Tensor:
