@@ -206,6 +206,45 @@ def test_specs_describe_the_intended_jobs():
     assert legacy["hyperparameters"]["hyperparameterMetricTag"] == "val_loss"
 
 
+# Run with the Cloud SDK's own Python: loads cloudbuild.yaml as `gcloud builds submit`
+# does and decodes each spec into the API message that `gcloud ... --config` builds,
+# which rejects unknown fields and enum values.
+_GCLOUD_DECODE = """
+import sys
+sdk = sys.argv[1]
+sys.path[:0] = [sdk + "/lib", sdk + "/lib/third_party"]
+try:
+    from googlecloudsdk.api_lib.util import apis, messages
+    from googlecloudsdk.core import yaml
+except Exception as e:
+    print("cannot import the Cloud SDK:", e); sys.exit(3)
+from googlecloudsdk.api_lib.cloudbuild import cloudbuild_util, config
+config.LoadCloudbuildConfigFromPath(sys.argv[2], cloudbuild_util.GetMessagesModule())
+for path in sys.argv[3:]:
+    api, version, name = (("ml", "v1", "GoogleCloudMlV1Job") if "aiplatform_config" in path
+                          else ("aiplatform", "v1", "GoogleCloudAiplatformV1"
+                                + ("HyperparameterTuningJob" if "hptuning" in path
+                                   else "CustomJobSpec")))
+    cls = getattr(apis.GetMessagesModule(api, version), name)
+    messages.DictToMessageWithErrorCheck(yaml.load_path(path), cls)
+"""
+
+
+def test_specs_match_the_google_cloud_api_schemas():
+    gcloud = shutil.which("gcloud")
+    if not gcloud:
+        pytest.skip("the Google Cloud SDK (gcloud) is not installed")
+    sdk = Path(gcloud).resolve().parent.parent
+    python = sdk / "platform" / "bundledpythonunix" / "bin" / "python3"
+    python = str(python) if python.exists() else shutil.which("python3")
+    result = subprocess.run([python, "-c", _GCLOUD_DECODE, str(sdk), str(REPO / "cloudbuild.yaml"),
+                             *map(str, SPECS)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode == 3:
+        pytest.skip(result.stdout.strip())
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_image_names_agree():
     build = yaml.safe_load((REPO / "cloudbuild.yaml").read_text())
     subs = build["substitutions"]
