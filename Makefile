@@ -30,7 +30,7 @@ $(PY):
 
 # Reinstalled only when the packaging changes; the editable install picks up code edits.
 $(STAMP): setup.py pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	@touch $@
 
