@@ -45,14 +45,14 @@ _LOAD_AND_CALL = textwrap.dedent("""
 """)
 
 
-def _job_dir(path: str, seed: int = 1) -> keras.Model:
+def _job_dir(path: str, staging: str, seed: int = 1) -> keras.Model:
     """A job directory written by the training job's own checkpoint writer."""
     cfg = Config(embedding_dim=8, rnn_units=16, num_layers=2, train_data="x", job_dir=path)
     keras.utils.set_random_seed(seed)
     model = models.build_model(cfg, VOCAB.size)
     # Peaked, context-dependent distributions, as a trained model's are.
     model.set_weights([w * 5.0 for w in model.get_weights()])
-    job = checkpoints.JobDir(path)
+    job = checkpoints.JobDir(path, local_dir=staging)
     job.write("config.json", cfg.to_json())
     job.write("vocab.json", VOCAB.to_json())
     assert checkpoints.BestExporter(job, "val_loss").maybe_export(model, 1, 10, 2.0)
@@ -69,7 +69,7 @@ def _run_export(*args: str) -> None:
 
 def test_saved_model_loads_in_a_fresh_process_and_matches_the_sampler(tmp_path):
     job_dir, export_dir = str(tmp_path / "job"), str(tmp_path / "export" / "1")
-    model = _job_dir(job_dir)
+    model = _job_dir(job_dir, str(tmp_path / "staging"))
     _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}", "--max_length=35")
     result = subprocess.run([sys.executable, "-c", _LOAD_AND_CALL, export_dir,
                              json.dumps(PROMPTS)], capture_output=True, text=True, timeout=180,
@@ -104,7 +104,7 @@ def test_graph_prompt_encoding_equals_pad_prompts():
 def test_export_to_gcs_and_overwrite(gcs_bucket, tmp_path):
     bucket = gcs_bucket()
     job_dir, export_dir = f"{bucket}/job", f"{bucket}/models/char/1"
-    model = _job_dir(job_dir, seed=3)
+    model = _job_dir(job_dir, str(tmp_path / "staging"), seed=3)
     _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
     assert storage.listdir(export_dir) == ["fingerprint.pb", "saved_model.pb", "variables"]
     with pytest.raises(UserError, match="already holds a SavedModel"):
