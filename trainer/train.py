@@ -121,14 +121,18 @@ def train(cfg: Config) -> dict[str, Any]:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
     steps_per_epoch = cfg.steps_per_epoch or pass_steps
-    val_steps = 0
+    val_steps, val_batch = 0, cfg.batch_size
     if val_regions:
+        # A validation set smaller than one batch is still used, in smaller batches.
+        fewest = min(input_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
+                                                       sharding))
+        val_batch = max(1, min(cfg.batch_size, fewest // place.replicas_per_worker))
         val_steps = input_pipeline.steps_per_pass(
-            val_regions, cfg.window, cfg.seq_length, cfg.batch_size, place.replicas_per_worker,
+            val_regions, cfg.window, cfg.seq_length, val_batch, place.replicas_per_worker,
             sharding)
         if val_steps < 1:
-            raise UserError(f"the validation data holds fewer windows than one global batch of "
-                            f"{global_batch}; lower --batch_size or add validation text")
+            raise UserError(f"the validation data holds fewer windows of {cfg.window} chars "
+                            f"than there are replicas ({place.replicas})")
         val_steps = min(val_steps, cfg.val_steps or val_steps)
     total_steps = cfg.epochs * steps_per_epoch
     logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %d steps/epoch, "
@@ -158,9 +162,9 @@ def train(cfg: Config) -> dict[str, Any]:
         if not models.cudnn_eligible(lstm):
             logging.warning("%s is not eligible for the cuDNN kernel", lstm.name)
 
-    def dataset_fn(regions, shift, steps, shuffle, start, repeat):
+    def dataset_fn(regions, shift, steps, shuffle, start, repeat, batch=cfg.batch_size):
         return lambda ctx: input_pipeline.dataset(
-            regions, vocab, cfg, batch_size=cfg.batch_size, shift=shift, steps=steps,
+            regions, vocab, cfg, batch_size=batch, shift=shift, steps=steps,
             replicas_per_worker=place.replicas_per_worker, sharding=sharding, shuffle=shuffle,
             start_step=start, repeat=repeat)
 
@@ -210,7 +214,8 @@ def train(cfg: Config) -> dict[str, Any]:
             seconds = time.time() - epoch_start
             train_metrics["chars_per_sec"] = (step - first) * chars_per_step / max(seconds, 1e-9)
             val_metrics = _evaluate(strategy, eval_step, dataset_fn(
-                val_regions, cfg.seq_length, val_steps, False, 0, False)) if val_steps else {}
+                val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch)
+            ) if val_steps else {}
             metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()},
                        "elapsed_sec": time.time() - started}
             value = metrics[cfg.monitor]

@@ -87,6 +87,15 @@ class Scan:
         return sum(s.chars for s in self.shards)
 
 
+def scan_text_counts(text: str) -> collections.Counter:
+    """Counts the characters of one decoded text, chunk by chunk."""
+    counts: collections.Counter = collections.Counter()
+    for cps in code_points(text):
+        values, freq = np.unique(cps, return_counts=True)
+        counts.update(dict(zip((chr(v) for v in values.tolist()), freq.tolist(), strict=True)))
+    return counts
+
+
 def scan(paths: Sequence[str], lowercase: bool = False, what: str = "training") -> Scan:
     """Reads each shard once, counting characters, and warns once about bad bytes.
 
@@ -102,12 +111,9 @@ def scan(paths: Sequence[str], lowercase: bool = False, what: str = "training") 
     shards = []
     for path in paths:
         text, invalid = decode(storage.read_bytes(path), lowercase)
-        info = ShardInfo(path=path, chars=len(text), invalid_bytes=invalid)
-        for cps in code_points(text):
-            values, freq = np.unique(cps, return_counts=True)
-            counts.update(dict(zip((chr(v) for v in values.tolist()), freq.tolist(), strict=True)))
-        info.nul_chars = text.count("\0")
-        shards.append(info)
+        counts.update(scan_text_counts(text))
+        shards.append(ShardInfo(path=path, chars=len(text), invalid_bytes=invalid,
+                                nul_chars=text.count("\0")))
         del text
     _warn_about(shards, what)
     return Scan(shards=shards, counts=counts)

@@ -1,0 +1,43 @@
+"""Tests for trainer.models: the cuDNN contract, parameter counts, float32 logits."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from trainer import models
+from trainer.config import Config
+
+
+def test_every_lstm_is_cudnn_eligible():
+    model = models.build_model(Config(num_layers=3, rnn_units=16, embedding_dim=8), 30)
+    lstms = models.lstm_layers(model)
+    assert [layer.name for layer in lstms] == ["lstm_0", "lstm_1", "lstm_2"]
+    for layer in lstms:
+        assert models.cudnn_eligible(layer)
+        assert layer.cell.recurrent_dropout == 0 and not layer.unroll and layer.cell.use_bias
+
+
+def test_the_eligibility_check_catches_a_breaking_setting():
+    broken = keras.layers.LSTM(8, recurrent_dropout=0.1)
+    assert not models.cudnn_eligible(broken)
+    assert not models.cudnn_eligible(keras.layers.LSTM(8, activation="relu"))
+
+
+def test_parameter_count_matches_the_architecture():
+    vocab, emb, units, layers = 50, 12, 20, 2
+    model = models.build_model(Config(num_layers=layers, rnn_units=units, embedding_dim=emb), vocab)
+    lstm = lambda inputs: 4 * (units * (inputs + units) + units)  # noqa: E731
+    expected = vocab * emb + lstm(emb) + lstm(units) + units * vocab + vocab
+    assert model.count_params() == expected
+
+
+def test_logits_stay_float32_under_mixed_precision():
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        model = models.build_model(Config(num_layers=1, rnn_units=8, embedding_dim=4), 10)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert models.lstm_layers(model)[0].compute_dtype == "float16"
+    logits = model(np.zeros((2, 5), dtype="int32"))
+    assert logits.shape == (2, 5, 10) and logits.dtype == "float32"

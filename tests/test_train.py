@@ -1,0 +1,162 @@
+"""Tests for trainer.train: the real training function on a tiny config.
+
+In-process runs use one device; mirrored and multi-worker runs are separate
+processes because logical devices and collectives must be set before TF starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from trainer import checkpoints, storage, train
+from trainer.config import Config
+from trainer.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SENTENCES = ["the cat sat on the mat. ", "a dog ran in the fog. ", "we see the sea. ",
+             "to be or not to be. "]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(4):
+        text = "".join(SENTENCES[(i + j) % 4] for j in range(250))
+        (folder / f"part-{i}.txt").write_text(text)
+    return str(folder / "*.txt")
+
+
+def tiny(corpus: str, job_dir, **overrides) -> Config:
+    values = dict(train_data=corpus, val_fraction=0.1, job_dir=str(job_dir), num_layers=1,
+                  rnn_units=32, embedding_dim=16, dropout=0.0, batch_size=16, seq_length=32,
+                  learning_rate=0.01, warmup_steps=0, epochs=2, sample_length=20,
+                  checkpoint_every_steps=0)
+    values.update(overrides)
+    return Config(**values).validate()
+
+
+def metrics(job_dir) -> list[dict]:
+    with open(os.path.join(job_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_learns_and_writes_a_usable_job_dir(corpus, tmp_path):
+    summary = train.train(tiny(corpus, tmp_path, epochs=3))
+    history = metrics(tmp_path)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(math.isfinite(h["loss"]) for h in history)
+    vocab_size = len(json.load(open(tmp_path / "vocab.json"))["chars"]) + 1
+    # From ln(vocab) at the start, the loss at least halves on this repetitive text.
+    assert history[-1]["val_loss"] < 0.5 * math.log(vocab_size)
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    best = json.load(open(tmp_path / "best.json"))
+    assert best["value"] == pytest.approx(min(h["val_loss"] for h in history))
+    assert best["weights"] == checkpoints.weights_name(best["epoch"], best["value"])
+    for name, record in best["files"].items():
+        assert storage.md5_file(str(tmp_path / name)) == record["md5"]
+    assert Config.from_dict(json.load(open(tmp_path / "config.json"))).rnn_units == 32
+    assert os.path.exists(tmp_path / "ckpt" / "latest.json")
+    assert os.listdir(tmp_path / "logs")  # TensorBoard events.
+    assert summary["step"] == history[-1]["step"]
+
+
+def test_resume_continues_where_it_stopped_with_the_optimizer_state(corpus, tmp_path):
+    # A constant rate, so that the 1-epoch run's schedule equals the 2-epoch run's.
+    straight = tmp_path / "straight"
+    train.train(tiny(corpus, straight, epochs=2, lr_schedule="constant"))
+    stopped = tmp_path / "stopped"
+    train.train(tiny(corpus, stopped, epochs=1, lr_schedule="constant"))
+    summary = train.train(tiny(corpus, stopped, epochs=2, lr_schedule="constant"))
+    first, resumed = metrics(straight), metrics(stopped)
+    assert [h["epoch"] for h in resumed] == [1, 2]
+    assert summary["step"] == first[-1]["step"]
+    # Same batches, same weights and same Adam moments: the same epoch-2 numbers.
+    assert resumed[1]["loss"] == pytest.approx(first[1]["loss"], rel=1e-4)
+    assert resumed[1]["val_loss"] == pytest.approx(first[1]["val_loss"], rel=1e-4)
+
+
+def test_a_restart_never_replaces_a_better_best(corpus, tmp_path):
+    train.train(tiny(corpus, tmp_path, epochs=1))
+    pointer = json.load(open(tmp_path / "best.json"))
+    pointer["value"] = 0.001  # Pretend the run already holds a far better checkpoint.
+    (tmp_path / "best.json").write_text(json.dumps(pointer))
+    train.train(tiny(corpus, tmp_path, epochs=2))
+    after = json.load(open(tmp_path / "best.json"))
+    assert after["weights"] == pointer["weights"] and after["value"] == 0.001
+    assert [h["improved"] for h in metrics(tmp_path)] == [True, False]
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):
+    with pytest.raises(train.TrainingDiverged, match="loss became (nan|inf)"):
+        train.train(tiny(corpus, tmp_path, learning_rate=1e38, clipnorm=0, epochs=1))
+
+
+def test_an_incompatible_job_dir_is_refused(corpus, tmp_path):
+    train.train(tiny(corpus, tmp_path, epochs=1))
+    with pytest.raises(UserError, match="incompatible config.*rnn_units"):
+        train.train(tiny(corpus, tmp_path, rnn_units=48))
+
+
+def test_too_big_a_batch_for_the_data_is_refused(corpus, tmp_path):
+    with pytest.raises(UserError, match="fewer windows than one global batch"):
+        train.train(tiny(corpus, tmp_path, batch_size=4096))
+
+
+def _task(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def _flags(cfg: Config) -> list[str]:
+    return [f"--{k}={v}" for k, v in cfg.to_dict().items() if v != "" and k != "model_dir"]
+
+
+def test_mirrored_over_two_cpus_matches_one_device(corpus, tmp_path):
+    base = tiny(corpus, tmp_path, clipnorm=0, epochs=1)
+    one = _task(_flags(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
+                                    strategy="one_device")))
+    two = _task(_flags(base.replace(job_dir=str(tmp_path / "two"), batch_size=8,
+                                    strategy="mirrored", logical_cpus=2)))
+    for proc in (one, two):
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    assert "2 replica(s)" in out and "global batch 16" in out
+    a, b = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert a["step"] == b["step"]
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_together_and_only_the_chief_writes(corpus, tmp_path):
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        cfg = tiny(corpus, tmp_path / f"job-{index}", batch_size=8, epochs=1)
+        procs.append(_task(_flags(cfg), env={"TF_CONFIG": tf_config}))
+    outs = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        outs.append(out)
+    assert "multi_worker: 2 replica(s) on 2 worker(s)" in outs[0]
+    done = [line for out in outs for line in out.splitlines() if line.startswith("done:")]
+    assert len(done) == 2 and done[0].split("chars_per_sec")[0] == done[1].split(
+        "chars_per_sec")[0]  # Same step count and losses on both workers.
+    assert os.path.exists(tmp_path / "job-0" / "best.json")
+    assert os.path.exists(tmp_path / "job-0" / "ckpt" / "latest.json")
+    assert not os.path.exists(tmp_path / "job-1")  # The non-chief wrote nothing.
