@@ -1,0 +1,385 @@
+"""Benchmark: the streaming window pipeline against materialising alternatives.
+
+    python -m bench.input_pipeline [--speed_mb=30] [--rss_mb=10,100,1000] \
+        [--train_windows_per_sec=N] [--out=bench/results/input_pipeline.json]
+
+On synthetic corpora (random text with English-like character frequencies,
+written as 10 MB shards into a temporary folder that is deleted afterwards):
+
+- Windows per second over one pass, from shards on disk to the last batch, of
+  `trainer.input_pipeline.dataset` (default objective, seq_length 100) against
+  (a) `tf.signal.frame` over the whole id array, materialised and shuffled, and
+  (b) `Dataset.window().flat_map()` with a shuffle buffer. Rounds are
+  interleaved (ours, a, b, ours, ...) because the machine may be shared; the
+  median counts. Targets: ours >= 0.7x (a), and >= 20x the windows per second
+  one training step of the default Config() model consumes here.
+- Peak RSS of a subprocess that scans and iterates one epoch over 10 MB, 100 MB
+  and 1 GB; target: it grows by less than 200 MB from 10 MB to 1 GB.
+- For reference, the 2017 tutorial's numpy windows (stride 1, a python list of
+  windows turned into a (n, 100, 1) float array) over 1.6M chars, in a
+  subprocess: time and peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+
+import bench
+
+FLAGS = flags.FLAGS
+SHARD_BYTES = 10 * 1000 * 1000
+SEQ_LENGTH = 100
+BATCH = 256
+# Targets from the streaming input issue.
+TARGET_VS_FRAME = 0.7
+TARGET_VS_TRAINING = 20.0
+TARGET_RSS_GROWTH_MB = 200.0
+
+# Rough English character frequencies (per mille of running text, capitals and
+# punctuation included), enough to give the pipeline a realistic vocabulary.
+_FREQ = {" ": 170, "\n": 20, "e": 95, "t": 68, "a": 61, "o": 58, "i": 53, "n": 53, "s": 49,
+         "h": 49, "r": 46, "d": 33, "l": 31, "u": 21, "c": 20, "m": 19, "w": 18, "f": 17,
+         "y": 16, "g": 15, "p": 13, "b": 12, "v": 8, "k": 6, ",": 14, ".": 9, "'": 3, ";": 2,
+         ":": 2, "!": 2, "?": 2, "-": 2, "x": 1.2, "j": 1, "q": 1, "z": 0.6}
+_FREQ.update({c: 1.5 for c in "TAISWHBMCO"})
+_FREQ.update({c: 0.5 for c in "DEFGKLNPRUVYJQXZ"})
+
+
+def synthetic_text(n_chars: int, seed: int) -> bytes:
+    """Random ASCII text whose characters follow `_FREQ`."""
+    import numpy as np
+
+    chars = np.frombuffer("".join(_FREQ).encode(), np.uint8)
+    weights = np.array(list(_FREQ.values()))
+    # A 64k-entry lookup table drawn once makes sampling a single fancy index.
+    counts = np.floor(weights / weights.sum() * 65536).astype(int)
+    counts[0] += 65536 - counts.sum()
+    lut = np.repeat(chars, counts)
+    rng = np.random.default_rng(seed)
+    return lut[rng.integers(0, 65536, n_chars, dtype=np.uint16)].tobytes()
+
+
+def write_corpus(folder: str, total_bytes: int, seed: int = 0) -> list[str]:
+    """Writes `total_bytes` of synthetic text as 10 MB shards; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths, left, i = [], total_bytes, 0
+    while left > 0:
+        size = min(SHARD_BYTES, left)
+        path = os.path.join(folder, f"shard-{i:05d}.txt")
+        with open(path, "wb") as f:
+            f.write(synthetic_text(size, seed * 100_003 + i))
+        paths.append(path)
+        left -= size
+        i += 1
+    return paths
+
+
+def _setup(pattern: str):
+    """What a job builds once: the scan, vocabulary, regions and steps of one pass."""
+    from trainer import input_pipeline, storage, vocabulary
+    from trainer.config import Config
+
+    cfg = Config(train_data=pattern, seq_length=SEQ_LENGTH, batch_size=BATCH)
+    found = vocabulary.scan(storage.expand_patterns(pattern))
+    vocab = vocabulary.Vocabulary.from_counts(found.counts)
+    regions, _ = input_pipeline.make_regions(found, None, cfg)
+    steps = input_pipeline.steps_per_pass(regions, cfg.window, cfg.shift, BATCH, 1,
+                                          input_pipeline.Sharding())
+    return cfg, vocab, regions, steps
+
+
+def ours(cfg, vocab, regions, steps):
+    """The job's pipeline: one shuffled pass of (x, y) batches."""
+    from trainer import input_pipeline
+
+    return input_pipeline.dataset(regions, vocab, cfg, batch_size=BATCH, shift=cfg.shift,
+                                  steps=steps, repeat=False)
+
+
+def _all_ids(vocab, regions):
+    """The whole corpus as one id array, read and encoded with the job's own functions."""
+    import numpy as np
+
+    from trainer import storage, vocabulary
+
+    return np.concatenate([vocab.encode(vocabulary.decode(storage.read_bytes(r.path))[0])
+                           for r in regions])
+
+
+def _split(windows):
+    import tensorflow as tf
+
+    windows = tf.cast(windows, tf.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def frame(cfg, vocab, regions, steps):
+    """(a) tf.signal.frame over the whole id array: every window held in memory at once."""
+    import tensorflow as tf
+
+    frames = tf.signal.frame(tf.constant(_all_ids(vocab, regions)), cfg.window, cfg.shift)
+    frames = tf.random.shuffle(frames, seed=cfg.seed)
+    ds = tf.data.Dataset.from_tensor_slices(frames).batch(BATCH, drop_remainder=True)
+    return ds.map(_split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def window_flat_map(cfg, vocab, regions, steps):
+    """(b) Dataset.window().flat_map(): one element per char, windows assembled by tf.data."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(_all_ids(vocab, regions))
+    ds = ds.window(cfg.window, shift=cfg.shift, drop_remainder=True)
+    ds = ds.flat_map(lambda w: w.batch(cfg.window, drop_remainder=True))
+    ds = ds.shuffle(10_000, seed=cfg.seed).batch(BATCH, drop_remainder=True)
+    return ds.map(_split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def one_pass(make, setup, batches: int = -1) -> tuple[int, float, float]:
+    """(windows, wall seconds, CPU seconds) of building `make`'s dataset and iterating it once.
+
+    The pass is consumed inside the graph (`Dataset.reduce`), as the training
+    step's `next(iterator)` does, so no per-batch Python overhead is counted.
+    CPU seconds (all threads of this process) move less than wall time when
+    other jobs share the cores.
+    """
+    import tensorflow as tf
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    ds = make(*setup).take(batches)
+    windows = ds.reduce(tf.constant(0, tf.int64),
+                        lambda n, xy: n + tf.cast(tf.shape(xy[0])[0], tf.int64))
+    return int(windows), time.perf_counter() - wall, time.process_time() - cpu
+
+
+def speed(speed_mb: int, rounds: int, flat_map_batches: int, folder: str) -> dict[str, Any]:
+    """Interleaved rounds of the three pipelines over one synthetic corpus."""
+    write_corpus(os.path.join(folder, "speed"), speed_mb * 1000 * 1000, seed=1)
+    setup = _setup(os.path.join(folder, "speed", "*.txt"))
+    variants = {"ours (input_pipeline.dataset)": (ours, -1),
+                "(a) tf.signal.frame, materialised": (frame, -1),
+                # So slow that only the first batches are timed (setup included).
+                f"(b) Dataset.window().flat_map(), first {flat_map_batches} batches":
+                    (window_flat_map, flat_map_batches)}
+    for make, _ in variants.values():  # Warm-up: traces every function once.
+        one_pass(make, setup, 1)
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    loads = []
+    for _ in range(rounds):
+        loads.append(bench.load()[0])
+        for name, (make, batches) in variants.items():
+            windows, seconds, cpu_seconds = one_pass(make, setup, batches)
+            wall[name].append(windows / seconds)
+            cpu[name].append(windows / cpu_seconds)
+    ours_name, frame_name = list(variants)[:2]
+    ratios = [o / f for o, f in zip(wall[ours_name], wall[frame_name])]
+    cpu_ratios = [o / f for o, f in zip(cpu[ours_name], cpu[frame_name])]
+    return {"corpus_mb": speed_mb, "windows_per_pass": setup[3] * BATCH, "rounds": rounds,
+            "load_1min": loads, "windows_per_sec": wall, "windows_per_cpu_sec": cpu,
+            "median_windows_per_sec": {k: bench.median(v) for k, v in wall.items()},
+            "median_windows_per_cpu_sec": {k: bench.median(v) for k, v in cpu.items()},
+            "ours_vs_frame_per_round": ratios, "ours_vs_frame": bench.median(ratios),
+            "ours_vs_frame_cpu": bench.median(cpu_ratios)}
+
+
+def training_windows_per_sec(folder: str) -> float:
+    """Windows/s one training step of the default Config() model takes, via the job itself."""
+    from trainer import train
+    from trainer.config import Config
+
+    job_dir = os.path.join(folder, "train-job")
+    cfg = Config(train_data=os.path.join(folder, "speed", "*.txt"), job_dir=job_dir,
+                 steps_per_epoch=3, epochs=2, sample_length=0, checkpoint_every_steps=0)
+    train.train(cfg.validate())
+    with open(os.path.join(job_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        last = [json.loads(line) for line in f][-1]  # The second epoch: traced already.
+    return last["chars_per_sec"] / cfg.seq_length
+
+
+def child_rss(pattern: str) -> dict[str, Any]:
+    """Run in a subprocess: scan and iterate one epoch, then report the peak RSS."""
+    import tensorflow as tf  # noqa: F401  (imported first: its RSS is the floor)
+
+    after_import = bench.rss_mb()
+    setup = _setup(pattern)
+    windows, seconds, cpu_seconds = one_pass(ours, setup)
+    return {"windows": windows, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "rss_after_import_mb": after_import, "peak_rss_mb": bench.peak_rss_mb()}
+
+
+def child_tutorial(n_chars: int) -> dict[str, Any]:
+    """Run in a subprocess: the 2017 tutorial's stride-1 numpy windows over n_chars."""
+    import numpy as np
+
+    text = synthetic_text(n_chars, seed=2).decode()
+    after_import = bench.rss_mb()
+    start = time.perf_counter()
+    chars = sorted(set(text))
+    char_to_int = {c: i for i, c in enumerate(chars)}
+    data_x, data_y = [], []
+    for i in range(0, len(text) - SEQ_LENGTH, 1):
+        data_x.append([char_to_int[c] for c in text[i:i + SEQ_LENGTH]])
+        data_y.append(char_to_int[text[i + SEQ_LENGTH]])
+    x = np.reshape(data_x, (len(data_x), SEQ_LENGTH, 1))
+    x = x / float(len(chars))
+    y = np.eye(len(chars), dtype=np.float32)[data_y]  # What keras' to_categorical returns.
+    seconds = time.perf_counter() - start
+    return {"chars": n_chars, "windows": len(x), "x_shape": list(x.shape), "x_gb": x.nbytes / 1e9,
+            "y_gb": y.nbytes / 1e9, "seconds": seconds, "rss_after_import_mb": after_import,
+            "peak_rss_mb": bench.peak_rss_mb()}
+
+
+def _subprocess(*args: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "bench.input_pipeline", *args],
+                         capture_output=True, text=True, check=False,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if out.returncode:
+        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-500:]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory(sizes_mb: list[int], folder: str) -> list[dict[str, Any]]:
+    """Peak RSS of one-epoch subprocesses over growing corpora, each deleted after use."""
+    rows = []
+    for size in sizes_mb:
+        need = size * 1e6 * 1.2
+        if shutil.disk_usage(folder).free < need:
+            rows.append({"corpus_mb": size, "error": f"less than {need / 1e9:.1f} GB free"})
+            continue
+        shards = os.path.join(folder, f"rss-{size}")
+        write_corpus(shards, size * 1000 * 1000, seed=3)
+        load = bench.load()[0]
+        row = {"corpus_mb": size, "load_1min": load,
+               **_subprocess(f"--child_rss={shards}/*.txt")}
+        shutil.rmtree(shards)
+        if "windows" in row:
+            row["windows_per_sec"] = row["windows"] / row["seconds"]
+        rows.append(row)
+    return rows
+
+
+def run(speed_mb: int, rounds: int, flat_map_batches: int, rss_mb: list[int],
+        tutorial_chars: int, train_wps: float | None, tmp_root: str | None) -> dict[str, Any]:
+    """Every measurement of this benchmark, in one temporary folder deleted at the end."""
+    folder = tempfile.mkdtemp(prefix="bench-input-", dir=tmp_root)
+    try:
+        result: dict[str, Any] = {"benchmark": "input_pipeline", "machine": bench.machine(),
+                                  "seq_length": SEQ_LENGTH, "batch": BATCH}
+        result["speed"] = speed(speed_mb, rounds, flat_map_batches, folder)
+        if train_wps is None:
+            train_wps = training_windows_per_sec(folder)
+            result["training_source"] = "measured here: 3-step epochs of Config() defaults"
+        else:
+            result["training_source"] = "given (--train_windows_per_sec)"
+        result["training_windows_per_sec"] = train_wps
+        result["ours_vs_training"] = (
+            result["speed"]["median_windows_per_sec"]["ours (input_pipeline.dataset)"] / train_wps)
+        result["memory"] = memory(rss_mb, folder)
+        result["tutorial"] = (_subprocess(f"--child_tutorial={tutorial_chars}")
+                              if tutorial_chars else {"error": "skipped (--tutorial_chars=0)"})
+        result["machine"]["load_end"] = bench.load()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result["targets"] = targets(result)
+    return result
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the issue with the measured value and whether it was met."""
+    out = {"ours_vs_frame": {"target": f">= {TARGET_VS_FRAME}",
+                             "value": result["speed"]["ours_vs_frame"]},
+           "ours_vs_training": {"target": f">= {TARGET_VS_TRAINING}",
+                                "value": result["ours_vs_training"]}}
+    out["ours_vs_frame"]["met"] = out["ours_vs_frame"]["value"] >= TARGET_VS_FRAME
+    out["ours_vs_training"]["met"] = out["ours_vs_training"]["value"] >= TARGET_VS_TRAINING
+    peaks = {r["corpus_mb"]: r.get("peak_rss_mb") for r in result["memory"]}
+    if peaks.get(10) and peaks.get(1000):
+        growth = peaks[1000] - peaks[10]
+        out["rss_growth_10mb_to_1gb"] = {"target": f"< {TARGET_RSS_GROWTH_MB} MB",
+                                         "value": growth, "met": growth < TARGET_RSS_GROWTH_MB}
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The result as markdown tables."""
+    speed_ = result["speed"]
+    m = result["machine"]
+    lines = [f"input pipeline on {m['cpu']} ({m['cores']} cores), load {m['load']} at start, "
+             f"{m.get('load_end')} at end; {speed_['corpus_mb']} MB synthetic corpus, "
+             f"{speed_['windows_per_pass']:,} windows of {SEQ_LENGTH}+1 per pass, batch {BATCH}, "
+             f"{speed_['rounds']} interleaved rounds (median)\n"]
+    rows = [[name, bench.median(v), speed_["median_windows_per_cpu_sec"][name],
+             ", ".join(f"{x:,.0f}" for x in v)] for name, v in speed_["windows_per_sec"].items()]
+    rows.append([f"training consumes (default model; {result['training_source']})",
+                 result["training_windows_per_sec"], float("nan"), ""])
+    lines.append(bench.table(["pipeline", "windows/s (median)", "windows/CPU-s (median)",
+                              "windows/s per round"], rows))
+    lines.append(f"ours / (a): {speed_['ours_vs_frame']:.2f} by wall time, "
+                 f"{speed_['ours_vs_frame_cpu']:.2f} by CPU time\n")
+    rows = [[r["corpus_mb"], r.get("windows", "-"), r.get("seconds", float("nan")),
+             r.get("rss_after_import_mb", float("nan")), r.get("peak_rss_mb", float("nan")),
+             r.get("load_1min", float("nan")), r.get("error", "")] for r in result["memory"]]
+    lines.append(bench.table(["corpus MB", "windows", "epoch s", "RSS after import MiB",
+                              "peak RSS MiB", "load", "note"], rows))
+    t = result["tutorial"]
+    if "error" in t:
+        lines.append(f"tutorial numpy windows: {t['error']}\n")
+    else:
+        lines.append(bench.table(
+            ["tutorial numpy windows", "windows", "seconds", "x GB", "peak RSS MiB"],
+            [[f"{t['chars']:,} chars, stride 1", t["windows"], t["seconds"], t["x_gb"],
+              t["peak_rss_mb"]]]))
+    rows = [[name, t["target"], t["value"], "met" if t["met"] else "MISSED"]
+            for name, t in result["targets"].items()]
+    lines.append(bench.table(["target", "wanted", "measured", ""], rows))
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_integer("speed_mb", 30, "Size of the corpus the speeds are measured on.")
+    flags.DEFINE_integer("rounds", 5, "Interleaved rounds of the speed comparison.")
+    flags.DEFINE_integer("flat_map_batches", 40, "Batches timed of the slow window/flat_map "
+                         "pipeline (b).")
+    flags.DEFINE_list("rss_mb", ["10", "100", "1000"], "Corpus sizes (MB) for peak RSS.")
+    flags.DEFINE_integer("tutorial_chars", 1_600_000, "Chars for the tutorial's numpy windows; "
+                         "0 skips it (it needs ~4.4 GB at 1.6M).")
+    flags.DEFINE_float("train_windows_per_sec", None, "Windows/s one training step of the "
+                       "default model takes (e.g. from bench.train_throughput); default: "
+                       "measure it here.")
+    flags.DEFINE_string("tmp_dir", None, "Where the temporary corpora go (default: system "
+                        "temp dir; needs ~1.2 GB free for the 1 GB corpus).")
+    flags.DEFINE_string("out", f"{bench.RESULTS_DIR}/input_pipeline.json", "JSON output.")
+    flags.DEFINE_string("child_rss", None, "Internal: one-epoch RSS child over this pattern.")
+    flags.DEFINE_integer("child_tutorial", None, "Internal: tutorial RSS child over N chars.")
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    if FLAGS.child_rss:
+        print(json.dumps(child_rss(FLAGS.child_rss)))
+        return 0
+    if FLAGS.child_tutorial:
+        print(json.dumps(child_tutorial(FLAGS.child_tutorial)))
+        return 0
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    result = run(FLAGS.speed_mb, FLAGS.rounds, FLAGS.flat_map_batches,
+                 [int(x) for x in FLAGS.rss_mb], FLAGS.tutorial_chars,
+                 FLAGS.train_windows_per_sec, FLAGS.tmp_dir)
+    print(markdown(result))
+    bench.write_result(FLAGS.out, result)
+    print(f"wrote {FLAGS.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

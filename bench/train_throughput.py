@@ -1,0 +1,266 @@
+"""Benchmark: training chars/s of the job's full path against a plain Keras baseline.
+
+    python -m bench.train_throughput [--corpus=../shared/data/tinyshakespeare.txt] \
+        [--long] [--out=bench/results/train_throughput.json]
+
+Variants, interleaved round by round because the machine may be shared:
+
+- ours: `trainer.train.train` (streaming pipeline, strategy, custom step,
+  checkpoints, reporting; no per-epoch sample) with --steps_per_epoch=N; the
+  chars/s of every epoch after the first (which traces) from its metrics.jsonl.
+- keras fit: the same `models.build_model` fed the TF text-generation
+  tutorial's way: the whole id array as one tensor ->
+  `Dataset.from_tensor_slices(ids).batch(seq + 1).map(split).shuffle.batch`,
+  `model.compile(Adam(global_clipnorm))` and `model.fit`, timed per epoch.
+
+for a 1x256 model (no dropout) and the default Config() model (2x512, dropout
+0.2), each with and without XLA (`jit_compile`; 2x512 with XLA only with --long:
+XLA with Dropout is several times slower on this CPU). Target: ours >= 0.95x
+the baseline. And, for reference, useful targets per second of the tutorial's
+'last' objective (one target per stride-1 window) against 'sequence' (every
+position), same 1x256 model, through the job.
+
+Without the corpus file, synthetic text of the same size is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+
+import bench
+
+FLAGS = flags.FLAGS
+TARGET = 0.95
+SEQ_LENGTH = 100
+MODELS = {
+    "1x256": {"num_layers": 1, "rnn_units": 256, "dropout": 0.0, "batch_size": 256},
+    "2x512 (Config defaults)": {},
+}
+
+
+def _corpus(path: str, folder: str) -> tuple[str, str]:
+    """Copies the corpus (or synthetic text) into one shard; returns (pattern, description)."""
+    shard = os.path.join(folder, "corpus", "train.txt")
+    os.makedirs(os.path.dirname(shard))
+    if os.path.isfile(path):
+        shutil.copyfile(path, shard)
+        return shard, f"{path} ({os.path.getsize(path):,} bytes)"
+    from bench.input_pipeline import synthetic_text
+
+    with open(shard, "wb") as f:
+        f.write(synthetic_text(1_115_394, seed=5))
+    return shard, f"synthetic text, 1,115,394 chars ({path} not found)"
+
+
+def config(shard: str, job_dir: str, model: str, xla: bool, steps: int, epochs: int, **extra):
+    from trainer.config import Config
+
+    return Config(train_data=shard, job_dir=job_dir, steps_per_epoch=steps, epochs=epochs,
+                  sample_length=0, jit_compile=xla, seq_length=SEQ_LENGTH,
+                  **MODELS[model], **extra).validate()
+
+
+def ours(cfg) -> dict[str, Any]:
+    """Runs the job; steady-state chars/s from its metrics (epochs after the first)."""
+    from trainer import train
+
+    train.train(cfg)
+    with open(os.path.join(cfg.job_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        epochs = [json.loads(line) for line in f]
+    steady = epochs[1:]
+    chars_per_epoch = cfg.steps_per_epoch * cfg.batch_size * cfg.seq_length
+    wall = epochs[-1]["elapsed_sec"] - epochs[0]["elapsed_sec"]
+    return {"chars_per_sec": bench.median([e["chars_per_sec"] for e in steady]),
+            "epochs_chars_per_sec": [e["chars_per_sec"] for e in epochs],
+            # Between the first and last epoch's end: checkpoints and reporting included.
+            "end_to_end_chars_per_sec": chars_per_epoch * len(steady) / wall}
+
+
+def keras_fit(cfg) -> dict[str, Any]:
+    """The tutorial's in-memory dataset and model.fit, on the library's model."""
+    import keras
+    import tensorflow as tf
+
+    from trainer import models, storage, vocabulary
+
+    text, _ = vocabulary.decode(storage.read_bytes(cfg.train_data))
+    vocab = vocabulary.Vocabulary.from_counts(vocabulary.scan([cfg.train_data]).counts)
+    ids = vocab.encode(text)
+
+    def split(chunk):
+        chunk = tf.cast(chunk, tf.int32)
+        return chunk[:-1], chunk[1:]
+
+    ds = (tf.data.Dataset.from_tensor_slices(ids).batch(cfg.seq_length + 1, drop_remainder=True)
+          .map(split).shuffle(10_000, seed=cfg.seed).batch(cfg.batch_size, drop_remainder=True)
+          .repeat().prefetch(tf.data.AUTOTUNE))
+    keras.utils.set_random_seed(cfg.seed)
+    model = models.build_model(cfg, vocab.size)
+    model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate,
+                                                  global_clipnorm=cfg.clipnorm or None),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=cfg.jit_compile)
+    seconds: list[float] = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds.append(time.perf_counter() - self.start)
+
+    model.fit(ds, epochs=cfg.epochs, steps_per_epoch=cfg.steps_per_epoch, callbacks=[Timer()],
+              verbose=0)
+    chars = cfg.steps_per_epoch * cfg.batch_size * cfg.seq_length
+    return {"chars_per_sec": bench.median([chars / s for s in seconds[1:]]),
+            "epochs_chars_per_sec": [chars / s for s in seconds]}
+
+
+def variants(long: bool) -> list[dict[str, Any]]:
+    """(model, path, xla) combinations measured each round, with their steps per epoch."""
+    out = []
+    for model in MODELS:
+        small = model == "1x256"
+        for xla in (False, True):
+            if xla and not small and not long:
+                continue
+            for path in ("ours", "keras fit"):
+                out.append({"model": model, "path": path, "xla": xla,
+                            "steps": (8 if small else 3) * (2 if long else 1)})
+    return out
+
+
+def run(corpus: str, rounds: int, epochs: int, long: bool) -> dict[str, Any]:
+    """All variants, `rounds` times interleaved, plus the objective comparison."""
+    import keras
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+    folder = tempfile.mkdtemp(prefix="bench-train-")
+    todo = variants(long)
+    results: dict[str, Any] = {"benchmark": "train_throughput", "machine": bench.machine(),
+                               "rounds": rounds, "epochs": epochs, "seq_length": SEQ_LENGTH}
+    try:
+        shard, results["corpus"] = _corpus(corpus, folder)
+        runs = 0
+
+        def measure(variant, **extra) -> dict[str, Any]:
+            nonlocal runs
+            runs += 1
+            keras.backend.clear_session()
+            cfg = config(shard, os.path.join(folder, f"job-{runs}"), variant["model"],
+                         variant["xla"], variant["steps"], epochs, **extra)
+            load = bench.load()[0]
+            try:
+                with contextlib.redirect_stdout(sys.stderr):  # Progress bars: stdout is a table.
+                    out = (ours if variant["path"] == "ours" else keras_fit)(cfg)
+            except Exception as err:  # noqa: BLE001  (a failing variant is a result too)
+                message = str(err).strip().splitlines()[0][:300]
+                print(f"{variant['path']} failed: {message}", file=sys.stderr)
+                out = {"chars_per_sec": float("nan"), "error": message}
+            return {**out, "load_1min": load, "load_after": bench.load()[0],
+                    "batch_size": cfg.batch_size}
+
+        for round_ in range(rounds):
+            for variant in todo:
+                variant.setdefault("runs", []).append(measure(variant))
+                print(f"round {round_ + 1}: {variant['model']} {variant['path']} "
+                      f"xla={variant['xla']}: {variant['runs'][-1]['chars_per_sec']:,.0f} "
+                      "chars/s", file=sys.stderr, flush=True)
+        objectives = []
+        for objective, shift in (("sequence", 0), ("last", 1)):
+            variant = {"model": "1x256", "path": "ours", "xla": False, "steps": 8}
+            out = measure(variant, objective=objective, window_shift=shift)
+            targets_per_window = SEQ_LENGTH if objective == "sequence" else 1
+            windows = out["chars_per_sec"] / SEQ_LENGTH
+            objectives.append({"objective": objective, "window_shift": shift or SEQ_LENGTH,
+                               "windows_per_sec": windows,
+                               "targets_per_sec": windows * targets_per_window,
+                               "load_1min": out["load_1min"]})
+        results["objectives"] = objectives
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    for variant in todo:
+        variant["chars_per_sec"] = bench.median([r["chars_per_sec"] for r in variant["runs"]])
+    results["variants"] = todo
+    results["ratios"] = ratios(todo)
+    results["machine"]["load_end"] = bench.load()
+    return results
+
+
+def ratios(todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ours / keras fit per (model, xla), per round (same round: same load) and median."""
+    out = []
+    for mine in (v for v in todo if v["path"] == "ours"):
+        base = next(v for v in todo if v["path"] != "ours" and v["model"] == mine["model"]
+                    and v["xla"] == mine["xla"])
+        per_round = [a["chars_per_sec"] / b["chars_per_sec"]
+                     for a, b in zip(mine["runs"], base["runs"])]
+        value = bench.median(per_round)
+        out.append({"model": mine["model"], "xla": mine["xla"], "per_round": per_round,
+                    "median": value, "target": TARGET, "met": value >= TARGET})
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"training throughput on {m['cpu']} ({m['cores']} cores), TF "
+             f"{m.get('tensorflow')}, load {m['load']} at start, {m['load_end']} at end; "
+             f"corpus {result['corpus']}; seq_length {result['seq_length']}, "
+             f"{result['rounds']} interleaved round(s) of {result['epochs']} epochs each, "
+             "first epoch (tracing) excluded\n"]
+    rows = []
+    for v in result["variants"]:
+        e2e = [r.get("end_to_end_chars_per_sec") for r in v["runs"]]
+        rows.append([v["model"], v["path"], "on" if v["xla"] else "off", v["runs"][0]["batch_size"],
+                     v["steps"], v["chars_per_sec"],
+                     ", ".join(f"{r['chars_per_sec']:,.0f}" for r in v["runs"]),
+                     bench.median([x for x in e2e if x]) if e2e[0] else float("nan"),
+                     ", ".join(f"{r['load_1min']:.1f}" for r in v["runs"])])
+    lines.append(bench.table(["model", "path", "XLA", "batch", "steps/epoch",
+                              "chars/s (median)", "per round", "ours end-to-end chars/s",
+                              "load per round"], rows))
+    rows = [[r["model"], "on" if r["xla"] else "off", r["median"],
+             ", ".join(f"{x:.2f}" for x in r["per_round"]), f">= {r['target']}",
+             "met" if r["met"] else "MISSED"] for r in result["ratios"]]
+    lines.append(bench.table(["model", "XLA", "ours / keras fit", "per round", "target", ""],
+                             rows))
+    rows = [[o["objective"], o["window_shift"], o["windows_per_sec"], o["targets_per_sec"],
+             o["load_1min"]] for o in result["objectives"]]
+    lines.append(bench.table(["objective (1x256, ours)", "window shift", "windows/s",
+                              "useful targets/s", "load"], rows))
+    return "\n".join(lines)
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("corpus", bench.DEFAULT_CORPUS, "Text to train on (synthetic text "
+                        "of the same size when the file is missing).")
+    flags.DEFINE_bool("long", False, "More steps per epoch and rounds, and 2x512 with XLA.")
+    flags.DEFINE_integer("rounds", None, "Interleaved rounds (default 2, 3 with --long).")
+    flags.DEFINE_integer("epochs", 3, "Epochs per measurement; the first is not counted.")
+    flags.DEFINE_string("out", f"{bench.RESULTS_DIR}/train_throughput.json", "JSON output.")
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    rounds = FLAGS.rounds or (3 if FLAGS.long else 2)
+    result = run(FLAGS.corpus, rounds, FLAGS.epochs, FLAGS.long)
+    print(markdown(result))
+    bench.write_result(FLAGS.out, result)
+    print(f"wrote {FLAGS.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    define_flags()
+    app.run(main)
