@@ -17,15 +17,15 @@ Times include feeding a 100-char prompt. Prints a markdown table and writes JSON
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import string
 import sys
 import time
 from typing import Any
 
 from absl import app, flags
+
+import bench
 
 FLAGS = flags.FLAGS
 # The targets the issue sets: speedup over the tutorial loop.
@@ -120,22 +120,19 @@ def run(job_dir: str | None, length: int, streams: int, tutorial_chars: int,
     gpus = tf.config.list_physical_devices("GPU")
     return {"benchmark": "generate", "model": described, "length": length,
             "device": f"{len(gpus)} GPU(s)" if gpus else f"CPU ({os.cpu_count()} cores)",
-            "tensorflow": tf.__version__, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}
+            "machine": bench.machine(), "rows": rows}
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The result as a markdown table, with its setup above it."""
-    lines = [f"generate benchmark on {result['device']}, TF {result['tensorflow']}: "
-             f"{result['model']}", "",
-             "| what | chars | seconds | chars/s | x tutorial | target |",
-             "|---|---:|---:|---:|---:|---|"]
-    for row in result["rows"]:
-        target = ("" if row["target"] is None else
-                  f">= {row['target']:.0f}x {'met' if row['meets_target'] else 'MISSED'}")
-        lines.append(f"| {row['name']} | {row['chars']} | {row['seconds']:.3f} | "
-                     f"{row['chars_per_sec']:,.1f} | {row['speedup']:,.0f} | {target} |")
-    return "\n".join(lines) + "\n"
+    rows = [(r["name"], r["chars"], r["seconds"], r["chars_per_sec"], r["speedup"],
+             "" if r["target"] is None else
+             f">= {r['target']:.0f}x {'met' if r['meets_target'] else 'MISSED'}")
+            for r in result["rows"]]
+    head = (f"generate benchmark, {result['model']}; {result['device']}, "
+            f"load {result['machine'].get('load')}\n\n")
+    return head + bench.table(("what", "chars", "seconds", "chars/s", "x tutorial", "target"),
+                              rows)
 
 
 def define_flags() -> None:
@@ -143,7 +140,7 @@ def define_flags() -> None:
     flags.DEFINE_string("job_dir", None, "Benchmark this trained job directory's model; "
                         "default: the default config's size with random weights.")
     flags.DEFINE_string("out", "bench/results/generate.json", "Where to write the JSON "
-                        "results (local or gs://).")
+                        "results.")
     flags.DEFINE_integer("length", 512, "Chars generated per stream in each timed call.",
                          lower_bound=1)
     flags.DEFINE_integer("streams", 64, "Streams in the batched measurement.", lower_bound=1)
@@ -154,13 +151,11 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from trainer import storage
-
     del argv
     result = run(FLAGS.job_dir, FLAGS.length, FLAGS.streams, FLAGS.tutorial_chars,
                  FLAGS.repeats)
     sys.stdout.write(markdown(result))
-    storage.write_text(FLAGS.out, json.dumps(result, indent=1) + "\n")
+    bench.write_result(FLAGS.out, result)
     print(f"wrote {FLAGS.out}", file=sys.stderr)
     return 0
 
