@@ -93,6 +93,18 @@ class JobDir:
         storage.write_text(self.local_path(name), text)
         self.publish(name, on_done)
 
+    def fetch(self, name: str) -> None:
+        """Copies `name` from a gs:// job directory into an empty staging folder.
+
+        Files the job appends to (metrics.jsonl) must continue the bucket's copy
+        when a job resumes on a fresh machine, not replace it.
+        """
+        if self.remote and self.writer and not os.path.exists(self.local_path(name)):
+            try:
+                storage.copy_file(self.remote_path(name), self.local_path(name))
+            except FileNotFoundError:
+                pass
+
     def read(self, name: str) -> str | None:
         """Reads a file from the job directory itself; None when it is absent."""
         try:

@@ -37,6 +37,7 @@ class Reporter:
         self.uploader = storage.Uploader(name="tensorboard-uploader") if storage.is_gcs(
             self.log_dir) else None
         self.writer = tf.summary.create_file_writer(self.local_logs)
+        job.fetch("metrics.jsonl")
         self.tuning = cloud.MetricReporter()
         self.prime = self._prime(val_regions)
         self.sampler = None

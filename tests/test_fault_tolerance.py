@@ -1,0 +1,202 @@
+"""Bucket I/O and fault tolerance, against a real storage emulator on loopback.
+
+Each test runs `python -m trainer.task` as a separate process, as a cloud job
+would run, and kills, signals or cuts it off from the bucket along the way.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from trainer import storage
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = "the cat sat on a mat and we see the sea while dogs run in fog".split()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("shards")
+    for i in range(4):
+        words = [WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(1500)]
+        (folder / f"part-{i}.txt").write_text(" ".join(words) + "\n")
+    return str(folder)
+
+
+def _args(train_data: str, job_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.task", "--preset=tiny", f"--train_data={train_data}",
+            "--val_fraction=0.1", f"--job_dir={job_dir}", *extra]
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                            capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def _start(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, timeout: float = 180, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before the condition")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.1)
+
+
+def _latest_step(job_dir: str) -> int:
+    path = os.path.join(job_dir, "ckpt", "latest.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return json.load(f)["checkpoints"][0]["step"]
+
+
+def _best(job_dir: str) -> dict:
+    return json.loads(storage.read_text(storage.join(job_dir, "best.json")))
+
+
+def test_whole_run_against_a_bucket_then_generate_from_it(gcs_bucket, shards, tmp_path):
+    assert os.environ["STORAGE_EMULATOR_HOST"].startswith("http://127.0.0.1:")
+    bucket = gcs_bucket()
+    for path in glob.glob(os.path.join(shards, "*.txt")):
+        storage.copy_file(path, f"{bucket}/corpus/{os.path.basename(path)}")
+    job = f"{bucket}/runs/one"
+    first = _run(_args(f"{bucket}/corpus/*.txt", job, f"--local_dir={tmp_path / 'a'}"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    names = storage.listdir(job)
+    best = _best(job)
+    for name in ("config.json", "vocab.json", "best.json", "metrics.jsonl", best["weights"]):
+        assert name in names
+    for name, record in best["files"].items():  # The pointer names what is really there.
+        assert storage.size(f"{job}/{name}") == record["size"]
+    assert any(n.startswith("events.out.tfevents") for n in storage.listdir(f"{job}/logs"))
+    assert "latest.json" in storage.listdir(f"{job}/ckpt")
+    # A new machine (empty staging folder) resumes from the bucket alone.
+    again = _run(_args(f"{bucket}/corpus/*.txt", job, "--epochs=3",
+                       f"--local_dir={tmp_path / 'b'}"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from ckpt/ckpt-" in again.stderr
+    lines = storage.read_text(f"{job}/metrics.jsonl").splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    sample = subprocess.run([sys.executable, "-m", "trainer.generate", f"--job_dir={job}",
+                             "--length=40", "--prime=the ", "--seed=3"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                            text=True, timeout=120)
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    assert len(sample.stdout.rstrip("\n")) >= 40
+
+
+def _slow(shards: str, job: str, *extra: str) -> list[str]:
+    # Enough steps per epoch that a signal lands mid-epoch.
+    return _args(f"{shards}/*.txt", job, "--epochs=2", "--rnn_units=64", "--batch_size=8",
+                 "--checkpoint_every_steps=10", "--sample_length=0", *extra)
+
+
+def test_sigkill_mid_epoch_then_the_same_command_resumes(shards, tmp_path):
+    job = str(tmp_path / "job")
+    args = _slow(shards, job)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for(lambda: _latest_step(job) >= 20, proc=proc)
+        proc.kill()
+        proc.wait()
+    saved = _latest_step(job)
+    best_before = _best(job)["value"] if os.path.exists(os.path.join(job, "best.json")) else None
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from ckpt/ckpt-{saved} at step {saved}" in result.stderr
+    if best_before is not None:
+        assert _best(job)["value"] <= best_before
+
+
+def test_sigterm_saves_every_completed_step_and_exits(shards, tmp_path):
+    job = str(tmp_path / "job")
+    args = _slow(shards, job)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for(lambda: _latest_step(job) >= 10, proc=proc)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        took = time.monotonic() - sent
+    output = open(tmp_path / "first.log").read()
+    assert took < 30, output[-2000:]
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert _latest_step(job) == stopped_at  # Nothing completed was lost.
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {stopped_at}" in result.stderr
+
+
+def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tmp_path):
+    job = f"{gcs_bucket()}/runs/outage"
+    stage = tmp_path / "stage"
+    args = _args(f"{shards}/*.txt", job, "--epochs=8", "--rnn_units=64", "--sample_length=0",
+                 f"--local_dir={stage}", "--checkpoint_every_steps=20")
+    with open(tmp_path / "job.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for(lambda: os.path.exists(stage / "best.json"), proc=proc)
+        gcs_emulator.stop()
+        try:
+            metrics = stage / "metrics.jsonl"
+            epochs_before = len(open(metrics).read().splitlines()) if metrics.exists() else 0
+            # Training goes on while the bucket is away: more epochs complete.
+            _wait_for(lambda: metrics.exists() and
+                      len(open(metrics).read().splitlines()) >= epochs_before + 2, proc=proc)
+        finally:
+            gcs_emulator.start()
+        assert proc.wait(timeout=300) == 0, open(tmp_path / "job.log").read()[-3000:]
+    log_text = open(tmp_path / "job.log").read()
+    assert "upload" in log_text.lower()  # The failed attempts were reported.
+    best = _best(job)
+    for name, record in best["files"].items():
+        assert storage.size(f"{job}/{name}") == record["size"]
+    latest = json.loads(storage.read_text(f"{job}/ckpt/latest.json"))
+    for entry in latest["checkpoints"]:
+        for name, record in entry["files"].items():
+            assert storage.size(f"{job}/{name}") == record["size"]
+    assert len(storage.read_text(f"{job}/metrics.jsonl").splitlines()) == 8
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
+    job = str(tmp_path / "job")
+    args = _args(f"{shards}/*.txt", job, "--epochs=1", "--checkpoint_every_steps=10")
+    assert _run(args).returncode == 0
+    entries = json.load(open(os.path.join(job, "ckpt", "latest.json")))["checkpoints"]
+    newest, older = entries[0], entries[1]
+    data = [n for n in newest["files"] if ".data-" in n][0]
+    path = os.path.join(job, data)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    result = _run(args[:-2] + ["--epochs=2", "--checkpoint_every_steps=10"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resume checkpoint {newest['prefix']} skipped" in result.stderr
+    assert f"resumed from {older['prefix']} at step {older['step']}" in result.stderr
+
+
+def test_no_intact_checkpoint_stops_with_one_clear_line(shards, tmp_path):
+    job = str(tmp_path / "job")
+    args = _args(f"{shards}/*.txt", job, "--epochs=1")
+    assert _run(args).returncode == 0
+    for path in glob.glob(os.path.join(job, "ckpt", "*.data-*")):
+        with open(path, "wb") as f:
+            f.write(b"garbage")
+    result = _run(args[:-1] + ["--epochs=2"])
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no intact resume checkpoint" in errors[0]
+    assert "Traceback" not in result.stderr
