@@ -260,6 +260,8 @@ def load_trained(job_dir: str, checkpoint: str | None = None
             pointer = json.loads(storage.read_text(storage.join(job_dir, BEST)))
         except FileNotFoundError as err:
             raise UserError(f"{job_dir} has no best checkpoint yet ({BEST} is missing)") from err
+        except ValueError as err:
+            raise UserError(f"{storage.join(job_dir, BEST)} is corrupt: {err}") from err
         checkpoint = storage.join(job_dir, pointer["weights"])
     elif "/" not in checkpoint:
         checkpoint = storage.join(job_dir, checkpoint)
@@ -273,5 +275,9 @@ def load_trained(job_dir: str, checkpoint: str | None = None
         record = pointer.get("files", {}).get(pointer.get("weights"))
         if record and not _matches(local, record):
             raise UserError(f"{checkpoint} does not match the size and checksum in {BEST}")
-        model.load_weights(local)
+        try:
+            model.load_weights(local)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot load weights from {checkpoint}: "
+                            f"{str(err).splitlines()[0]}") from err
     return cfg, vocab, model, pointer

@@ -94,6 +94,9 @@ def parse_flags(argv: list[str]) -> Config:
     return config_from_flags(flag_values)
 
 
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
+
+
 def _parse_argv(argv: list[str]) -> list[str]:
     """absl's flags_parser: one-line errors instead of absl's fatal banner."""
     try:
@@ -101,6 +104,11 @@ def _parse_argv(argv: list[str]) -> list[str]:
     except (flags.Error, UserError) as err:
         print(f"error: {str(err).splitlines()[0]} (see --helpshort)", file=sys.stderr)
         sys.exit(2)
+    except SystemExit:
+        # absl exits 1 after printing --help/--helpshort/--helpfull; asking for help succeeded.
+        if any(arg.lstrip("-").split("=")[0] in HELP_FLAGS for arg in argv[1:]):
+            sys.exit(0)
+        raise
 
 
 def main(argv: list[str]) -> None:

@@ -1,0 +1,88 @@
+"""Tests for the training entrypoint: flags, presets and one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trainer import task
+from trainer.config import Config
+from trainer.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args: str, cwd: str = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.task", *args], cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
+                          timeout=180)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    return errors[0]
+
+
+def test_helpshort_explains_every_flag():
+    result = _cli("--helpshort")
+    assert result.returncode == 0
+    for field in dataclasses.fields(Config):
+        assert f"--{field.name}:" in result.stdout or f"--[no]{field.name}:" in result.stdout
+    assert "--preset" in result.stdout
+    assert "Units in each LSTM layer." in result.stdout
+
+
+def test_presets_load_and_later_flags_override_them():
+    seed = task.parse_flags(["task", "--preset=seed", "--train_data=x", "--job_dir=y"])
+    assert (seed.objective, seed.shift, seed.batch_size, seed.rnn_units) == ("last", 1, 512, 256)
+    assert seed.monitor == "loss"
+    mine = task.parse_flags(["task", "--preset", "seed", "--rnn_units=64", "--train_data=x",
+                             "--job-dir=gs://b/j"])
+    assert (mine.rnn_units, mine.job_dir) == (64, "gs://b/j")
+    with pytest.raises(UserError, match="unknown preset 'nope'"):
+        task.parse_flags(["task", "--preset=nope"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--strategy=gpu_cluster"], "strategy"),
+    (["--rnn_units=abc"], "rnn_units"),
+])
+def test_bad_flags_give_one_line(args, message):
+    line = _one_error_line(_cli(*args, "--train_data=x", "--job_dir=y"))
+    assert message in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rnn_units=-4"], "--rnn_units must be positive, got -4"),
+    (["--batch_size=0"], "--batch_size must be positive"),
+    (["--dropout=1.5"], "--dropout must be in [0, 1)"),
+    (["--val_fraction=0.1", "--val_data=v"], "either --val_data or --val_fraction"),
+])
+def test_bad_values_are_named(args, message):
+    with pytest.raises(UserError) as err:
+        task.parse_flags(["task", "--train_data=x", "--job_dir=y", *args])
+    assert message in str(err.value)
+
+
+def test_missing_required_flags():
+    with pytest.raises(UserError, match="--train_data is required"):
+        task.parse_flags(["task", "--job_dir=y"])
+    with pytest.raises(UserError, match="--job_dir is required"):
+        task.parse_flags(["task", "--train_data=x"])
+
+
+def test_data_errors_are_one_line_and_exit_non_zero(tmp_path):
+    line = _one_error_line(_cli(f"--train_data={tmp_path}/none-*.txt", f"--job_dir={tmp_path}/j"))
+    assert f"data pattern matched no files: {tmp_path}/none-*.txt" in line
+    (tmp_path / "short.txt").write_text("too short for a window")
+    line = _one_error_line(_cli(f"--train_data={tmp_path}/short.txt", f"--job_dir={tmp_path}/j"))
+    assert "no training shard holds one window of 101 chars" in line
+    assert not os.path.exists(tmp_path / "j" / "best.json")
