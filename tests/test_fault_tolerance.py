@@ -200,3 +200,25 @@ def test_no_intact_checkpoint_stops_with_one_clear_line(shards, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "no intact resume checkpoint" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_files_still_unuploaded_at_the_end_are_named_with_their_local_copies(
+        gcs_emulator, gcs_bucket, shards, tmp_path):
+    job = f"{gcs_bucket()}/runs/cutoff"
+    stage = tmp_path / "stage"
+    args = _args(f"{shards}/*.txt", job, "--epochs=3", "--sample_length=0",
+                 f"--local_dir={stage}", "--upload_timeout=2")
+    with open(tmp_path / "job.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for(lambda: os.path.exists(stage / "best.json"), proc=proc)
+        gcs_emulator.stop()
+        try:
+            code = proc.wait(timeout=240)
+        finally:
+            gcs_emulator.start()
+    output = open(tmp_path / "job.log").read()
+    assert code == 1, output[-3000:]
+    error = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "could not be uploaded" in error[0]
+    local = error[0].split("kept: ")[1].split(" -> ")[0]
+    assert local.startswith(str(stage)) and os.path.exists(local)
