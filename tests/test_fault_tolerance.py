@@ -19,7 +19,8 @@ import pytest
 from trainer import storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = "the cat sat on a mat and we see the sea while dogs run in fog".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "we", "see", "the", "sea", "while",
+         "dogs", "run", "in", "fog"]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,15 @@ def _wait_for(predicate, timeout: float = 180, proc: subprocess.Popen | None = N
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.1)
+
+
+def _read(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _lines(path) -> int:
+    return len(_read(path).splitlines()) if os.path.exists(path) else 0
 
 
 def _latest_step(job_dir: str) -> int:
@@ -133,7 +143,7 @@ def test_sigterm_saves_every_completed_step_and_exits(shards, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
         took = time.monotonic() - sent
-    output = open(tmp_path / "first.log").read()
+    output = _read(tmp_path / "first.log")
     assert took < 30, output[-2000:]
     stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert _latest_step(job) == stopped_at  # Nothing completed was lost.
@@ -153,14 +163,13 @@ def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tm
         gcs_emulator.stop()
         try:
             metrics = stage / "metrics.jsonl"
-            epochs_before = len(open(metrics).read().splitlines()) if metrics.exists() else 0
+            epochs_before = _lines(metrics)
             # Training goes on while the bucket is away: more epochs complete.
-            _wait_for(lambda: metrics.exists() and
-                      len(open(metrics).read().splitlines()) >= epochs_before + 2, proc=proc)
+            _wait_for(lambda: _lines(metrics) >= epochs_before + 2, proc=proc)
         finally:
             gcs_emulator.start()
-        assert proc.wait(timeout=300) == 0, open(tmp_path / "job.log").read()[-3000:]
-    log_text = open(tmp_path / "job.log").read()
+        assert proc.wait(timeout=300) == 0, _read(tmp_path / "job.log")[-3000:]
+    log_text = _read(tmp_path / "job.log")
     assert "upload" in log_text.lower()  # The failed attempts were reported.
     best = _best(job)
     for name, record in best["files"].items():
@@ -176,7 +185,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shards, tmp_path)
     job = str(tmp_path / "job")
     args = _args(f"{shards}/*.txt", job, "--epochs=1", "--checkpoint_every_steps=10")
     assert _run(args).returncode == 0
-    entries = json.load(open(os.path.join(job, "ckpt", "latest.json")))["checkpoints"]
+    entries = json.loads(_read(os.path.join(job, "ckpt", "latest.json")))["checkpoints"]
     newest, older = entries[0], entries[1]
     data = [n for n in newest["files"] if ".data-" in n][0]
     path = os.path.join(job, data)
@@ -216,7 +225,7 @@ def test_files_still_unuploaded_at_the_end_are_named_with_their_local_copies(
             code = proc.wait(timeout=240)
         finally:
             gcs_emulator.start()
-    output = open(tmp_path / "job.log").read()
+    output = _read(tmp_path / "job.log")
     assert code == 1, output[-3000:]
     error = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "could not be uploaded" in error[0]

@@ -126,7 +126,7 @@ def steps_guess(paths) -> int:
 
 def test_a_batch_mixes_several_shards(tmp_path):
     paths = []
-    for i, letter in enumerate("abcd"):
+    for letter in "abcd":
         path = tmp_path / f"{letter}.txt"
         path.write_text(letter * 2000)
         paths.append(str(path))

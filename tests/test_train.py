@@ -42,6 +42,11 @@ def tiny(corpus: str, job_dir, **overrides) -> Config:
     return Config(**values).validate()
 
 
+def _json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def metrics(job_dir) -> list[dict]:
     with open(os.path.join(job_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -52,16 +57,16 @@ def test_tiny_run_learns_and_writes_a_usable_job_dir(corpus, tmp_path):
     history = metrics(tmp_path)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) for h in history)
-    vocab_size = len(json.load(open(tmp_path / "vocab.json"))["chars"]) + 1
+    vocab_size = len(_json(tmp_path / "vocab.json")["chars"]) + 1
     # From ln(vocab) at the start, the loss at least halves on this repetitive text.
     assert history[-1]["val_loss"] < 0.5 * math.log(vocab_size)
     assert history[-1]["val_loss"] < history[0]["val_loss"]
-    best = json.load(open(tmp_path / "best.json"))
+    best = _json(tmp_path / "best.json")
     assert best["value"] == pytest.approx(min(h["val_loss"] for h in history))
     assert best["weights"] == checkpoints.weights_name(best["epoch"], best["value"])
     for name, record in best["files"].items():
         assert storage.md5_file(str(tmp_path / name)) == record["md5"]
-    assert Config.from_dict(json.load(open(tmp_path / "config.json"))).rnn_units == 32
+    assert Config.from_dict(_json(tmp_path / "config.json")).rnn_units == 32
     assert os.path.exists(tmp_path / "ckpt" / "latest.json")
     assert os.listdir(tmp_path / "logs")  # TensorBoard events.
     assert summary["step"] == history[-1]["step"]
@@ -84,17 +89,17 @@ def test_resume_continues_where_it_stopped_with_the_optimizer_state(corpus, tmp_
 
 def test_a_restart_never_replaces_a_better_best(corpus, tmp_path):
     train.train(tiny(corpus, tmp_path, epochs=1))
-    pointer = json.load(open(tmp_path / "best.json"))
+    pointer = _json(tmp_path / "best.json")
     pointer["value"] = 0.001  # Pretend the run already holds a far better checkpoint.
     (tmp_path / "best.json").write_text(json.dumps(pointer))
     train.train(tiny(corpus, tmp_path, epochs=2))
-    after = json.load(open(tmp_path / "best.json"))
+    after = _json(tmp_path / "best.json")
     assert after["weights"] == pointer["weights"] and after["value"] == 0.001
     assert [h["improved"] for h in metrics(tmp_path)] == [True, False]
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):
-    with pytest.raises(train.TrainingDiverged, match="loss became (nan|inf)"):
+    with pytest.raises(train.TrainingDivergedError, match="loss became (nan|inf)"):
         train.train(tiny(corpus, tmp_path, learning_rate=1e38, clipnorm=0, epochs=1))
 
 

@@ -69,7 +69,8 @@ class JobDir:
         else:
             self.local = self.path
         os.makedirs(self.local, exist_ok=True)
-        self.uploader = storage.Uploader(name="job-dir-uploader") if self.remote and writer else None
+        self.uploader = (storage.Uploader(name="job-dir-uploader") if self.remote and writer
+                         else None)
 
     def remote_path(self, name: str) -> str:
         return storage.join(self.path, name)
@@ -226,7 +227,8 @@ class BestExporter:
         name = weights_name(epoch, value)
         model.save_weights(self.job.local_path(name))
         self.job.publish(name)
-        files = {n: file_record(self.job.local_path(n)) for n in (name, "config.json", "vocab.json")}
+        files = {n: file_record(self.job.local_path(n))
+                 for n in (name, "config.json", "vocab.json")}
         history = ([name] + (self.pointer or {}).get("history", []))
         stale = [n for n in history[IMPROVEMENTS_KEPT:] if n != name]
         self.pointer = {"epoch": epoch, "step": step, "monitor": self.monitor, "value": value,

@@ -59,7 +59,8 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
     else:
         gpus = tf.config.list_logical_devices("GPU")
         if name == "mirrored":
-            devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+            cpus = tf.config.list_logical_devices("CPU")
+            devices = [d.name for d in gpus] or [d.name for d in cpus]
             strategy = tf.distribute.MirroredStrategy(devices)
         else:
             strategy = tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import keras
 import tensorflow as tf
@@ -67,7 +66,8 @@ class Reporter:
             return
         cfg = self.cfg
         lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-        parts = [f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("chars_per_sec", "elapsed_sec")]
+        parts = [f"{k} {v:.4f}" for k, v in metrics.items()
+                 if k not in ("chars_per_sec", "elapsed_sec")]
         logging.info("epoch %d/%d step %d: %s | %.0f chars/s | lr %.2e | best %s %.4f%s",
                      epoch, cfg.epochs, step, ", ".join(parts), metrics["chars_per_sec"], lr,
                      cfg.monitor, metrics[cfg.monitor] if improved else float("nan"),

@@ -125,7 +125,7 @@ def main(argv: list[str]) -> None:
 
     try:
         summary = train.train(config_from_flags(flags.FLAGS))
-    except train.Preempted as stop:
+    except train.PreemptedError as stop:
         logging.warning("%s", stop)
         sys.exit(143)
     except UserError as err:

@@ -28,11 +28,11 @@ from trainer.reporting import Reporter
 from trainer.vocabulary import Vocabulary, scan
 
 
-class Preempted(Exception):
+class PreemptedError(Exception):
     """SIGTERM arrived; a resume checkpoint was saved and uploads were flushed."""
 
 
-class TrainingDiverged(UserError):
+class TrainingDivergedError(UserError):
     """The loss became NaN or infinite."""
 
 
@@ -101,7 +101,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     Raises:
       UserError: bad data, an incompatible job directory, a diverged loss.
-      Preempted: SIGTERM arrived; a resume checkpoint was saved.
+      PreemptedError: SIGTERM arrived; a resume checkpoint was saved.
     """
     strategy, place = distribution.make_strategy(cfg)
     global_batch = cfg.batch_size * place.replicas
@@ -195,7 +195,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     totals += np.sum([p.numpy() for p in pending], axis=0)
                     pending = []
                     if not np.isfinite(totals[0]):
-                        raise TrainingDiverged(
+                        raise TrainingDivergedError(
                             f"loss became {totals[0]} at step {step}; lower --learning_rate "
                             "or set --clipnorm")
                     bar.update(step - epoch * steps_per_epoch, list(_metrics(totals).items()))
@@ -203,7 +203,7 @@ def train(cfg: Config) -> dict[str, Any]:
                 if stop.received:
                     resume.save(step, epoch)
                     job.close(min(cfg.upload_timeout, 60.0))
-                    raise Preempted(f"stopped by SIGTERM at step {step}; rerun the same "
+                    raise PreemptedError(f"stopped by SIGTERM at step {step}; rerun the same "
                                     "command to resume")
                 if out_of_time:
                     logging.info("--train_minutes=%g reached at step %d", cfg.train_minutes, step)
