@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from trainer import storage
+from trainer import storage, uploads
 from trainer.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,7 +203,7 @@ def test_uploader_fifo_local(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     done: list[str] = []
     seen_before_pointer: list[bool] = []
-    uploader = storage.Uploader(max_backoff=0.2)
+    uploader = uploads.Uploader(max_backoff=0.2)
     # The first file does not exist yet: the item is retried and must hold up the rest.
     late = str(src / "late.txt")
     uploader.submit(late, str(dst / "late.txt"), on_done=lambda: done.append("late"))
@@ -235,7 +235,7 @@ def test_uploader_survives_outage(tmp_path, gcs_bucket, gcs_emulator, caplog):
         files[str(tmp_path / f"f{i}.bin")] = os.urandom(1000 + i)
         storage.write_bytes(str(tmp_path / f"f{i}.bin"), files[str(tmp_path / f"f{i}.bin")])
     storage.write_bytes(f"{bucket}/before.txt", b"kept")
-    uploader = storage.Uploader(max_backoff=0.5)
+    uploader = uploads.Uploader(max_backoff=0.5)
     gcs_emulator.stop()
     try:
         expected = []
@@ -261,7 +261,7 @@ def test_uploader_survives_outage(tmp_path, gcs_bucket, gcs_emulator, caplog):
 def test_uploader_close_is_not_blocked_by_outage(tmp_path, gcs_bucket, gcs_emulator):
     bucket = gcs_bucket()
     storage.write_text(str(tmp_path / "f.txt"), "f")
-    uploader = storage.Uploader(max_backoff=30.0, name="close-test")
+    uploader = uploads.Uploader(max_backoff=30.0, name="close-test")
     gcs_emulator.stop()
     try:
         uploader.submit(str(tmp_path / "f.txt"), f"{bucket}/f.txt")

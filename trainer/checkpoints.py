@@ -28,7 +28,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import models, storage
+from trainer import models, storage, uploads
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.vocabulary import Vocabulary
@@ -69,7 +69,7 @@ class JobDir:
         else:
             self.local = self.path
         os.makedirs(self.local, exist_ok=True)
-        self.uploader = (storage.Uploader(name="job-dir-uploader") if self.remote and writer
+        self.uploader = (uploads.Uploader(name="job-dir-uploader") if self.remote and writer
                          else None)
 
     def remote_path(self, name: str) -> str:

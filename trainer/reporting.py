@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, storage
+from trainer import checkpoints, storage, uploads
 from trainer import platform as cloud
 from trainer.config import Config
 from trainer.distribution import Placement
@@ -33,7 +33,7 @@ class Reporter:
         self.log_dir = cfg.tensorboard_dir or job.remote_path("logs")
         self.local_logs = (self.log_dir if not storage.is_gcs(self.log_dir)
                            else job.local_path("logs-staging/"))
-        self.uploader = storage.Uploader(name="tensorboard-uploader") if storage.is_gcs(
+        self.uploader = uploads.Uploader(name="tensorboard-uploader") if storage.is_gcs(
             self.log_dir) else None
         self.writer = tf.summary.create_file_writer(self.local_logs)
         job.fetch("metrics.jsonl")
