@@ -165,3 +165,10 @@ def test_two_workers_train_together_and_only_the_chief_writes(corpus, tmp_path):
     assert os.path.exists(tmp_path / "job-0" / "best.json")
     assert os.path.exists(tmp_path / "job-0" / "ckpt" / "latest.json")
     assert not os.path.exists(tmp_path / "job-1")  # The non-chief wrote nothing.
+
+
+def test_xla_and_mixed_precision_steps_train(corpus, tmp_path):
+    summary = train.train(tiny(corpus, tmp_path / "xla", epochs=1, jit_compile=True))
+    assert math.isfinite(summary["loss"]) and summary["step"] > 0
+    summary = train.train(tiny(corpus, tmp_path / "bf16", epochs=1, precision="mixed_bfloat16"))
+    assert math.isfinite(summary["loss"]) and summary["step"] > 0

@@ -266,10 +266,15 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return sums
 
-    @tf.function(jit_compile=cfg.jit_compile)
+    # XLA compiles the per-replica step; the iterator and the cross-replica reduce
+    # stay outside it (XLA has no kernels for iterator ops).
+    replica_step = (tf.function(train_replica, jit_compile=True) if cfg.jit_compile
+                    else train_replica)
+
+    @tf.function
     def train_step(iterator):
         x, y = next(iterator)
-        sums = strategy.run(train_replica, args=(x, y))
+        sums = strategy.run(replica_step, args=(x, y))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
     @tf.function
