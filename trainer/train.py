@@ -135,9 +135,10 @@ def train(cfg: Config) -> dict[str, Any]:
                             f"than there are replicas ({place.replicas})")
         val_steps = min(val_steps, cfg.val_steps or val_steps)
     total_steps = cfg.epochs * steps_per_epoch
-    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %d steps/epoch, "
-                 "%d validation steps", vocab.size, train_chars, len(train_regions),
-                 steps_per_epoch, val_steps)
+    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); windows of %d "
+                 "chars every %d chars ('%s' objective); %d steps/epoch, %d validation steps",
+                 vocab.size, train_chars, len(train_regions), cfg.window, cfg.shift,
+                 cfg.objective, steps_per_epoch, val_steps)
     job.write("config.json", cfg.to_json())
     job.write("vocab.json", vocab.to_json())
 
