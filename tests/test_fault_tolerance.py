@@ -133,19 +133,21 @@ def test_sigkill_mid_epoch_then_the_same_command_resumes(shards, tmp_path):
         assert _best(job)["value"] <= best_before
 
 
-def test_sigterm_saves_every_completed_step_and_exits(shards, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_or_ctrl_c_saves_every_completed_step_and_exits(shards, tmp_path, signum, code):
     job = str(tmp_path / "job")
     args = _slow(shards, job)
     with open(tmp_path / "first.log", "w") as log:
         proc = _start(args, log)
         _wait_for(lambda: _latest_step(job) >= 10, proc=proc)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 143
+        proc.send_signal(signum)
+        assert proc.wait(timeout=60) == code
         took = time.monotonic() - sent
     output = _read(tmp_path / "first.log")
     assert took < 30, output[-2000:]
-    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    name = signal.Signals(signum).name
+    stopped_at = int(output.split(f"stopped by {name} at step ")[1].split(";")[0])
     assert _latest_step(job) == stopped_at  # Nothing completed was lost.
     result = _run(args)
     assert result.returncode == 0, result.stderr[-3000:]

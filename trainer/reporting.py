@@ -26,7 +26,7 @@ class Reporter:
 
     def __init__(self, cfg: Config, job: checkpoints.JobDir, place: Placement,
                  vocab: Vocabulary, model: keras.Model, val_regions: list[Region]):
-        self.cfg, self.job, self.active = cfg, job, place.is_chief
+        self.cfg, self.job, self.active, self.closed = cfg, job, place.is_chief, False
         self.vocab, self.model = vocab, model
         if not self.active:
             return
@@ -99,12 +99,14 @@ class Reporter:
                 rel = os.path.relpath(local, self.local_logs).replace(os.sep, "/")
                 self.uploader.submit(local, storage.join(self.log_dir, rel))
 
-    def close(self) -> None:
-        if not self.active:
+    def close(self, timeout: float) -> None:
+        """Flushes TensorBoard events and waits up to `timeout` s for their upload."""
+        if not self.active or self.closed:
             return
+        self.closed = True
         self.writer.close()
         self._sync_logs()
         if self.uploader:
-            left = self.uploader.close(self.cfg.upload_timeout)
+            left = self.uploader.close(timeout)
             for local, remote in left:
                 logging.error("TensorBoard file not uploaded: %s -> %s", local, remote)

@@ -127,7 +127,7 @@ def main(argv: list[str]) -> None:
         summary = train.train(config_from_flags(flags.FLAGS))
     except train.PreemptedError as stop:
         logging.warning("%s", stop)
-        sys.exit(143)
+        sys.exit(130 if stop.signal_name == "SIGINT" else 143)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

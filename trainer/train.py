@@ -29,7 +29,11 @@ from trainer.vocabulary import Vocabulary, scan
 
 
 class PreemptedError(Exception):
-    """SIGTERM arrived; a resume checkpoint was saved and uploads were flushed."""
+    """SIGTERM or Ctrl-C arrived; a resume checkpoint was saved and uploads were flushed."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 class TrainingDivergedError(UserError):
@@ -37,26 +41,36 @@ class TrainingDivergedError(UserError):
 
 
 class _StopSignal:
-    """Turns SIGTERM (what Vertex AI sends before preemption) into a flag polled per step."""
+    """Turns SIGTERM (sent before preemption) and a first Ctrl-C into a flag polled per step.
+
+    A second Ctrl-C interrupts at once, as usual.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.received = False
-        self._previous = None
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopSignal:
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # Not the main thread: leave signals alone.
-            self._previous = None
+            pass
         return self
 
     def _handle(self, signum, frame) -> None:
-        logging.warning("SIGTERM received: saving a resume checkpoint at the next step boundary")
-        self.received = True
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("%s received: saving a resume checkpoint at the next step boundary%s",
+                        name, " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+        self.received = name
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _prepare_data(cfg: Config, job: checkpoints.JobDir):
@@ -173,62 +187,24 @@ def train(cfg: Config) -> dict[str, Any]:
         dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
     train_step, eval_step = _steps(cfg, strategy, model, optimizer, global_batch)
     reporter = Reporter(cfg, job, place, vocab, model, val_regions)
-    started, chars_per_step = time.time(), global_batch * cfg.seq_length
-    summary: dict[str, Any] = {}
-    with _StopSignal() as stop:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            first = step
-            bar = keras.utils.Progbar(steps_per_epoch, verbose=1 if sys.stdout.isatty() else 2,
-                                      stateful_metrics=["loss", "accuracy", "bpc"])
-            bar.update(step - epoch * steps_per_epoch)
-            totals = np.zeros(3)
-            pending: list[tf.Tensor] = []
-            epoch_start, out_of_time = time.time(), False
-            while step < (epoch + 1) * steps_per_epoch:
-                pending.append(train_step(train_iter))
-                step += 1
-                due = cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0
-                out_of_time = bool(cfg.train_minutes) and (
-                    time.time() - started > 60 * cfg.train_minutes)
-                if len(pending) >= 10 or due or stop.received or out_of_time or \
-                        step % steps_per_epoch == 0:
-                    totals += np.sum([p.numpy() for p in pending], axis=0)
-                    pending = []
-                    if not np.isfinite(totals[0]):
-                        raise TrainingDivergedError(
-                            f"loss became {totals[0]} at step {step}; lower --learning_rate "
-                            "or set --clipnorm")
-                    bar.update(step - epoch * steps_per_epoch, list(_metrics(totals).items()))
-                progress["step"].assign(step)
-                if stop.received:
-                    resume.save(step, epoch)
-                    job.close(min(cfg.upload_timeout, 60.0))
-                    raise PreemptedError(f"stopped by SIGTERM at step {step}; rerun the same "
-                                    "command to resume")
-                if out_of_time:
-                    logging.info("--train_minutes=%g reached at step %d", cfg.train_minutes, step)
-                    break
-                if due and step % steps_per_epoch:
-                    resume.save(step, epoch)
-            train_metrics = _metrics(totals)
-            seconds = time.time() - epoch_start
-            train_metrics["chars_per_sec"] = (step - first) * chars_per_step / max(seconds, 1e-9)
-            val_metrics = _evaluate(strategy, eval_step, dataset_fn(
-                val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch)
-            ) if val_steps else {}
-            metrics = {**train_metrics, **{f"val_{k}": v for k, v in val_metrics.items()},
-                       "elapsed_sec": time.time() - started}
-            value = metrics[cfg.monitor]
-            improved = best.maybe_export(model, epoch + 1, step, value)
-            progress["best"].assign(best.best)
-            reporter.epoch_end(epoch + 1, step, metrics, improved, optimizer)
-            resume.save(step, epoch + 1)
-            summary = {"epoch": epoch + 1, "step": step, **metrics, "best": best.best,
-                       "chars_trained": step * chars_per_step}
-            if out_of_time:
-                break
-    reporter.close()
+    evaluate = (lambda: _evaluate(strategy, eval_step, dataset_fn(
+        val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch))) if val_steps else dict
+    loop = _Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
+                 progress, lambda: train_step(train_iter), evaluate, model, optimizer)
+    if step >= total_steps:
+        logging.warning("the job directory already holds all %d epochs; raise --epochs to train "
+                        "longer", cfg.epochs)
+    try:
+        summary = loop.run(step, total_steps)
+    except BaseException as err:
+        # Keep what was already written: flush it (briefly after a signal), then re-raise.
+        timeout = (min(cfg.upload_timeout, 30.0) if isinstance(err, PreemptedError)
+                   else cfg.upload_timeout)
+        reporter.close(timeout)
+        for local, remote in job.close(timeout):
+            logging.error("not uploaded: %s -> %s (the local copy is kept)", local, remote)
+        raise
+    reporter.close(cfg.upload_timeout)
     left = job.close(cfg.upload_timeout)
     if left:
         raise UserError("these files could not be uploaded; their local copies are kept: " +
@@ -236,6 +212,78 @@ def train(cfg: Config) -> dict[str, Any]:
     if place.is_chief and cfg.model_dir and best.pointer:
         _export_model(cfg, best.pointer)
     return summary
+
+
+class _Loop:
+    """Runs epochs of steps, with the checkpoints, stops and reports between them."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,
+                 resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
+                 reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
+                 model: keras.Model, optimizer: keras.optimizers.Optimizer):
+        self.cfg, self.steps_per_epoch, self.chars_per_step = cfg, steps_per_epoch, chars_per_step
+        self.resume, self.best, self.reporter, self.progress = resume, best, reporter, progress
+        self.step_fn, self.evaluate = step_fn, evaluate
+        self.model, self.optimizer = model, optimizer
+        self.started = time.time()
+
+    def out_of_time(self) -> bool:
+        limit = self.cfg.train_minutes
+        return bool(limit) and time.time() - self.started > 60 * limit
+
+    def run(self, step: int, total_steps: int) -> dict[str, Any]:
+        """Trains from `step` to `total_steps` (or the time limit); returns the last summary."""
+        summary: dict[str, Any] = {}
+        with _StopSignal() as stop:
+            while step < total_steps and not (summary and self.out_of_time()):
+                epoch = step // self.steps_per_epoch
+                first, epoch_start = step, time.time()
+                step, totals = self._epoch(step, epoch, stop)
+                metrics = _metrics(totals)
+                metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
+                                            / max(time.time() - epoch_start, 1e-9))
+                metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                metrics["elapsed_sec"] = time.time() - self.started
+                improved = self.best.maybe_export(self.model, epoch + 1, step,
+                                                  metrics[self.cfg.monitor])
+                self.progress["best"].assign(self.best.best)
+                self.reporter.epoch_end(epoch + 1, step, metrics, improved, self.optimizer)
+                self.resume.save(step, epoch + 1)
+                summary = {"epoch": epoch + 1, "step": step, **metrics, "best": self.best.best,
+                           "chars_trained": step * self.chars_per_step}
+        return summary
+
+    def _epoch(self, step: int, epoch: int, stop: _StopSignal) -> tuple[int, np.ndarray]:
+        """Trains to the end of `epoch` (or a stop); returns the step reached and loss sums."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        bar = keras.utils.Progbar(per_epoch, verbose=1 if sys.stdout.isatty() else 2,
+                                  stateful_metrics=["loss", "accuracy", "bpc"])
+        bar.update(step - epoch * per_epoch)
+        totals = np.zeros(3)
+        pending: list[tf.Tensor] = []  # Read back every few steps, so steps can queue up.
+        while step < (epoch + 1) * per_epoch:
+            pending.append(self.step_fn())
+            step += 1
+            due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+            out_of_time = self.out_of_time()
+            if len(pending) >= 10 or due or stop.received or out_of_time or step % per_epoch == 0:
+                totals += np.sum([p.numpy() for p in pending], axis=0)
+                pending = []
+                if not np.isfinite(totals[0]):
+                    raise TrainingDivergedError(f"loss became {totals[0]} at step {step}; lower "
+                                                "--learning_rate or set --clipnorm")
+                bar.update(step - epoch * per_epoch, list(_metrics(totals).items()))
+            self.progress["step"].assign(step)
+            if stop.received:
+                self.resume.save(step, epoch)
+                raise PreemptedError(f"stopped by {stop.received} at step {step}; rerun the "
+                                     "same command to resume", stop.received)
+            if out_of_time:
+                logging.info("--train_minutes=%g reached at step %d", cfg.train_minutes, step)
+                break
+            if due and step % per_epoch:
+                self.resume.save(step, epoch)
+        return step, totals
 
 
 def _metrics(totals: np.ndarray) -> dict[str, float]:
