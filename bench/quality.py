@@ -1,0 +1,214 @@
+"""Benchmark: validation loss reached within a wall-clock budget, against two anchors.
+
+    python -m bench.quality [--corpus=../shared/data/tinyshakespeare.txt] \
+        [--presets=quality] [--minutes=3] [--out=bench/results/quality.json] \
+        [--plot=bench/results/quality.png]
+
+The corpus is split as nanoGPT's shakespeare_char does it: the first 90% of the
+characters train, the last 10% validate. The two parts are written as two
+shards in a temporary folder and each preset trains on them through the job
+itself (`python -m trainer.task --preset=NAME --train_data=... --val_data=...
+--train_minutes=MINUTES`), in a subprocess. Reported: the job's `val_loss`
+over the validation windows (100-char windows, each read from a zero state),
+in nats/char and bits/char, the chars trained on, and a plot of validation
+loss against wall-clock from each job's metrics.jsonl.
+
+Anchors on this split: a Witten-Bell interpolated 5-gram character model,
+1.6688 nats/char; nanoGPT's 10.7M-parameter transformer, 1.4697 (about 3
+minutes on an A100).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from absl import app, flags
+
+import bench
+
+FLAGS = flags.FLAGS
+ANCHORS = {"Witten-Bell 5-gram": 1.6688, "nanoGPT 10.7M transformer": 1.4697}
+
+
+def split_corpus(path: str, folder: str) -> tuple[str, str, dict[str, int]]:
+    """Writes the first 90% of the chars to train.txt and the rest to val.txt."""
+    from trainer import storage, vocabulary
+
+    text, _ = vocabulary.decode(storage.read_bytes(path))
+    cut = int(len(text) * 0.9)
+    paths = []
+    for name, part in (("train", text[:cut]), ("val", text[cut:])):
+        paths.append(os.path.join(folder, name, f"{name}.txt"))
+        os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
+        with open(paths[-1], "w", encoding="utf-8") as f:
+            f.write(part)
+    return paths[0], paths[1], {"train_chars": cut, "val_chars": len(text) - cut}
+
+
+def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float,
+                 extra: list[str]) -> dict[str, Any]:
+    """Trains one preset through the job's entrypoint; returns its metrics per epoch."""
+    command = [sys.executable, "-m", "trainer.task", f"--preset={preset}",
+               f"--train_data={train}", f"--val_data={val}", f"--job_dir={job_dir}",
+               f"--train_minutes={minutes:g}", *extra]
+    load, start = bench.load(), time.time()
+    with open(f"{job_dir}.log", "w", encoding="utf-8") as log:
+        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
+                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    record: dict[str, Any] = {"preset": preset, "extra_flags": extra, "minutes": minutes,
+                              "command": " ".join(shlex.quote(c) for c in command[1:]),
+                              "exit_code": code, "wall_sec": time.time() - start,
+                              "load_start": load, "load_end": bench.load()}
+    metrics = os.path.join(job_dir, "metrics.jsonl")
+    if code or not os.path.exists(metrics):
+        with open(f"{job_dir}.log", encoding="utf-8") as f:
+            record["error"] = f.read()[-2000:]
+        return record
+    with open(metrics, encoding="utf-8") as f:
+        record["epochs"] = [json.loads(line) for line in f]
+    with open(os.path.join(job_dir, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    record["config"] = {k: cfg[k] for k in ("num_layers", "rnn_units", "embedding_dim",
+                                            "dropout", "batch_size", "seq_length",
+                                            "learning_rate", "lr_schedule", "epochs",
+                                            "steps_per_epoch", "clipnorm", "warmup_steps")}
+    last = record["epochs"][-1]
+    record["final_val_loss"] = last["val_loss"]
+    record["best_val_loss"] = min(e["val_loss"] for e in record["epochs"])
+    record["final_val_bpc"] = last["val_loss"] / math.log(2)
+    record["train_sec"] = last["elapsed_sec"]
+    record["chars_trained"] = last["step"] * cfg["batch_size"] * cfg["seq_length"]
+    record["sample"] = _last_sample(f"{job_dir}.log")
+    return record
+
+
+def _last_sample(log_path: str) -> str:
+    with open(log_path, encoding="utf-8") as f:
+        text = f.read()
+    marker = text.rfind("sample after epoch")
+    if marker < 0:
+        return ""
+    lines = text[marker:].splitlines()[1:]
+    body = []
+    for line in lines:  # The sample runs until the next log line.
+        if line[:1] in "IWEF" and line[1:5].isdigit():
+            break
+        body.append(line)
+    return "\n".join(body)
+
+
+def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
+    """Validation loss against wall-clock minutes, one line per run, with the anchors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        if "epochs" not in run:
+            continue
+        minutes = [e["elapsed_sec"] / 60 for e in run["epochs"]]
+        ax.plot(minutes, [e["val_loss"] for e in run["epochs"]], marker="o", markersize=3,
+                label=f"{run.get('label') or run['preset']}: {run['final_val_loss']:.4f}")
+    for (name, value), style in zip(ANCHORS.items(), ("--", ":")):
+        ax.axhline(value, color="gray", linestyle=style, label=f"{name}: {value}")
+    ax.set_xlabel("wall-clock minutes of training (epoch ends, validation included)")
+    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylim(1.35, 2.6)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"quality on {m['cpu']} ({m['cores']} cores, {len(m.get('gpus', []))} GPU), "
+             f"corpus {result['corpus']} split 90/10 ({result['split']['train_chars']:,} / "
+             f"{result['split']['val_chars']:,} chars)\n"]
+    rows = []
+    for run in result["runs"]:
+        if "error" in run:
+            rows.append([run.get("label") or run["preset"], run["minutes"], "failed", "", "", "",
+                         "", ""])
+            continue
+        beats = [name for name, v in ANCHORS.items() if run["final_val_loss"] < v]
+        rows.append([run.get("label") or run["preset"], run["minutes"], run["train_sec"] / 60,
+                     run["final_val_loss"], run["final_val_bpc"], run["chars_trained"],
+                     f"{run['load_start'][0]:.1f} -> {run['load_end'][0]:.1f}",
+                     ", ".join(beats) or "none"])
+    lines.append(bench.table(["run", "budget min", "trained min", "val nats/char",
+                              "val bits/char", "chars trained", "load", "beats"], rows))
+    lines += [f"anchor {name}: {v} nats/char ({v / math.log(2):.4f} bits/char)"
+              for name, v in ANCHORS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("corpus", bench.DEFAULT_CORPUS, "Text file to split 90/10.")
+    flags.DEFINE_list("presets", ["quality"], "Presets from configs/ to train, one after "
+                      "another.")
+    flags.DEFINE_float("minutes", 3.0, "Training budget per preset (--train_minutes); 15 "
+                       "for the real run.")
+    flags.DEFINE_string("label", None, "Name of the run in the table and plot (one preset).")
+    flags.DEFINE_multi_string("flag", [], "Extra flag for every job, e.g. "
+                              "--flag=--rnn_units=512 (repeatable).")
+    flags.DEFINE_string("out", f"{bench.RESULTS_DIR}/quality.json", "JSON output.")
+    flags.DEFINE_string("plot", f"{bench.RESULTS_DIR}/quality.png", "PNG plot; empty: none.")
+    flags.DEFINE_list("also_plot", [], "Earlier quality JSON files whose runs join the plot.")
+    flags.DEFINE_string("keep_jobs", None, "Keep the job folders under this folder.")
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    if not os.path.isfile(FLAGS.corpus):
+        print(f"error: corpus {FLAGS.corpus} not found (pass --corpus=PATH)", file=sys.stderr)
+        return 1
+    folder = tempfile.mkdtemp(prefix="bench-quality-")
+    jobs = FLAGS.keep_jobs or folder
+    os.makedirs(jobs, exist_ok=True)
+    result: dict[str, Any] = {"benchmark": "quality", "machine": bench.machine(),
+                              "corpus": FLAGS.corpus, "anchors": ANCHORS, "runs": []}
+    try:
+        train, val, result["split"] = split_corpus(FLAGS.corpus, folder)
+        for preset in FLAGS.presets:
+            job_dir = os.path.join(jobs, f"{FLAGS.label or preset}-{time.strftime('%H%M%S')}")
+            print(f"training --preset={preset} for {FLAGS.minutes:g} minutes ...",
+                  file=sys.stderr, flush=True)
+            run = train_preset(preset, train, val, job_dir, FLAGS.minutes, FLAGS.flag)
+            run["label"] = FLAGS.label if len(FLAGS.presets) == 1 else None
+            result["runs"].append(run)
+            if "error" in run:
+                print(f"--preset={preset} failed:\n{run['error']}", file=sys.stderr)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(markdown(result))
+    bench.write_result(FLAGS.out, result)
+    if FLAGS.plot:
+        runs = list(result["runs"])
+        for path in FLAGS.also_plot:
+            with open(path, encoding="utf-8") as f:
+                runs += json.load(f)["runs"]
+        plot(runs, FLAGS.plot, f"tinyshakespeare 90/10, {result['machine']['cpu']}, "
+             f"{result['machine']['cores']} cores")
+        print(f"wrote {FLAGS.plot}", file=sys.stderr)
+    print(f"wrote {FLAGS.out}", file=sys.stderr)
+    return 1 if any("error" in r for r in result["runs"]) else 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
