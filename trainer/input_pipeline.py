@@ -213,10 +213,12 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
         order = tf.range(len(mine), dtype=tf.int64)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed(pass_index))
+        # A sequential interleave: a parallel one also opens shards ahead of the cycle,
+        # which held twice the shards in memory (bench/input_pipeline.py's RSS figures)
+        # and was no faster, since a gather over ids in memory is cheap.
         ds = tf.data.Dataset.from_tensor_slices(order).interleave(
             lambda i: region_windows(i, pass_index),
-            cycle_length=min(cfg.shard_cycle, len(mine)),
-            num_parallel_calls=min(cfg.shard_cycle, len(mine)), deterministic=True)
+            cycle_length=min(cfg.shard_cycle, len(mine)), deterministic=True)
         return ds.rebatch(batch_size, drop_remainder=True).take(per_pass)
 
     first_pass, skip = divmod(start_step, steps) if steps else (0, 0)

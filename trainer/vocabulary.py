@@ -27,7 +27,7 @@ from trainer.errors import UserError
 OOV_ID = 0
 # Characters per chunk when turning a decoded shard into code points, so a 500 MB
 # one-line shard never needs a 2 GB utf-32 copy at once.
-_CHUNK = 1 << 24
+_CHUNK = 1 << 20
 
 _local = threading.local()
 
