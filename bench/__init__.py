@@ -1,8 +1,9 @@
 """Benchmarks, run together by `make bench` (python -m bench.run) or one by one.
 
 The few things every benchmark shares live here: how the machine and its load
-are described next to each figure, how a markdown table is printed, and how a
-result is written. Importing this package stays cheap (no TensorFlow), so a
+are described next to each figure, synthetic corpora (random text with
+English-like character frequencies, as 10 MB shards), how a markdown table is
+printed, and how a result is written. Importing this package stays cheap (no TensorFlow), so a
 benchmark's --help answers at once.
 """
 
@@ -19,6 +20,8 @@ from typing import Any
 # The corpus the quality and throughput benchmarks read by default, relative to the repo.
 DEFAULT_CORPUS = "../shared/data/tinyshakespeare.txt"
 RESULTS_DIR = "bench/results"
+# Synthetic corpora are written as shards of this many bytes.
+SHARD_BYTES = 10 * 1000 * 1000
 
 
 def cpu_model() -> str:
@@ -54,6 +57,45 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+# Rough English character frequencies (per mille of running text, capitals and
+# punctuation included), enough to give the pipeline a realistic vocabulary.
+_FREQ = {" ": 170, "\n": 20, "e": 95, "t": 68, "a": 61, "o": 58, "i": 53, "n": 53, "s": 49,
+         "h": 49, "r": 46, "d": 33, "l": 31, "u": 21, "c": 20, "m": 19, "w": 18, "f": 17,
+         "y": 16, "g": 15, "p": 13, "b": 12, "v": 8, "k": 6, ",": 14, ".": 9, "'": 3, ";": 2,
+         ":": 2, "!": 2, "?": 2, "-": 2, "x": 1.2, "j": 1, "q": 1, "z": 0.6}
+_FREQ.update({c: 1.5 for c in "TAISWHBMCO"})
+_FREQ.update({c: 0.5 for c in "DEFGKLNPRUVYJQXZ"})
+
+
+def synthetic_text(n_chars: int, seed: int) -> bytes:
+    """Random ASCII text whose characters follow `_FREQ`."""
+    import numpy as np
+
+    chars = np.frombuffer("".join(_FREQ).encode(), np.uint8)
+    weights = np.array(list(_FREQ.values()))
+    # A 64k-entry lookup table drawn once makes sampling a single fancy index.
+    counts = np.floor(weights / weights.sum() * 65536).astype(int)
+    counts[0] += 65536 - counts.sum()
+    lut = np.repeat(chars, counts)
+    rng = np.random.default_rng(seed)
+    return lut[rng.integers(0, 65536, n_chars, dtype=np.uint16)].tobytes()
+
+
+def write_corpus(folder: str, total_bytes: int, seed: int = 0) -> list[str]:
+    """Writes `total_bytes` of synthetic text as 10 MB shards; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths, left, i = [], total_bytes, 0
+    while left > 0:
+        size = min(SHARD_BYTES, left)
+        path = os.path.join(folder, f"shard-{i:05d}.txt")
+        with open(path, "wb") as f:
+            f.write(synthetic_text(size, seed * 100_003 + i))
+        paths.append(path)
+        left -= size
+        i += 1
+    return paths
 
 
 def median(values: Sequence[float]) -> float:

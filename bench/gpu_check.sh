@@ -48,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT_DIR
 log "TensorFlow: $(tail -1 "$OUT_DIR/tf_devices.txt")"
 
 # A synthetic corpus: speed does not depend on the text.
-"$PYTHON" -c "from bench.input_pipeline import write_corpus; write_corpus('$WORK/corpus', 20_000_000)"
+"$PYTHON" -c "import bench; bench.write_corpus('$WORK/corpus', 20_000_000)"
 
 log "1. cuDNN kernel: graph ops and timing against use_cudnn=False"
 "$PYTHON" - "$OUT_DIR/cudnn.json" "$SMOKE" <<'EOF'

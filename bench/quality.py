@@ -143,15 +143,17 @@ def markdown(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         if "error" in run:
             rows.append([run.get("label") or run["preset"], run["minutes"], "failed", "", "", "",
-                         "", ""])
+                         "", "", ""])
             continue
         beats = [name for name, v in ANCHORS.items() if run["final_val_loss"] < v]
         rows.append([run.get("label") or run["preset"], run["minutes"], run["train_sec"] / 60,
-                     run["final_val_loss"], run["final_val_bpc"], run["chars_trained"],
+                     f"{run['final_val_loss']:.4f}", f"{run['final_val_bpc']:.4f}",
+                     f"{run['best_val_loss']:.4f}", run["chars_trained"],
                      f"{run['load_start'][0]:.1f} -> {run['load_end'][0]:.1f}",
                      ", ".join(beats) or "none"])
     lines.append(bench.table(["run", "budget min", "trained min", "val nats/char",
-                              "val bits/char", "chars trained", "load", "beats"], rows))
+                              "val bits/char", "best val nats/char", "chars trained", "load",
+                              "beats"], rows))
     lines += [f"anchor {name}: {v} nats/char ({v / math.log(2):.4f} bits/char)"
               for name, v in ANCHORS.items()]
     return "\n".join(lines) + "\n"

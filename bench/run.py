@@ -5,8 +5,9 @@
 `make bench` runs this. In order: training throughput (its default-model
 figure feeds the next one), the input pipeline, generation (`bench/generate.py`,
 when present) and quality with a short budget (3 minutes; 15 with --long, the
-real quality run; 1 with --quick). Each writes its JSON under --out_dir; each
-one's log (progress, TensorFlow noise) goes to <out_dir>/logs/NAME.log.
+real quality run; 1 with --quick; skipped without the corpus). Each writes its
+JSON under --out_dir; each one's log (progress, TensorFlow noise) goes to
+<out_dir>/logs/NAME.log.
 --quick skips the 1 GB RSS corpus and the tutorial's 4.4 GB numpy windows and
 measures one round; --long measures more rounds and steps.
 """
@@ -42,9 +43,12 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
     steps = [("train_throughput", throughput), ("input_pipeline", pipeline)]
     if os.path.exists(os.path.join(os.path.dirname(__file__), "generate.py")):
         steps.append(("generate", ["bench.generate", f"--out={out_dir}/generate.json"]))
-    steps.append(("quality", ["bench.quality", f"--corpus={corpus}", f"--minutes={minutes}",
-                              f"--out={out_dir}/quality_{minutes}min.json",
-                              f"--plot={out_dir}/quality_{minutes}min.png"]))
+    if os.path.isfile(corpus):
+        steps.append(("quality", ["bench.quality", f"--corpus={corpus}", f"--minutes={minutes}",
+                                  f"--out={out_dir}/quality_{minutes}min.json",
+                                  f"--plot={out_dir}/quality_{minutes}min.png"]))
+    else:
+        print(f"quality skipped: no corpus at {corpus} (pass --corpus=PATH)", file=sys.stderr)
     return steps
 
 
