@@ -70,7 +70,7 @@ for use_cudnn in ("auto", False):
         layer.use_cudnn = use_cudnn  # Read when the step is traced.
     opt = keras.optimizers.Adam(1e-3)
 
-    @tf.function
+    @tf.function(autograph=False)  # Plain ops; this source is stdin, which AutoGraph can't read.
     def step(x):
         with tf.GradientTape() as tape:
             logits = model(x, training=True)

@@ -100,7 +100,7 @@ def _last_sample(log_path: str) -> str:
     lines = text[marker:].splitlines()[1:]
     body = []
     for line in lines:  # The sample runs until the next log line.
-        if line[:1] in "IWEF" and line[1:5].isdigit():
+        if (line[:1] in "IWEF" and line[1:5].isdigit()) or line.startswith("done: "):
             break
         body.append(line)
     return "\n".join(body)
