@@ -9,6 +9,9 @@
 # has no network: if TensorFlow is missing, install it from wheels carried with
 # the working tree first, e.g.
 #   python3 -m pip install --no-index --find-links=wheels/ -e .
+# A GPU machine with PyTorch but no TensorFlow (the one lent to this project's
+# sessions) takes `KERAS_BACKEND=torch python -m bench.gpu_keras_torch` instead: the
+# same model and recipe on Keras's torch backend (BENCHMARKS.md, "GPU").
 # Writes every figure to $OUT (the device tool's output folder) or, without it,
 # to bench/results/gpu/:
 #   1. cudnn.json      whether the LSTM step runs the cuDNN kernel: CudnnRNN ops
