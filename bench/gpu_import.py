@@ -1,7 +1,7 @@
 """Loads weights trained by bench/gpu_keras_torch.py into the TensorFlow model and checks them.
 
     python -m bench.gpu_import --results=DIR/results.json --run='gpu preset' \
-        --weights='DIR/gpu_preset_best.part*.npz' [--corpus=...] [--job_dir=runs/gpu_h200]
+        --weights='DIR/best.part*.npz' [--corpus=...] [--job_dir=runs/gpu_h200]
 
 The weights were trained on a GPU with Keras's torch backend (cuDNN through
 PyTorch). Here they go into `trainer.models.build_model` on TensorFlow (on a

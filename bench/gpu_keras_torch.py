@@ -27,7 +27,7 @@ TensorFlow:
                  tinyshakespeare's 90/10 split, validation loss in nats/char
                  over every 256-char window of the validation text, from a
                  zero state as the job evaluates. The best weights are written
-                 as float32 .npz parts (each under 16 MiB) so that
+                 as .npz parts (each under 16 MiB) so that
                  `python -m bench.gpu_import` can load them into the
                  TensorFlow model on a CPU, re-evaluate them and make a job
                  directory that `trainer.generate` reads.
@@ -60,7 +60,11 @@ def define_flags() -> None:
     flags.DEFINE_float("minutes", 5.0, "Wall-clock budget of the quality part.")
     flags.DEFINE_integer("timed_steps", 30, "Steps timed per throughput figure.")
     flags.DEFINE_bool("smoke", False, "Tiny sizes, to try the script on a CPU in a minute.")
-    flags.DEFINE_list("parts", ["cudnn", "throughput", "quality"], "Which parts to run.")
+    flags.DEFINE_list("parts", ["cudnn", "throughput", "quality", "generation"],
+                      "Which parts to run (generation samples the model that quality trains).")
+    flags.DEFINE_list("seeds", ["42"], "Train the gpu preset once per seed (init and data order).")
+    flags.DEFINE_multi_string("variant", [], "Also train the preset with these changes, e.g. "
+                              "'rnn_units=512,dropout=0.3' (repeatable), while the budget lasts.")
 
 
 def preset_config(path: str = PRESET):
@@ -460,30 +464,39 @@ def main(argv: list[str]) -> int:
     if "quality" not in FLAGS.parts:
         rec.put("wall_s", round(time.perf_counter() - started, 1))
         return 0
+    runs = [(f"gpu preset, seed {seed}" if len(FLAGS.seeds) > 1 else "gpu preset",
+             cfg.replace(seed=int(seed))) for seed in FLAGS.seeds]
+    for variant in FLAGS.variant:
+        changes = dict(item.split("=", 1) for item in variant.split(","))
+        changes = {k: type(getattr(cfg, k))(v) for k, v in changes.items()}
+        runs.append((variant, cfg.replace(**changes)))
     q_start = time.perf_counter()  # The quality budget starts now.
-    best = quality(cfg, "gpu preset", train_ids, val_ids, vocab.size, budget, rec, curves)
-    if best is not None:
-        paths = save_weights(best.pop("weights"), rec.out, "gpu_preset_best")
-        rec.results["quality"]["gpu preset"]["weight_files"] = [os.path.basename(p) for p in paths]
-        # Stepped generation from the trained model, best weights loaded back.
-        best["model"].set_weights([np.load(p)[k] for p in paths for k in sorted(np.load(p).files)])
-        try:
+    for i, (name, run_cfg) in enumerate(runs):
+        left = budget - (time.perf_counter() - q_start)
+        if i and (left < 60 or FLAGS.smoke):
+            rec.put(f"skipped {name}", f"{left:.0f} s of the budget left")
+            continue
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(run_cfg.seed)
+        best = quality(run_cfg, name, train_ids, val_ids, vocab.size, left, rec, curves)
+        if best is None or i:
+            continue
+        # The first run's best weights come back; float16 keeps a 3x768 model in two parts
+        # (the device returns at most 8 files, 64 MiB). The npz keeps the dtype.
+        dtype = "float32" if run_cfg.rnn_units <= 512 else "float16"
+        paths = save_weights(best.pop("weights"), rec.out, "best", dtype)
+        rec.results["quality"][name]["weight_files"] = [os.path.basename(p) for p in paths]
+        if "generation" not in FLAGS.parts:
+            continue
+        try:  # Stepped generation from the trained model, best weights loaded back.
+            best["model"].set_weights([np.load(p)[k].astype("float32")
+                                       for p in paths for k in sorted(np.load(p).files)])
             generation(best["model"], val_ids[:100], rec, FLAGS.smoke)
             length = 50 if FLAGS.smoke else 500
             ids, _ = generate(best["model"], val_ids[:100], length, 1, 0.8, seed=1)
             rec.put("sample", {"prime": vocab.decode(val_ids[:100]), "text": vocab.decode(ids[0])})
         except Exception as err:
             rec.put("generation_error", repr(err)[:500])
-    # A second recipe with what is left of the budget: wider, with more dropout.
-    left = budget - (time.perf_counter() - q_start)
-    if left > 60 and not FLAGS.smoke:
-        wide = cfg.replace(rnn_units=768, dropout=0.4)
-        keras.backend.clear_session()
-        best_wide = quality(wide, "3x768 dropout 0.4", train_ids, val_ids, vocab.size, left, rec,
-                            curves)
-        if best_wide is not None:
-            # float16 halves the files (64 MiB come back in all); the npz keeps the dtype.
-            save_weights(best_wide.pop("weights"), rec.out, "wide_best", "float16")
     rec.put("wall_s", round(time.perf_counter() - started, 1))
     return 0
 
