@@ -215,10 +215,11 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
             order = tf.random.experimental.stateless_shuffle(order, seed(pass_index))
         # A sequential interleave: a parallel one also opens shards ahead of the cycle,
         # which held twice the shards in memory (bench/input_pipeline.py's RSS figures)
-        # and was no faster, since a gather over ids in memory is cheap.
+        # and was no faster, since a gather over ids in memory is cheap. A sequential
+        # interleave is deterministic (tf.data warns if told so without parallel calls).
         ds = tf.data.Dataset.from_tensor_slices(order).interleave(
             lambda i: region_windows(i, pass_index),
-            cycle_length=min(cfg.shard_cycle, len(mine)), deterministic=True)
+            cycle_length=min(cfg.shard_cycle, len(mine)))
         return ds.rebatch(batch_size, drop_remainder=True).take(per_pass)
 
     first_pass, skip = divmod(start_step, steps) if steps else (0, 0)
