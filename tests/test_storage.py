@@ -275,3 +275,15 @@ def test_uploader_close_is_not_blocked_by_outage(tmp_path, gcs_bucket, gcs_emula
     while any(t.name == "close-test" for t in threading.enumerate()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_fingerprint_changes_when_the_content_does(root):
+    path = storage.join(root, "shard.txt")
+    storage.write_text(path, "first version")
+    first = storage.fingerprint(path)
+    assert storage.fingerprint(path) == first  # Reading metadata changes nothing.
+    time.sleep(0.01)  # Local files: a later mtime even where the clock is coarse.
+    storage.write_text(path, "other version")  # The same size: only mtime/generation differ.
+    assert storage.fingerprint(path) != first
+    with pytest.raises(FileNotFoundError):
+        storage.fingerprint(storage.join(root, "missing.txt"))

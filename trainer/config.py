@@ -76,7 +76,8 @@ class Config:
     warmup_steps: int = 100
     # Final learning rate of the cosine schedule, as a fraction of the peak.
     min_lr_ratio: float = 0.1
-    # Clip gradients to this global norm; 0 disables clipping.
+    # Clip the global batch's gradient to this global norm (alike for any number of
+    # replicas); 0 disables clipping.
     clipnorm: float = 1.0
     # Stop training after this many minutes (checked at step boundaries); 0 = no limit.
     train_minutes: float = 0.0

@@ -210,6 +210,22 @@ def size(path: str) -> int:
     return int(blob.size)
 
 
+def fingerprint(path: str) -> str:
+    """A string that changes whenever the file's content may have changed.
+
+    Local files: size and modification time (ns). gs:// objects: size and generation
+    (every overwrite of an object makes a new generation). One metadata request, no read.
+    """
+    if not is_gcs(path):
+        info = os.stat(path)
+        return f"{info.st_size}:{info.st_mtime_ns}"
+    bucket, name = _split(path)
+    blob = _client().bucket(bucket).get_blob(name, retry=_retry())
+    if blob is None:
+        raise FileNotFoundError(path)
+    return f"{blob.size}:{blob.generation}"
+
+
 def delete(path: str) -> None:
     """Deletes one file or object; a missing one is not an error."""
     if not is_gcs(path):

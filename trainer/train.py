@@ -9,6 +9,7 @@ monitored loss, TensorBoard, a sample per epoch, and background uploads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -25,7 +26,10 @@ from trainer import checkpoints, distribution, input_pipeline, models, storage
 from trainer.config import Config, incompatibilities
 from trainer.errors import UserError
 from trainer.reporting import Reporter
-from trainer.vocabulary import Vocabulary, scan
+from trainer.vocabulary import ShardInfo, Vocabulary, scan
+
+# Per-shard scan results (fingerprint, chars), so a resumed job need not read every shard.
+SHARDS = "shards.json"
 
 
 class PreemptedError(Exception):
@@ -74,15 +78,45 @@ class _StopSignal:
 
 
 def _prepare_data(cfg: Config, job: checkpoints.JobDir):
-    """Scans the shards once, and loads or builds the vocabulary."""
-    train_scan = scan(storage.expand_patterns(cfg.train_data), cfg.lowercase, "training")
-    val_scan = (scan(storage.expand_patterns(cfg.val_data), cfg.lowercase, "validation")
-                if cfg.val_data else None)
+    """Scans the shards, and loads or builds the vocabulary.
+
+    A resumed job (vocab.json present) reads again only the shards whose fingerprint
+    changed since the scan recorded in shards.json; a restart on a large bucket corpus
+    then costs one metadata request per shard instead of a full read.
+    """
     saved = job.read("vocab.json")
+    known = _known_shards(job.read(SHARDS), cfg.lowercase) if saved else {}
+    train_scan = scan(storage.expand_patterns(cfg.train_data), cfg.lowercase, "training", known)
+    val_scan = (scan(storage.expand_patterns(cfg.val_data), cfg.lowercase, "validation", known)
+                if cfg.val_data else None)
+    scans = [train_scan] + ([val_scan] if val_scan else [])
+    reused, total = sum(s.reused for s in scans), sum(len(s.shards) for s in scans)
+    if reused:
+        logging.info("%d of %d shard(s) unchanged since the last scan (%s): not read again",
+                     reused, total, SHARDS)
+    if reused < total:
+        if reused:
+            logging.warning("%d shard(s) changed or appeared since this job started; the data "
+                            "order of a resumed run differs from an unbroken one", total - reused)
+        job.write(SHARDS, json.dumps({"lowercase": cfg.lowercase, "shards": [
+            dataclasses.asdict(shard) for s in scans for shard in s.shards]}, indent=1))
     vocab = (Vocabulary.from_json(saved) if saved
              else Vocabulary.from_counts(train_scan.counts, cfg.lowercase))
     train_regions, val_regions = input_pipeline.make_regions(train_scan, val_scan, cfg)
     return vocab, train_regions, val_regions, train_scan.total_chars
+
+
+def _known_shards(text: str | None, lowercase: bool) -> dict[str, ShardInfo]:
+    """The shards recorded in shards.json, by path; none if it is absent, unreadable or
+    was made with another --lowercase."""
+    try:
+        data = json.loads(text) if text else {}
+        if data.get("lowercase") != lowercase:
+            return {}
+        return {s["path"]: ShardInfo(**s) for s in data.get("shards", [])}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        logging.warning("ignoring an unreadable %s: scanning every shard", SHARDS)
+        return {}
 
 
 def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
@@ -101,7 +135,9 @@ def _optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
         initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup),
         alpha=cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
         warmup_target=cfg.learning_rate, warmup_steps=warmup)
-    optimizer = keras.optimizers.Adam(schedule, global_clipnorm=cfg.clipnorm or None)
+    # No global_clipnorm here: Keras would clip each replica's share of the gradient
+    # before summing them; `_clip_global` clips the summed gradient instead.
+    optimizer = keras.optimizers.Adam(schedule)
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
@@ -312,6 +348,8 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
                                               global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, model.trainable_variables)
+        if cfg.clipnorm:
+            grads = _clip_global(grads, optimizer, cfg.clipnorm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return sums
 
@@ -332,6 +370,33 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
     return train_step, eval_step
+
+
+def _clip_global(grads: list, optimizer: keras.optimizers.Optimizer, clipnorm: float) -> list:
+    """Clips the whole global batch's gradient to norm `clipnorm`, as one device would.
+
+    Each replica holds its share of the gradient (the loss is divided by the global
+    batch), and the optimizer sums the shares. Keras's `global_clipnorm` clips each
+    share before that sum, which lets N replicas through at about N times the norm.
+    Here the shares are summed first, the sum is clipped, and each replica hands the
+    optimizer an equal 1/N of it, so any replica count trains like one device. This
+    costs a second all-reduce of the gradients, only when there are several replicas.
+    Under loss scaling the gradients are scaled, so the threshold is scaled too; an
+    inf gradient comes out NaN and the LossScaleOptimizer skips that step as before.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context else 1
+    # Dense gradients (the embedding's arrive as IndexedSlices): a char vocabulary is small.
+    grads = [tf.convert_to_tensor(g) for g in grads]
+    if replicas > 1:
+        grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    threshold = tf.constant(clipnorm, tf.float32)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        threshold = threshold * tf.cast(optimizer.dynamic_scale, tf.float32)
+    grads, _ = tf.clip_by_global_norm(grads, threshold)
+    if replicas > 1:
+        grads = [g / replicas for g in grads]
+    return grads
 
 
 def _evaluate(strategy, eval_step, dataset_fn) -> dict[str, float]:

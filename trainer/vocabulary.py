@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import concurrent.futures
 import dataclasses
 import json
 import threading
@@ -73,6 +74,8 @@ class ShardInfo:
     chars: int
     invalid_bytes: int = 0
     nul_chars: int = 0
+    # storage.fingerprint of the shard when it was read ("" if not taken).
+    fingerprint: str = ""
 
 
 @dataclasses.dataclass
@@ -81,10 +84,15 @@ class Scan:
 
     shards: list[ShardInfo]
     counts: collections.Counter
+    # How many shards were taken from `known` instead of being read.
+    reused: int = 0
 
     @property
     def total_chars(self) -> int:
         return sum(s.chars for s in self.shards)
+
+
+_STAT_THREADS = 16
 
 
 def scan_text_counts(text: str) -> collections.Counter:
@@ -96,27 +104,40 @@ def scan_text_counts(text: str) -> collections.Counter:
     return counts
 
 
-def scan(paths: Sequence[str], lowercase: bool = False, what: str = "training") -> Scan:
+def scan(paths: Sequence[str], lowercase: bool = False, what: str = "training",
+         known: dict[str, ShardInfo] | None = None) -> Scan:
     """Reads each shard once, counting characters, and warns once about bad bytes.
 
     Args:
       paths: shard paths (local or gs://).
       lowercase: apply the same normalisation the job will use.
       what: how the shards are named in warnings ("training", "validation").
+      known: shards scanned before (by path, with the same `lowercase`): one whose
+        fingerprint still matches is not read again. Its chars are not counted, so
+        pass `known` only when the vocabulary already exists.
 
     Returns:
-      A Scan with per-shard sizes and the char counts over all shards.
+      A Scan with per-shard sizes and the char counts over the shards read.
     """
     counts: collections.Counter = collections.Counter()
     shards = []
-    for path in paths:
+    reused = 0
+    # One metadata request per gs:// shard: many at once, as a listing would be.
+    with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:
+        stamps = list(pool.map(storage.fingerprint, paths))
+    for path, stamp in zip(paths, stamps, strict=True):
+        before = (known or {}).get(path)
+        if before is not None and before.fingerprint == stamp:
+            shards.append(before)
+            reused += 1
+            continue
         text, invalid = decode(storage.read_bytes(path), lowercase)
         counts.update(scan_text_counts(text))
         shards.append(ShardInfo(path=path, chars=len(text), invalid_bytes=invalid,
-                                nul_chars=text.count("\0")))
+                                nul_chars=text.count("\0"), fingerprint=stamp))
         del text
     _warn_about(shards, what)
-    return Scan(shards=shards, counts=counts)
+    return Scan(shards=shards, counts=counts, reused=reused)
 
 
 def _warn_about(shards: Sequence[ShardInfo], what: str) -> None:
