@@ -169,6 +169,24 @@ def test_two_workers_train_together_and_only_the_chief_writes(corpus, tmp_path):
     assert not os.path.exists(tmp_path / "job-1")  # The non-chief wrote nothing.
 
 
+def test_xla_trains_under_mirrored_and_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
+    # Compiling the optimizer update too used to fail here: a compiled cluster on one
+    # logical CPU tried to reach replica 1's variables on the other.
+    cfg = tiny(corpus, tmp_path, epochs=1, jit_compile=True, clipnorm=0.05, strategy="mirrored",
+               logical_cpus=2, batch_size=8)
+    proc = _task(_flags(cfg))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "2 replica(s)" in out
+    assert math.isfinite(metrics(tmp_path)[0]["loss"])
+    # XLA cannot compile the cuDNN LSTM kernel that a GPU would run: one clear error.
+    monkeypatch.setattr(train.tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    with pytest.raises(UserError, match="--jit_compile does not work on a GPU"):
+        train._check_jit_compile(cfg)
+    train._check_jit_compile(cfg.replace(jit_compile=False))
+
+
 def test_xla_and_mixed_precision_steps_train(corpus, tmp_path):
     summary = train.train(tiny(corpus, tmp_path / "xla", epochs=1, jit_compile=True))
     assert math.isfinite(summary["loss"]) and summary["step"] > 0

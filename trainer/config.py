@@ -87,7 +87,8 @@ class Config:
     strategy: str = "auto"
     # Numeric precision of layers; the output logits stay float32 in every mode.
     precision: str = "float32"
-    # Compile the training step with XLA.
+    # Compile each replica's forward and backward pass with XLA. CPU only: XLA cannot
+    # compile the cuDNN LSTM kernel that GPUs run (and it was slower on the CPUs measured).
     jit_compile: bool = False
     # Split the CPU into this many logical devices (try mirrored training without GPUs).
     logical_cpus: int = 0

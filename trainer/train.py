@@ -106,6 +106,13 @@ def _prepare_data(cfg: Config, job: checkpoints.JobDir):
     return vocab, train_regions, val_regions, train_scan.total_chars
 
 
+def _check_jit_compile(cfg: Config) -> None:
+    """--jit_compile cannot work where the LSTMs run the cuDNN kernel: say so up front."""
+    if cfg.jit_compile and tf.config.list_logical_devices("GPU"):
+        raise UserError("--jit_compile does not work on a GPU: XLA has no kernel for the cuDNN "
+                        "LSTM (CudnnRNNV3), which is the fast path there; drop --jit_compile")
+
+
 def _known_shards(text: str | None, lowercase: bool) -> dict[str, ShardInfo]:
     """The shards recorded in shards.json, by path; none if it is absent, unreadable or
     was made with another --lowercase."""
@@ -154,6 +161,7 @@ def train(cfg: Config) -> dict[str, Any]:
       PreemptedError: SIGTERM arrived; a resume checkpoint was saved.
     """
     strategy, place = distribution.make_strategy(cfg)
+    _check_jit_compile(cfg)
     global_batch = cfg.batch_size * place.replicas
     if cfg.monitor == "val_loss" and not (cfg.val_data or cfg.val_fraction):
         logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
@@ -340,23 +348,28 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
         count = tf.cast(tf.size(y), tf.float32)
         return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct), count])
 
-    def train_replica(x, y):
+    def gradients(x, y):
         with tf.GradientTape() as tape:
             losses, sums = forward(x, y, True)
             per_window = tf.reshape(losses, [tf.shape(losses)[0], -1])
             loss = tf.nn.compute_average_loss(tf.reduce_mean(per_window, -1),
                                               global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled, model.trainable_variables)
+        return tape.gradient(scaled, model.trainable_variables), sums
+
+    # XLA compiles the forward and backward pass of each replica. The iterator, the
+    # gradients' all-reduce and the optimizer update stay outside it: XLA has no
+    # kernels for iterator ops, and a compiled cluster cannot reach the variables of
+    # other replicas' devices.
+    replica_gradients = (tf.function(gradients, jit_compile=True) if cfg.jit_compile
+                         else gradients)
+
+    def replica_step(x, y):
+        grads, sums = replica_gradients(x, y)
         if cfg.clipnorm:
             grads = _clip_global(grads, optimizer, cfg.clipnorm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return sums
-
-    # XLA compiles the per-replica step; the iterator and the cross-replica reduce
-    # stay outside it (XLA has no kernels for iterator ops).
-    replica_step = (tf.function(train_replica, jit_compile=True) if cfg.jit_compile
-                    else train_replica)
 
     @tf.function
     def train_step(iterator):
