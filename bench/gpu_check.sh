@@ -9,9 +9,10 @@
 # has no network: if TensorFlow is missing, install it from wheels carried with
 # the working tree first, e.g.
 #   python3 -m pip install --no-index --find-links=wheels/ -e .
-# A GPU machine with PyTorch but no TensorFlow (the one lent to this project's
-# sessions) takes `KERAS_BACKEND=torch python -m bench.gpu_keras_torch` instead: the
-# same model and recipe on Keras's torch backend (BENCHMARKS.md, "GPU").
+# Where $PYTHON has no TensorFlow but has PyTorch and Keras (the GPU machines lent to
+# this project's sessions), it runs `KERAS_BACKEND=torch python -m bench.gpu_keras_torch`
+# instead: the job's model and recipe on Keras's torch backend (BENCHMARKS.md, "GPU"):
+# cuDNN path and throughput, plus quality with CORPUS and QUALITY_MINUTES.
 # Writes every figure to $OUT (the device tool's output folder) or, without it,
 # to bench/results/gpu/:
 #   1. cudnn.json      whether the LSTM step runs the cuDNN kernel: CudnnRNN ops
@@ -38,7 +39,7 @@ SMOKE="${SMOKE:-0}"
 if [ "$SMOKE" = 1 ]; then PRESET=tiny; STEPS=3; fi
 CORPUS="${1:-}"
 QUALITY_MINUTES="${QUALITY_MINUTES:-0}"
-export PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=2
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 started=$(date +%s)
@@ -46,6 +47,20 @@ log() { echo "[gpu_check $(( $(date +%s) - started ))s] $*" >&2; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT_DIR/nvidia_smi.csv" 2>&1 \
   || log "nvidia-smi not available"
+if ! "$PYTHON" -c "import tensorflow" 2>/dev/null; then
+  # No TensorFlow (as on the GPU machines lent to this project): time what does not need it.
+  if SMOKE_ARGS="" && "$PYTHON" -c "import torch, keras" 2>/dev/null; then
+    [ "$SMOKE" = 1 ] && SMOKE_ARGS="--smoke"
+    log "no TensorFlow for $PYTHON; PyTorch and Keras are there: the job's model on Keras/torch"
+    KERAS_BACKEND=torch "$PYTHON" -m bench.gpu_keras_torch --out="$OUT_DIR" \
+      ${CORPUS:+--corpus="$CORPUS"} --minutes="${QUALITY_MINUTES:-0}" \
+      $([ -z "$CORPUS" ] || [ "${QUALITY_MINUTES:-0}" = 0 ] && echo --parts=cudnn,throughput) \
+      $SMOKE_ARGS
+    exit $?
+  fi
+  echo "error: $PYTHON can import neither TensorFlow nor PyTorch+Keras; install one first" >&2
+  exit 1
+fi
 "$PYTHON" -c "import tensorflow as tf; print(tf.__version__, tf.config.list_physical_devices('GPU'), tf.sysconfig.get_build_info().get('cudnn_version'))" \
   > "$OUT_DIR/tf_devices.txt" 2>&1
 log "TensorFlow: $(tail -1 "$OUT_DIR/tf_devices.txt")"
