@@ -86,3 +86,40 @@ def test_data_errors_are_one_line_and_exit_non_zero(tmp_path):
     line = _one_error_line(_cli(f"--train_data={tmp_path}/short.txt", f"--job_dir={tmp_path}/j"))
     assert "no training shard holds one window of 101 chars" in line
     assert not os.path.exists(tmp_path / "j" / "best.json")
+
+
+def test_environment_failures_are_one_line_too(tmp_path):
+    """A job dir that cannot be made, or gs:// without credentials: one line, exit 1."""
+    (tmp_path / "data.txt").write_text("the cat sat on the mat. " * 50)
+    (tmp_path / "a-file").write_text("not a folder")
+    result = _cli(f"--train_data={tmp_path}/data.txt", f"--job_dir={tmp_path}/a-file/job",
+                  "--epochs=1", "--num_layers=1", "--rnn_units=8", "--seq_length=20")
+    assert result.returncode == 1
+    assert "Not a directory" in _one_error_line(result)
+    # Outside the tests' emulator, with credentials that cannot be loaded (no request is
+    # made: google.auth fails on the missing file before any network use).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("STORAGE_EMULATOR_HOST", "TRAINER_REQUIRE_EMULATOR")}
+    env.update(PYTHONPATH=REPO, GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "missing.json"))
+    result = subprocess.run([sys.executable, "-m", "trainer.task", "--train_data=gs://b/*.txt",
+                             f"--job_dir={tmp_path}/job"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1
+    assert "no Google Cloud credentials for gs:// paths" in _one_error_line(result)
+
+
+def test_environment_messages():
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    from trainer import errors
+
+    assert errors.describe(UserError("bad flag")) == "bad flag"
+    assert errors.describe(PermissionError(13, "Permission denied", "/x")) == (
+        "[Errno 13] Permission denied: '/x'")
+    assert "credentials" in errors.describe(auth.DefaultCredentialsError("none\nmore"))
+    assert errors.describe(auth.RefreshError("token expired")).startswith(
+        "Google Cloud credentials failed: token expired")
+    forbidden = errors.describe(api.Forbidden("GET gs://b/o: no storage.objects.get access"))
+    assert forbidden.startswith("Cloud Storage refused a request: 403 GET gs://b/o")
+    assert errors.describe(ValueError("a bug")) is None  # Bugs keep their traceback.

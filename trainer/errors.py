@@ -1,9 +1,57 @@
-"""The one exception type that means "the user asked for something we cannot do".
+"""What a failure looks like to the user: one line, then a non-zero exit.
 
-Entrypoints catch `UserError` and print its message as a single line before
-exiting non-zero; anything else is a bug and keeps its traceback.
+`UserError` means "the user asked for something we cannot do". Entrypoints print
+its message as a single line. Failures of the environment (a folder that cannot
+be written, missing cloud credentials, a bucket that refuses a request) get one
+line too, via `environment_message`, with the traceback kept for `-v=1`;
+anything else is a bug and keeps its traceback.
 """
+
+from __future__ import annotations
+
+import sys
+
+from absl import logging
+
+CREDENTIALS_HINT = ("run `gcloud auth application-default login` or set "
+                    "GOOGLE_APPLICATION_CREDENTIALS; on Vertex AI the job's service account "
+                    "provides them")
 
 
 class UserError(Exception):
     """Bad input: a flag value, a data pattern, a job directory. One-line message."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def environment_message(err: BaseException) -> str | None:
+    """A one-line description of `err` if the environment caused it, else None.
+
+    Covers OSError (permissions, missing folders, a full disk, lost connections),
+    Google auth errors and Cloud Storage API errors. The google modules are looked up
+    only if already imported: an error cannot be of a type that was never loaded.
+    """
+    if isinstance(err, OSError):
+        return _first_line(err)
+    auth = sys.modules.get("google.auth.exceptions")
+    if auth is not None and isinstance(err, auth.DefaultCredentialsError):
+        return f"no Google Cloud credentials for gs:// paths ({CREDENTIALS_HINT})"
+    if auth is not None and isinstance(err, auth.GoogleAuthError):
+        return f"Google Cloud credentials failed: {_first_line(err)} ({CREDENTIALS_HINT})"
+    api = sys.modules.get("google.api_core.exceptions")
+    if api is not None and isinstance(err, api.GoogleAPICallError):
+        return f"Cloud Storage refused a request: {_first_line(err)}"
+    return None
+
+
+def describe(err: Exception) -> str | None:
+    """The one line an entrypoint prints for `err`; None for a bug (re-raise it then)."""
+    if isinstance(err, UserError):
+        return str(err)
+    message = environment_message(err)
+    if message is not None:
+        logging.debug("traceback of the error below", exc_info=err)
+    return message

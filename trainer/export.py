@@ -32,7 +32,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from trainer import generate, sampling, storage
-from trainer.errors import UserError
+from trainer.errors import UserError, describe
 from trainer.vocabulary import OOV_ID, Vocabulary
 
 FLAGS = flags.FLAGS
@@ -189,8 +189,11 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         run(FLAGS)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = describe(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from trainer import storage, vocabulary
 from trainer.config import Config
-from trainer.errors import UserError
+from trainer.errors import UserError, describe
 
 FLAGS = flags.FLAGS
 # Tries at finding a data shard long enough for a prompt before giving up.
@@ -219,12 +219,15 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         run(FLAGS)
-    except UserError as err:
-        _say(f"error: {err}")
-        return 1
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; stop quietly, as command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:
+        message = describe(err)
+        if message is None:
+            raise
+        _say(f"error: {message}")
         return 1
     return 0
 

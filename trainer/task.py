@@ -18,7 +18,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from trainer import config, platform  # noqa: E402
 from trainer.config import Config  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import UserError, describe  # noqa: E402
 
 _CHOICES = {"objective": config.OBJECTIVES, "strategy": config.STRATEGIES,
             "precision": config.PRECISIONS, "lr_schedule": config.LR_SCHEDULES,
@@ -128,8 +128,11 @@ def main(argv: list[str]) -> None:
     except train.PreemptedError as stop:
         logging.warning("%s", stop)
         sys.exit(130 if stop.signal_name == "SIGINT" else 143)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        message = describe(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     if summary:
         print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
