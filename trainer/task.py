@@ -115,7 +115,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]} (see --helpshort)", file=sys.stderr)
         sys.exit(2)
-    logging.set_verbosity(logging.INFO)
+    if not flags.FLAGS["verbosity"].present:  # -v=1 (debug) and the like win.
+        logging.set_verbosity(logging.INFO)
     from trainer import train  # Import late: --helpshort should not wait for TensorFlow.
 
     # TensorFlow's own INFO lines (e.g. one per checkpoint shard) drown the epoch lines.
