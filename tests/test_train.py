@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from trainer import checkpoints, storage, train
+from trainer import checkpoints, storage, train, vocabulary
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -218,7 +218,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
 
     names, chars, regions = prepare()
     assert names == ["part-0.txt", "part-1.txt", "part-2.txt", "part-3.txt"]
-    recorded = _json(tmp_path / "job" / train.SHARDS)["shards"]
+    recorded = _json(tmp_path / "job" / vocabulary.SCAN_RECORD)["shards"]
     assert sum(s["chars"] for s in recorded) == chars
 
     # Resumed, nothing changed: no shard is read, and the data is described the same.
@@ -229,6 +229,12 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     names, chars_now, _ = prepare()
     assert names == ["part-2.txt"]
     assert chars_now == chars + len("the end. ") * 20
+    # A shard gone: nothing to read, and the record forgets it.
+    part3 = next(s["chars"] for s in recorded if s["path"].endswith("part-3.txt"))
+    os.remove(folder / "part-3.txt")
+    assert prepare()[:2] == ([], chars_now - part3)
+    paths = [s["path"] for s in _json(tmp_path / "job" / vocabulary.SCAN_RECORD)["shards"]]
+    assert len(paths) == 3 and not any(p.endswith("part-3.txt") for p in paths)
     # A different --lowercase changes what a scan counts: nothing recorded is reused.
     cfg = cfg.replace(lowercase=True)
-    assert len(prepare()[0]) == 4
+    assert len(prepare()[0]) == 3

@@ -9,7 +9,6 @@ monitored loss, TensorBoard, a sample per epoch, and background uploads.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -26,10 +25,7 @@ from trainer import checkpoints, distribution, input_pipeline, models, storage
 from trainer.config import Config, incompatibilities
 from trainer.errors import UserError
 from trainer.reporting import Reporter
-from trainer.vocabulary import ShardInfo, Vocabulary, scan
-
-# Per-shard scan results (fingerprint, chars), so a resumed job need not read every shard.
-SHARDS = "shards.json"
+from trainer.vocabulary import SCAN_RECORD, Vocabulary, recorded_shards, scan, scan_record
 
 
 class PreemptedError(Exception):
@@ -85,21 +81,22 @@ def _prepare_data(cfg: Config, job: checkpoints.JobDir):
     then costs one metadata request per shard instead of a full read.
     """
     saved = job.read("vocab.json")
-    known = _known_shards(job.read(SHARDS), cfg.lowercase) if saved else {}
+    known = recorded_shards(job.read(SCAN_RECORD), cfg.lowercase) if saved else {}
     train_scan = scan(storage.expand_patterns(cfg.train_data), cfg.lowercase, "training", known)
     val_scan = (scan(storage.expand_patterns(cfg.val_data), cfg.lowercase, "validation", known)
                 if cfg.val_data else None)
     scans = [train_scan] + ([val_scan] if val_scan else [])
     reused, total = sum(s.reused for s in scans), sum(len(s.shards) for s in scans)
+    gone = set(known) - {shard.path for s in scans for shard in s.shards}
     if reused:
         logging.info("%d of %d shard(s) unchanged since the last scan (%s): not read again",
-                     reused, total, SHARDS)
-    if reused < total:
-        if reused:
-            logging.warning("%d shard(s) changed or appeared since this job started; the data "
-                            "order of a resumed run differs from an unbroken one", total - reused)
-        job.write(SHARDS, json.dumps({"lowercase": cfg.lowercase, "shards": [
-            dataclasses.asdict(shard) for s in scans for shard in s.shards]}, indent=1))
+                     reused, total, SCAN_RECORD)
+    if known and (reused < total or gone):
+        logging.warning("%d shard(s) changed, appeared or disappeared since the last scan; the "
+                        "data order of this resumed run differs from an unbroken one",
+                        total - reused + len(gone))
+    if reused < total or gone:
+        job.write(SCAN_RECORD, scan_record(scans, cfg.lowercase))
     vocab = (Vocabulary.from_json(saved) if saved
              else Vocabulary.from_counts(train_scan.counts, cfg.lowercase))
     train_regions, val_regions = input_pipeline.make_regions(train_scan, val_scan, cfg)
@@ -111,19 +108,6 @@ def _check_jit_compile(cfg: Config) -> None:
     if cfg.jit_compile and tf.config.list_logical_devices("GPU"):
         raise UserError("--jit_compile does not work on a GPU: XLA has no kernel for the cuDNN "
                         "LSTM (CudnnRNNV3), which is the fast path there; drop --jit_compile")
-
-
-def _known_shards(text: str | None, lowercase: bool) -> dict[str, ShardInfo]:
-    """The shards recorded in shards.json, by path; none if it is absent, unreadable or
-    was made with another --lowercase."""
-    try:
-        data = json.loads(text) if text else {}
-        if data.get("lowercase") != lowercase:
-            return {}
-        return {s["path"]: ShardInfo(**s) for s in data.get("shards", [])}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        logging.warning("ignoring an unreadable %s: scanning every shard", SHARDS)
-        return {}
 
 
 def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:

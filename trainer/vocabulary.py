@@ -93,6 +93,8 @@ class Scan:
 
 
 _STAT_THREADS = 16
+# The job directory's record of the last scan, so a resumed job need not read every shard.
+SCAN_RECORD = "shards.json"
 
 
 def scan_text_counts(text: str) -> collections.Counter:
@@ -153,6 +155,25 @@ def _warn_about(shards: Sequence[ShardInfo], what: str) -> None:
     if binary:
         logging.warning("%d %s shard(s) contain NUL bytes and may be binary files (e.g. %s); "
                         "they are used as text", len(binary), what, binary[0])
+
+
+def scan_record(scans: Sequence[Scan], lowercase: bool) -> str:
+    """JSON of every scanned shard (path, fingerprint, chars, ...), for `recorded_shards`."""
+    return json.dumps({"lowercase": lowercase, "shards": [
+        dataclasses.asdict(shard) for s in scans for shard in s.shards]}, indent=1) + "\n"
+
+
+def recorded_shards(text: str | None, lowercase: bool) -> dict[str, ShardInfo]:
+    """The shards in a `scan_record`, by path; none if there is no record, it is
+    unreadable, or it was made with another `lowercase` (which changes what a scan counts)."""
+    try:
+        data = json.loads(text) if text else {}
+        if data.get("lowercase") != lowercase:
+            return {}
+        return {s["path"]: ShardInfo(**s) for s in data.get("shards", [])}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        logging.warning("ignoring an unreadable %s: scanning every shard", SCAN_RECORD)
+        return {}
 
 
 class Vocabulary:
