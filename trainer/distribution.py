@@ -1,9 +1,11 @@
-"""Picks the tf.distribute strategy and says where this process stands in it."""
+"""Picks the tf.distribute strategy, says where this process stands in it, and clips
+gradients across its replicas as one device would."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -83,3 +85,30 @@ def _worker_index(task_type: str | None, task_id: int | None, num_workers: int) 
     if index >= num_workers:
         raise UserError(f"TF_CONFIG task {task_type}:{task_id} is outside the cluster")
     return index
+
+
+def clip_global_norm(grads: list, optimizer: keras.optimizers.Optimizer, clipnorm: float) -> list:
+    """Clips the whole global batch's gradient to norm `clipnorm`, as one device would.
+
+    Each replica holds its share of the gradient (the loss is divided by the global
+    batch), and the optimizer sums the shares. Keras's `global_clipnorm` clips each
+    share before that sum, which lets N replicas through at about N times the norm.
+    Here the shares are summed first, the sum is clipped, and each replica hands the
+    optimizer an equal 1/N of it, so any replica count trains like one device. This
+    costs a second all-reduce of the gradients, only when there are several replicas.
+    Under loss scaling the gradients are scaled, so the threshold is scaled too; an
+    inf gradient comes out NaN and the LossScaleOptimizer skips that step as before.
+    """
+    context = tf.distribute.get_replica_context()
+    replicas = context.num_replicas_in_sync if context else 1
+    # Dense gradients (the embedding's arrive as IndexedSlices): a char vocabulary is small.
+    grads = [tf.convert_to_tensor(g) for g in grads]
+    if replicas > 1:
+        grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+    threshold = tf.constant(clipnorm, tf.float32)
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        threshold = threshold * tf.cast(optimizer.dynamic_scale, tf.float32)
+    grads, _ = tf.clip_by_global_norm(grads, threshold)
+    if replicas > 1:
+        grads = [g / replicas for g in grads]
+    return grads

@@ -127,7 +127,7 @@ def _optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
         alpha=cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
         warmup_target=cfg.learning_rate, warmup_steps=warmup)
     # No global_clipnorm here: Keras would clip each replica's share of the gradient
-    # before summing them; `_clip_global` clips the summed gradient instead.
+    # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
     optimizer = keras.optimizers.Adam(schedule)
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -351,7 +351,7 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
     def replica_step(x, y):
         grads, sums = replica_gradients(x, y)
         if cfg.clipnorm:
-            grads = _clip_global(grads, optimizer, cfg.clipnorm)
+            grads = distribution.clip_global_norm(grads, optimizer, cfg.clipnorm)
         optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
         return sums
 
@@ -367,33 +367,6 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
     return train_step, eval_step
-
-
-def _clip_global(grads: list, optimizer: keras.optimizers.Optimizer, clipnorm: float) -> list:
-    """Clips the whole global batch's gradient to norm `clipnorm`, as one device would.
-
-    Each replica holds its share of the gradient (the loss is divided by the global
-    batch), and the optimizer sums the shares. Keras's `global_clipnorm` clips each
-    share before that sum, which lets N replicas through at about N times the norm.
-    Here the shares are summed first, the sum is clipped, and each replica hands the
-    optimizer an equal 1/N of it, so any replica count trains like one device. This
-    costs a second all-reduce of the gradients, only when there are several replicas.
-    Under loss scaling the gradients are scaled, so the threshold is scaled too; an
-    inf gradient comes out NaN and the LossScaleOptimizer skips that step as before.
-    """
-    context = tf.distribute.get_replica_context()
-    replicas = context.num_replicas_in_sync if context else 1
-    # Dense gradients (the embedding's arrive as IndexedSlices): a char vocabulary is small.
-    grads = [tf.convert_to_tensor(g) for g in grads]
-    if replicas > 1:
-        grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-    threshold = tf.constant(clipnorm, tf.float32)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        threshold = threshold * tf.cast(optimizer.dynamic_scale, tf.float32)
-    grads, _ = tf.clip_by_global_norm(grads, threshold)
-    if replicas > 1:
-        grads = [g / replicas for g in grads]
-    return grads
 
 
 def _evaluate(strategy, eval_step, dataset_fn) -> dict[str, float]:
