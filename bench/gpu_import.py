@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     del argv
     import keras
 
-    from bench import gpu_keras_torch as gpu
+    from bench import gpu_keras as gpu
     from trainer import checkpoints, models
 
     with open(FLAGS.results, encoding="utf-8") as f:
