@@ -199,31 +199,27 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def size(path: str) -> int:
-    """Returns the size of a file or object in bytes."""
+def _stat(path: str) -> tuple[int, str]:
+    """(size in bytes, version): the modification time (ns) of a local file, the
+    generation of a gs:// object (every overwrite makes a new one). No content is read."""
     if not is_gcs(path):
-        return os.path.getsize(path)
+        info = os.stat(path)
+        return info.st_size, str(info.st_mtime_ns)
     bucket, name = _split(path)
     blob = _client().bucket(bucket).get_blob(name, retry=_retry())
     if blob is None:
         raise FileNotFoundError(path)
-    return int(blob.size)
+    return int(blob.size), str(blob.generation)
+
+
+def size(path: str) -> int:
+    """Returns the size of a file or object in bytes."""
+    return _stat(path)[0]
 
 
 def fingerprint(path: str) -> str:
-    """A string that changes whenever the file's content may have changed.
-
-    Local files: size and modification time (ns). gs:// objects: size and generation
-    (every overwrite of an object makes a new generation). One metadata request, no read.
-    """
-    if not is_gcs(path):
-        info = os.stat(path)
-        return f"{info.st_size}:{info.st_mtime_ns}"
-    bucket, name = _split(path)
-    blob = _client().bucket(bucket).get_blob(name, retry=_retry())
-    if blob is None:
-        raise FileNotFoundError(path)
-    return f"{blob.size}:{blob.generation}"
+    """A string that changes whenever the file's content may have changed (size, version)."""
+    return ":".join(map(str, _stat(path)))
 
 
 def delete(path: str) -> None:
