@@ -48,8 +48,11 @@ class Config:
     steps_per_epoch: int = 0
     # Validation batches per evaluation; 0 = all validation windows.
     val_steps: int = 0
-    # Shards read at once; each batch mixes windows from this many shards.
+    # Pieces read at once; each batch mixes windows from this many pieces of the corpus.
     shard_cycle: int = 8
+    # Files are cut into pieces of about this many MB, each read by one range read
+    # (windows across a cut are dropped: about one per piece).
+    piece_mb: float = 4.0
     # Seed for shuffling, initialisation and per-epoch samples.
     seed: int = 42
 
@@ -125,6 +128,10 @@ class Config:
         return self.seq_length if self.objective == "sequence" else 1
 
     @property
+    def piece_bytes(self) -> int:
+        return int(self.piece_mb * 2**20)
+
+    @property
     def window(self) -> int:
         """Chars per training example: the inputs plus the one after them."""
         return self.seq_length + 1
@@ -142,6 +149,8 @@ class Config:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.piece_bytes < 64:
+            raise UserError(f"--piece_mb must be at least 64 bytes' worth, got {self.piece_mb}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.val_fraction < 1.0:

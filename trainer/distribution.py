@@ -112,3 +112,22 @@ def clip_global_norm(grads: list, optimizer: keras.optimizers.Optimizer, clipnor
     if replicas > 1:
         grads = [g / replicas for g in grads]
     return grads
+
+
+def sum_over_workers(strategy: tf.distribute.Strategy, place: Placement):
+    """A function that sums a float64 numpy array over all workers (identity for one).
+
+    Every worker must call it the same number of times with arrays of one shape: it is
+    one all-reduce. Each worker's first replica carries the array; the others add zeros.
+    """
+    if place.num_workers == 1:
+        return lambda values: values
+
+    def combine(values):
+        local = tf.constant(values, tf.float64)
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda ctx: local if ctx.replica_id_in_sync_group % place.replicas_per_worker == 0
+            else tf.zeros_like(local))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+    return combine

@@ -22,13 +22,11 @@ from typing import Any
 
 from absl import app, flags
 
-from trainer import storage, vocabulary
+from trainer import corpus_index, storage
 from trainer.config import Config
 from trainer.errors import UserError, describe
 
 FLAGS = flags.FLAGS
-# Tries at finding a data shard long enough for a prompt before giving up.
-_SHARD_TRIES = 5
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -84,39 +82,31 @@ def read_prompt(prime: str | None, prime_file: str | None) -> str | None:
 def data_prompt(cfg: Config, seed: int) -> tuple[str, str]:
     """Picks a random window of the job's validation text, as the 2017 tutorial did.
 
-    Without validation data configured the training text is used. Any failure to
+    The pieces come from the job's shards.json, and the window is one range read of
+    one piece. Without validation data the training text is used. Any failure to
     reach the data (moved files, no credentials) falls back to a newline.
 
     Args:
-      cfg: the job's config (data patterns, seq_length, lowercase).
-      seed: picks the shard and the window.
+      cfg: the job's config (job_dir, data patterns, seq_length, lowercase).
+      seed: picks the piece and the window.
 
     Returns:
       (prompt, a description of where it came from).
     """
     rng = random.Random(seed)
-    if cfg.val_data:
-        what, patterns, tail = "validation", cfg.val_data, None
-    elif cfg.val_fraction:
-        what, patterns, tail = "validation", cfg.train_data, cfg.val_fraction
-    else:
-        what, patterns, tail = "training", cfg.train_data, None
-    if not patterns:
-        return "\n", "a newline (the job names no data)"
+    what = "validation" if cfg.val_data or cfg.val_fraction else "training"
     try:
-        paths = storage.expand_patterns(patterns)
-        rng.shuffle(paths)
-        for path in paths[:_SHARD_TRIES]:
-            text, _ = vocabulary.decode(storage.read_bytes(path), cfg.lowercase)
-            # The same cut as input_pipeline.make_regions: the tail is validation.
-            begin = len(text) - int(len(text) * tail) if tail else 0
-            if len(text) - begin < 2:
-                continue
-            width = min(cfg.seq_length, len(text) - begin)
-            start = rng.randint(begin, len(text) - width)
-            return (text[start:start + width],
-                    f"a random {width}-char window of the {what} text {path}")
-        reason = "no shard is long enough"
+        known = corpus_index.read_record(
+            storage.read_text(storage.join(cfg.job_dir, corpus_index.SCAN_RECORD)),
+            cfg.lowercase, cfg.piece_bytes)
+        index = corpus_index.Index(list(known.values()), histogram=None)
+        train, val = corpus_index.make_regions(index, 2, cfg.val_fraction)
+        regions = val or train
+        region = regions[rng.randrange(len(regions))]
+        width = min(cfg.seq_length, region.length)
+        begin = rng.randint(0, region.length - width)
+        text = corpus_index.read_chars(region, begin, width, cfg.lowercase)
+        return text, f"a random {width}-char window of the {what} text {region.path}"
     except Exception as err:  # noqa: BLE001 - any failure means "no data reachable".
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return "\n", f"a newline (no {what} data reachable: {reason})"

@@ -1,43 +1,45 @@
-"""Streaming tf.data pipeline: lazy windows over sharded text.
+"""Streaming tf.data pipeline: lazy windows over bounded pieces of the corpus.
 
-Per shard: read its bytes through `storage`, decode and encode to the smallest
-integer dtype, then cut windows by a batched gather over shuffled start offsets.
-Only one chunk of windows per shard exists at a time; the corpus is never
-expanded into a (windows x length) array. Shards are interleaved so each batch
-mixes several of them, and every random choice is a stateless op seeded by
-(seed, pass, shard), so the stream is a pure function of the config and the
-step it starts from: a resumed job sees the batches it would have seen.
+Regions (`trainer.corpus_index`: pieces of a few MB of any file) are read one range
+at a time, decoded and encoded to the smallest integer dtype; windows are cut by a
+batched gather over shuffled start offsets. A worker holds at most
+`--shard_cycle` regions (plus the one being refilled), so memory does not grow
+with the corpus or with any one file. Every batch takes windows from
+`--shard_cycle` regions at once, in a rotation that refills a region's slot from
+the next region of the pass when it runs out, so a single-file corpus mixes as
+well as a sharded one.
+
+Everything is a pure function of (seed, pass, region): the order of regions in
+a pass, the order of each region's windows, and which windows make each batch.
+The plan of a pass is computed from window counts alone, so resuming at step s
+skips the batches before it without reading or gathering anything.
+
+Workers split the windows of a pass into contiguous, equal shares (they differ
+by at most one window), so every window is trained on by some worker, short of
+less than one global batch per pass. Evaluation pads its last batches with
+windows marked invalid (target -1), so each window is scored exactly once
+whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import itertools
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
-from trainer import storage, vocabulary
+from trainer import corpus_index, vocabulary
 from trainer.config import Config
-from trainer.errors import UserError
+from trainer.corpus_index import Region
 
-# Starts are shuffled within blocks of this many windows (and block order is
-# shuffled), so the permutation held per shard stays small however big the shard.
+# Window orders are shuffled within blocks of this many windows (and the blocks'
+# order is shuffled), so the permutation held per region stays small.
 SHUFFLE_BLOCK = 1 << 16
-
-
-@dataclasses.dataclass(frozen=True)
-class Region:
-    """A span [begin, end) of chars of one shard that windows are cut from."""
-
-    path: str
-    begin: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.begin
+# Targets of padded evaluation rows: scored as nothing.
+IGNORE = -1
 
 
 def num_windows(length: int, window: int, shift: int) -> int:
@@ -45,98 +47,195 @@ def num_windows(length: int, window: int, shift: int) -> int:
     return max(0, (length - window) // shift + 1)
 
 
-def make_regions(train: vocabulary.Scan, val: vocabulary.Scan | None,
-                 cfg: Config) -> tuple[list[Region], list[Region]]:
-    """Splits scanned shards into training and validation regions.
-
-    With `val` (from --val_data) whole shards go to each side; with
-    --val_fraction the tail of every shard is validation, and training windows
-    end before it, so no training window touches a validation char. Regions
-    shorter than one window are dropped with a warning.
-
-    Returns:
-      (train_regions, val_regions); val_regions is empty without validation.
-    """
-    train_regions, val_regions = [], []
-    for shard in train.shards:
-        cut = shard.chars - int(shard.chars * cfg.val_fraction)
-        train_regions.append(Region(shard.path, 0, cut))
-        if cfg.val_fraction:
-            val_regions.append(Region(shard.path, cut, shard.chars))
-    if val is not None:
-        val_regions = [Region(s.path, 0, s.chars) for s in val.shards]
-    train_regions = _keep_long_enough(train_regions, cfg.window, "training")
-    if not train_regions:
-        raise UserError(
-            f"no training shard holds one window of {cfg.window} chars "
-            f"({len(train.shards)} shard(s), {train.total_chars} chars in all)")
-    if val is not None or cfg.val_fraction:
-        val_regions = _keep_long_enough(val_regions, cfg.window, "validation")
-        if not val_regions:
-            raise UserError(f"no validation shard holds one window of {cfg.window} chars")
-    return train_regions, val_regions
-
-
-def _keep_long_enough(regions: list[Region], window: int, what: str) -> list[Region]:
-    kept = [r for r in regions if r.length >= window]
-    short = [r for r in regions if 0 < r.length < window]
-    if short:
-        logging.warning("skipping %d %s shard(s) shorter than one window of %d chars, e.g. %s",
-                        len(short), what, window, short[0].path)
-    return kept
+def load_region_ids(region: Region, vocab: vocabulary.Vocabulary, lowercase: bool,
+                    stream=None) -> np.ndarray:
+    """The ids of the region's chars: one range read (or the next bytes of a .gz stream)."""
+    return vocab.encode(corpus_index.read_text(region, lowercase, stream))
 
 
 @dataclasses.dataclass(frozen=True)
 class Sharding:
-    """How one worker's share of the data is chosen among `num_workers`."""
+    """This worker's place among `num_workers`: a contiguous share of every pass's windows."""
 
     worker: int = 0
     num_workers: int = 1
 
-    def regions(self, regions: Sequence[Region]) -> list[Region]:
-        """By file when every worker gets at least one shard, else all regions."""
-        if self.by_file(regions):
-            return list(regions[self.worker::self.num_workers])
-        return list(regions)
-
-    def by_file(self, regions: Sequence[Region]) -> bool:
-        return len(regions) >= self.num_workers
-
-    def window_stride(self, regions: Sequence[Region]) -> tuple[int, int]:
-        """(offset, stride) over each region's windows when sharding by window."""
-        if self.by_file(regions):
-            return 0, 1
-        return self.worker, self.num_workers
+    def share(self, regions: Sequence[Region], window: int, shift: int) -> list[Region]:
+        """The regions (cut where a share ends) whose windows are this worker's."""
+        counts = [num_windows(r.length, window, shift) for r in regions]
+        total = sum(counts)
+        lo = total * self.worker // self.num_workers
+        hi = total * (self.worker + 1) // self.num_workers
+        out, first = [], 0
+        for region, n in zip(regions, counts, strict=True):
+            a, b = max(lo - first, 0), min(hi - first, n)
+            if a < b:
+                end = region.begin + (b - 1) * shift + window
+                out.append(dataclasses.replace(region, begin=region.begin + a * shift, end=end))
+            first += n
+        return out
 
 
 def windows_per_worker(regions: Sequence[Region], window: int, shift: int,
-                       sharding: Sharding) -> list[int]:
-    """Windows each worker sees in one pass."""
-    counts = []
-    for worker in range(sharding.num_workers):
-        mine = Sharding(worker, sharding.num_workers)
-        offset, stride = mine.window_stride(regions)
-        counts.append(sum(len(range(offset, num_windows(r.length, window, shift), stride))
-                          for r in mine.regions(regions)))
-    return counts
+                       num_workers: int) -> list[int]:
+    """Windows each worker gets in one pass (they differ by at most one)."""
+    total = sum(num_windows(r.length, window, shift) for r in regions)
+    return [total * (w + 1) // num_workers - total * w // num_workers for w in range(num_workers)]
 
 
 def steps_per_pass(regions: Sequence[Region], window: int, shift: int, batch_size: int,
                    replicas_per_worker: int, sharding: Sharding) -> int:
-    """Steps every worker can take in one pass (the slowest worker decides).
+    """Steps every worker can take in one pass (all workers take the same number).
 
     Each worker must run the same number of steps, or the collectives of a
-    multi-worker job would wait forever; a pass drops the last partial batch.
+    multi-worker job would wait forever; a pass leaves out less than one global batch.
     """
-    return min(n // batch_size // replicas_per_worker
-               for n in windows_per_worker(regions, window, shift, sharding))
+    fewest = min(windows_per_worker(regions, window, shift, sharding.num_workers))
+    return fewest // (batch_size * replicas_per_worker)
 
 
-def _load_ids(vocab: vocabulary.Vocabulary, lowercase: bool):
-    def load(path: bytes, begin: int, end: int) -> np.ndarray:
-        text, _ = vocabulary.decode(storage.read_bytes(path.decode()), lowercase)
-        return vocab.encode(text[begin:end])
-    return load
+class _Order:
+    """A region's window indexes in shuffled order, produced block by block on demand."""
+
+    def __init__(self, count: int, seed: Sequence[int], shuffle: bool):
+        self.count, self.seed, self.shuffle = count, list(seed), shuffle
+        blocks = math.ceil(count / SHUFFLE_BLOCK)
+        self.blocks = (np.random.default_rng(self.seed).permutation(blocks) if shuffle
+                       else np.arange(blocks))
+        sizes = np.minimum(SHUFFLE_BLOCK, count - self.blocks * SHUFFLE_BLOCK)
+        self.ends = np.cumsum(sizes)
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def _block(self, i: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != i:
+            b = int(self.blocks[i])
+            lo, hi = b * SHUFFLE_BLOCK, min((b + 1) * SHUFFLE_BLOCK, self.count)
+            picks = np.arange(lo, hi)
+            if self.shuffle:
+                picks = np.random.default_rng(self.seed + [b + 1]).permutation(picks)
+            self._cached = (i, picks)
+        return self._cached[1]
+
+    def take(self, pos: int, count: int) -> np.ndarray:
+        out = []
+        while count > 0:
+            i = int(np.searchsorted(self.ends, pos, side="right"))
+            before = int(self.ends[i - 1]) if i else 0
+            part = self._block(i)[pos - before:pos - before + count]
+            out.append(part)
+            pos, count = pos + len(part), count - len(part)
+        return np.concatenate(out) if len(out) != 1 else out[0]
+
+
+def _units(regions: Sequence[Region]) -> list[list[int]]:
+    """Groups of region indexes read as one unit: each piece alone, a .gz file's in order."""
+    units: list[list[int]] = []
+    for i, r in enumerate(regions):
+        if r.compressed and units and regions[units[-1][-1]].path == r.path:
+            units[-1].append(i)
+        else:
+            units.append([i])
+    return units
+
+
+def plan(counts: Sequence[int], units: Sequence[Sequence[int]], rows: int, cycle: int,
+         seed: int, pass_index: int, shuffle: bool, partial: bool = False
+         ) -> Iterator[list[tuple[int, int, int]]]:
+    """The batches of one pass as (region, position in its order, windows) takes.
+
+    `cycle` slots each hold a unit; a batch takes about rows/cycle windows from each
+    slot in turn, and a slot that runs out is refilled from the next unit of the pass.
+    The last, partial batch is yielded only with `partial`.
+    """
+    order = list(range(len(units)))
+    if shuffle:
+        order = np.random.default_rng([seed, pass_index]).permutation(len(units)).tolist()
+    pending = iter([units[u] for u in order if any(counts[i] for i in units[u])])
+    slots: list[list] = []  # [region indexes left in the unit, position]
+
+    def fill() -> list | None:
+        unit = next(pending, None)
+        if unit is None:
+            return None
+        left = [i for i in unit if counts[i]]
+        return [left, 0]
+
+    for _ in range(min(cycle, len(units))):
+        slot = fill()
+        if slot is None:
+            break
+        slots.append(slot)
+    per_take = max(1, math.ceil(rows / max(len(slots), 1)))
+    turn = 0
+    while slots:
+        takes, need = [], rows
+        while need and slots:
+            turn %= len(slots)
+            slot = slots[turn]
+            region = slot[0][0]
+            n = min(per_take, need, counts[region] - slot[1])
+            takes.append((region, slot[1], n))
+            slot[1] += n
+            need -= n
+            if slot[1] == counts[region]:
+                slot[0].pop(0)
+                slot[1] = 0
+                if not slot[0]:
+                    refill = fill()
+                    if refill is None:
+                        slots.pop(turn)
+                        continue
+                    slots[turn] = refill
+            turn += 1
+        if need and not (partial and takes):
+            return
+        yield takes
+
+
+class _Windows:
+    """Reads regions and gathers the windows a plan names; holds a few regions at a time."""
+
+    def __init__(self, regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config,
+                 shift: int, shuffle: bool, keep: int):
+        self.regions, self.vocab, self.cfg = regions, vocab, cfg
+        self.shift, self.shuffle, self.keep = shift, shuffle, keep
+        self.window = np.arange(cfg.window)
+        self._ids: dict[int, np.ndarray] = {}
+        self._orders: dict[int, _Order] = {}
+        self._streams: dict[str, object] = {}
+
+    def _load(self, i: int, pass_index: int) -> tuple[np.ndarray, _Order]:
+        if i in self._ids:  # Most recently used last: what is evicted is a finished region.
+            self._ids[i] = self._ids.pop(i)
+        else:
+            while len(self._ids) >= self.keep:  # Forget the region used longest ago.
+                oldest = next(iter(self._ids))
+                del self._ids[oldest], self._orders[oldest]
+            region = self.regions[i]
+            stream = None
+            if region.compressed:
+                stream = self._streams.get(region.path)
+                if stream is None or stream.tell() > region.start:
+                    if len(self._streams) > self.keep:
+                        self._streams.pop(next(iter(self._streams))).close()
+                    stream = self._streams[region.path] = corpus_index.open_compressed(
+                        region.path)
+            self._ids[i] = load_region_ids(region, self.vocab, self.cfg.lowercase, stream)
+            count = num_windows(region.length, self.cfg.window, self.shift)
+            self._orders[i] = _Order(count, [self.cfg.seed, pass_index, i], self.shuffle)
+        return self._ids[i], self._orders[i]
+
+    def gather(self, takes: list[tuple[int, int, int]], pass_index: int) -> np.ndarray:
+        parts = []
+        for i, pos, n in takes:
+            ids, order = self._load(i, pass_index)
+            starts = order.take(pos, n) * self.shift
+            parts.append(ids[starts[:, None] + self.window])
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def new_pass(self) -> None:
+        self._ids.clear()
+        self._orders.clear()
 
 
 def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config, *,
@@ -152,10 +251,11 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
       batch_size: windows per element (the per-replica batch).
       shift: stride between window starts.
       steps: steps in one pass (from `steps_per_pass`); each pass yields exactly
-        steps * replicas_per_worker elements.
+        steps * replicas_per_worker elements, padded with invalid rows (targets -1)
+        when this worker's share runs out first (evaluation).
       replicas_per_worker: replicas fed by this worker's pipeline.
       sharding: this worker's place among the workers.
-      shuffle: shuffle shard order and starts (per pass); False for evaluation.
+      shuffle: shuffle region order and window order (per pass); False for evaluation.
       start_step: global step to start at, for resuming mid-run.
       repeat: endless passes (training) or just one (evaluation).
 
@@ -163,78 +263,60 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
       A dataset of (x, y) int32 batches: x is (batch, seq_length); y is the same
       shape for the 'sequence' objective, (batch,) for 'last'.
     """
-    mine = sharding.regions(regions)
-    offset, stride = sharding.window_stride(regions)
-    window = cfg.window
-    id_dtype = tf.as_dtype(vocab.dtype)
-    paths = tf.constant([r.path for r in mine])
-    begins = tf.constant([r.begin for r in mine], tf.int64)
-    ends = tf.constant([r.end for r in mine], tf.int64)
-    load = _load_ids(vocab, cfg.lowercase)
+    mine = sharding.share(regions, cfg.window, shift)
+    counts = [num_windows(r.length, cfg.window, shift) for r in mine]
+    units = _units(mine)
     # Sized by the worker's batch, not the replica's, so the stream of windows is the
     # same however many replicas split it: mirrored training sees one-device batches.
-    chunk = max(1, batch_size * replicas_per_worker // min(cfg.shard_cycle, len(mine)))
-    per_pass = steps * replicas_per_worker
-
-    def seed(*parts) -> tf.Tensor:
-        mixed = tf.constant(cfg.seed, tf.int64)
-        for part in parts:
-            mixed = mixed * 1_000_003 + tf.cast(part, tf.int64)
-        return tf.stack([tf.constant(cfg.seed, tf.int64), mixed])
-
-    def region_windows(index: tf.Tensor, pass_index: tf.Tensor) -> tf.data.Dataset:
-        ids = tf.numpy_function(load, [paths[index], begins[index], ends[index]], id_dtype,
-                                stateful=False)
-        ids.set_shape([None])
-        count = (tf.shape(ids, out_type=tf.int64)[0] - window) // shift + 1
-        starts_count = tf.maximum(tf.constant(0, tf.int64), (count - offset + stride - 1) // stride)
-        blocks = (starts_count + SHUFFLE_BLOCK - 1) // SHUFFLE_BLOCK
-        order = tf.range(blocks)
-        if shuffle:
-            order = tf.random.experimental.stateless_shuffle(order, seed(pass_index, index))
-
-        def block_chunks(block: tf.Tensor) -> tf.data.Dataset:
-            lo = block * SHUFFLE_BLOCK
-            picks = tf.range(lo, tf.minimum(lo + SHUFFLE_BLOCK, starts_count))
-            if shuffle:
-                picks = tf.random.experimental.stateless_shuffle(
-                    picks, seed(pass_index, index, block + 1))
-            starts = (picks * stride + offset) * shift
-            n_chunks = (tf.size(starts, out_type=tf.int64) + chunk - 1) // chunk
-
-            def gather(j: tf.Tensor) -> tf.Tensor:
-                some = starts[j * chunk:(j + 1) * chunk]
-                return tf.gather(ids, some[:, None] + tf.range(window, dtype=tf.int64))
-            return tf.data.Dataset.range(n_chunks).map(gather)
-
-        return tf.data.Dataset.from_tensor_slices(order).flat_map(block_chunks)
-
-    def one_pass(pass_index: tf.Tensor) -> tf.data.Dataset:
-        order = tf.range(len(mine), dtype=tf.int64)
-        if shuffle:
-            order = tf.random.experimental.stateless_shuffle(order, seed(pass_index))
-        # A sequential interleave: a parallel one also opens shards ahead of the cycle,
-        # which held twice the shards in memory (bench/input_pipeline.py's RSS figures)
-        # and was no faster, since a gather over ids in memory is cheap. A sequential
-        # interleave is deterministic (tf.data warns if told so without parallel calls).
-        ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-            lambda i: region_windows(i, pass_index),
-            cycle_length=min(cfg.shard_cycle, len(mine)))
-        return ds.rebatch(batch_size, drop_remainder=True).take(per_pass)
-
+    rows = batch_size * replicas_per_worker
+    cycle = max(1, min(cfg.shard_cycle, len(units)))
     first_pass, skip = divmod(start_step, steps) if steps else (0, 0)
-    passes = tf.data.Dataset.range(first_pass, first_pass + 1 if not repeat else 2**62)
-    ds = passes.flat_map(one_pass).skip(skip * replicas_per_worker)
-    ds = ds.map(lambda w: _to_example(w, cfg.objective), num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    dtype = vocab.dtype
+
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        reader = _Windows(mine, vocab, cfg, shift, shuffle, keep=cycle + 1)
+        pass_index = first_pass
+        while True:
+            reader.new_pass()
+            batches = plan(counts, units, rows, cycle, cfg.seed, pass_index, shuffle,
+                           partial=not repeat)
+            done = skip if pass_index == first_pass else 0
+            for _ in range(done):
+                next(batches, None)
+            for takes in itertools.islice(batches, steps - done):
+                yield from _split(reader.gather(takes, pass_index), batch_size, rows, dtype)
+                done += 1
+            for _ in range(steps - done):  # Evaluation: this worker's share ran out first.
+                yield from _split(np.zeros((0, cfg.window), dtype), batch_size, rows, dtype)
+            pass_index += 1
+            if not repeat:
+                return
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec([batch_size, cfg.window], tf.as_dtype(dtype)),
+        tf.TensorSpec([batch_size], tf.bool)))
+    ds = ds.map(lambda w, valid: _to_example(w, valid, cfg.objective),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = True
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
-def _to_example(windows: tf.Tensor, objective: str) -> tuple[tf.Tensor, tf.Tensor]:
+def _split(windows: np.ndarray, batch_size: int, rows: int, dtype
+           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One worker batch as per-replica batches; missing rows are padding, marked invalid."""
+    valid = np.arange(rows) < len(windows)
+    if len(windows) < rows:
+        windows = np.concatenate([windows, np.zeros((rows - len(windows),) + windows.shape[1:],
+                                                    dtype)])
+    for lo in range(0, rows, batch_size):
+        yield windows[lo:lo + batch_size], valid[lo:lo + batch_size]
+
+
+def _to_example(windows: tf.Tensor, valid: tf.Tensor, objective: str
+                ) -> tuple[tf.Tensor, tf.Tensor]:
     windows = tf.cast(windows, tf.int32)
     if objective == "last":
-        return windows[:, :-1], windows[:, -1]
-    return windows[:, :-1], windows[:, 1:]
+        return windows[:, :-1], tf.where(valid, windows[:, -1], IGNORE)
+    return windows[:, :-1], tf.where(valid[:, None], windows[:, 1:], IGNORE)

@@ -16,9 +16,9 @@ from absl import logging
 from trainer import checkpoints, storage, uploads
 from trainer import platform as cloud
 from trainer.config import Config
+from trainer.corpus_index import Region, read_chars
 from trainer.distribution import Placement
-from trainer.input_pipeline import Region
-from trainer.vocabulary import Vocabulary, decode
+from trainer.vocabulary import Vocabulary
 
 
 class Reporter:
@@ -45,9 +45,7 @@ class Reporter:
         """The start of the validation text, or a newline without validation data."""
         if not regions or not self.cfg.sample_length:
             return "\n"
-        region = regions[0]
-        text, _ = decode(storage.read_bytes(region.path), self.cfg.lowercase)
-        return text[region.begin:region.begin + self.cfg.seq_length]
+        return read_chars(regions[0], 0, self.cfg.seq_length, self.cfg.lowercase)
 
     def sample(self) -> str:
         """A sample from the current weights (empty when --sample_length=0)."""

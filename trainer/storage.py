@@ -43,11 +43,6 @@ def is_gcs(path: str) -> bool:
     return path.startswith(_GS)
 
 
-def local_path_for(path: str) -> str | None:
-    """Returns `path` if it is local, None for gs:// paths."""
-    return None if is_gcs(path) else path
-
-
 def join(base: str, *parts: str) -> str:
     """Joins path components; gs:// paths always use '/'."""
     if is_gcs(base):
@@ -153,6 +148,35 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
+def read_range(path: str, start: int, stop: int) -> bytes:
+    """Returns bytes [start, stop) of a file or object (fewer at its end), in one read.
+
+    gs:// uses a ranged download (no checksum is computed on a range).
+    """
+    if stop <= start:
+        return b""
+    if not is_gcs(path):
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    try:
+        return _blob(path).download_as_bytes(start=start, end=stop - 1, retry=_retry())
+    except _not_found() as e:
+        raise FileNotFoundError(path) from e
+
+
+def open_read(path: str) -> BinaryIO:
+    """A buffered binary reader over a file or object, for streaming it front to back."""
+    if not is_gcs(path):
+        return open(path, "rb")
+    blob = _blob(path)
+    try:
+        blob.reload(retry=_retry())
+    except _not_found() as e:
+        raise FileNotFoundError(path) from e
+    return blob.open("rb", chunk_size=8 * _CHUNK, retry=_retry())
+
+
 def _atomic_local(path: str, fill: Callable[[BinaryIO], None]) -> None:
     """Writes `path` via a temp file in the same dir, so readers never see half a file."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -174,15 +198,6 @@ def _atomic_local(path: str, fill: Callable[[BinaryIO], None]) -> None:
         raise
 
 
-def _write_bytes(path: str, data: bytes, retry_timeout: float | None = None) -> None:
-    if not is_gcs(path):
-        _atomic_local(path, lambda f: f.write(data))
-        return
-    # Explicit retry: uploads without if_generation_match are not retried by
-    # default, but ours are idempotent overwrites.
-    _blob(path).upload_from_string(data, retry=_retry(retry_timeout))
-
-
 def write_bytes(path: str, data: bytes, retry_timeout: float | None = None) -> None:
     """Writes `data` to `path`; local writes are atomic and create parent dirs.
 
@@ -191,7 +206,12 @@ def write_bytes(path: str, data: bytes, retry_timeout: float | None = None) -> N
       data: the bytes.
       retry_timeout: cap on the client library's own retries (gs:// only).
     """
-    _write_bytes(path, data, retry_timeout)
+    if not is_gcs(path):
+        _atomic_local(path, lambda f: f.write(data))
+        return
+    # Explicit retry: uploads without if_generation_match are not retried by
+    # default, but ours are idempotent overwrites.
+    _blob(path).upload_from_string(data, retry=_retry(retry_timeout))
 
 
 def write_text(path: str, text: str) -> None:
@@ -199,7 +219,7 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def _stat(path: str) -> tuple[int, str]:
+def stat(path: str) -> tuple[int, str]:
     """(size in bytes, version): the modification time (ns) of a local file, the
     generation of a gs:// object (every overwrite makes a new one). No content is read."""
     if not is_gcs(path):
@@ -214,12 +234,12 @@ def _stat(path: str) -> tuple[int, str]:
 
 def size(path: str) -> int:
     """Returns the size of a file or object in bytes."""
-    return _stat(path)[0]
+    return stat(path)[0]
 
 
 def fingerprint(path: str) -> str:
     """A string that changes whenever the file's content may have changed (size, version)."""
-    return ":".join(map(str, _stat(path)))
+    return ":".join(map(str, stat(path)))
 
 
 def delete(path: str) -> None:
@@ -330,7 +350,14 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
     return list(out)
 
 
-def _copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
+def copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
+    """Copies one file between any mix of local and gs:// paths (local dst is atomic).
+
+    Args:
+      src: the file to copy.
+      dst: where it goes; a local destination is written atomically.
+      retry_timeout: cap on the client library's own retries (gs:// only).
+    """
     if not is_gcs(src) and not is_gcs(dst):
         with open(src, "rb") as f_in:
             _atomic_local(dst, lambda f_out: shutil.copyfileobj(f_in, f_out, _CHUNK))
@@ -356,17 +383,6 @@ def _copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
                     break
         except _not_found() as e:
             raise FileNotFoundError(src) from e
-
-
-def copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
-    """Copies one file between any mix of local and gs:// paths (local dst is atomic).
-
-    Args:
-      src: the file to copy.
-      dst: where it goes; a local destination is written atomically.
-      retry_timeout: cap on the client library's own retries (gs:// only).
-    """
-    _copy_file(src, dst, retry_timeout)
 
 
 def upload_dir(local_dir: str, remote_dir: str) -> list[str]:

@@ -21,11 +21,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, distribution, input_pipeline, models, storage
+from trainer import checkpoints, corpus_index, distribution, input_pipeline, models, storage
 from trainer.config import Config, incompatibilities
 from trainer.errors import UserError
 from trainer.reporting import Reporter
-from trainer.vocabulary import SCAN_RECORD, Vocabulary, recorded_shards, scan, scan_record
+from trainer.vocabulary import Vocabulary
 
 
 class PreemptedError(Exception):
@@ -73,34 +73,24 @@ class _StopSignal:
             signal.signal(signum, previous)
 
 
-def _prepare_data(cfg: Config, job: checkpoints.JobDir):
-    """Scans the shards, and loads or builds the vocabulary.
+def _prepare_data(cfg: Config, job: checkpoints.JobDir, strategy, place):
+    """Scans the corpus (split across workers), and loads or builds the vocabulary.
 
-    A resumed job (vocab.json present) reads again only the shards whose fingerprint
+    A resumed job (vocab.json present) reads again only the files whose fingerprint
     changed since the scan recorded in shards.json; a restart on a large bucket corpus
-    then costs one metadata request per shard instead of a full read.
+    then costs one metadata request per file instead of a full read.
     """
     saved = job.read("vocab.json")
-    known = recorded_shards(job.read(SCAN_RECORD), cfg.lowercase) if saved else {}
-    train_scan = scan(storage.expand_patterns(cfg.train_data), cfg.lowercase, "training", known)
-    val_scan = (scan(storage.expand_patterns(cfg.val_data), cfg.lowercase, "validation", known)
-                if cfg.val_data else None)
-    scans = [train_scan] + ([val_scan] if val_scan else [])
-    reused, total = sum(s.reused for s in scans), sum(len(s.shards) for s in scans)
-    gone = set(known) - {shard.path for s in scans for shard in s.shards}
-    if reused:
-        logging.info("%d of %d shard(s) unchanged since the last scan (%s): not read again",
-                     reused, total, SCAN_RECORD)
-    if known and (reused < total or gone):
-        logging.warning("%d shard(s) changed, appeared or disappeared since the last scan; the "
-                        "data order of this resumed run differs from an unbroken one",
-                        total - reused + len(gone))
-    if reused < total or gone:
-        job.write(SCAN_RECORD, scan_record(scans, cfg.lowercase))
+    index = corpus_index.prepare(
+        storage.expand_patterns(cfg.train_data),
+        storage.expand_patterns(cfg.val_data) if cfg.val_data else [],
+        lowercase=cfg.lowercase, piece_bytes=cfg.piece_bytes, read=job.read, write=job.write,
+        reuse=saved is not None, worker=place.worker, num_workers=place.num_workers,
+        combine=distribution.sum_over_workers(strategy, place))
     vocab = (Vocabulary.from_json(saved) if saved
-             else Vocabulary.from_counts(train_scan.counts, cfg.lowercase))
-    train_regions, val_regions = input_pipeline.make_regions(train_scan, val_scan, cfg)
-    return vocab, train_regions, val_regions, train_scan.total_chars
+             else Vocabulary.from_counts(index.counts, cfg.lowercase))
+    train_regions, val_regions = corpus_index.make_regions(index, cfg.window, cfg.val_fraction)
+    return vocab, train_regions, val_regions, sum(f.chars for f in index.split("train"))
 
 
 def _check_jit_compile(cfg: Config) -> None:
@@ -155,26 +145,29 @@ def train(cfg: Config) -> dict[str, Any]:
                  cfg.batch_size, place.replicas, global_batch)
     job = checkpoints.JobDir(cfg.job_dir, cfg.local_dir, writer=place.is_chief)
     _check_job_dir(cfg, job)
-    vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job)
+    vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job, strategy, place)
     sharding = input_pipeline.Sharding(place.worker, place.num_workers)
     pass_steps = input_pipeline.steps_per_pass(
         train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding)
     if pass_steps < 1:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
+    crossing, windows = corpus_index.crossing_windows(train_regions, cfg.window, cfg.shift)
+    logging.info("a pass trains on %d of %d windows: %d (%.3f%%) cross a piece boundary, %d do "
+                 "not fill the last global batch", pass_steps * global_batch, windows + crossing,
+                 crossing, 100 * crossing / max(windows + crossing, 1),
+                 windows - pass_steps * global_batch)
     steps_per_epoch = cfg.steps_per_epoch or pass_steps
     val_steps, val_batch = 0, cfg.batch_size
     if val_regions:
-        # A validation set smaller than one batch is still used, in smaller batches.
-        fewest = min(input_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
-                                                       sharding))
-        val_batch = max(1, min(cfg.batch_size, fewest // place.replicas_per_worker))
-        val_steps = input_pipeline.steps_per_pass(
-            val_regions, cfg.window, cfg.seq_length, val_batch, place.replicas_per_worker,
-            sharding)
-        if val_steps < 1:
-            raise UserError(f"the validation data holds fewer windows of {cfg.window} chars "
-                            f"than there are replicas ({place.replicas})")
+        # Every validation window is scored once: each worker's share is padded with
+        # invalid rows up to the largest share, in batches no larger than needed.
+        most = max(input_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
+                                                     place.num_workers))
+        if most < 1:
+            raise UserError(f"the validation data holds no window of {cfg.window} chars")
+        val_batch = max(1, min(cfg.batch_size, -(-most // place.replicas_per_worker)))
+        val_steps = -(-most // (val_batch * place.replicas_per_worker))
         val_steps = min(val_steps, cfg.val_steps or val_steps)
     total_steps = cfg.epochs * steps_per_epoch
     logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); windows of %d "
@@ -327,10 +320,13 @@ def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
         logits = model(x, training=training)
         if cfg.objective == "last":
             logits = logits[:, -1]
-        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        # Padding rows of an evaluation (target -1, see input_pipeline) count as nothing.
+        valid = tf.cast(y >= 0, tf.float32)
+        y = tf.maximum(y, 0)
+        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True) * valid
         correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
-        count = tf.cast(tf.size(y), tf.float32)
-        return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct), count])
+        return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * valid),
+                                 tf.reduce_sum(valid)])
 
     def gradients(x, y):
         with tf.GradientTape() as tape:

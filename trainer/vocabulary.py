@@ -1,8 +1,8 @@
 """Text decoding and the character vocabulary.
 
 Text is decoded as UTF-8 (invalid bytes become U+FFFD and are counted), `\\r\\n`
-becomes `\\n`, and each Unicode code point is one token. The vocabulary is built
-in one streaming pass over the training shards, holding one shard at a time.
+becomes `\\n`, and each Unicode code point is one token. The vocabulary comes from
+character counts that `trainer.corpus_index` gathers while it scans the corpus.
 
 Ids: 0 is reserved for out-of-vocabulary characters (chars seen only in
 validation data or in a prompt); the training chars take ids 1..N in code-point
@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import codecs
 import collections
-import concurrent.futures
-import dataclasses
 import json
 import threading
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from absl import logging
 
 from trainer import storage
 from trainer.errors import UserError
@@ -66,114 +63,35 @@ def code_points(text: str) -> Iterable[np.ndarray]:
         yield np.frombuffer(text[start:start + _CHUNK].encode("utf-32-le"), dtype="<u4")
 
 
-@dataclasses.dataclass
-class ShardInfo:
-    """What one scanning pass learned about a shard."""
+def char_histogram(text: str) -> np.ndarray:
+    """Counts of every code point in `text` (index = code point), in linear time.
 
-    path: str
-    chars: int
-    invalid_bytes: int = 0
-    nul_chars: int = 0
-    # storage.fingerprint of the shard when it was read ("" if not taken).
-    fingerprint: str = ""
-
-
-@dataclasses.dataclass
-class Scan:
-    """Result of one streaming pass over a set of shards."""
-
-    shards: list[ShardInfo]
-    counts: collections.Counter
-    # How many shards were taken from `known` instead of being read.
-    reused: int = 0
-
-    @property
-    def total_chars(self) -> int:
-        return sum(s.chars for s in self.shards)
-
-
-_STAT_THREADS = 16
-# The job directory's record of the last scan, so a resumed job need not read every shard.
-SCAN_RECORD = "shards.json"
-
-
-def scan_text_counts(text: str) -> collections.Counter:
-    """Counts the characters of one decoded text, chunk by chunk."""
-    counts: collections.Counter = collections.Counter()
-    for cps in code_points(text):
-        values, freq = np.unique(cps, return_counts=True)
-        counts.update(dict(zip((chr(v) for v in values.tolist()), freq.tolist(), strict=True)))
-    return counts
-
-
-def scan(paths: Sequence[str], lowercase: bool = False, what: str = "training",
-         known: dict[str, ShardInfo] | None = None) -> Scan:
-    """Reads each shard once, counting characters, and warns once about bad bytes.
-
-    Args:
-      paths: shard paths (local or gs://).
-      lowercase: apply the same normalisation the job will use.
-      what: how the shards are named in warnings ("training", "validation").
-      known: shards scanned before (by path, with the same `lowercase`): one whose
-        fingerprint still matches is not read again. Its chars are not counted, so
-        pass `known` only when the vocabulary already exists.
-
-    Returns:
-      A Scan with per-shard sizes and the char counts over the shards read.
+    ASCII text is counted straight from its bytes; other text chunk by chunk as
+    code points, so a long non-ASCII text never needs a whole utf-32 copy.
     """
-    counts: collections.Counter = collections.Counter()
-    shards = []
-    reused = 0
-    # One metadata request per gs:// shard: many at once, as a listing would be.
-    with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:
-        stamps = list(pool.map(storage.fingerprint, paths))
-    for path, stamp in zip(paths, stamps, strict=True):
-        before = (known or {}).get(path)
-        if before is not None and before.fingerprint == stamp:
-            shards.append(before)
-            reused += 1
-            continue
-        text, invalid = decode(storage.read_bytes(path), lowercase)
-        counts.update(scan_text_counts(text))
-        shards.append(ShardInfo(path=path, chars=len(text), invalid_bytes=invalid,
-                                nul_chars=text.count("\0"), fingerprint=stamp))
-        del text
-    _warn_about(shards, what)
-    return Scan(shards=shards, counts=counts, reused=reused)
+    if text.isascii():
+        return np.bincount(np.frombuffer(text.encode("ascii"), np.uint8))
+    total = np.zeros(0, np.int64)
+    for cps in code_points(text):
+        counts = np.bincount(cps)
+        if len(counts) > len(total):
+            counts[:len(total)] += total
+            total = counts
+        else:
+            total[:len(counts)] += counts
+    return total
 
 
-def _warn_about(shards: Sequence[ShardInfo], what: str) -> None:
-    empty = [s.path for s in shards if s.chars == 0]
-    if empty:
-        logging.warning("skipping %d empty %s shard(s), e.g. %s", len(empty), what, empty[0])
-    invalid = [s for s in shards if s.invalid_bytes]
-    if invalid:
-        logging.warning("%d invalid UTF-8 byte(s) in %d %s shard(s) were replaced by U+FFFD "
-                        "(e.g. %s)", sum(s.invalid_bytes for s in invalid), len(invalid), what,
-                        invalid[0].path)
-    binary = [s.path for s in shards if s.nul_chars]
-    if binary:
-        logging.warning("%d %s shard(s) contain NUL bytes and may be binary files (e.g. %s); "
-                        "they are used as text", len(binary), what, binary[0])
+def histogram_counts(histogram: np.ndarray) -> collections.Counter:
+    """A `char_histogram` as a Counter of the characters that occur."""
+    present = np.flatnonzero(histogram)
+    return collections.Counter(dict(zip((chr(c) for c in present.tolist()),
+                                        histogram[present].tolist(), strict=True)))
 
 
-def scan_record(scans: Sequence[Scan], lowercase: bool) -> str:
-    """JSON of every scanned shard (path, fingerprint, chars, ...), for `recorded_shards`."""
-    return json.dumps({"lowercase": lowercase, "shards": [
-        dataclasses.asdict(shard) for s in scans for shard in s.shards]}, indent=1) + "\n"
-
-
-def recorded_shards(text: str | None, lowercase: bool) -> dict[str, ShardInfo]:
-    """The shards in a `scan_record`, by path; none if there is no record, it is
-    unreadable, or it was made with another `lowercase` (which changes what a scan counts)."""
-    try:
-        data = json.loads(text) if text else {}
-        if data.get("lowercase") != lowercase:
-            return {}
-        return {s["path"]: ShardInfo(**s) for s in data.get("shards", [])}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        logging.warning("ignoring an unreadable %s: scanning every shard", SCAN_RECORD)
-        return {}
+def count_chars(text: str) -> collections.Counter:
+    """The characters of one decoded text and how often each occurs."""
+    return histogram_counts(char_histogram(text))
 
 
 class Vocabulary:

@@ -1,0 +1,436 @@
+"""The corpus index: text files cut into bounded pieces, with their lengths and fingerprints.
+
+A file is cut into pieces of about `piece_bytes` bytes, each read later by one
+range read, so nothing ever holds a whole file however large it is. Cuts are moved
+forward to the next UTF-8 character start (and past the `\\n` of a `\\r\\n`), so
+decoding piece by piece gives exactly the text of decoding the whole file, and no
+byte is decoded twice. A `.gz` file cannot be read by ranges: it is one stream,
+cut into pieces of its decompressed bytes, read front to back.
+
+The scan reads each byte once per job: the pieces to scan are split among the
+workers (and among threads within each), each counts its characters with a
+histogram over code points, and one sum across workers (`combine`) gives every
+worker the whole index. `shards.json` in the job directory records it, so a
+restart re-reads only files whose fingerprint (size and version) changed.
+
+`make_regions` turns the index into the spans that windows are cut from; windows
+that would cross a piece boundary are dropped, and the log says how many.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import gzip
+import json
+import math
+import os
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from absl import logging
+
+from trainer import storage, vocabulary
+from trainer.errors import UserError
+
+SCAN_RECORD = "shards.json"
+_RECORD_VERSION = 2
+_STAT_THREADS = 16
+# UTF-8 puts at most 3 continuation bytes after a lead byte: a cut moves at most that far.
+_MAX_CONTINUATION = 3
+_LOOKAHEAD = _MAX_CONTINUATION + 1
+
+Combine = Callable[[np.ndarray], np.ndarray]
+
+
+def _alone(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def is_compressed(path: str) -> bool:
+    return path.endswith(".gz")
+
+
+@dataclasses.dataclass
+class FileInfo:
+    """What the scan learned about one file."""
+
+    path: str
+    split: str  # "train" or "val"
+    fingerprint: str
+    compressed: bool = False
+    # (start byte, stop byte, chars) per piece; bytes of the decompressed stream for .gz.
+    pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    invalid_bytes: int = 0
+    nul_chars: int = 0
+
+    @property
+    def chars(self) -> int:
+        return sum(p[2] for p in self.pieces)
+
+
+@dataclasses.dataclass
+class Index:
+    """The result of a scan over the training and validation files."""
+
+    files: list[FileInfo]
+    # Character counts over the training files this scan read (for a new vocabulary).
+    histogram: np.ndarray
+    reused: int = 0
+    bytes_read: int = 0  # By this worker.
+
+    def split(self, name: str) -> list[FileInfo]:
+        return [f for f in self.files if f.split == name]
+
+    @property
+    def counts(self) -> collections.Counter:
+        return vocabulary.histogram_counts(self.histogram)
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """Chars [begin, end) of one piece, the span windows are cut from.
+
+    `start`/`stop` are the piece's bytes in its file; `offset` is the number of
+    chars of the file before the piece.
+    """
+
+    path: str
+    start: int
+    stop: int
+    begin: int
+    end: int
+    offset: int = 0
+    compressed: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.end - self.begin
+
+
+def boundary(data: bytes, i: int) -> int:
+    """The first cut at or after `data[i]` that splits no character and no `\\r\\n`."""
+    moved = 0
+    while i < len(data) and moved < _MAX_CONTINUATION and data[i] & 0xC0 == 0x80:
+        i, moved = i + 1, moved + 1
+    if 0 < i < len(data) and data[i - 1] == 0x0D and data[i] == 0x0A:
+        i += 1
+    return i
+
+
+@dataclasses.dataclass
+class _Piece:
+    start: int
+    stop: int
+    chars: int
+    histogram: np.ndarray
+    invalid: int
+    nul: int
+
+
+def _measure(data: bytes, start: int, lowercase: bool) -> _Piece:
+    text, invalid = vocabulary.decode(data, lowercase)
+    histogram = vocabulary.char_histogram(text)
+    nul = int(histogram[0]) if len(histogram) else 0
+    return _Piece(start, start + len(data), len(text), histogram, invalid, nul)
+
+
+def _scan_piece(path: str, size: int, k: int, piece_bytes: int, lowercase: bool) -> _Piece:
+    """Reads piece `k` of a plain file (and the few bytes around it that place its cuts)."""
+    nominal, nominal_end = k * piece_bytes, (k + 1) * piece_bytes
+    lo, hi = max(0, nominal - 1), min(size, nominal_end + _LOOKAHEAD)
+    data = storage.read_range(path, lo, hi)
+    start = 0 if k == 0 else lo + boundary(data, nominal - lo)
+    stop = size if nominal_end >= size else lo + boundary(data, nominal_end - lo)
+    return _measure(data[start - lo:stop - lo], start, lowercase)
+
+
+def open_compressed(path: str) -> gzip.GzipFile:
+    return gzip.GzipFile(fileobj=storage.open_read(path), mode="rb")
+
+
+def _scan_gzip(path: str, piece_bytes: int, lowercase: bool) -> list[_Piece]:
+    """Streams a .gz file once, cutting its decompressed bytes into pieces."""
+    pieces, buffer, position = [], b"", 0
+    try:
+        with open_compressed(path) as stream:
+            while True:
+                more = stream.read(piece_bytes + _LOOKAHEAD - len(buffer))
+                buffer += more
+                if not buffer:
+                    break
+                cut = len(buffer) if not more else boundary(buffer, min(piece_bytes, len(buffer)))
+                pieces.append(_measure(buffer[:cut], position, lowercase))
+                position, buffer = position + cut, buffer[cut:]
+    except (OSError, EOFError, zlib.error) as err:
+        raise UserError(f"{path} is not a readable gzip file: {err}") from err
+    return pieces
+
+
+def _tasks(files: Sequence[FileInfo], sizes: dict[str, int],
+           piece_bytes: int) -> list[tuple[int, int]]:
+    """(file index, piece number or -1 for a whole .gz stream) for every piece to scan."""
+    tasks = []
+    for i, info in enumerate(files):
+        if info.compressed:
+            tasks.append((i, -1))
+        else:
+            tasks += [(i, k) for k in range(math.ceil(sizes[info.path] / piece_bytes))]
+    return tasks
+
+
+def scan(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
+         piece_bytes: int, known: dict[str, FileInfo] | None = None, worker: int = 0,
+         num_workers: int = 1, combine: Combine = _alone, threads: int = 0) -> Index:
+    """Cuts the files into pieces and counts their characters, each byte read once.
+
+    Args:
+      train_paths, val_paths: the expanded data patterns (local or gs://).
+      lowercase: the job's normalisation.
+      piece_bytes: the nominal piece size.
+      known: files from an earlier scan (`read_record`); one whose fingerprint still
+        matches is not read again (its chars are not counted: pass `known` only when
+        the vocabulary already exists).
+      worker, num_workers: this process's share of the pieces to scan.
+      combine: sums an array over all workers (every worker calls it the same times).
+      threads: reading threads on this machine; 0 = one per CPU (at least 4).
+
+    Returns:
+      The whole index, the same on every worker.
+    """
+    paths = [(p, "train") for p in train_paths] + [(p, "val") for p in val_paths]
+    with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:
+        stats = list(pool.map(storage.stat, [p for p, _ in paths]))
+    files, todo, reused, sizes = [], [], 0, {}
+    for (path, split), (size, version) in zip(paths, stats, strict=True):
+        stamp = f"{size}:{version}"
+        before = (known or {}).get(path)
+        if before is not None and before.fingerprint == stamp:
+            files.append(dataclasses.replace(before, split=split))
+            reused += 1
+        else:
+            files.append(FileInfo(path, split, stamp, is_compressed(path)))
+            todo.append(len(files) - 1)
+            sizes[path] = size
+    tasks = _tasks([files[i] for i in todo], sizes, piece_bytes)
+    mine = list(range(worker, len(tasks), num_workers))
+
+    def run(t: int) -> list[_Piece]:
+        info = files[todo[tasks[t][0]]]
+        if tasks[t][1] < 0:
+            return _scan_gzip(info.path, piece_bytes, lowercase)
+        return [_scan_piece(info.path, sizes[info.path], tasks[t][1], piece_bytes, lowercase)]
+
+    workers = threads or max(4, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = dict(zip(mine, pool.map(run, mine), strict=True))
+    bytes_read = sum(p.stop - p.start for r in results.values() for p in r)
+    histogram = _combine_results(files, todo, tasks, results, worker, num_workers, combine)
+    _warn_about([files[i] for i in todo])
+    return Index(files, histogram, reused, bytes_read)
+
+
+def _combine_results(files, todo, tasks, results, worker, num_workers, combine) -> np.ndarray:
+    """Fills every scanned file's pieces from all workers' results; returns the histogram."""
+    # Round 1: pieces per task and each worker's largest code point fix the shapes.
+    first = np.zeros(len(tasks) + num_workers)
+    for t, pieces in results.items():
+        first[t] = len(pieces)
+    train_hists = [p.histogram for t, r in results.items()
+                   if files[todo[tasks[t][0]]].split == "train" for p in r]
+    first[len(tasks) + worker] = max([len(h) for h in train_hists] + [0])
+    first = combine(first)
+    counts = first[:len(tasks)].astype(np.int64)
+    width = int(first[len(tasks):].max()) if num_workers else 0
+    # Round 2: (start, stop, chars) per piece, (invalid, nul) per task, the histogram.
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    second = np.zeros(3 * int(offsets[-1]) + 2 * len(tasks) + width)
+    hist_at = 3 * int(offsets[-1]) + 2 * len(tasks)
+    for t, pieces in results.items():
+        for j, p in enumerate(pieces):
+            second[3 * (offsets[t] + j):3 * (offsets[t] + j) + 3] = (p.start, p.stop, p.chars)
+            if files[todo[tasks[t][0]]].split == "train":
+                second[hist_at:hist_at + len(p.histogram)] += p.histogram
+        at = 3 * int(offsets[-1]) + 2 * t
+        second[at:at + 2] = (sum(p.invalid for p in pieces), sum(p.nul for p in pieces))
+    second = combine(second)
+    for t, (f, _) in enumerate(tasks):
+        info = files[todo[f]]
+        rows = second[3 * offsets[t]:3 * offsets[t + 1]].astype(np.int64).reshape(-1, 3)
+        info.pieces += [tuple(int(v) for v in row) for row in rows]
+        at = 3 * int(offsets[-1]) + 2 * t
+        info.invalid_bytes += int(second[at])
+        info.nul_chars += int(second[at + 1])
+    return second[hist_at:].astype(np.int64)
+
+
+def _warn_about(files: Sequence[FileInfo]) -> None:
+    for split, what in (("train", "training"), ("val", "validation")):
+        mine = [f for f in files if f.split == split]
+        empty = [f.path for f in mine if f.chars == 0]
+        if empty:
+            logging.warning("skipping %d empty %s shard(s), e.g. %s", len(empty), what, empty[0])
+        invalid = [f for f in mine if f.invalid_bytes]
+        if invalid:
+            logging.warning("%d invalid UTF-8 byte(s) in %d %s shard(s) were replaced by "
+                            "U+FFFD (e.g. %s)", sum(f.invalid_bytes for f in invalid),
+                            len(invalid), what, invalid[0].path)
+        binary = [f.path for f in mine if f.nul_chars]
+        if binary:
+            logging.warning("%d %s shard(s) contain NUL bytes and may be binary files (e.g. "
+                            "%s); they are used as text", len(binary), what, binary[0])
+
+
+def record(index: Index, lowercase: bool, piece_bytes: int) -> str:
+    """JSON of the index for `read_record`: every file's fingerprint and pieces."""
+    return json.dumps({"version": _RECORD_VERSION, "lowercase": lowercase,
+                       "piece_bytes": piece_bytes,
+                       "files": [dataclasses.asdict(f) for f in index.files]}) + "\n"
+
+
+def read_record(text: str | None, lowercase: bool, piece_bytes: int) -> dict[str, FileInfo]:
+    """The files in a `record`, by path; none if there is no record, it is unreadable, or
+    it was made with another `lowercase` or piece size (both change what a scan finds)."""
+    try:
+        data = json.loads(text) if text else {}
+        if (data.get("version") != _RECORD_VERSION or data.get("lowercase") != lowercase
+                or data.get("piece_bytes") != piece_bytes):
+            return {}
+        return {f["path"]: FileInfo(**{**f, "pieces": [tuple(p) for p in f["pieces"]]})
+                for f in data["files"]}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        logging.warning("ignoring an unreadable %s: scanning every shard", SCAN_RECORD)
+        return {}
+
+
+def make_regions(index: Index, window: int, val_fraction: float = 0.0
+                 ) -> tuple[list[Region], list[Region]]:
+    """Splits the indexed files into training and validation regions, one per piece.
+
+    With validation files, whole files go to each side; with `val_fraction` the tail of
+    every training file is validation, and no training window touches it.
+
+    Returns:
+      (train_regions, val_regions) in corpus order; val_regions is empty without validation.
+
+    Raises:
+      UserError: no training (or, when asked for, validation) file holds one window.
+    """
+    train, val = [], []
+    for info in index.split("train"):
+        cut = info.chars - int(info.chars * val_fraction)
+        offset = 0
+        for start, stop, chars in info.pieces:
+            mid = min(max(cut - offset, 0), chars)
+            if mid:
+                train.append(Region(info.path, start, stop, 0, mid, offset, info.compressed))
+            if val_fraction and mid < chars:
+                val.append(Region(info.path, start, stop, mid, chars, offset, info.compressed))
+            offset += chars
+    for info in index.split("val"):
+        offset = 0
+        for start, stop, chars in info.pieces:
+            val.append(Region(info.path, start, stop, 0, chars, offset, info.compressed))
+            offset += chars
+    files = index.split("train")
+    train = _keep_long_enough(train, files, window, "training")
+    if not train:
+        raise UserError(f"no training shard holds one window of {window} chars "
+                        f"({len(files)} shard(s), {sum(f.chars for f in files)} chars in all)")
+    if index.split("val") or val_fraction:
+        val = _keep_long_enough(val, index.split("val") or files, window, "validation")
+        if not val:
+            raise UserError(f"no validation shard holds one window of {window} chars")
+    return train, val
+
+
+def _keep_long_enough(regions: list[Region], files: Sequence[FileInfo], window: int,
+                      what: str) -> list[Region]:
+    per_file = collections.Counter()
+    for r in regions:
+        per_file[r.path] += r.length
+    short = [f.path for f in files if 0 < per_file[f.path] < window]
+    if short:
+        logging.warning("skipping %d %s shard(s) shorter than one window of %d chars, e.g. %s",
+                        len(short), what, window, short[0])
+    return [r for r in regions if r.length >= window]
+
+
+def crossing_windows(regions: Sequence[Region], window: int, shift: int) -> tuple[int, int]:
+    """(windows lost to piece boundaries, windows kept) over `regions`."""
+    from trainer.input_pipeline import num_windows
+
+    kept = sum(num_windows(r.length, window, shift) for r in regions)
+    whole = collections.defaultdict(int)
+    for r in regions:
+        whole[r.path] += r.length
+    return max(0, sum(num_windows(n, window, shift) for n in whole.values()) - kept), kept
+
+
+def read_text(region: Region, lowercase: bool, stream=None) -> str:
+    """The region's text: one range read of its piece (or the next bytes of `stream`)."""
+    if region.compressed:
+        if stream is None:
+            with open_compressed(region.path) as own:
+                own.seek(region.start)
+                data = own.read(region.stop - region.start)
+        else:
+            if stream.tell() != region.start:
+                stream.seek(region.start)
+            data = stream.read(region.stop - region.start)
+    else:
+        data = storage.read_range(region.path, region.start, region.stop)
+    text, _ = vocabulary.decode(data, lowercase)
+    return text[region.begin:region.end]
+
+
+def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
+            piece_bytes: int, read: Callable[[str], str | None],
+            write: Callable[[str, str], None], reuse: bool, worker: int = 0,
+            num_workers: int = 1, combine: Combine = _alone) -> Index:
+    """Scans the corpus, re-reading only what changed since the job directory's record.
+
+    Args:
+      train_paths, val_paths, lowercase, piece_bytes, worker, num_workers, combine: see `scan`.
+      read, write: read and write a file of the job directory by name.
+      reuse: trust the record (a resumed job, whose vocabulary is fixed already).
+
+    Returns:
+      The index; the record is rewritten when anything changed.
+    """
+    known = read_record(read(SCAN_RECORD), lowercase, piece_bytes) if reuse else {}
+    began = time.monotonic()
+    index = scan(train_paths, val_paths, lowercase=lowercase, piece_bytes=piece_bytes,
+                 known=known, worker=worker, num_workers=num_workers, combine=combine)
+    total = len(index.files)
+    gone = set(known) - {f.path for f in index.files}
+    if index.reused:
+        logging.info("%d of %d shard(s) unchanged since the last scan (%s): not read again",
+                     index.reused, total, SCAN_RECORD)
+    if index.reused < total:
+        logging.info("scanned %d shard(s): %.1f MB read by this worker (%d of %d) in %.1f s",
+                     total - index.reused, index.bytes_read / 1e6, worker, num_workers,
+                     time.monotonic() - began)
+    if known and (index.reused < total or gone):
+        logging.warning("%d shard(s) changed, appeared or disappeared since the last scan; the "
+                        "data order of this resumed run differs from an unbroken one",
+                        total - index.reused + len(gone))
+    if index.reused < total or gone:
+        write(SCAN_RECORD, record(index, lowercase, piece_bytes))
+    return index
+
+
+def read_chars(region: Region, begin: int, count: int, lowercase: bool) -> str:
+    """Chars [begin, begin + count) of the region, in one range read.
+
+    When they lie at the start of a plain piece only their bytes are read (at most 4
+    per char); otherwise the piece is read, which is bounded by the piece size.
+    """
+    if region.compressed or region.begin + begin > 0:
+        return read_text(region, lowercase)[begin:begin + count]
+    data = storage.read_range(region.path, region.start,
+                              min(region.stop, region.start + 4 * count + _LOOKAHEAD))
+    return vocabulary.decode(data, lowercase)[0][:min(count, region.length)]
