@@ -1,4 +1,5 @@
-"""Tests for trainer.input_pipeline: windows are exact slices, visited once, never leak."""
+"""Tests for trainer.input_pipeline: windows are exact slices, visited once, never leak,
+over pieces of any file, for any number of workers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import random
 import numpy as np
 import pytest
 
+from trainer import corpus_index
 from trainer import input_pipeline as ip
-from trainer import vocabulary
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.vocabulary import Vocabulary
@@ -27,11 +28,11 @@ def _corpus(tmp_path, rng: random.Random, lengths: list[int]) -> list[str]:
     return paths
 
 
-def _setup(paths, **overrides):
+def _setup(paths, piece_bytes=1 << 20, **overrides):
     cfg = Config(train_data=",".join(paths), job_dir="unused", **overrides).validate()
-    scan = vocabulary.scan(paths)
-    vocab = Vocabulary.from_counts(scan.counts)
-    train, val = ip.make_regions(scan, None, cfg)
+    index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=piece_bytes)
+    vocab = Vocabulary.from_counts(index.counts)
+    train, val = corpus_index.make_regions(index, cfg.window, cfg.val_fraction)
     return cfg, vocab, train, val
 
 
@@ -42,7 +43,7 @@ def _texts(paths) -> dict[str, str]:
 def _expected(regions, texts, window, shift) -> collections.Counter:
     out = collections.Counter()
     for r in regions:
-        span = texts[r.path][r.begin:r.end]
+        span = texts[r.path][r.offset + r.begin:r.offset + r.end]
         out.update(span[s:s + window] for s in range(0, len(span) - window + 1, shift))
     return out
 
@@ -52,6 +53,7 @@ def _windows(ds, vocab, objective="sequence") -> list[str]:
     out = []
     for x, y in ds:
         x, y = x.numpy(), y.numpy()
+        assert (y >= 0).all()  # No padding in a pass of full batches.
         if objective == "sequence":
             np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one.
             full = np.concatenate([x, y[:, -1:]], axis=1)
@@ -75,11 +77,12 @@ def test_every_window_is_a_slice_and_each_start_is_visited_once(tmp_path, seed):
     seq = rng.randint(3, 12)
     shift = rng.choice([1, 1, 2, 5])
     objective = rng.choice(["sequence", "last"])
-    cfg, vocab, train, _ = _setup(paths, seq_length=seq, objective=objective,
-                                  window_shift=shift, shard_cycle=rng.randint(1, 4), seed=seed)
+    cfg, vocab, train, _ = _setup(paths, piece_bytes=rng.choice([64, 100, 1 << 20]),
+                                  seq_length=seq, objective=objective, window_shift=shift,
+                                  shard_cycle=rng.randint(1, 4), seed=seed)
     ds, _ = _one_pass(cfg, vocab, train, 1, cfg.shift)
     got = collections.Counter(_windows(ds, vocab, objective))
-    # Equal multisets: every start once, nothing invented (so nothing spans two shards).
+    # Equal multisets: every start once, nothing invented (so nothing spans two pieces).
     assert got == _expected(train, _texts(paths), cfg.window, cfg.shift)
 
 
@@ -90,6 +93,7 @@ def test_no_training_window_touches_validation_chars(tmp_path):
     assert len(train) == 3 and len(val) == 2  # The 41-char shard's 8-char tail is too short.
     for t, v in zip(train, val, strict=False):
         assert t.end == v.begin == len(texts[t.path]) - int(len(texts[t.path]) * 0.2)
+        assert t.offset == v.offset == 0
     train_windows = collections.Counter(_windows(_one_pass(cfg, vocab, train, 1, 1)[0], vocab))
     assert train_windows == _expected(train, texts, cfg.window, 1)
     val_windows = collections.Counter(_windows(_one_pass(cfg, vocab, val, 1, 8, shuffle=False)[0],
@@ -136,25 +140,91 @@ def test_a_batch_mixes_several_shards(tmp_path):
     assert len({vocab.decode(row[:1]) for row in x.numpy()}) == 4
 
 
-@pytest.mark.parametrize("shards", [5, 1])
-def test_workers_read_disjoint_parts_that_cover_the_data(tmp_path, shards):
-    paths = _corpus(tmp_path, random.Random(3), [120 + 7 * i for i in range(shards)])
-    cfg, vocab, train, _ = _setup(paths, seq_length=6, window_shift=1)
+def test_one_file_mixes_as_many_pieces_per_batch_as_the_cycle(tmp_path):
+    """A single-file corpus: each batch draws from --shard_cycle distinct pieces."""
+    path = tmp_path / "one.txt"
+    path.write_text("".join(chr(48 + i) * 1000 for i in range(40)))  # 40 runs of 1000.
+    cfg, vocab, train, _ = _setup([str(path)], piece_bytes=1000, seq_length=9,
+                                  shard_cycle=6)
+    assert len(train) == 40
+    seen = [len({vocab.decode(row[:1]) for row in x.numpy()})
+            for x, _ in _one_pass(cfg, vocab, train, 24, cfg.shift)[0]]
+    # Until the pass's last pieces drain, every batch holds windows of 6 pieces.
+    assert min(seen[:len(seen) * 3 // 4]) >= 6 and len(seen) > 100
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_one_file_split_among_workers_covers_every_window_once(tmp_path, workers):
+    paths = _corpus(tmp_path, random.Random(3), [2000])
+    cfg, vocab, train, _ = _setup(paths, piece_bytes=200, seq_length=6, window_shift=1)
     per_worker = []
-    for worker in range(2):
-        sharding = ip.Sharding(worker, 2)
-        assert sharding.by_file(train) == (shards >= 2)
-        mine = sharding.regions(train)
-        offset, stride = sharding.window_stride(train)
-        count = sum(len(range(offset, ip.num_windows(r.length, cfg.window, 1), stride))
-                    for r in mine)
+    for worker in range(workers):
+        sharding = ip.Sharding(worker, workers)
+        count = ip.windows_per_worker(train, cfg.window, 1, workers)[worker]
         ds = ip.dataset(train, vocab, cfg, batch_size=1, shift=1, steps=count,
                         sharding=sharding, repeat=False)
         per_worker.append(collections.Counter(_windows(ds, vocab)))
-    assert per_worker[0] + per_worker[1] == _expected(train, _texts(paths), cfg.window, 1)
-    # Both workers agree on a step count that neither overruns.
-    steps = ip.steps_per_pass(train, cfg.window, 1, 4, 1, ip.Sharding(0, 2))
-    assert steps == min(sum(c.values()) for c in per_worker) // 4
+    assert sum(per_worker, collections.Counter()) == _expected(train, _texts(paths), cfg.window, 1)
+    sizes = [sum(c.values()) for c in per_worker]
+    assert max(sizes) - min(sizes) <= 1
+    # All workers take the same steps; a pass leaves out less than one global batch.
+    steps = ip.steps_per_pass(train, cfg.window, 1, 4, 1, ip.Sharding(0, workers))
+    assert 0 <= sum(sizes) - steps * 4 * workers < 4 * workers + workers
+
+
+def test_evaluation_pads_uneven_shares_so_each_window_counts_once(tmp_path):
+    paths = _corpus(tmp_path, random.Random(8), [511])
+    cfg, vocab, train, _ = _setup(paths, seq_length=8, window_shift=8)
+    counts = ip.windows_per_worker(train, cfg.window, 8, 2)
+    assert counts[0] != counts[1]  # 63 windows over 2 workers, in batches of 5 x 2 replicas.
+    steps = -(-max(counts) // 10)
+    got = collections.Counter()
+    for worker in range(2):
+        ds = ip.dataset(train, vocab, cfg, batch_size=5, shift=8, steps=steps,
+                        replicas_per_worker=2, sharding=ip.Sharding(worker, 2), shuffle=False,
+                        repeat=False)
+        batches = list(ds)
+        assert len(batches) == steps * 2
+        for x, y in batches:
+            x, y = x.numpy(), y.numpy()
+            real = (y >= 0).all(axis=1)
+            assert ((y < 0).all(axis=1) | real).all()  # A row is all target or all padding.
+            full = np.concatenate([x, y[:, -1:]], axis=1)[real]
+            got.update(vocab.decode(row) for row in full)
+    assert got == _expected(train, _texts(paths), cfg.window, 8)
+
+
+def test_resume_mid_pass_skips_without_reading_what_came_before(tmp_path, monkeypatch):
+    paths = _corpus(tmp_path, random.Random(9), [3000])
+    cfg, vocab, train, _ = _setup(paths, piece_bytes=300, seq_length=9, shard_cycle=3)
+    steps = ip.steps_per_pass(train, cfg.window, cfg.shift, 4, 1, ip.Sharding())
+    whole = [x.numpy() for x, _ in ip.dataset(train, vocab, cfg, batch_size=4, shift=10,
+                                              steps=steps, repeat=False)]
+    loaded = []
+    real = ip.load_region_ids
+    monkeypatch.setattr(ip, "load_region_ids",
+                        lambda r, *a, **k: loaded.append(r) or real(r, *a, **k))
+    at = steps - 3
+    rest = [x.numpy() for x, _ in ip.dataset(train, vocab, cfg, batch_size=4, shift=10,
+                                             steps=steps, start_step=at, repeat=False)]
+    assert len(rest) == 3
+    for a, b in zip(rest, whole[at:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(loaded) <= 3 + 1  # The cycle's pieces, not the pass's ten.
+
+
+def test_a_gzip_shard_gives_the_windows_of_its_text(tmp_path):
+    import gzip
+
+    paths = _corpus(tmp_path, random.Random(10), [1500])
+    packed = tmp_path / "packed.txt.gz"
+    with gzip.open(packed, "wb") as f:
+        f.write(_texts(paths)[paths[0]].encode())
+    cfg, vocab, train, _ = _setup([str(packed)], piece_bytes=256, seq_length=7, window_shift=3)
+    assert len(train) > 3 and all(r.compressed for r in train)
+    got = collections.Counter(_windows(_one_pass(cfg, vocab, train, 2, 3)[0], vocab))
+    texts = {str(packed): _texts(paths)[paths[0]]}
+    assert got == _expected(train, texts, cfg.window, 3)
 
 
 def test_short_and_empty_shards_are_skipped_with_a_warning(tmp_path, caplog):

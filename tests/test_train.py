@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from trainer import checkpoints, storage, train, vocabulary
+from trainer import checkpoints, corpus_index, distribution, storage, train
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -204,13 +204,14 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
             (folder / os.path.basename(path)).write_text(f.read())
     cfg = tiny(str(folder / "*.txt"), tmp_path / "job")
     read = []
-    real_read = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda p: read.append(p) or real_read(p))
+    real_read = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda p, a, b: read.append(p) or real_read(p, a, b))
+    place = distribution.Placement(1, 0, True, 1)
 
     def prepare():
         read.clear()
         job = checkpoints.JobDir(cfg.job_dir)
-        vocab, regions, _, chars = train._prepare_data(cfg, job)
+        vocab, regions, _, chars = train._prepare_data(cfg, job, None, place)
         job.write("vocab.json", vocab.to_json())  # As train() does after this call.
         job.close(timeout=10)
         shards = [p for p in read if os.path.dirname(p) == str(folder)]
@@ -218,8 +219,8 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
 
     names, chars, regions = prepare()
     assert names == ["part-0.txt", "part-1.txt", "part-2.txt", "part-3.txt"]
-    recorded = _json(tmp_path / "job" / vocabulary.SCAN_RECORD)["shards"]
-    assert sum(s["chars"] for s in recorded) == chars
+    recorded = _json(tmp_path / "job" / corpus_index.SCAN_RECORD)["files"]
+    assert sum(p[2] for s in recorded for p in s["pieces"]) == chars
 
     # Resumed, nothing changed: no shard is read, and the data is described the same.
     assert prepare() == ([], chars, regions)
@@ -230,10 +231,11 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     assert names == ["part-2.txt"]
     assert chars_now == chars + len("the end. ") * 20
     # A shard gone: nothing to read, and the record forgets it.
-    part3 = next(s["chars"] for s in recorded if s["path"].endswith("part-3.txt"))
+    part3 = next(sum(p[2] for p in s["pieces"]) for s in recorded
+                 if s["path"].endswith("part-3.txt"))
     os.remove(folder / "part-3.txt")
     assert prepare()[:2] == ([], chars_now - part3)
-    paths = [s["path"] for s in _json(tmp_path / "job" / vocabulary.SCAN_RECORD)["shards"]]
+    paths = [s["path"] for s in _json(tmp_path / "job" / corpus_index.SCAN_RECORD)["files"]]
     assert len(paths) == 3 and not any(p.endswith("part-3.txt") for p in paths)
     # A different --lowercase changes what a scan counts: nothing recorded is reused.
     cfg = cfg.replace(lowercase=True)

@@ -1,4 +1,4 @@
-"""Tests for trainer.vocabulary: decoding, scanning, ids and the vocab.json round trip."""
+"""Tests for trainer.vocabulary: decoding, counting, ids and the vocab.json round trip."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from trainer import vocabulary
+from trainer import corpus_index, vocabulary
 from trainer.errors import UserError
 from trainer.vocabulary import OOV_ID, Vocabulary
 
@@ -16,6 +16,10 @@ def _write(tmp_path, name: str, data: bytes) -> str:
     path = tmp_path / name
     path.write_bytes(data)
     return str(path)
+
+
+def _scan(paths):
+    return corpus_index.scan(paths, [], lowercase=False, piece_bytes=1 << 20)
 
 
 def test_decode_counts_invalid_bytes_and_normalises_newlines():
@@ -27,7 +31,7 @@ def test_decode_counts_invalid_bytes_and_normalises_newlines():
 
 
 def test_multibyte_char_is_one_token():
-    vocab = Vocabulary.from_counts(vocabulary.scan_text_counts("héllo ☃"))
+    vocab = Vocabulary.from_counts(vocabulary.count_chars("héllo ☃"))
     ids = vocab.encode("☃é")
     assert len(ids) == 2 and OOV_ID not in ids
     assert vocab.decode(ids) == "☃é"
@@ -36,9 +40,8 @@ def test_multibyte_char_is_one_token():
 def test_ids_are_stable_and_round_trip_through_json(tmp_path):
     a = _write(tmp_path, "a.txt", b"the cat sat\n")
     b = _write(tmp_path, "b.txt", "on the mat \u00e9\n".encode())
-    scan = vocabulary.scan([a, b])
-    vocab = Vocabulary.from_counts(scan.counts)
-    again = Vocabulary.from_counts(vocabulary.scan([b, a]).counts)
+    vocab = Vocabulary.from_counts(_scan([a, b]).counts)
+    again = Vocabulary.from_counts(_scan([b, a]).counts)
     assert vocab.chars == again.chars  # Shard order does not change ids.
     assert list(vocab.chars) == sorted(vocab.chars, key=ord)
     assert vocab.counts[vocab.chars.index("t")] == 5
@@ -70,9 +73,9 @@ def test_scan_reports_empty_invalid_and_binary_shards(tmp_path, caplog):
              _write(tmp_path, "empty.txt", b""),
              _write(tmp_path, "bad.txt", b"caf\xe9 \x00\x01\x02")]
     with caplog.at_level(logging.WARNING):
-        scan = vocabulary.scan(paths)
-    assert [s.chars for s in scan.shards] == [12, 0, 8]
-    assert scan.shards[2].invalid_bytes == 1 and scan.shards[2].nul_chars == 1
+        index = _scan(paths)
+    assert [f.chars for f in index.files] == [12, 0, 8]
+    assert index.files[2].invalid_bytes == 1 and index.files[2].nul_chars == 1
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "1 empty training shard" in messages
     assert "invalid UTF-8" in messages

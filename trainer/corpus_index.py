@@ -434,3 +434,18 @@ def read_chars(region: Region, begin: int, count: int, lowercase: bool) -> str:
     data = storage.read_range(region.path, region.start,
                               min(region.stop, region.start + 4 * count + _LOOKAHEAD))
     return vocabulary.decode(data, lowercase)[0][:min(count, region.length)]
+
+
+def snippet(path: str, width: int, lowercase: bool, rng, tail: float = 0.0) -> str:
+    """About `width` chars from a random place of a file (in its last `tail` fraction),
+    in one range read, for when no index of the file exists."""
+    if is_compressed(path):
+        with open_compressed(path) as stream:
+            data = stream.read(4 * width + _LOOKAHEAD)
+    else:
+        size = storage.size(path)
+        lo = int(size * (1 - tail)) if tail else 0
+        start = rng.randint(lo, max(lo, size - 4 * width - _LOOKAHEAD))
+        data = storage.read_range(path, start, start + 4 * width + _LOOKAHEAD)
+        data = data[boundary(data, 0):] if start else data
+    return vocabulary.decode(data, lowercase)[0][:width]

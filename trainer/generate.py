@@ -96,17 +96,28 @@ def data_prompt(cfg: Config, seed: int) -> tuple[str, str]:
     rng = random.Random(seed)
     what = "validation" if cfg.val_data or cfg.val_fraction else "training"
     try:
-        known = corpus_index.read_record(
-            storage.read_text(storage.join(cfg.job_dir, corpus_index.SCAN_RECORD)),
-            cfg.lowercase, cfg.piece_bytes)
-        index = corpus_index.Index(list(known.values()), histogram=None)
-        train, val = corpus_index.make_regions(index, 2, cfg.val_fraction)
-        regions = val or train
-        region = regions[rng.randrange(len(regions))]
-        width = min(cfg.seq_length, region.length)
-        begin = rng.randint(0, region.length - width)
-        text = corpus_index.read_chars(region, begin, width, cfg.lowercase)
-        return text, f"a random {width}-char window of the {what} text {region.path}"
+        try:
+            record = storage.read_text(storage.join(cfg.job_dir, corpus_index.SCAN_RECORD))
+        except FileNotFoundError:
+            record = None
+        known = corpus_index.read_record(record, cfg.lowercase, cfg.piece_bytes)
+        if known:
+            index = corpus_index.Index(list(known.values()), histogram=None)
+            train, val = corpus_index.make_regions(index, 2, cfg.val_fraction)
+            regions = val or train
+            region = regions[rng.randrange(len(regions))]
+            width = min(cfg.seq_length, region.length)
+            begin = rng.randint(0, region.length - width)
+            text = corpus_index.read_chars(region, begin, width, cfg.lowercase)
+            return text, f"a random {width}-char window of the {what} text {region.path}"
+        # No index (a job directory from elsewhere): a random place of a data file.
+        paths = storage.expand_patterns(cfg.val_data or cfg.train_data)
+        path = paths[rng.randrange(len(paths))]
+        text = corpus_index.snippet(path, cfg.seq_length, cfg.lowercase, rng,
+                                    0.0 if cfg.val_data else cfg.val_fraction)
+        if len(text) >= 2:
+            return text, f"a random {len(text)}-char window of the {what} text {path}"
+        reason = "no shard is long enough"
     except Exception as err:  # noqa: BLE001 - any failure means "no data reachable".
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return "\n", f"a newline (no {what} data reachable: {reason})"

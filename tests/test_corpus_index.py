@@ -1,0 +1,177 @@
+"""Tests for trainer.corpus_index: cuts on character boundaries, a scan split among workers,
+range reads only, .gz streams, and the shards.json record."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from trainer import corpus_index, storage, vocabulary
+from trainer.errors import UserError
+
+# 1-, 2-, 3- and 4-byte UTF-8 characters, and \r\n pairs that a cut must not split.
+MIXED = ["a", "b", " ", "\n", "\r\n", "\u00e9", "\u00df", "\u2603", "\u6f22", "\U0001f600"]
+
+
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(MIXED) for _ in range(n))
+
+
+def _decoded_pieces(path: str, info: corpus_index.FileInfo) -> list[str]:
+    with open(path, "rb") as f:
+        data = f.read()
+    return [vocabulary.decode(data[a:b])[0] for a, b, _ in info.pieces]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pieces_cut_on_character_boundaries_and_decode_to_the_whole_text(tmp_path, seed):
+    rng = random.Random(seed)
+    text = _text(rng, rng.randint(200, 2000))
+    path = tmp_path / "one.txt"
+    path.write_bytes(text.encode())
+    piece_bytes = rng.choice([64, 65, 100, 333])
+    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=piece_bytes)
+    info = index.files[0]
+    pieces = _decoded_pieces(str(path), info)
+    whole = vocabulary.decode(text.encode())[0]
+    assert "".join(pieces) == whole  # No char split, nothing twice, \r\n kept whole.
+    assert [len(p) for p in pieces] == [c for _, _, c in info.pieces]
+    assert all("\ufffd" not in p for p in pieces)
+    data = text.encode()
+    for start, stop, _ in info.pieces:
+        assert start == 0 or data[start] & 0xC0 != 0x80
+        assert stop - start <= piece_bytes + 4
+    assert [b for _, b, _ in info.pieces[:-1]] == [a for a, _, _ in info.pieces[1:]]
+    assert index.counts == collections.Counter(whole)
+    assert index.bytes_read == len(data)
+
+
+def test_the_histogram_counts_in_linear_time_any_vocabulary():
+    text = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 3000)) * 3 + "ab"
+    hist = vocabulary.char_histogram(text)
+    assert len(hist) == 0x4E00 + 3000 and hist[0x4E00] == 3 and hist[ord("a")] == 1
+    assert vocabulary.count_chars(text) == collections.Counter(text)
+
+
+def _sum_across_threads(n: int):
+    """A `combine` for n threads standing in for n workers: a barrier and a sum per call."""
+    barrier, rounds, local = threading.Barrier(n), collections.defaultdict(list), threading.local()
+
+    def combine(values):
+        k = local.calls = getattr(local, "calls", 0) + 1
+        rounds[k].append(values)
+        barrier.wait(timeout=30)
+        return np.sum(rounds[k], axis=0)
+
+    return combine
+
+
+def _scan_as_workers(paths, val, n, piece_bytes, monkeypatch):
+    """Scans with n workers in threads; returns their indexes and bytes each read."""
+    combine = _sum_across_threads(n)
+    out = [None] * n
+
+    def run(w):
+        out[w] = corpus_index.scan(paths, val, lowercase=False, piece_bytes=piece_bytes,
+                                   worker=w, num_workers=n, combine=combine, threads=2)
+    threads = [threading.Thread(target=run, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(o is not None for o in out)
+    return out
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_two_workers_each_read_half_and_agree_on_the_index(tmp_path, where, request,
+                                                           monkeypatch):
+    rng = random.Random(7)
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("gcs_bucket")()
+    paths = []
+    for name, n in [("big.txt", 6000), ("small.txt", 300)]:
+        path = storage.join(root, name)
+        storage.write_bytes(path, _text(rng, n).encode())
+        paths.append(path)
+    val = storage.join(root, "val.txt")
+    storage.write_bytes(val, _text(rng, 500).encode())
+    alone = corpus_index.scan(paths, [val], lowercase=False, piece_bytes=1024)
+    both = _scan_as_workers(paths, [val], 2, 1024, monkeypatch)
+    for index in both:
+        assert index.files == alone.files
+        np.testing.assert_array_equal(index.histogram, alone.histogram)
+    total = sum(storage.size(p) for p in paths + [val])
+    assert sum(i.bytes_read for i in both) == total
+    assert max(i.bytes_read for i in both) <= total / 2 + 1024 + 8  # Half, give or take a piece.
+    # The validation file's chars are indexed but not counted for the vocabulary.
+    train_text = "".join(vocabulary.decode(storage.read_bytes(p))[0] for p in paths)
+    assert alone.counts == collections.Counter(train_text)
+
+
+def test_a_gzip_file_streams_into_the_same_pieces_of_text(tmp_path):
+    text = _text(random.Random(3), 5000)
+    plain, packed = tmp_path / "a.txt", tmp_path / "b.txt.gz"
+    plain.write_bytes(text.encode())
+    with gzip.open(packed, "wb") as f:
+        f.write(text.encode())
+    index = corpus_index.scan([str(plain), str(packed)], [], lowercase=False, piece_bytes=700)
+    a, b = index.files
+    assert b.compressed and not a.compressed
+    assert a.chars == b.chars == len(vocabulary.decode(text.encode())[0])
+    assert len(b.pieces) > 5
+    train, _ = corpus_index.make_regions(index, 10)
+    texts = collections.defaultdict(str)
+    with corpus_index.open_compressed(str(packed)) as stream:
+        for r in train:
+            texts[r.path] += corpus_index.read_text(r, False, stream if r.compressed else None)
+    assert texts[str(plain)] == texts[str(packed)] == vocabulary.decode(text.encode())[0]
+
+
+def test_a_corrupt_gzip_file_is_one_clear_error(tmp_path):
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(b"this is not gzip at all")
+    with pytest.raises(UserError, match="not a readable gzip file"):
+        corpus_index.scan([str(bad)], [], lowercase=False, piece_bytes=64)
+
+
+def test_the_record_round_trips_and_is_ignored_for_another_piece_size(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("hello world\n" * 50)
+    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=128)
+    text = corpus_index.record(index, False, 128)
+    assert corpus_index.read_record(text, False, 128) == {str(path): index.files[0]}
+    assert corpus_index.read_record(text, False, 256) == {}
+    assert corpus_index.read_record(text, True, 128) == {}
+    assert corpus_index.read_record("{broken", False, 128) == {}
+    again = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=128,
+                              known=corpus_index.read_record(text, False, 128))
+    assert again.reused == 1 and again.bytes_read == 0 and again.files == index.files
+
+
+def test_val_fraction_cuts_the_tail_of_each_file_inside_a_piece(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("".join(chr(97 + i % 26) for i in range(1000)))
+    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=300)
+    train, val = corpus_index.make_regions(index, 5, val_fraction=0.25)
+    assert sum(r.length for r in train) == 750 and sum(r.length for r in val) == 250
+    assert max(r.offset + r.end for r in train) == min(r.offset + r.begin for r in val) == 750
+
+
+def test_prompts_and_samples_read_one_small_range(tmp_path, monkeypatch):
+    path = tmp_path / "t.txt"
+    path.write_text("0123456789" * 10_000)
+    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=50_000)
+    train, _ = corpus_index.make_regions(index, 10)
+    reads = []
+    real = storage.read_range
+    monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))
+    monkeypatch.setattr(storage, "read_bytes", lambda p: pytest.fail("read a whole file"))
+    assert corpus_index.read_chars(train[0], 0, 20, False) == "01234567890123456789"
+    assert reads == [20 * 4 + 4]
+    assert corpus_index.read_chars(train[1], 3, 4, False) == "3456"
+    assert reads[1] <= 50_000 + 8
