@@ -83,16 +83,19 @@ def synthetic_text(n_chars: int, seed: int) -> bytes:
     return lut[rng.integers(0, 65536, n_chars, dtype=np.uint16)].tobytes()
 
 
-def write_corpus(folder: str, total_bytes: int, seed: int = 0) -> list[str]:
-    """Writes `total_bytes` of synthetic text as 10 MB shards; returns their paths."""
+def write_corpus(folder: str, total_bytes: int, seed: int = 0,
+                 one_file: bool = False) -> list[str]:
+    """Writes `total_bytes` of synthetic text as 10 MB shards (or, with `one_file`,
+    the same 10 MB blocks appended to one file); returns the paths."""
     os.makedirs(folder, exist_ok=True)
     paths, left, i = [], total_bytes, 0
     while left > 0:
         size = min(SHARD_BYTES, left)
-        path = os.path.join(folder, f"shard-{i:05d}.txt")
-        with open(path, "wb") as f:
+        path = os.path.join(folder, "corpus.txt" if one_file else f"shard-{i:05d}.txt")
+        with open(path, "ab" if one_file else "wb") as f:
             f.write(synthetic_text(size, seed * 100_003 + i))
-        paths.append(path)
+        if path not in paths:
+            paths.append(path)
         left -= size
         i += 1
     return paths

@@ -39,7 +39,7 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
         throughput.append("--rounds=1")
     pipeline = ["bench.input_pipeline", f"--out={out_dir}/input_pipeline.json"]
     if quick:
-        pipeline += ["--rss_mb=10,100", "--tutorial_chars=0", "--rounds=3"]
+        pipeline += ["--rss_mb=10mb", "--tutorial_chars=0", "--rounds=3"]
     steps = [("train_throughput", throughput), ("input_pipeline", pipeline)]
     if os.path.exists(os.path.join(os.path.dirname(__file__), "generate.py")):
         steps.append(("generate", ["bench.generate", f"--out={out_dir}/generate.json"]))

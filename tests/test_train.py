@@ -240,3 +240,35 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     # A different --lowercase changes what a scan counts: nothing recorded is reused.
     cfg = cfg.replace(lowercase=True)
     assert len(prepare()[0]) == 3
+
+
+def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp_path):
+    """Every validation window is scored once, however many workers and however uneven
+    their shares: 37 windows split 18/19 between two workers, padded to equal steps."""
+    val = tmp_path / "val.txt"
+    val.write_text(("the sea and the fog. " * 60)[:33 + 32 * 36])
+    # One step at a negligible rate: the weights stay the same everywhere, dropout as shipped.
+    base = tiny(corpus, tmp_path, val_fraction=0.0, val_data=str(val), epochs=1,
+                steps_per_epoch=1, learning_rate=1e-12, dropout=0.2, sample_length=0)
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    runs = {"one": _task(_flags(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
+                                             strategy="one_device"))),
+            "mirrored": _task(_flags(base.replace(job_dir=str(tmp_path / "mirrored"),
+                                                  batch_size=8, strategy="mirrored",
+                                                  logical_cpus=2)))}
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        runs[f"worker{index}"] = _task(_flags(base.replace(
+            job_dir=str(tmp_path / f"worker{index}"), batch_size=8)),
+            env={"TF_CONFIG": tf_config})
+    try:
+        for name, proc in runs.items():
+            out, _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0, f"{name}: {out[-3000:]}"
+    finally:
+        for proc in runs.values():
+            proc.kill()
+    losses = {name: metrics(tmp_path / name)[0]["val_loss"] for name in ("one", "mirrored",
+                                                                          "worker0")}
+    assert losses["mirrored"] == pytest.approx(losses["one"], abs=1e-4)
+    assert losses["worker0"] == pytest.approx(losses["one"], abs=1e-4)

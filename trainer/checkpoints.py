@@ -2,7 +2,7 @@
 
 A job directory (local or gs://) holds:
   config.json, vocab.json     what generation needs besides the weights
-  shards.json                 each shard's fingerprint and length, so a resume reads
+  shards.json                 each file's fingerprint and pieces, so a resume reads
                               only the shards that changed
   weights-improvement-{epoch:02d}-{value:.4f}.weights.h5   best weights so far
   best.json                   pointer to the best weights, with sizes and md5s

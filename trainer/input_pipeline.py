@@ -199,8 +199,7 @@ class _Windows:
                  shift: int, shuffle: bool, keep: int):
         self.regions, self.vocab, self.cfg = regions, vocab, cfg
         self.shift, self.shuffle, self.keep = shift, shuffle, keep
-        self.window = np.arange(cfg.window)
-        self._ids: dict[int, np.ndarray] = {}
+        self._ids: dict[int, np.ndarray] = {}  # Each region's windows, as a strided view.
         self._orders: dict[int, _Order] = {}
         self._streams: dict[str, object] = {}
 
@@ -220,18 +219,21 @@ class _Windows:
                         self._streams.pop(next(iter(self._streams))).close()
                     stream = self._streams[region.path] = corpus_index.open_compressed(
                         region.path)
-            self._ids[i] = load_region_ids(region, self.vocab, self.cfg.lowercase, stream)
+            ids = load_region_ids(region, self.vocab, self.cfg.lowercase, stream)
+            # A strided view of every window of the region: indexing it copies just the rows.
+            self._ids[i] = np.lib.stride_tricks.sliding_window_view(ids, self.cfg.window)
             count = num_windows(region.length, self.cfg.window, self.shift)
             self._orders[i] = _Order(count, [self.cfg.seed, pass_index, i], self.shuffle)
         return self._ids[i], self._orders[i]
 
     def gather(self, takes: list[tuple[int, int, int]], pass_index: int) -> np.ndarray:
-        parts = []
+        out = np.empty((sum(t[2] for t in takes), self.cfg.window), self.vocab.dtype)
+        row = 0
         for i, pos, n in takes:
-            ids, order = self._load(i, pass_index)
-            starts = order.take(pos, n) * self.shift
-            parts.append(ids[starts[:, None] + self.window])
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+            windows, order = self._load(i, pass_index)
+            out[row:row + n] = windows[order.take(pos, n) * self.shift]
+            row += n
+        return out
 
     def new_pass(self) -> None:
         self._ids.clear()
@@ -273,50 +275,54 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
     first_pass, skip = divmod(start_step, steps) if steps else (0, 0)
     dtype = vocab.dtype
 
-    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    # Worker batches travel in groups of about 4 MB: one Python call per group, not per batch.
+    group = max(1, (4 << 20) // (rows * cfg.window * dtype.itemsize))
+
+    def batches() -> Iterator[np.ndarray]:
+        """Every worker batch of the stream, padded when this worker's share runs out."""
         reader = _Windows(mine, vocab, cfg, shift, shuffle, keep=cycle + 1)
         pass_index = first_pass
         while True:
             reader.new_pass()
-            batches = plan(counts, units, rows, cycle, cfg.seed, pass_index, shuffle,
-                           partial=not repeat)
+            takes = plan(counts, units, rows, cycle, cfg.seed, pass_index, shuffle,
+                         partial=not repeat)
             done = skip if pass_index == first_pass else 0
             for _ in range(done):
-                next(batches, None)
-            for takes in itertools.islice(batches, steps - done):
-                yield from _split(reader.gather(takes, pass_index), batch_size, rows, dtype)
+                next(takes, None)
+            for batch in itertools.islice(takes, steps - done):
+                yield reader.gather(batch, pass_index)
                 done += 1
             for _ in range(steps - done):  # Evaluation: this worker's share ran out first.
-                yield from _split(np.zeros((0, cfg.window), dtype), batch_size, rows, dtype)
+                yield np.zeros((0, cfg.window), dtype)
             pass_index += 1
             if not repeat:
                 return
 
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        stream = batches()
+        while chunk := list(itertools.islice(stream, group)):
+            valid = np.stack([np.arange(rows) < len(b) for b in chunk])
+            windows = np.zeros((len(chunk), rows, cfg.window), dtype)
+            for k, b in enumerate(chunk):
+                windows[k, :len(b)] = b
+            shape = (len(chunk) * replicas_per_worker, batch_size)
+            yield windows.reshape(shape + (cfg.window,)), valid.reshape(shape)
+
     ds = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec([batch_size, cfg.window], tf.as_dtype(dtype)),
-        tf.TensorSpec([batch_size], tf.bool)))
-    ds = ds.map(lambda w, valid: _to_example(w, valid, cfg.objective),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        tf.TensorSpec([None, batch_size, cfg.window], tf.as_dtype(dtype)),
+        tf.TensorSpec([None, batch_size], tf.bool)))
+    ds = ds.map(lambda w, valid: _to_example(w, None if repeat else valid, cfg.objective))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = True
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(options).unbatch().prefetch(tf.data.AUTOTUNE)
 
 
-def _split(windows: np.ndarray, batch_size: int, rows: int, dtype
-           ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One worker batch as per-replica batches; missing rows are padding, marked invalid."""
-    valid = np.arange(rows) < len(windows)
-    if len(windows) < rows:
-        windows = np.concatenate([windows, np.zeros((rows - len(windows),) + windows.shape[1:],
-                                                    dtype)])
-    for lo in range(0, rows, batch_size):
-        yield windows[lo:lo + batch_size], valid[lo:lo + batch_size]
-
-
-def _to_example(windows: tf.Tensor, valid: tf.Tensor, objective: str
+def _to_example(windows: tf.Tensor, valid: tf.Tensor | None, objective: str
                 ) -> tuple[tf.Tensor, tf.Tensor]:
+    """(inputs, targets); targets of invalid rows are IGNORE (training has none: None)."""
     windows = tf.cast(windows, tf.int32)
-    if objective == "last":
-        return windows[:, :-1], tf.where(valid, windows[:, -1], IGNORE)
-    return windows[:, :-1], tf.where(valid[:, None], windows[:, 1:], IGNORE)
+    x, y = windows[..., :-1], windows[..., -1] if objective == "last" else windows[..., 1:]
+    if valid is None:
+        return x, y
+    return x, tf.where(valid if objective == "last" else valid[..., None], y, IGNORE)

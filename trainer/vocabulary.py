@@ -107,6 +107,8 @@ class Vocabulary:
         table_size = int(points.max()) + 1 if len(points) else 1
         self._table = np.zeros(table_size, dtype=self.dtype)
         self._table[points] = np.arange(1, len(points) + 1)
+        self._ascii = np.zeros(128, dtype=self.dtype)
+        self._ascii[:min(128, table_size)] = self._table[:128]
 
     @classmethod
     def from_counts(cls, counts: collections.Counter, lowercase: bool = False) -> Vocabulary:
@@ -128,6 +130,8 @@ class Vocabulary:
 
     def encode(self, text: str) -> np.ndarray:
         """Encodes text (already normalised) to ids of `self.dtype`; unknown chars -> 0."""
+        if text.isascii():  # One lookup straight from the bytes.
+            return self._ascii[np.frombuffer(text.encode("ascii"), np.uint8)]
         out = np.empty(len(text), dtype=self.dtype)
         pos = 0
         for cps in code_points(text):
