@@ -106,6 +106,69 @@ def old_scan_mb_per_sec(pattern: str, limit_mb: int = 100) -> float:
     return done / 1e6 / (time.perf_counter() - start)
 
 
+def scan_split_over_emulator(folder: str, total_mb: int = 24) -> dict[str, Any]:
+    """Bytes each of 2 workers reads when the scan is split, over the storage emulator.
+
+    The two workers are threads here, joined by a barrier-and-sum in place of the
+    job's all-reduce; the reads are the job's own (ranged downloads from the emulator).
+    """
+    import threading
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
+    from conftest import Emulator  # The tests' emulator harness, on a free loopback port.
+
+    from trainer import corpus_index, storage
+
+    emulator = Emulator(os.path.join(folder, "emulator"))
+    os.makedirs(emulator.data_dir, exist_ok=True)
+    emulator.start()
+    os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
+    storage.reset_client()
+    try:
+        storage._client().create_bucket("scan-bench")
+        local = bench.write_corpus(os.path.join(folder, "emu"), total_mb * 1000 * 1000 // 2,
+                                   seed=4, one_file=True)
+        local += bench.write_corpus(os.path.join(folder, "emu-shards"),
+                                    total_mb * 1000 * 1000 // 2, seed=5)
+        paths = []
+        for i, path in enumerate(local):
+            paths.append(f"gs://scan-bench/corpus/{i:03d}-{os.path.basename(path)}")
+            storage.copy_file(path, paths[-1])
+        barrier, rounds, out = threading.Barrier(2), {}, [None, None]
+
+        def combine_for(worker):
+            calls = [0]
+
+            def combine(values):
+                calls[0] += 1
+                rounds.setdefault(calls[0], [None, None])[worker] = values
+                barrier.wait(timeout=120)
+                return np.sum(rounds[calls[0]], axis=0)
+            return combine
+
+        def run(worker):
+            began = time.perf_counter()
+            index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=4 << 20,
+                                      worker=worker, num_workers=2,
+                                      combine=combine_for(worker))
+            out[worker] = {"bytes_read": index.bytes_read,
+                           "seconds": time.perf_counter() - began}
+        threads = [threading.Thread(target=run, args=(w,)) for w in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        total = sum(storage.size(p) for p in paths)
+        return {"corpus_bytes": total, "files": len(paths), "workers": out,
+                "largest_share": max(w["bytes_read"] for w in out) / total}
+    finally:
+        emulator.stop()
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        storage.reset_client()
+
+
 def pieces_per_batches(setup, batches: int = 100) -> dict[str, Any]:
     """How many distinct pieces feed `batches` consecutive batches (from the plan alone)."""
     from trainer import input_pipeline
@@ -331,6 +394,10 @@ def run(speed_mb: int, rounds: int, flat_map_batches: int, rss_mb: list[str],
         result: dict[str, Any] = {"benchmark": "input_pipeline", "machine": bench.machine(),
                                   "seq_length": SEQ_LENGTH, "batch": BATCH}
         result["speed"] = speed(speed_mb, rounds, flat_map_batches, folder)
+        try:
+            result["scan_split"] = scan_split_over_emulator(folder)
+        except Exception as err:  # noqa: BLE001 - a missing emulator skips this part only.
+            result["scan_split"] = {"error": f"{type(err).__name__}: {err}"}
         if train_wps is None:
             train_wps = training_windows_per_sec(folder)
             result["training_source"] = "measured here: 3-step epochs of Config() defaults"
@@ -406,6 +473,14 @@ def markdown(result: dict[str, Any]) -> str:
                               "RSS after import MiB", "peak after scan MiB",
                               "RSS at 1/4, 1/2, 3/4, end of pass", "peak RSS MiB (median)",
                               "peak RSS MiB (max)", "load", "note"], rows))
+    split = result.get("scan_split", {})
+    if "workers" in split:
+        lines.append(bench.table(
+            ["2-worker scan over the emulator", "bytes read", "share of corpus", "seconds"],
+            [[f"worker {w}", r["bytes_read"], r["bytes_read"] / split["corpus_bytes"],
+              r["seconds"]] for w, r in enumerate(split["workers"])]))
+    elif split:
+        lines.append(f"2-worker scan over the emulator: {split['error']}\n")
     t = result["tutorial"]
     if "error" in t:
         lines.append(f"tutorial numpy windows: {t['error']}\n")

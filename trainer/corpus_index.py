@@ -7,10 +7,8 @@ decoding piece by piece gives exactly the text of decoding the whole file, and n
 byte is decoded twice. A `.gz` file cannot be read by ranges: it is one stream,
 cut into pieces of its decompressed bytes, read front to back.
 
-The scan reads each byte once per job: the pieces to scan are split among the
-workers (and among threads within each), each counts its characters with a
-histogram over code points, and one sum across workers (`combine`) gives every
-worker the whole index. `shards.json` in the job directory records it, so a
+The scan (`trainer.corpus_scan`) reads each byte once per job, split evenly among
+the workers; `shards.json` in the job directory records what it found, so a
 restart re-reads only files whose fingerprint (size and version) changed.
 
 `make_regions` turns the index into the spans that windows are cut from; windows
@@ -22,32 +20,20 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import gzip
 import json
-import math
-import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import logging
 
-from trainer import storage, vocabulary
+from trainer import corpus_scan, storage, vocabulary
 from trainer.errors import UserError
 
 SCAN_RECORD = "shards.json"
 _RECORD_VERSION = 2
 _STAT_THREADS = 16
-# UTF-8 puts at most 3 continuation bytes after a lead byte: a cut moves at most that far.
-_MAX_CONTINUATION = 3
-_LOOKAHEAD = _MAX_CONTINUATION + 1
 
-Combine = Callable[[np.ndarray], np.ndarray]
-
-
-def _alone(values: np.ndarray) -> np.ndarray:
-    return values
 
 
 def is_compressed(path: str) -> bool:
@@ -111,80 +97,10 @@ class Region:
         return self.end - self.begin
 
 
-def boundary(data: bytes, i: int) -> int:
-    """The first cut at or after `data[i]` that splits no character and no `\\r\\n`."""
-    moved = 0
-    while i < len(data) and moved < _MAX_CONTINUATION and data[i] & 0xC0 == 0x80:
-        i, moved = i + 1, moved + 1
-    if 0 < i < len(data) and data[i - 1] == 0x0D and data[i] == 0x0A:
-        i += 1
-    return i
-
-
-@dataclasses.dataclass
-class _Piece:
-    start: int
-    stop: int
-    chars: int
-    histogram: np.ndarray
-    invalid: int
-    nul: int
-
-
-def _measure(data: bytes, start: int, lowercase: bool) -> _Piece:
-    text, invalid = vocabulary.decode(data, lowercase)
-    histogram = vocabulary.char_histogram(text)
-    nul = int(histogram[0]) if len(histogram) else 0
-    return _Piece(start, start + len(data), len(text), histogram, invalid, nul)
-
-
-def _scan_piece(path: str, size: int, k: int, piece_bytes: int, lowercase: bool) -> _Piece:
-    """Reads piece `k` of a plain file (and the few bytes around it that place its cuts)."""
-    nominal, nominal_end = k * piece_bytes, (k + 1) * piece_bytes
-    lo, hi = max(0, nominal - 1), min(size, nominal_end + _LOOKAHEAD)
-    data = storage.read_range(path, lo, hi)
-    start = 0 if k == 0 else lo + boundary(data, nominal - lo)
-    stop = size if nominal_end >= size else lo + boundary(data, nominal_end - lo)
-    return _measure(data[start - lo:stop - lo], start, lowercase)
-
-
-def open_compressed(path: str) -> gzip.GzipFile:
-    return gzip.GzipFile(fileobj=storage.open_read(path), mode="rb")
-
-
-def _scan_gzip(path: str, piece_bytes: int, lowercase: bool) -> list[_Piece]:
-    """Streams a .gz file once, cutting its decompressed bytes into pieces."""
-    pieces, buffer, position = [], b"", 0
-    try:
-        with open_compressed(path) as stream:
-            while True:
-                more = stream.read(piece_bytes + _LOOKAHEAD - len(buffer))
-                buffer += more
-                if not buffer:
-                    break
-                cut = len(buffer) if not more else boundary(buffer, min(piece_bytes, len(buffer)))
-                pieces.append(_measure(buffer[:cut], position, lowercase))
-                position, buffer = position + cut, buffer[cut:]
-    except (OSError, EOFError, zlib.error) as err:
-        raise UserError(f"{path} is not a readable gzip file: {err}") from err
-    return pieces
-
-
-def _tasks(files: Sequence[FileInfo], sizes: dict[str, int],
-           piece_bytes: int) -> list[tuple[int, int]]:
-    """(file index, piece number or -1 for a whole .gz stream) for every piece to scan."""
-    tasks = []
-    for i, info in enumerate(files):
-        if info.compressed:
-            tasks.append((i, -1))
-        else:
-            tasks += [(i, k) for k in range(math.ceil(sizes[info.path] / piece_bytes))]
-    return tasks
-
-
 def scan(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
          piece_bytes: int, known: dict[str, FileInfo] | None = None, worker: int = 0,
-         num_workers: int = 1, combine: Combine = _alone, threads: int = 0) -> Index:
+         num_workers: int = 1, combine: corpus_scan.Combine = corpus_scan.alone,
+         threads: int = 0) -> Index:
     """Cuts the files into pieces and counts their characters, each byte read once.
 
     Args:
@@ -204,67 +120,25 @@ def scan(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: boo
     paths = [(p, "train") for p in train_paths] + [(p, "val") for p in val_paths]
     with concurrent.futures.ThreadPoolExecutor(_STAT_THREADS) as pool:
         stats = list(pool.map(storage.stat, [p for p, _ in paths]))
-    files, todo, reused, sizes = [], [], 0, {}
+    files, todo, sizes = [], [], []
     for (path, split), (size, version) in zip(paths, stats, strict=True):
         stamp = f"{size}:{version}"
         before = (known or {}).get(path)
         if before is not None and before.fingerprint == stamp:
             files.append(dataclasses.replace(before, split=split))
-            reused += 1
         else:
             files.append(FileInfo(path, split, stamp, is_compressed(path)))
-            todo.append(len(files) - 1)
-            sizes[path] = size
-    tasks = _tasks([files[i] for i in todo], sizes, piece_bytes)
-    mine = list(range(worker, len(tasks), num_workers))
-
-    def run(t: int) -> list[_Piece]:
-        info = files[todo[tasks[t][0]]]
-        if tasks[t][1] < 0:
-            return _scan_gzip(info.path, piece_bytes, lowercase)
-        return [_scan_piece(info.path, sizes[info.path], tasks[t][1], piece_bytes, lowercase)]
-
-    workers = threads or max(4, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = dict(zip(mine, pool.map(run, mine), strict=True))
-    bytes_read = sum(p.stop - p.start for r in results.values() for p in r)
-    histogram = _combine_results(files, todo, tasks, results, worker, num_workers, combine)
-    _warn_about([files[i] for i in todo])
-    return Index(files, histogram, reused, bytes_read)
-
-
-def _combine_results(files, todo, tasks, results, worker, num_workers, combine) -> np.ndarray:
-    """Fills every scanned file's pieces from all workers' results; returns the histogram."""
-    # Round 1: pieces per task and each worker's largest code point fix the shapes.
-    first = np.zeros(len(tasks) + num_workers)
-    for t, pieces in results.items():
-        first[t] = len(pieces)
-    train_hists = [p.histogram for t, r in results.items()
-                   if files[todo[tasks[t][0]]].split == "train" for p in r]
-    first[len(tasks) + worker] = max([len(h) for h in train_hists] + [0])
-    first = combine(first)
-    counts = first[:len(tasks)].astype(np.int64)
-    width = int(first[len(tasks):].max()) if num_workers else 0
-    # Round 2: (start, stop, chars) per piece, (invalid, nul) per task, the histogram.
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    second = np.zeros(3 * int(offsets[-1]) + 2 * len(tasks) + width)
-    hist_at = 3 * int(offsets[-1]) + 2 * len(tasks)
-    for t, pieces in results.items():
-        for j, p in enumerate(pieces):
-            second[3 * (offsets[t] + j):3 * (offsets[t] + j) + 3] = (p.start, p.stop, p.chars)
-            if files[todo[tasks[t][0]]].split == "train":
-                second[hist_at:hist_at + len(p.histogram)] += p.histogram
-        at = 3 * int(offsets[-1]) + 2 * t
-        second[at:at + 2] = (sum(p.invalid for p in pieces), sum(p.nul for p in pieces))
-    second = combine(second)
-    for t, (f, _) in enumerate(tasks):
-        info = files[todo[f]]
-        rows = second[3 * offsets[t]:3 * offsets[t + 1]].astype(np.int64).reshape(-1, 3)
-        info.pieces += [tuple(int(v) for v in row) for row in rows]
-        at = 3 * int(offsets[-1]) + 2 * t
-        info.invalid_bytes += int(second[at])
-        info.nul_chars += int(second[at + 1])
-    return second[hist_at:].astype(np.int64)
+            todo.append(files[-1])
+            sizes.append(size)
+    scanned, histogram, bytes_read = corpus_scan.scan_files(
+        [f.path for f in todo], sizes, [f.compressed for f in todo],
+        [f.split == "train" for f in todo], lowercase=lowercase, piece_bytes=piece_bytes,
+        worker=worker, num_workers=num_workers, combine=combine,
+        threads=threads or corpus_scan.default_threads())
+    for info, result in zip(todo, scanned, strict=True):
+        info.pieces, info.invalid_bytes, info.nul_chars = result.pieces, result.invalid, result.nul
+    _warn_about(todo)
+    return Index(files, histogram, len(files) - len(todo), bytes_read)
 
 
 def _warn_about(files: Sequence[FileInfo]) -> None:
@@ -374,7 +248,7 @@ def read_text(region: Region, lowercase: bool, stream=None) -> str:
     """The region's text: one range read of its piece (or the next bytes of `stream`)."""
     if region.compressed:
         if stream is None:
-            with open_compressed(region.path) as own:
+            with corpus_scan.open_compressed(region.path) as own:
                 own.seek(region.start)
                 data = own.read(region.stop - region.start)
         else:
@@ -390,7 +264,7 @@ def read_text(region: Region, lowercase: bool, stream=None) -> str:
 def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
             piece_bytes: int, read: Callable[[str], str | None],
             write: Callable[[str, str], None], reuse: bool, worker: int = 0,
-            num_workers: int = 1, combine: Combine = _alone) -> Index:
+            num_workers: int = 1, combine: corpus_scan.Combine = corpus_scan.alone) -> Index:
     """Scans the corpus, re-reading only what changed since the job directory's record.
 
     Args:
@@ -432,7 +306,7 @@ def read_chars(region: Region, begin: int, count: int, lowercase: bool) -> str:
     if region.compressed or region.begin + begin > 0:
         return read_text(region, lowercase)[begin:begin + count]
     data = storage.read_range(region.path, region.start,
-                              min(region.stop, region.start + 4 * count + _LOOKAHEAD))
+                              min(region.stop, region.start + 4 * count + corpus_scan.LOOKAHEAD))
     return vocabulary.decode(data, lowercase)[0][:min(count, region.length)]
 
 
@@ -440,12 +314,12 @@ def snippet(path: str, width: int, lowercase: bool, rng, tail: float = 0.0) -> s
     """About `width` chars from a random place of a file (in its last `tail` fraction),
     in one range read, for when no index of the file exists."""
     if is_compressed(path):
-        with open_compressed(path) as stream:
-            data = stream.read(4 * width + _LOOKAHEAD)
+        with corpus_scan.open_compressed(path) as stream:
+            data = stream.read(4 * width + corpus_scan.LOOKAHEAD)
     else:
         size = storage.size(path)
         lo = int(size * (1 - tail)) if tail else 0
-        start = rng.randint(lo, max(lo, size - 4 * width - _LOOKAHEAD))
-        data = storage.read_range(path, start, start + 4 * width + _LOOKAHEAD)
-        data = data[boundary(data, 0):] if start else data
+        start = rng.randint(lo, max(lo, size - 4 * width - corpus_scan.LOOKAHEAD))
+        data = storage.read_range(path, start, start + 4 * width + corpus_scan.LOOKAHEAD)
+        data = data[corpus_scan.boundary(data, 0):] if start else data
     return vocabulary.decode(data, lowercase)[0][:width]

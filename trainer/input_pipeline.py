@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer import corpus_index, vocabulary
+from trainer import corpus_index, corpus_scan, vocabulary
 from trainer.config import Config
 from trainer.corpus_index import Region
 
@@ -217,7 +217,7 @@ class _Windows:
                 if stream is None or stream.tell() > region.start:
                     if len(self._streams) > self.keep:
                         self._streams.pop(next(iter(self._streams))).close()
-                    stream = self._streams[region.path] = corpus_index.open_compressed(
+                    stream = self._streams[region.path] = corpus_scan.open_compressed(
                         region.path)
             ids = load_region_ids(region, self.vocab, self.cfg.lowercase, stream)
             # A strided view of every window of the region: indexing it copies just the rows.
