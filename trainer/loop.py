@@ -46,9 +46,10 @@ class TrainingDivergedError(UserError):
 
 
 class StopSignal:
-    """Turns SIGTERM (sent before preemption) and a first Ctrl-C into a flag polled per step.
+    """Turns SIGTERM (sent before preemption) and a first Ctrl-C into a flag.
 
-    A second Ctrl-C interrupts at once, as usual.
+    The loop hands the flag to the next agreement, so the job stops within
+    READBACK_STEPS steps on every worker. A second Ctrl-C interrupts at once, as usual.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -69,8 +70,9 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        logging.warning("%s received: saving a resume checkpoint at the next step boundary%s",
-                        name, " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+        logging.warning("%s received: the job saves a resume checkpoint within %d steps%s",
+                        name, READBACK_STEPS,
+                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.received = name
 
     def __exit__(self, *exc) -> None:
