@@ -154,6 +154,27 @@ def test_sigterm_or_ctrl_c_saves_every_completed_step_and_exits(shards, tmp_path
     assert f"at step {stopped_at}" in result.stderr
 
 
+def test_mirrored_with_dropout_stops_on_sigterm_and_resumes_at_that_step(shards, tmp_path):
+    # As the single-node spec runs: mirrored replicas, dropout 0.2.
+    job = str(tmp_path / "job")
+    args = _slow(shards, job, "--strategy=mirrored", "--logical_cpus=2", "--batch_size=4",
+                 "--dropout=0.2")
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args, log)
+        _wait_for(lambda: _latest_step(job) >= 10, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    output = _read(tmp_path / "first.log")
+    assert "2 replica(s)" in output
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert _latest_step(job) == stopped_at
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from ckpt/ckpt-{stopped_at} at step {stopped_at}" in result.stderr
+    assert [json.loads(line)["epoch"] for line in _read(f"{job}/metrics.jsonl").splitlines()] \
+        == [1, 2]
+
+
 def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tmp_path):
     job = f"{gcs_bucket()}/runs/outage"
     stage = tmp_path / "stage"

@@ -190,3 +190,45 @@ def test_metric_reporter_never_raises(monkeypatch, caplog):
     reporter.report("val_loss", 0.5, 2)
     assert not reporter.enabled
     assert caplog.text.count("tuning metrics disabled") == 1
+
+
+TWO_WORKERS = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+
+
+@pytest.mark.parametrize("environ, strategy", [
+    ({}, "auto"), ({}, "one_device"), ({}, "mirrored"),
+    (_env(TWO_WORKERS, {"type": "worker", "index": 1}), "auto"),
+    (_env(TWO_WORKERS, {"type": "worker", "index": 1}), "multi_worker"),
+    (_env(VERTEX_CLUSTER, {"type": "chief", "index": 0}), "multi_worker"),
+    (_env(LEGACY_CLUSTER, {"type": "master", "index": 0}), "auto"),
+    (SINGLE_MASTER, "mirrored"), (SINGLE_MASTER, "multi_worker"),
+    (_env(environment="cloud"), "auto"),  # No cluster at all: one machine.
+])
+def test_check_cluster_accepts_what_can_run(environ, strategy):
+    platform.check_cluster(strategy, environ)
+
+
+@pytest.mark.parametrize("environ, strategy, message", [
+    (_env(TWO_WORKERS), "auto", "cluster of 2 workers but no task"),
+    (_env(TWO_WORKERS, {"type": "worker", "index": 2}), "auto",
+     "index 2 is outside the cluster's 2 'worker'"),
+    (_env(TWO_WORKERS, {"type": "worker", "index": -1}), "auto", "index -1 is outside"),
+    (_env(TWO_WORKERS, {"type": "worker", "index": "1"}), "auto", "index '1' is outside"),
+    (_env(TWO_WORKERS, {"type": "chief", "index": 0}), "auto",
+     "task chief:0 is not in its cluster (no 'chief' entry among worker)"),
+    (_env(TWO_WORKERS, {"type": "trainer", "index": 0}), "auto",
+     "task type 'trainer' does not train"),
+    (_env(VERTEX_CLUSTER, {"type": "evaluator", "index": 0}), "auto",
+     "task type 'evaluator' does not train"),
+    (_env(TWO_WORKERS, {"type": "worker", "index": 0}), "one_device",
+     "--strategy=one_device trains on one machine, but TF_CONFIG describes a cluster of 2"),
+    (_env(LEGACY_CLUSTER, {"type": "master", "index": 0}), "mirrored",
+     "--strategy=mirrored trains on one machine, but TF_CONFIG describes a cluster of 3"),
+    ({}, "multi_worker", "--strategy=multi_worker needs TF_CONFIG"),
+    (_env({"worker": "127.0.0.1:1"}, {"type": "worker", "index": 0}), "auto",
+     "cluster must map task types to lists"),
+])
+def test_check_cluster_names_what_cannot_work(environ, strategy, message):
+    with pytest.raises(UserError) as raised:
+        platform.check_cluster(strategy, environ)
+    assert message in str(raised.value) and "\n" not in str(raised.value)

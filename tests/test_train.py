@@ -272,3 +272,14 @@ def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp
                                                                           "worker0")}
     assert losses["mirrored"] == pytest.approx(losses["one"], abs=1e-4)
     assert losses["worker0"] == pytest.approx(losses["one"], abs=1e-4)
+
+
+def test_bfloat16_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
+    # cuDNN's LSTM kernel has no bfloat16 version: one clear error up front, as for XLA.
+    cfg = tiny(corpus, tmp_path, precision="mixed_bfloat16")
+    train._check_precision(cfg)  # No GPU here: allowed (and trained, in the test above).
+    monkeypatch.setattr(train.tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    with pytest.raises(UserError, match="--precision=mixed_bfloat16 does not work on a GPU"):
+        train._check_precision(cfg)
+    train._check_precision(cfg.replace(precision="mixed_float16"))

@@ -14,10 +14,18 @@ Everything is written to a local folder first (the job directory itself when
 it is local) and, for gs://, uploaded in the background in submission order.
 A pointer is submitted after the files it names, so a reader that only follows
 pointers never sees a partial checkpoint.
+
+Only the chief writes the job directory. Every worker resumes from it (all hold
+the same variables): a local or NFS job directory is read in place, a gs:// one is
+downloaded into the worker's staging folder. A non-chief worker still has to write
+its own resume checkpoints (the strategy makes every worker call `write`); they go
+to a private folder that keeps only the newest and is removed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
+import glob
 import hashlib
 import json
 import os
@@ -56,7 +64,7 @@ class JobDir:
       path: the job directory, local or gs://.
       local_dir: staging folder for a gs:// job directory; default under the temp dir.
       writer: False on non-chief workers; they stage into a private scratch folder
-        and publish nothing.
+        (removed by `close` or at exit) and publish nothing.
     """
 
     def __init__(self, path: str, local_dir: str = "", writer: bool = True):
@@ -65,6 +73,8 @@ class JobDir:
         self.remote = storage.is_gcs(self.path)
         if not writer:
             self.local = tempfile.mkdtemp(prefix="char-lstm-worker-")
+            # Also after SIGTERM or an error: sys.exit runs atexit; only SIGKILL leaves it.
+            atexit.register(shutil.rmtree, self.local, ignore_errors=True)
         elif self.remote:
             digest = hashlib.sha1(self.path.encode()).hexdigest()[:12]
             self.local = local_dir or os.path.join(tempfile.gettempdir(), "char-lstm", digest)
@@ -81,6 +91,14 @@ class JobDir:
         path = os.path.join(self.local, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         return path
+
+    def source_path(self, name: str) -> str:
+        """Where this process reads the job directory's `name` from local disk.
+
+        The job directory itself when it is local (shared by every worker), else the
+        staging folder that a gs:// file is downloaded into.
+        """
+        return self.local_path(name) if self.remote else os.path.join(self.path, name)
 
     def publish(self, name: str, on_done=None) -> None:
         """Queues the staged file `name` for upload (after everything queued before)."""
@@ -145,6 +163,10 @@ class ResumeCheckpoints:
         prefix = f"ckpt/ckpt-{step}"
         self.checkpoint.write(self.job.local_path(prefix))
         if not self.job.writer:
+            # Nobody reads these (every worker resumes from the chief's): keep the newest.
+            for path in glob.glob(os.path.join(self.job.local, "ckpt", "ckpt-*")):
+                if not os.path.basename(path).startswith(f"ckpt-{step}."):
+                    os.remove(path)
             return
         folder = os.path.dirname(self.job.local_path(prefix))
         names = sorted(f"ckpt/{n}" for n in os.listdir(folder) if n.startswith(f"ckpt-{step}."))
@@ -178,7 +200,7 @@ class ResumeCheckpoints:
             problem = self._fetch(entry)
             if problem is None:
                 try:
-                    self.checkpoint.read(self.job.local_path(entry["prefix"])).expect_partial()
+                    self.checkpoint.read(self.job.source_path(entry["prefix"])).expect_partial()
                     return entry
                 except (tf.errors.OpError, ValueError, AssertionError) as err:
                     problem = f"unreadable: {str(err).splitlines()[0]}"
@@ -190,7 +212,7 @@ class ResumeCheckpoints:
     def _fetch(self, entry: dict[str, Any]) -> str | None:
         """Makes the checkpoint's files present and verified locally; returns a problem."""
         for name, record in entry["files"].items():
-            local = self.job.local_path(name)
+            local = self.job.source_path(name)
             if self.job.remote and not _matches(local, record):
                 try:
                     storage.copy_file(self.job.remote_path(name), local)

@@ -1,11 +1,13 @@
-"""Picks the tf.distribute strategy, says where this process stands in it, and clips
-gradients across its replicas as one device would."""
+"""Picks the tf.distribute strategy, says where this process stands in it, makes the
+decisions every worker shares, and clips gradients across its replicas as one device would."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -34,6 +36,7 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
     auto: a TF_CONFIG cluster of more than one worker -> multi_worker; more than
     one GPU -> mirrored; otherwise one device.
     """
+    platform.check_cluster(cfg.strategy)
     if cfg.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
@@ -85,6 +88,74 @@ def _worker_index(task_type: str | None, task_id: int | None, num_workers: int) 
     if index >= num_workers:
         raise UserError(f"TF_CONFIG task {task_type}:{task_id} is outside the cluster")
     return index
+
+
+class WorkerLostError(UserError):
+    """Another worker of the job stopped or failed, so this one cannot go on."""
+
+
+# What a collective raises when a peer process is gone (its heartbeats stopped).
+PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+               tf.errors.DeadlineExceededError)
+
+
+def lost_worker(err: BaseException, place: Placement) -> WorkerLostError | None:
+    """The one-line error for a collective that failed because a peer went away, else None."""
+    if place.num_workers < 2 or not isinstance(err, PEER_ERRORS):
+        return None
+    detail = next((line.strip() for line in str(err).splitlines()
+                   if "unhealthy" in line or "aborted" in line.lower()), "")
+    return WorkerLostError(
+        f"another worker of this job stopped or failed ({type(err).__name__}"
+        f"{': ' + detail[:160] if detail else ''}); see the other workers' logs, then rerun "
+        "every worker's command to resume")
+
+
+class Agreement:
+    """Values every worker must see alike, summed over the workers at the same points.
+
+    Each call is one small all-reduce (a few float64s) across the workers; every worker
+    must make the same calls in the same order, as with any collective. On one worker
+    it costs nothing and returns the values as they are.
+
+    It also keeps the job's clock: `elapsed()` is the chief's seconds since the job
+    began (continued from `start_elapsed` on resume), the one clock --train_minutes and
+    a time-based schedule read, so that every worker agrees on it.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, place: Placement,
+                 start_elapsed: float = 0.0):
+        self.place = place
+        self._start_elapsed, self._started = float(start_elapsed), time.monotonic()
+        self._sum = None
+        if place.num_workers > 1:
+            share = 1.0 / place.replicas_per_worker  # Each worker's replicas add up to 1.
+
+            @tf.function
+            def summed(values):
+                per_replica = strategy.run(lambda v: v * share, args=(values,))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+            self._sum = summed
+
+    def elapsed(self) -> float:
+        """Seconds of the job so far by this process's clock (the chief's is the job's)."""
+        return self._start_elapsed + time.monotonic() - self._started
+
+    def sum(self, values: list[float]) -> np.ndarray:
+        """The element-wise sum of `values` over the workers (a collective)."""
+        local = np.asarray(values, np.float64)
+        if self._sum is None:
+            return local
+        return self._sum(tf.constant(local)).numpy()
+
+    def check_same(self, name: str, value: int) -> None:
+        """Raises UserError unless every worker holds the same integer `value`."""
+        n = self.place.num_workers
+        total, squares = self.sum([value, float(value) ** 2])
+        if n > 1 and (total != n * value or squares != n * float(value) ** 2):
+            raise UserError(f"the workers disagree on the {name} (this one has {value}, the "
+                            f"mean is {total / n:g}); they must share one --job_dir")
 
 
 def clip_global_norm(grads: list, optimizer: keras.optimizers.Optimizer, clipnorm: float) -> list:

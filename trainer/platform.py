@@ -161,6 +161,52 @@ def is_chief(environ: Mapping[str, str] = os.environ) -> bool:
     return kind == "worker" and int(task.get("index", 0)) == 0 and not has_chief
 
 
+def check_cluster(strategy: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Stops before any training when `$TF_CONFIG` cannot work for this process.
+
+    Checks that the task is in its cluster (a known training type, an index inside
+    it) and that `strategy` (the --strategy flag) agrees with the cluster: one machine's
+    strategies with a cluster of several, or multi_worker without a cluster.
+
+    Raises:
+      UserError: naming the problem.
+    """
+    config = tf_config(environ)
+    workers = num_workers(environ)
+    if strategy in ("one_device", "mirrored") and workers > 1:
+        raise UserError(f"--strategy={strategy} trains on one machine, but TF_CONFIG describes "
+                        f"a cluster of {workers} workers; use --strategy=multi_worker (or auto)")
+    if config is None:
+        if strategy == "multi_worker":
+            raise UserError("--strategy=multi_worker needs TF_CONFIG describing the cluster "
+                            "and this process's task in it")
+        return
+    cluster = config.get("cluster")
+    if cluster is None and "task" not in config:
+        return  # Only other fields (environment, job): no cluster to join.
+    if not isinstance(cluster, dict) or not all(
+            isinstance(v, list) for v in cluster.values()):
+        raise UserError("TF_CONFIG cluster must map task types to lists of addresses, "
+                        f"got {json.dumps(cluster)[:200]}")
+    task = config.get("task")
+    if not isinstance(task, dict) or not task.get("type"):
+        if workers > 1:
+            raise UserError(f"TF_CONFIG describes a cluster of {workers} workers but no task "
+                            "for this process (add \"task\": {\"type\": ..., \"index\": ...})")
+        return
+    kind, index = task["type"], task.get("index", 0)
+    if kind not in _TRAINING_TYPES:
+        raise UserError(f"TF_CONFIG task type {kind!r} does not train; this program runs as "
+                        f"{', '.join(_TRAINING_TYPES)} only")
+    addresses = cluster.get(kind) or []
+    if not addresses:
+        raise UserError(f"TF_CONFIG task {kind}:{index} is not in its cluster (no {kind!r} "
+                        f"entry among {', '.join(sorted(cluster)) or 'none'})")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(addresses):
+        raise UserError(f"TF_CONFIG task index {index!r} is outside the cluster's "
+                        f"{len(addresses)} {kind!r} address(es)")
+
+
 def prepare_tf_config(environ: MutableMapping[str, str] = os.environ) -> None:
     """Renames the legacy "master" task to "chief" in `$TF_CONFIG`, in place.
 

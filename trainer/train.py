@@ -4,16 +4,14 @@ Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy, so the step is a
 `tf.function` around `strategy.run` with a GradientTape, used by the one-device,
 mirrored and multi-worker strategies alike. Around it: resume checkpoints
 (every epoch, every N steps and on SIGTERM), the best checkpoint by the
-monitored loss, TensorBoard, a sample per epoch, and background uploads.
+monitored loss, TensorBoard, a sample per epoch, and background uploads. The
+epochs-of-steps loop and the job-wide stop decision are in trainer/loop.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
-import sys
-import time
 from typing import Any
 
 import keras
@@ -24,53 +22,10 @@ from absl import logging
 from trainer import checkpoints, corpus_index, distribution, input_pipeline, models, storage
 from trainer.config import Config, incompatibilities
 from trainer.errors import UserError
+from trainer.loop import Loop, PreemptedError, TrainingDivergedError  # noqa: F401 - task, tests
+from trainer.loop import metrics as _metrics
 from trainer.reporting import Reporter
 from trainer.vocabulary import Vocabulary
-
-
-class PreemptedError(Exception):
-    """SIGTERM or Ctrl-C arrived; a resume checkpoint was saved and uploads were flushed."""
-
-    def __init__(self, message: str, signal_name: str = "SIGTERM"):
-        super().__init__(message)
-        self.signal_name = signal_name
-
-
-class TrainingDivergedError(UserError):
-    """The loss became NaN or infinite."""
-
-
-class _StopSignal:
-    """Turns SIGTERM (sent before preemption) and a first Ctrl-C into a flag polled per step.
-
-    A second Ctrl-C interrupts at once, as usual.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignal:
-        try:
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        except ValueError:  # Not the main thread: leave signals alone.
-            pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        logging.warning("%s received: saving a resume checkpoint at the next step boundary%s",
-                        name, " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
-        self.received = name
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 def _prepare_data(cfg: Config, job: checkpoints.JobDir, strategy, place):
@@ -100,6 +55,14 @@ def _check_jit_compile(cfg: Config) -> None:
                         "LSTM (CudnnRNNV3), which is the fast path there; drop --jit_compile")
 
 
+def _check_precision(cfg: Config) -> None:
+    """mixed_bfloat16 cannot work where the LSTMs run the cuDNN kernel: say so up front."""
+    if cfg.precision == "mixed_bfloat16" and tf.config.list_logical_devices("GPU"):
+        raise UserError("--precision=mixed_bfloat16 does not work on a GPU: the cuDNN LSTM "
+                        "kernel takes float16, float32 or float64 only; use "
+                        "--precision=mixed_float16 there")
+
+
 def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
     saved = job.read("config.json")
     if saved is None:
@@ -127,15 +90,33 @@ def _optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
 def train(cfg: Config) -> dict[str, Any]:
     """Trains per `cfg`, resuming from the job directory when it holds a run.
 
+    Every worker of a multi-worker job resumes from the chief's checkpoint, and all
+    of them stop at the same step (see trainer/loop.py).
+
     Returns:
-      A summary: best value, last epoch's metrics, steps, chars trained.
+      A summary: best value, last epoch's metrics, steps, chars trained ({} when the
+      job directory already holds the whole run).
 
     Raises:
-      UserError: bad data, an incompatible job directory, a diverged loss.
-      PreemptedError: SIGTERM arrived; a resume checkpoint was saved.
+      UserError: bad data, an incompatible job directory, a diverged loss, a cluster
+        that cannot work, another worker that stopped or failed.
+      PreemptedError: SIGTERM or Ctrl-C arrived (on any worker); a resume checkpoint
+        was saved.
     """
     strategy, place = distribution.make_strategy(cfg)
+    try:
+        return _train(cfg, strategy, place)
+    except distribution.PEER_ERRORS as err:
+        lost = distribution.lost_worker(err, place)
+        if lost is None:
+            raise
+        raise lost from err
+
+
+def _train(cfg: Config, strategy: tf.distribute.Strategy,
+           place: distribution.Placement) -> dict[str, Any]:
     _check_jit_compile(cfg)
+    _check_precision(cfg)
     global_batch = cfg.batch_size * place.replicas
     if cfg.monitor == "val_loss" and not (cfg.val_data or cfg.val_fraction):
         logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
@@ -180,11 +161,13 @@ def train(cfg: Config) -> dict[str, Any]:
     keras.mixed_precision.set_dtype_policy(cfg.precision)
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
+        # elapsed: the job's agreed seconds so far (the chief's clock), set by the loop.
+        progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
+                    "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
+                    "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False)}
         model = models.build_model(cfg, vocab.size)
         optimizer = _optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
-        progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
-                    "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False)}
     keras.mixed_precision.set_dtype_policy("float32")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress)
     resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
@@ -193,6 +176,9 @@ def train(cfg: Config) -> dict[str, Any]:
     if restored:
         logging.info("resumed from %s at step %d (epoch %d)", restored["prefix"], step,
                      step // steps_per_epoch + 1)
+    # The first collective after the setup: a worker that failed in it has exited by now.
+    agreement = distribution.Agreement(strategy, place, float(progress["elapsed"].numpy()))
+    agreement.check_same("resume step", step)
     best = checkpoints.BestExporter(job, cfg.monitor, float(progress["best"].numpy()))
     for lstm in models.lstm_layers(model):
         if not models.cudnn_eligible(lstm):
@@ -210,8 +196,8 @@ def train(cfg: Config) -> dict[str, Any]:
     reporter = Reporter(cfg, job, place, vocab, model, val_regions)
     evaluate = (lambda: _evaluate(strategy, eval_step, dataset_fn(
         val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch))) if val_steps else dict
-    loop = _Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
-                 progress, lambda: train_step(train_iter), evaluate, model, optimizer)
+    loop = Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
+                progress, lambda: train_step(train_iter), evaluate, model, optimizer, agreement)
     if step >= total_steps:
         logging.warning("the job directory already holds all %d epochs; raise --epochs to train "
                         "longer", cfg.epochs)
@@ -233,84 +219,6 @@ def train(cfg: Config) -> dict[str, Any]:
     if place.is_chief and cfg.model_dir and best.pointer:
         _export_model(cfg, best.pointer)
     return summary
-
-
-class _Loop:
-    """Runs epochs of steps, with the checkpoints, stops and reports between them."""
-
-    def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,
-                 resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
-                 reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
-                 model: keras.Model, optimizer: keras.optimizers.Optimizer):
-        self.cfg, self.steps_per_epoch, self.chars_per_step = cfg, steps_per_epoch, chars_per_step
-        self.resume, self.best, self.reporter, self.progress = resume, best, reporter, progress
-        self.step_fn, self.evaluate = step_fn, evaluate
-        self.model, self.optimizer = model, optimizer
-        self.started = time.time()
-
-    def out_of_time(self) -> bool:
-        limit = self.cfg.train_minutes
-        return bool(limit) and time.time() - self.started > 60 * limit
-
-    def run(self, step: int, total_steps: int) -> dict[str, Any]:
-        """Trains from `step` to `total_steps` (or the time limit); returns the last summary."""
-        summary: dict[str, Any] = {}
-        with _StopSignal() as stop:
-            while step < total_steps and not (summary and self.out_of_time()):
-                epoch = step // self.steps_per_epoch
-                first, epoch_start = step, time.time()
-                step, totals = self._epoch(step, epoch, stop)
-                metrics = _metrics(totals)
-                metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
-                                            / max(time.time() - epoch_start, 1e-9))
-                metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
-                metrics["elapsed_sec"] = time.time() - self.started
-                improved = self.best.maybe_export(self.model, epoch + 1, step,
-                                                  metrics[self.cfg.monitor])
-                self.progress["best"].assign(self.best.best)
-                self.reporter.epoch_end(epoch + 1, step, metrics, improved, self.optimizer)
-                self.resume.save(step, epoch + 1)
-                summary = {"epoch": epoch + 1, "step": step, **metrics, "best": self.best.best,
-                           "chars_trained": step * self.chars_per_step}
-        return summary
-
-    def _epoch(self, step: int, epoch: int, stop: _StopSignal) -> tuple[int, np.ndarray]:
-        """Trains to the end of `epoch` (or a stop); returns the step reached and loss sums."""
-        cfg, per_epoch = self.cfg, self.steps_per_epoch
-        bar = keras.utils.Progbar(per_epoch, verbose=1 if sys.stdout.isatty() else 2,
-                                  stateful_metrics=["loss", "accuracy", "bpc"])
-        bar.update(step - epoch * per_epoch)
-        totals = np.zeros(3)
-        pending: list[tf.Tensor] = []  # Read back every few steps, so steps can queue up.
-        while step < (epoch + 1) * per_epoch:
-            pending.append(self.step_fn())
-            step += 1
-            due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
-            out_of_time = self.out_of_time()
-            if len(pending) >= 10 or due or stop.received or out_of_time or step % per_epoch == 0:
-                totals += np.sum([p.numpy() for p in pending], axis=0)
-                pending = []
-                if not np.isfinite(totals[0]):
-                    raise TrainingDivergedError(f"loss became {totals[0]} at step {step}; lower "
-                                                "--learning_rate or set --clipnorm")
-                bar.update(step - epoch * per_epoch, list(_metrics(totals).items()))
-            self.progress["step"].assign(step)
-            if stop.received:
-                self.resume.save(step, epoch)
-                raise PreemptedError(f"stopped by {stop.received} at step {step}; rerun the "
-                                     "same command to resume", stop.received)
-            if out_of_time:
-                logging.info("--train_minutes=%g reached at step %d", cfg.train_minutes, step)
-                break
-            if due and step % per_epoch:
-                self.resume.save(step, epoch)
-        return step, totals
-
-
-def _metrics(totals: np.ndarray) -> dict[str, float]:
-    loss_sum, correct, count = totals
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
 
 
 def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):

@@ -1,0 +1,169 @@
+"""Multi-worker jobs as the shipped specs run them: real processes with TF_CONFIG on loopback.
+
+Every worker gets the same command (the tiny preset with dropout 0.2, as every spec
+trains with dropout) and one shared job dir, local or gs:// (the storage emulator).
+Each test has its own timeout, and `LocalCluster` kills every worker's process group
+when the test leaves it, failed or not.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench.local_cluster import REPO, LocalCluster
+from bench.multi_worker_stop import job_args, latest_step, write_corpus
+from trainer import storage
+
+TIMEOUT = 240  # Seconds any one cluster may take, on a loaded 2-core machine.
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    return write_corpus(str(tmp_path_factory.mktemp("corpus")))
+
+
+def _env(tmp_path) -> dict[str, str]:
+    """A temp dir per test, so the workers' private folders can be seen (and must go)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {"TMPDIR": str(tmp)}
+
+
+def _private_folders(tmp_path) -> list[str]:
+    return glob.glob(str(tmp_path / "tmp" / "char-lstm-worker-*"))
+
+
+def _step(pattern: str, text: str) -> int:
+    match = re.search(pattern, text)
+    assert match, text[-3000:]
+    return int(match.group(1))
+
+
+def _done(log: str) -> str:
+    lines = [line for line in log.splitlines() if line.startswith("done:")]
+    assert len(lines) == 1, log[-3000:]
+    return lines[0].split(", chars_per_sec")[0]
+
+
+def _run(args, tmp_path, name: str, **kwargs) -> tuple[list[int], list[str]]:
+    with LocalCluster(args, str(tmp_path / name), env=_env(tmp_path), **kwargs) as cluster:
+        codes = cluster.wait(TIMEOUT)
+        return codes, [cluster.log(i) for i in range(cluster.workers)]
+
+
+def test_sigterm_to_the_non_chief_stops_both_at_one_step_and_every_worker_resumes(
+        corpus, tmp_path):
+    job = str(tmp_path / "job")
+    args = job_args(corpus, job, "--keep_checkpoints=2")
+    private_checkpoints = set()
+    with LocalCluster(args, str(tmp_path / "first"), env=_env(tmp_path)) as cluster:
+        deadline = time.monotonic() + TIMEOUT
+        while latest_step(job) < 20:
+            assert None in cluster.poll(), cluster.log(0)[-3000:]
+            assert time.monotonic() < deadline, cluster.log(0)[-3000:]
+            for folder in _private_folders(tmp_path):  # At most --keep_checkpoints.
+                names = glob.glob(os.path.join(folder, "ckpt", "ckpt-*.index"))
+                assert len(names) <= 2
+                private_checkpoints.update(os.path.basename(n) for n in names)
+            time.sleep(0.05)
+        sent = time.monotonic()
+        cluster.signal(1, signal.SIGTERM)
+        assert cluster.wait(TIMEOUT) == [143, 143]
+        took = max(cluster.ended.values()) - sent
+        logs = [cluster.log(0), cluster.log(1)]
+    assert took < 30, logs[0][-2000:]
+    stopped = [_step(r"stopped by SIGTERM[^\n]* at step (\d+)", log) for log in logs]
+    assert "(sent to another worker)" in logs[0].split("stopped by SIGTERM")[-1].splitlines()[0]
+    assert stopped[0] == stopped[1] == latest_step(job)  # One step, saved: nothing lost.
+    assert private_checkpoints, "the non-chief wrote no checkpoint of its own"
+    assert not _private_folders(tmp_path)  # Removed after SIGTERM too.
+
+    codes, logs = _run(args, tmp_path, "rerun")
+    assert codes == [0, 0], logs[1][-3000:]
+    for log in logs:
+        assert f"resumed from ckpt/ckpt-{stopped[0]} at step {stopped[0]}" in log
+    assert _done(logs[0]) == _done(logs[1])
+    with open(os.path.join(job, "metrics.jsonl")) as f:
+        assert [json.loads(line)["epoch"] for line in f] == [1, 2]
+
+    # A rerun of the finished job: nothing to do, and every worker says so with exit 0.
+    finished = latest_step(job)
+    codes, logs = _run(args, tmp_path, "finished")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for log in logs:
+        assert f"at step {finished}" in log and "Traceback" not in log
+    assert not _private_folders(tmp_path)
+
+
+def test_staggered_start_with_train_minutes_stops_every_worker_at_one_step(corpus, tmp_path):
+    job = str(tmp_path / "job")
+    args = job_args(corpus, job, "--epochs=100", "--train_minutes=0.25")
+    codes, logs = _run(args, tmp_path, "first", delays=[0, 20])
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    reached = [_step(r"--train_minutes=0.25 reached at step (\d+)", log) for log in logs]
+    assert reached[0] == reached[1] == latest_step(job)
+    assert _done(logs[0]) == _done(logs[1])
+    # The clock is the job's, kept in the checkpoint: the rerun finds the time used up.
+    codes, logs = _run(args, tmp_path, "rerun", delays=[20, 0])
+    assert codes == [0, 0], logs[0][-3000:]
+    for log in logs:
+        assert f"resumed from ckpt/ckpt-{reached[0]} at step {reached[0]}" in log
+        assert "already used its --train_minutes=0.25" in log
+
+
+def test_every_worker_resumes_from_a_bucket(gcs_bucket, corpus, tmp_path):
+    job = f"{gcs_bucket()}/runs/multi"
+    args = job_args(corpus, job, "--epochs=1", "--checkpoint_every_steps=0")
+    codes, logs = _run(args, tmp_path, "first")
+    assert codes == [0, 0], logs[0][-3000:]
+    step = json.loads(storage.read_text(f"{job}/ckpt/latest.json"))["checkpoints"][0]["step"]
+    # New machines: the chief's staging folder is gone too, so both read the bucket.
+    for path in glob.glob(str(tmp_path / "tmp" / "char-lstm" / "*")):
+        subprocess.run(["rm", "-rf", path], check=True)
+    codes, logs = _run([*args[:-2], "--epochs=2"], tmp_path, "rerun")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for log in logs:
+        assert f"resumed from ckpt/ckpt-{step} at step {step}" in log
+    assert _done(logs[0]) == _done(logs[1])
+    assert not _private_folders(tmp_path)
+
+
+def test_a_worker_that_fails_before_training_stops_the_job_with_one_line_each(corpus, tmp_path):
+    job = str(tmp_path / "job")
+    started = time.monotonic()
+    codes, logs = _run(job_args(corpus, job), tmp_path, "first",
+                       extra={1: [f"--train_data={tmp_path}/missing/*.txt"]})
+    assert time.monotonic() - started < 120
+    assert codes == [1, 1], logs[0][-3000:]
+    for log, expected in zip(logs, ["another worker of this job stopped or failed",
+                                    "matched no files"]):
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and expected in errors[0], log[-3000:]
+        assert "Traceback" not in log
+    assert not _private_folders(tmp_path)
+
+
+def test_a_cluster_that_cannot_work_stops_before_training_with_one_line(corpus, tmp_path):
+    # The other cases of a TF_CONFIG that cannot work: tests/test_platform.py.
+    tf_config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                 "task": {"type": "worker", "index": 0}}
+    env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.task", *job_args(corpus, str(tmp_path / "job")),
+         "--strategy=mirrored"], cwd=REPO, env={**env, "PYTHONPATH": REPO},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--strategy=mirrored trains on one machine, but TF_CONFIG " \
+        "describes a cluster of 2 workers" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "job")  # Nothing was written: it stopped up front.

@@ -1,0 +1,192 @@
+"""The epochs-of-steps loop around the compiled train step, and how it stops.
+
+Stopping is one decision for the whole job. SIGTERM (sent before a preemption or VM
+maintenance, often to one worker only), a first Ctrl-C and `--train_minutes` are
+turned into a flag and a clock reading that every worker hands to one small
+all-reduce at the points where the loop reads the step outputs back (every few
+steps, at checkpoints and at epoch ends; the same steps on every worker). All
+workers read the same sum, so all save one resume checkpoint at the same step and
+leave together; the chief's clock is the job's clock, and it is kept in the
+checkpoint (`progress["elapsed"]`), so a resumed job continues it.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from trainer import checkpoints
+from trainer.config import Config
+from trainer.distribution import Agreement
+from trainer.errors import UserError
+from trainer.reporting import Reporter
+
+# Steps dispatched before their outputs are read back (and the stop is agreed).
+READBACK_STEPS = 10
+
+
+class PreemptedError(Exception):
+    """SIGTERM or Ctrl-C arrived; a resume checkpoint was saved and uploads were flushed."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+class TrainingDivergedError(UserError):
+    """The loss became NaN or infinite."""
+
+
+class StopSignal:
+    """Turns SIGTERM (sent before preemption) and a first Ctrl-C into a flag.
+
+    The loop hands the flag to the next agreement, so the job stops within
+    READBACK_STEPS steps on every worker. A second Ctrl-C interrupts at once, as usual.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        try:
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # Not the main thread: leave signals alone.
+            pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logging.warning("%s received: the job saves a resume checkpoint within %d steps%s",
+                        name, READBACK_STEPS,
+                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+        self.received = name
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+def metrics(totals: np.ndarray) -> dict[str, float]:
+    """Loss, accuracy and bits per char from summed [loss, correct, count]."""
+    loss_sum, correct, count = totals
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
+
+
+class Loop:
+    """Runs epochs of steps, with the checkpoints, stops and reports between them.
+
+    `elapsed` is the job's agreed elapsed seconds, set at every agreement (every
+    READBACK_STEPS steps or sooner) and mirrored into `progress["elapsed"]`, a float64
+    variable that a time-based schedule can read inside the step.
+    """
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,
+                 resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
+                 reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
+                 model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                 agreement: Agreement):
+        self.cfg, self.steps_per_epoch, self.chars_per_step = cfg, steps_per_epoch, chars_per_step
+        self.resume, self.best, self.reporter, self.progress = resume, best, reporter, progress
+        self.step_fn, self.evaluate = step_fn, evaluate
+        self.model, self.optimizer, self.agreement = model, optimizer, agreement
+        self.elapsed = float(progress["elapsed"].numpy())
+        self.stop_by: str | None = None
+
+    def out_of_time(self) -> bool:
+        """True once the agreed job clock passed --train_minutes."""
+        limit = self.cfg.train_minutes
+        return bool(limit) and self.elapsed > 60 * limit
+
+    def agree(self, stop: StopSignal) -> None:
+        """One collective: any worker's signal, and the chief's clock, for every worker."""
+        chief = self.agreement.place.is_chief
+        sums = self.agreement.sum([stop.received == "SIGTERM", stop.received == "SIGINT",
+                                   self.agreement.elapsed() if chief else 0.0])
+        self.elapsed = float(sums[2])
+        self.progress["elapsed"].assign(self.elapsed)
+        self.stop_by = "SIGTERM" if sums[0] else ("SIGINT" if sums[1] else None)
+
+    def _stop(self, stop: StopSignal, step: int, epoch: int) -> None:
+        self.resume.save(step, epoch)
+        where = "" if stop.received else " (sent to another worker)"
+        raise PreemptedError(f"stopped by {self.stop_by}{where} at step {step}; rerun the same "
+                             "command to resume", self.stop_by or "SIGTERM")
+
+    def run(self, step: int, total_steps: int) -> dict[str, Any]:
+        """Trains from `step` to `total_steps` (or the time limit); returns the last summary."""
+        summary: dict[str, Any] = {}
+        with StopSignal() as stop:
+            while step < total_steps:
+                self.agree(stop)  # After evaluation and sampling, which take time.
+                if self.stop_by:
+                    self._stop(stop, step, step // self.steps_per_epoch)
+                if self.out_of_time():
+                    if not summary:
+                        logging.warning("the job already used its --train_minutes=%g (%.0f s); "
+                                        "raise it to train longer", self.cfg.train_minutes,
+                                        self.elapsed)
+                    break
+                epoch = step // self.steps_per_epoch
+                first, epoch_start = step, time.time()
+                step, totals = self._epoch(step, epoch, stop)
+                epoch_metrics = metrics(totals)
+                epoch_metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
+                                                  / max(time.time() - epoch_start, 1e-9))
+                epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
+                improved = self.best.maybe_export(self.model, epoch + 1, step,
+                                                  epoch_metrics[self.cfg.monitor])
+                self.progress["best"].assign(self.best.best)
+                self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved, self.optimizer)
+                self.resume.save(step, epoch + 1)
+                summary = {"epoch": epoch + 1, "step": step, **epoch_metrics,
+                           "best": self.best.best, "chars_trained": step * self.chars_per_step}
+        return summary
+
+    def _epoch(self, step: int, epoch: int, stop: StopSignal) -> tuple[int, np.ndarray]:
+        """Trains to the end of `epoch` (or a stop); returns the step reached and loss sums."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        bar = keras.utils.Progbar(per_epoch, verbose=1 if sys.stdout.isatty() else 2,
+                                  stateful_metrics=["loss", "accuracy", "bpc"])
+        bar.update(step - epoch * per_epoch)
+        totals = np.zeros(3)
+        pending: list[tf.Tensor] = []  # Read back every few steps, so steps can queue up.
+        while step < (epoch + 1) * per_epoch:
+            pending.append(self.step_fn())
+            step += 1
+            due = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0
+            # The same steps on every worker: nothing local (a signal, a clock) decides them.
+            if not (len(pending) >= READBACK_STEPS or due or step % per_epoch == 0):
+                continue
+            totals += np.sum([p.numpy() for p in pending], axis=0)
+            pending = []
+            if not np.isfinite(totals[0]):
+                raise TrainingDivergedError(f"loss became {totals[0]} at step {step}; lower "
+                                            "--learning_rate or set --clipnorm")
+            bar.update(step - epoch * per_epoch, list(metrics(totals).items()))
+            self.progress["step"].assign(step)
+            self.agree(stop)
+            if self.stop_by:
+                self._stop(stop, step, epoch)
+            if self.out_of_time():
+                logging.info("--train_minutes=%g reached at step %d (%.0f s into the job)",
+                             cfg.train_minutes, step, self.elapsed)
+                break
+            if due and step % per_epoch:
+                self.resume.save(step, epoch)
+        return step, totals
