@@ -113,7 +113,7 @@ def test_staggered_start_with_train_minutes_stops_every_worker_at_one_step(corpu
     assert reached[0] == reached[1] == latest_step(job)
     assert _done(logs[0]) == _done(logs[1])
     # The clock is the job's, kept in the checkpoint: the rerun finds the time used up.
-    codes, logs = _run(args, tmp_path, "rerun", delays=[20, 0])
+    codes, logs = _run(args, tmp_path, "rerun")
     assert codes == [0, 0], logs[0][-3000:]
     for log in logs:
         assert f"resumed from ckpt/ckpt-{reached[0]} at step {reached[0]}" in log
