@@ -18,10 +18,11 @@ import sys
 import time
 
 import pytest
+import tensorflow as tf
 
 from bench.local_cluster import REPO, LocalCluster
 from bench.multi_worker_stop import job_args, latest_step, write_corpus
-from trainer import storage
+from trainer import distribution, storage
 
 TIMEOUT = 240  # Seconds any one cluster may take, on a loaded 2-core machine.
 
@@ -113,7 +114,7 @@ def test_staggered_start_with_train_minutes_stops_every_worker_at_one_step(corpu
     assert reached[0] == reached[1] == latest_step(job)
     assert _done(logs[0]) == _done(logs[1])
     # The clock is the job's, kept in the checkpoint: the rerun finds the time used up.
-    codes, logs = _run(args, tmp_path, "rerun", delays=[20, 0])
+    codes, logs = _run(args, tmp_path, "rerun")
     assert codes == [0, 0], logs[0][-3000:]
     for log in logs:
         assert f"resumed from ckpt/ckpt-{reached[0]} at step {reached[0]}" in log
@@ -167,3 +168,15 @@ def test_a_cluster_that_cannot_work_stops_before_training_with_one_line(corpus, 
         "describes a cluster of 2 workers" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "job")  # Nothing was written: it stopped up front.
+
+
+def test_a_lost_peer_becomes_one_line_only_in_a_multi_worker_job():
+    err = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: Error reported "
+                                     "from /job:worker/task:1: The following tasks are unhealthy "
+                                     "(stopped sending heartbeats):\n/job:worker/replica:0/task:1")
+    lost = distribution.lost_worker(err, distribution.Placement(2, 0, True, 2))
+    assert isinstance(lost, distribution.WorkerLostError) and "\n" not in str(lost)
+    assert "another worker of this job stopped or failed" in str(lost)
+    assert "unhealthy" in str(lost)
+    assert distribution.lost_worker(err, distribution.Placement(1, 0, True, 2)) is None
+    assert distribution.lost_worker(ValueError("x"), distribution.Placement(2, 0, True, 2)) is None

@@ -157,11 +157,13 @@ class ResumeCheckpoints:
     def __init__(self, job: JobDir, checkpoint: tf.train.Checkpoint, keep: int):
         self.job, self.checkpoint, self.keep = job, checkpoint, keep
         self.entries: list[dict[str, Any]] = []
+        self.saved_step: int | None = None  # The step this process saved or restored last.
 
     def save(self, step: int, epoch: int) -> None:
         """Writes ckpt-{step}; every worker must call this (it may use collectives)."""
         prefix = f"ckpt/ckpt-{step}"
         self.checkpoint.write(self.job.local_path(prefix))
+        self.saved_step = step
         if not self.job.writer:
             # Nobody reads these (every worker resumes from the chief's): keep the newest.
             for path in glob.glob(os.path.join(self.job.local, "ckpt", "ckpt-*")):
@@ -201,6 +203,7 @@ class ResumeCheckpoints:
             if problem is None:
                 try:
                     self.checkpoint.read(self.job.source_path(entry["prefix"])).expect_partial()
+                    self.saved_step = entry["step"]
                     return entry
                 except (tf.errors.OpError, ValueError, AssertionError) as err:
                     problem = f"unreadable: {str(err).splitlines()[0]}"

@@ -121,8 +121,13 @@ class Loop:
         self.progress["elapsed"].assign(self.elapsed)
         self.stop_by = "SIGTERM" if sums[0] else ("SIGINT" if sums[1] else None)
 
+    def _log_time_limit(self, step: int) -> None:
+        logging.info("--train_minutes=%g reached at step %d (%.0f s into the job)",
+                     self.cfg.train_minutes, step, self.elapsed)
+
     def _stop(self, stop: StopSignal, step: int, epoch: int) -> None:
-        self.resume.save(step, epoch)
+        if self.resume.saved_step != step:
+            self.resume.save(step, epoch)
         where = "" if stop.received else " (sent to another worker)"
         raise PreemptedError(f"stopped by {self.stop_by}{where} at step {step}; rerun the same "
                              "command to resume", self.stop_by or "SIGTERM")
@@ -131,12 +136,14 @@ class Loop:
         """Trains from `step` to `total_steps` (or the time limit); returns the last summary."""
         summary: dict[str, Any] = {}
         with StopSignal() as stop:
+            self.agree(stop)
             while step < total_steps:
-                self.agree(stop)  # After evaluation and sampling, which take time.
                 if self.stop_by:
                     self._stop(stop, step, step // self.steps_per_epoch)
                 if self.out_of_time():
-                    if not summary:
+                    if summary:  # Reached at an epoch's end.
+                        self._log_time_limit(step)
+                    else:
                         logging.warning("the job already used its --train_minutes=%g (%.0f s); "
                                         "raise it to train longer", self.cfg.train_minutes,
                                         self.elapsed)
@@ -153,6 +160,9 @@ class Loop:
                                                   epoch_metrics[self.cfg.monitor])
                 self.progress["best"].assign(self.best.best)
                 self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved, self.optimizer)
+                # Agreed after evaluation and sampling, which take time: the checkpoint
+                # keeps that clock, and a signal that came meanwhile stops the job here.
+                self.agree(stop)
                 self.resume.save(step, epoch + 1)
                 summary = {"epoch": epoch + 1, "step": step, **epoch_metrics,
                            "best": self.best.best, "chars_trained": step * self.chars_per_step}
@@ -184,8 +194,7 @@ class Loop:
             if self.stop_by:
                 self._stop(stop, step, epoch)
             if self.out_of_time():
-                logging.info("--train_minutes=%g reached at step %d (%.0f s into the job)",
-                             cfg.train_minutes, step, self.elapsed)
+                self._log_time_limit(step)
                 break
             if due and step % per_epoch:
                 self.resume.save(step, epoch)
