@@ -52,7 +52,7 @@ class Config:
     shard_cycle: int = 8
     # Files are cut into pieces of about this many MB, each read by one range read
     # (windows across a cut are dropped: about one per piece).
-    piece_mb: float = 4.0
+    piece_mb: float = 2.0
     # Seed for shuffling, initialisation and per-epoch samples.
     seed: int = 42
 

@@ -275,8 +275,8 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
     first_pass, skip = divmod(start_step, steps) if steps else (0, 0)
     dtype = vocab.dtype
 
-    # Worker batches travel in groups of about 4 MB: one Python call per group, not per batch.
-    group = max(1, (4 << 20) // (rows * cfg.window * dtype.itemsize))
+    # Worker batches travel in groups of about 1 MB: one Python call per group, not per batch.
+    group = max(1, (1 << 20) // (rows * cfg.window * dtype.itemsize))
 
     def batches() -> Iterator[np.ndarray]:
         """Every worker batch of the stream, padded when this worker's share runs out."""
@@ -298,19 +298,31 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
             if not repeat:
                 return
 
-    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        stream = batches()
-        while chunk := list(itertools.islice(stream, group)):
-            valid = np.stack([np.arange(rows) < len(b) for b in chunk])
-            windows = np.zeros((len(chunk), rows, cfg.window), dtype)
-            for k, b in enumerate(chunk):
-                windows[k, :len(b)] = b
-            shape = (len(chunk) * replicas_per_worker, batch_size)
-            yield windows.reshape(shape + (cfg.window,)), valid.reshape(shape)
+    streams: list[Iterator[np.ndarray]] = []
 
-    ds = tf.data.Dataset.from_generator(generate, output_signature=(
-        tf.TensorSpec([None, batch_size, cfg.window], tf.as_dtype(dtype)),
-        tf.TensorSpec([None, batch_size], tf.bool)))
+    def next_group(i: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        """The stream's next `group` worker batches (element 0 starts the stream anew)."""
+        if i == 0 or not streams:
+            streams[:] = [batches()]
+        chunk = list(itertools.islice(streams[0], group))
+        valid = np.stack([np.arange(rows) < len(b) for b in chunk])
+        windows = np.zeros((len(chunk), rows, cfg.window), dtype)
+        for k, b in enumerate(chunk):
+            windows[k, :len(b)] = b
+        shape = (len(chunk) * replicas_per_worker, batch_size)
+        return windows.reshape(shape + (cfg.window,)), valid.reshape(shape)
+
+    def load(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        windows, valid = tf.numpy_function(next_group, [i], (tf.as_dtype(dtype), tf.bool),
+                                           stateful=True)
+        windows.set_shape([None, batch_size, cfg.window])
+        valid.set_shape([None, batch_size])
+        return windows, valid
+
+    # A numpy_function over a counter rather than from_generator: a generator dataset's
+    # threads kept the interpreter from exiting after SIGTERM. Sequential, so in order.
+    total = (steps - skip) if not repeat else 2**62
+    ds = tf.data.Dataset.range(-(-total // group)).map(load)
     ds = ds.map(lambda w, valid: _to_example(w, None if repeat else valid, cfg.objective))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

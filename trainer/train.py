@@ -10,6 +10,7 @@ epochs-of-steps loop and the job-wide stop decision are in trainer/loop.py.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from typing import Any
@@ -211,6 +212,11 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         for local, remote in job.close(timeout):
             logging.error("not uploaded: %s -> %s (the local copy is kept)", local, remote)
         raise
+    finally:
+        # Stop the input pipeline now: left to the interpreter's exit, its threads wait for
+        # the GIL in a numpy_function while exit's garbage collection waits for them.
+        train_iter = None  # noqa: F841 - the step closure reads this cell.
+        gc.collect()
     reporter.close(cfg.upload_timeout)
     left = job.close(cfg.upload_timeout)
     if left:
