@@ -82,7 +82,8 @@ class Config:
     # Clip the global batch's gradient to this global norm (alike for any number of
     # replicas); 0 disables clipping.
     clipnorm: float = 1.0
-    # Stop training after this many minutes (checked at step boundaries); 0 = no limit.
+    # Stop training after this many minutes of the whole job (the chief's clock, continued
+    # when a job resumes; all workers stop at one step); 0 = no limit.
     train_minutes: float = 0.0
 
     # --- hardware ---
