@@ -3,7 +3,8 @@
     python -m bench.run [--quick] [--long] [--corpus=../shared/data/tinyshakespeare.txt]
 
 `make bench` runs this. In order: training throughput (its default-model
-figure feeds the next one), the input pipeline, generation (`bench/generate.py`,
+figure feeds the next one), the input pipeline, the multi-worker stop (SIGTERM to one
+of 2 loopback workers), generation (`bench/generate.py`,
 when present) and quality with a short budget (3 minutes; 15 with --long, the
 real quality run; 1 with --quick; skipped without the corpus). Each writes its
 JSON under --out_dir; each one's log (progress, TensorFlow noise) goes to
@@ -40,7 +41,9 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
     pipeline = ["bench.input_pipeline", f"--out={out_dir}/input_pipeline.json"]
     if quick:
         pipeline += ["--rss_mb=10mb", "--tutorial_chars=0", "--rounds=3"]
-    steps = [("train_throughput", throughput), ("input_pipeline", pipeline)]
+    steps = [("train_throughput", throughput), ("input_pipeline", pipeline),
+             ("multi_worker_stop", ["bench.multi_worker_stop", f"--rounds={1 if quick else 3}",
+                                    f"--out={out_dir}/multi_worker_stop.json"])]
     if os.path.exists(os.path.join(os.path.dirname(__file__), "generate.py")):
         steps.append(("generate", ["bench.generate", f"--out={out_dir}/generate.json"]))
     if os.path.isfile(corpus):
