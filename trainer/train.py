@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, distribution, input_pipeline, models, storage
+from trainer import checkpoints, distribution, evaluation, input_pipeline, models, steps, storage
 from trainer.config import Config, incompatibilities
 from trainer.errors import UserError
 from trainer.reporting import Reporter
@@ -120,18 +120,49 @@ def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
                         f"{'; '.join(problems)}); use another --job_dir")
 
 
-def _optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
+class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup then cosine decay, whose progress is the larger of step and time.
+
+    `time_progress` (a variable in [0, 1], the elapsed fraction of --train_minutes)
+    is set by the training loop; at 0 this is Keras's CosineDecay with warmup over
+    `total_steps`. A machine slower than planned thus still ends its budget decayed.
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int, alpha: float,
+                 time_progress: tf.Variable | None = None):
+        super().__init__()
+        self.peak, self.total_steps, self.warmup_steps, self.alpha = (
+            peak, total_steps, warmup_steps, alpha)
+        self.time_progress = time_progress
+        self.cosine = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup_steps),
+            alpha=alpha, warmup_target=peak, warmup_steps=warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        if self.time_progress is not None:
+            step = tf.maximum(step, tf.cast(self.time_progress, tf.float32) * self.total_steps)
+        return self.cosine(step)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "alpha": self.alpha}
+
+
+def _optimizer(cfg: Config, total_steps: int
+               ) -> tuple[keras.optimizers.Optimizer, tf.Variable]:
+    """Adam over the budgeted schedule; returns it and the schedule's time-progress variable."""
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup),
-        alpha=cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
-        warmup_target=cfg.learning_rate, warmup_steps=warmup)
+    time_progress = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="time_progress")
+    schedule = BudgetSchedule(cfg.learning_rate, total_steps, warmup,
+                              cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
+                              time_progress if cfg.train_minutes else None)
     # No global_clipnorm here: Keras would clip each replica's share of the gradient
     # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
     optimizer = keras.optimizers.Adam(schedule)
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
+    return optimizer, time_progress
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -147,7 +178,7 @@ def train(cfg: Config) -> dict[str, Any]:
     strategy, place = distribution.make_strategy(cfg)
     _check_jit_compile(cfg)
     global_batch = cfg.batch_size * place.replicas
-    if cfg.monitor == "val_loss" and not (cfg.val_data or cfg.val_fraction):
+    if cfg.monitor.startswith("val_") and not (cfg.val_data or cfg.val_fraction):
         logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
         cfg = cfg.replace(monitor="loss")
     logging.info("config:\n%s", cfg.to_json())
@@ -157,13 +188,15 @@ def train(cfg: Config) -> dict[str, Any]:
     _check_job_dir(cfg, job)
     vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job)
     sharding = input_pipeline.Sharding(place.worker, place.num_workers)
-    pass_steps = input_pipeline.steps_per_pass(
-        train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding)
+    pass_steps = (input_pipeline.lane_steps(train_regions, cfg.seq_length, cfg.batch_size
+                                            * place.replicas_per_worker, sharding)
+                  if cfg.carry_state else input_pipeline.steps_per_pass(
+        train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding))
     if pass_steps < 1:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
     steps_per_epoch = cfg.steps_per_epoch or pass_steps
-    val_steps, val_batch = 0, cfg.batch_size
+    val_steps, val_batch, val_lanes, val_lane_steps = 0, cfg.batch_size, 0, 0
     if val_regions:
         # A validation set smaller than one batch is still used, in smaller batches.
         fewest = min(input_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
@@ -176,6 +209,7 @@ def train(cfg: Config) -> dict[str, Any]:
             raise UserError(f"the validation data holds fewer windows of {cfg.window} chars "
                             f"than there are replicas ({place.replicas})")
         val_steps = min(val_steps, cfg.val_steps or val_steps)
+        val_lanes, val_lane_steps = _lanes_for(val_regions, cfg, val_batch, place, sharding)
     total_steps = cfg.epochs * steps_per_epoch
     logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); windows of %d "
                  "chars every %d chars ('%s' objective); %d steps/epoch, %d validation steps",
@@ -188,10 +222,12 @@ def train(cfg: Config) -> dict[str, Any]:
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         model = models.build_model(cfg, vocab.size)
-        optimizer = _optimizer(cfg, total_steps)
+        optimizer, time_progress = _optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
+        # elapsed: seconds of training so far, over every run of this job (the budget's clock).
         progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
-                    "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False)}
+                    "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
+                    "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False)}
     keras.mixed_precision.set_dtype_policy("float32")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress)
     resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
@@ -211,14 +247,29 @@ def train(cfg: Config) -> dict[str, Any]:
             replicas_per_worker=place.replicas_per_worker, sharding=sharding, shuffle=shuffle,
             start_step=start, repeat=repeat)
 
-    train_iter = iter(strategy.distribute_datasets_from_function(
-        dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
-    train_step, eval_step = _steps(cfg, strategy, model, optimizer, global_batch)
+    def lanes_fn(regions, steps, start, repeat, batch=cfg.batch_size):
+        return lambda ctx: input_pipeline.lanes_dataset(
+            regions, vocab, cfg, batch_size=batch, steps=steps,
+            replicas_per_worker=place.replicas_per_worker, sharding=sharding, start_step=start,
+            repeat=repeat)
+
+    train_step = steps.train_step(cfg, strategy, model, optimizer, global_batch)
+    if cfg.carry_state:
+        train_iter = iter(strategy.distribute_datasets_from_function(
+            lanes_fn(train_regions, pass_steps, step, True)))
+        step_fn = steps.CarriedSteps(train_step, train_iter, strategy, model, cfg.batch_size)
+    else:
+        train_iter = iter(strategy.distribute_datasets_from_function(
+            dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
+        step_fn = lambda: train_step(train_iter)  # noqa: E731
     reporter = Reporter(cfg, job, place, vocab, model, val_regions)
-    evaluate = (lambda: _evaluate(strategy, eval_step, dataset_fn(
-        val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch))) if val_steps else dict
+    evaluator = evaluation.Evaluator(strategy, model, cfg.objective)
+    evaluate = (lambda: _evaluate(evaluator, dataset_fn(
+        val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch),
+        val_lanes and lanes_fn(val_regions, val_lane_steps, 0, False, val_lanes), val_lanes)
+                ) if val_steps else dict
     loop = _Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
-                 progress, lambda: train_step(train_iter), evaluate, model, optimizer)
+                 progress, step_fn, evaluate, model, optimizer, time_progress)
     if step >= total_steps:
         logging.warning("the job directory already holds all %d epochs; raise --epochs to train "
                         "longer", cfg.epochs)
@@ -248,12 +299,27 @@ class _Loop:
     def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,
                  resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
                  reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
-                 model: keras.Model, optimizer: keras.optimizers.Optimizer):
+                 model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                 time_progress: tf.Variable | None = None):
         self.cfg, self.steps_per_epoch, self.chars_per_step = cfg, steps_per_epoch, chars_per_step
         self.resume, self.best, self.reporter, self.progress = resume, best, reporter, progress
         self.step_fn, self.evaluate = step_fn, evaluate
         self.model, self.optimizer = model, optimizer
         self.started = time.time()
+        self.time_progress = time_progress
+        self.elapsed_before = float(progress["elapsed"].numpy()) if "elapsed" in progress else 0.0
+
+    def job_elapsed(self) -> float:
+        """Seconds this job has trained, earlier runs included, by this process's clock."""
+        return self.elapsed_before + time.time() - self.started
+
+    def note_time(self) -> None:
+        """Records the job's elapsed time and the schedule's time progress (at readbacks)."""
+        elapsed = self.job_elapsed()
+        if "elapsed" in self.progress:
+            self.progress["elapsed"].assign(elapsed)
+        if self.time_progress is not None and self.cfg.train_minutes:
+            self.time_progress.assign(min(1.0, elapsed / (60 * self.cfg.train_minutes)))
 
     def out_of_time(self) -> bool:
         limit = self.cfg.train_minutes
@@ -262,12 +328,13 @@ class _Loop:
     def run(self, step: int, total_steps: int) -> dict[str, Any]:
         """Trains from `step` to `total_steps` (or the time limit); returns the last summary."""
         summary: dict[str, Any] = {}
+        self.note_time()
         with _StopSignal() as stop:
             while step < total_steps and not (summary and self.out_of_time()):
                 epoch = step // self.steps_per_epoch
                 first, epoch_start = step, time.time()
                 step, totals = self._epoch(step, epoch, stop)
-                metrics = _metrics(totals)
+                metrics = evaluation.metrics(totals)
                 metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
                                             / max(time.time() - epoch_start, 1e-9))
                 metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
@@ -297,10 +364,11 @@ class _Loop:
             if len(pending) >= 10 or due or stop.received or out_of_time or step % per_epoch == 0:
                 totals += np.sum([p.numpy() for p in pending], axis=0)
                 pending = []
+                self.note_time()
                 if not np.isfinite(totals[0]):
                     raise TrainingDivergedError(f"loss became {totals[0]} at step {step}; lower "
                                                 "--learning_rate or set --clipnorm")
-                bar.update(step - epoch * per_epoch, list(_metrics(totals).items()))
+                bar.update(step - epoch * per_epoch, list(evaluation.metrics(totals).items()))
             self.progress["step"].assign(step)
             if stop.received:
                 self.resume.save(step, epoch)
@@ -314,66 +382,25 @@ class _Loop:
         return step, totals
 
 
-def _metrics(totals: np.ndarray) -> dict[str, float]:
-    loss_sum, correct, count = totals
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
+def _lanes_for(regions, cfg: Config, batch: int, place, sharding) -> tuple[int, int]:
+    """(lanes per replica, steps) for carried validation: up to `batch` lanes, fewer
+    when the text is too short for one step of that many; (0, 0) when none fits."""
+    while batch:
+        count = input_pipeline.lane_steps(regions, cfg.seq_length,
+                                          batch * place.replicas_per_worker, sharding)
+        if count:
+            return batch, min(count, cfg.val_steps or count)
+        batch //= 2
+    return 0, 0
 
 
-def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
-    """Builds the compiled train and eval steps; each returns [loss sum, correct, count]."""
-
-    def forward(x, y, training):
-        logits = model(x, training=training)
-        if cfg.objective == "last":
-            logits = logits[:, -1]
-        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
-        count = tf.cast(tf.size(y), tf.float32)
-        return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct), count])
-
-    def gradients(x, y):
-        with tf.GradientTape() as tape:
-            losses, sums = forward(x, y, True)
-            per_window = tf.reshape(losses, [tf.shape(losses)[0], -1])
-            loss = tf.nn.compute_average_loss(tf.reduce_mean(per_window, -1),
-                                              global_batch_size=global_batch)
-            scaled = optimizer.scale_loss(loss)
-        return tape.gradient(scaled, model.trainable_variables), sums
-
-    # XLA compiles the forward and backward pass of each replica. The iterator, the
-    # gradients' all-reduce and the optimizer update stay outside it: XLA has no
-    # kernels for iterator ops, and a compiled cluster cannot reach the variables of
-    # other replicas' devices.
-    replica_gradients = (tf.function(gradients, jit_compile=True) if cfg.jit_compile
-                         else gradients)
-
-    def replica_step(x, y):
-        grads, sums = replica_gradients(x, y)
-        if cfg.clipnorm:
-            grads = distribution.clip_global_norm(grads, optimizer, cfg.clipnorm)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return sums
-
-    @tf.function
-    def train_step(iterator):
-        x, y = next(iterator)
-        sums = strategy.run(replica_step, args=(x, y))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-    @tf.function
-    def eval_step(x, y):
-        sums = strategy.run(lambda a, b: forward(a, b, False)[1], args=(x, y))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-    return train_step, eval_step
-
-
-def _evaluate(strategy, eval_step, dataset_fn) -> dict[str, float]:
-    totals = np.zeros(3)
-    for x, y in strategy.distribute_datasets_from_function(dataset_fn):
-        totals += eval_step(x, y).numpy()
-    return _metrics(totals)
+def _evaluate(evaluator: evaluation.Evaluator, windows_fn, lanes_fn, lanes: int
+              ) -> dict[str, float]:
+    """Windowed metrics (loss, ...) and carried ones (carried_loss, ...), without prefix."""
+    metrics = evaluator.windowed(windows_fn)
+    if lanes_fn:
+        metrics.update({f"carried_{k}": v for k, v in evaluator.carried(lanes_fn, lanes).items()})
+    return metrics
 
 
 def _export_model(cfg: Config, pointer: dict[str, Any]) -> None:
