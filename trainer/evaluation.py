@@ -15,14 +15,17 @@ epochs) and `trainer.evaluate` (on a job directory) use the same functions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import models
-from trainer.vocabulary import OOV_ID
+from trainer import input_pipeline, models, vocabulary
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.vocabulary import OOV_ID, Vocabulary
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -100,18 +103,20 @@ class Evaluator:
 
         self.windowed_step, self.carried_step = windowed_step, carried_step
 
-    def windowed(self, dataset_fn: Callable) -> dict[str, float]:
-        """Scores the windows of `dataset_fn` (an input_pipeline.dataset per worker)."""
+    def windowed(self, dataset_fn: Callable) -> np.ndarray:
+        """[loss sum, correct, count] over the windows of `dataset_fn` (one pass of an
+        input_pipeline.dataset per worker)."""
         totals = np.zeros(3)
         for x, y in self.strategy.distribute_datasets_from_function(dataset_fn):
             totals += self.windowed_step(x, y).numpy()
-        return metrics(totals)
+        return totals
 
-    def carried(self, dataset_fn: Callable, batch_size: int) -> dict[str, float]:
-        """Scores the lanes of `dataset_fn` (an input_pipeline.lanes_dataset per worker).
+    def carried(self, dataset_fn: Callable, batch_size: int) -> np.ndarray:
+        """[loss sum, correct, count] over the lanes of `dataset_fn`.
 
         Args:
-          dataset_fn: gives one pass (repeat=False) of lanes, `batch_size` per replica.
+          dataset_fn: gives one pass (repeat=False) of an input_pipeline.lanes_dataset
+            per worker, `batch_size` lanes per replica.
           batch_size: lanes per replica.
         """
         totals = np.zeros(3)
@@ -119,4 +124,69 @@ class Evaluator:
         for x, y, _ in self.strategy.distribute_datasets_from_function(dataset_fn):
             sums, states = self.carried_step(x, y, states)
             totals += sums.numpy()
-        return metrics(totals)
+        return totals
+
+
+def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: keras.Model,
+                batch_size: int = 0, strategy: tf.distribute.Strategy | None = None
+                ) -> dict[str, Any]:
+    """Scores a model on text files both ways, leaving out-of-vocabulary targets out.
+
+    Args:
+      paths: text files (local or gs://), scored as one text in this order.
+      cfg: the model's training config (seq_length, lowercase, objective).
+      vocab: the model's vocabulary.
+      model: the trained model.
+      batch_size: windows per batch and lanes for carried scoring; 0 = cfg.batch_size.
+        Each way drops a remainder shorter than one batch (windowed) or one lane
+        step (carried); `chars_scored` says how many targets each scored.
+      strategy: default: the current (default) strategy.
+
+    Returns:
+      {"files", "chars", "oov_chars", "oov_distinct", "windowed": {...}, "carried": {...}},
+      each mode with nats_per_char, bits_per_char, perplexity, accuracy, chars_scored.
+
+    Raises:
+      UserError: no text, or too little for one window.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    scan = vocabulary.scan(list(paths), cfg.lowercase, "evaluation")
+    known = set(vocab.chars)
+    missing = {c: n for c, n in scan.counts.items() if c not in known}
+    regions = [input_pipeline.Region(s.path, 0, s.chars) for s in scan.shards if s.chars]
+    if not regions or scan.total_chars < cfg.window:
+        raise UserError(f"the text holds {scan.total_chars} chars, fewer than one window of "
+                        f"{cfg.window} (the model's seq_length + 1)")
+    windows = sum(input_pipeline.num_windows(r.length, cfg.window, cfg.seq_length)
+                  for r in regions)
+    batch = max(1, min(batch_size or cfg.batch_size, windows))
+    steps = windows // batch
+    evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True)
+    result: dict[str, Any] = {
+        "files": len(regions), "chars": scan.total_chars, "oov_chars": sum(missing.values()),
+        "oov_distinct": sorted(missing, key=ord)}
+    result["windowed"] = _summary(evaluator.windowed(lambda ctx: input_pipeline.dataset(
+        regions, vocab, cfg, batch_size=batch, shift=cfg.seq_length, steps=steps,
+        shuffle=False, repeat=False)), f"{cfg.seq_length}-char windows from a zero state",
+        batch=batch)
+    lanes = batch
+    while lanes > 1 and input_pipeline.lane_steps(regions, cfg.seq_length, lanes,
+                                                  input_pipeline.Sharding()) < 1:
+        lanes //= 2
+    lane_steps = input_pipeline.lane_steps(regions, cfg.seq_length, lanes,
+                                           input_pipeline.Sharding())
+    if lane_steps:
+        carried_cfg = cfg.replace(objective="sequence")
+        result["carried"] = _summary(evaluator.carried(
+            lambda ctx: input_pipeline.lanes_dataset(regions, vocab, carried_cfg,
+                                                     batch_size=lanes, steps=lane_steps,
+                                                     repeat=False), lanes),
+            f"{lanes} contiguous lane(s), state carried", lanes=lanes)
+    return result
+
+
+def _summary(totals: np.ndarray, how: str, **extra: int) -> dict[str, Any]:
+    values = metrics(totals)
+    return {"nats_per_char": values["loss"], "bits_per_char": values["bpc"],
+            "perplexity": math.exp(values["loss"]), "accuracy": values["accuracy"],
+            "chars_scored": int(totals[2]), "how": how, **extra}

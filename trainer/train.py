@@ -397,9 +397,10 @@ def _lanes_for(regions, cfg: Config, batch: int, place, sharding) -> tuple[int, 
 def _evaluate(evaluator: evaluation.Evaluator, windows_fn, lanes_fn, lanes: int
               ) -> dict[str, float]:
     """Windowed metrics (loss, ...) and carried ones (carried_loss, ...), without prefix."""
-    metrics = evaluator.windowed(windows_fn)
+    metrics = evaluation.metrics(evaluator.windowed(windows_fn))
     if lanes_fn:
-        metrics.update({f"carried_{k}": v for k, v in evaluator.carried(lanes_fn, lanes).items()})
+        carried = evaluation.metrics(evaluator.carried(lanes_fn, lanes))
+        metrics.update({f"carried_{k}": v for k, v in carried.items()})
     return metrics
 
 
