@@ -14,6 +14,11 @@ from trainer.config import Config
 from trainer.vocabulary import Vocabulary
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """-log softmax(logits)[target], in float64 numpy."""
     logits = logits.astype(np.float64)
@@ -35,7 +40,7 @@ def setup(tmp_path):
     cfg = Config(seq_length=25, num_layers=2, rnn_units=16, embedding_dim=8, dropout=0.2)
     model = models.build_model(cfg, vocab.size)
     regions = [input_pipeline.Region(s.path, 0, s.chars) for s in scan.shards]
-    ids = [vocab.encode(open(p).read()).astype(np.int64) for p in paths]
+    ids = [vocab.encode(_read(p)).astype(np.int64) for p in paths]
     return cfg, vocab, model, regions, ids
 
 

@@ -16,6 +16,11 @@ from trainer.vocabulary import Vocabulary
 ALPHABET = "abcdefgh ij\n\u00e9\u2603"
 
 
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 @pytest.fixture
 def corpus(tmp_path):
     rng = random.Random(3)
@@ -26,7 +31,7 @@ def corpus(tmp_path):
         paths.append(str(path))
     scan = vocabulary.scan(paths)
     regions = [ip.Region(s.path, 0, s.chars) for s in scan.shards]
-    text = "".join(open(p, encoding="utf-8").read() for p in paths)
+    text = "".join(_read(p) for p in paths)
     return regions, Vocabulary.from_counts(scan.counts), text
 
 
@@ -84,8 +89,7 @@ def test_workers_read_disjoint_lanes(corpus):
             sharding = ip.Sharding(w, workers)
             first = _rows(ip.lanes_dataset(regions, vocab, cfg, batch_size=3, steps=steps,
                                            sharding=sharding, repeat=False).take(1), vocab)
-            mine = "".join(open(r.path, encoding="utf-8").read()
-                           for r in sharding.regions(regions))
+            mine = "".join(_read(r.path) for r in sharding.regions(regions))
             assert all(row in mine for row in first[0][0])
             starts.update((w if sharding.by_file(regions) else 0, row) for row in first[0][0])
         assert len(starts) == 3 * workers

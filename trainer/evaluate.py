@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
-from trainer.errors import UserError, describe  # noqa: E402
+from trainer.errors import describe  # noqa: E402
 
 FLAGS = flags.FLAGS
 
