@@ -283,7 +283,7 @@ def test_without_a_budget_the_schedule_follows_the_steps_only(corpus, tmp_path, 
     train.train(tiny(corpus, tmp_path, epochs=2, learning_rate=0.01, min_lr_ratio=0.1,
                      sample_length=0))
     first, last = metrics(tmp_path)
-    schedule = train.BudgetSchedule(0.01, last["step"], 0, 0.1)
+    schedule = steps.BudgetSchedule(0.01, last["step"], 0, 0.1)
     # Half way through the cosine: 0.01 x (0.1 + 0.9 x 0.5).
     assert first["learning_rate"] == pytest.approx(float(schedule(first["step"])), rel=1e-5)
     assert first["learning_rate"] == pytest.approx(0.0055, rel=1e-4)

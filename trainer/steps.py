@@ -1,4 +1,5 @@
-"""The compiled training steps: windowed, or with each LSTM layer's state carried.
+"""The optimizer with its time-budgeted schedule, and the compiled training steps:
+windowed, or with each LSTM layer's state carried.
 
 Each step is a `tf.function` around `strategy.run` with a GradientTape, the same
 for the one-device, mirrored and multi-worker strategies, and returns the
@@ -10,6 +11,8 @@ replicas); row r of replica k reads the same lane at every step
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import tensorflow as tf
 
@@ -17,6 +20,50 @@ from trainer import distribution, evaluation, models
 from trainer.config import Config
 
 SUM = tf.distribute.ReduceOp.SUM
+
+
+class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup then cosine decay, whose progress is the larger of step and time.
+
+    `time_progress` (a variable in [0, 1], the elapsed fraction of --train_minutes)
+    is set by the training loop; at 0 this is Keras's CosineDecay with warmup over
+    `total_steps`. A machine slower than planned thus still ends its budget decayed.
+    """
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int, alpha: float,
+                 time_progress: tf.Variable | None = None):
+        super().__init__()
+        self.peak, self.total_steps, self.warmup_steps, self.alpha = (
+            peak, total_steps, warmup_steps, alpha)
+        self.time_progress = time_progress
+        self.cosine = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup_steps),
+            alpha=alpha, warmup_target=peak, warmup_steps=warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        if self.time_progress is not None:
+            step = tf.maximum(step, tf.cast(self.time_progress, tf.float32) * self.total_steps)
+        return self.cosine(step)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "alpha": self.alpha}
+
+
+def optimizer(cfg: Config, total_steps: int) -> tuple[keras.optimizers.Optimizer, tf.Variable]:
+    """Adam over the budgeted schedule; returns it and the schedule's time-progress variable."""
+    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
+    time_progress = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="time_progress")
+    schedule = BudgetSchedule(cfg.learning_rate, total_steps, warmup,
+                              cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
+                              time_progress if cfg.train_minutes else None)
+    # No global_clipnorm here: Keras would clip each replica's share of the gradient
+    # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
+    optimizer = keras.optimizers.Adam(schedule)
+    if cfg.precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer, time_progress
 
 
 def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model,

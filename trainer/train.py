@@ -120,51 +120,6 @@ def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
                         f"{'; '.join(problems)}); use another --job_dir")
 
 
-class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup then cosine decay, whose progress is the larger of step and time.
-
-    `time_progress` (a variable in [0, 1], the elapsed fraction of --train_minutes)
-    is set by the training loop; at 0 this is Keras's CosineDecay with warmup over
-    `total_steps`. A machine slower than planned thus still ends its budget decayed.
-    """
-
-    def __init__(self, peak: float, total_steps: int, warmup_steps: int, alpha: float,
-                 time_progress: tf.Variable | None = None):
-        super().__init__()
-        self.peak, self.total_steps, self.warmup_steps, self.alpha = (
-            peak, total_steps, warmup_steps, alpha)
-        self.time_progress = time_progress
-        self.cosine = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup_steps),
-            alpha=alpha, warmup_target=peak, warmup_steps=warmup_steps)
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        if self.time_progress is not None:
-            step = tf.maximum(step, tf.cast(self.time_progress, tf.float32) * self.total_steps)
-        return self.cosine(step)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"peak": self.peak, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "alpha": self.alpha}
-
-
-def _optimizer(cfg: Config, total_steps: int
-               ) -> tuple[keras.optimizers.Optimizer, tf.Variable]:
-    """Adam over the budgeted schedule; returns it and the schedule's time-progress variable."""
-    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    time_progress = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="time_progress")
-    schedule = BudgetSchedule(cfg.learning_rate, total_steps, warmup,
-                              cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
-                              time_progress if cfg.train_minutes else None)
-    # No global_clipnorm here: Keras would clip each replica's share of the gradient
-    # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
-    optimizer = keras.optimizers.Adam(schedule)
-    if cfg.precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer, time_progress
-
-
 def train(cfg: Config) -> dict[str, Any]:
     """Trains per `cfg`, resuming from the job directory when it holds a run.
 
@@ -211,10 +166,13 @@ def train(cfg: Config) -> dict[str, Any]:
         val_steps = min(val_steps, cfg.val_steps or val_steps)
         val_lanes, val_lane_steps = _lanes_for(val_regions, cfg, val_batch, place, sharding)
     total_steps = cfg.epochs * steps_per_epoch
-    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); windows of %d "
-                 "chars every %d chars ('%s' objective); %d steps/epoch, %d validation steps",
-                 vocab.size, train_chars, len(train_regions), cfg.window, cfg.shift,
-                 cfg.objective, steps_per_epoch, val_steps)
+    reading = (f"{cfg.batch_size * place.replicas_per_worker} contiguous lanes per worker, "
+               "state carried" if cfg.carry_state else
+               f"windows of {cfg.window} chars every {cfg.shift} chars ('{cfg.objective}')")
+    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %s; %d "
+                 "steps/epoch; %d validation steps (windowed), %d carried over %d lanes",
+                 vocab.size, train_chars, len(train_regions), reading, steps_per_epoch,
+                 val_steps, val_lane_steps, val_lanes * place.replicas)
     job.write("config.json", cfg.to_json())
     job.write("vocab.json", vocab.to_json())
 
@@ -222,7 +180,7 @@ def train(cfg: Config) -> dict[str, Any]:
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         model = models.build_model(cfg, vocab.size)
-        optimizer, time_progress = _optimizer(cfg, total_steps)
+        optimizer, time_progress = steps.optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
         # elapsed: seconds of training so far, over every run of this job (the budget's clock).
         progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
