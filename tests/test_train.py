@@ -384,3 +384,10 @@ def test_carried_state_two_workers_train_together(corpus, tmp_path):
             if line.startswith("done:")]
     assert len(done) == 2 and done[0] == done[1]
     assert math.isfinite(metrics(tmp_path / "job-0")[0]["val_carried_loss"])
+
+
+def test_too_many_lanes_for_the_data_is_refused(corpus, tmp_path):
+    with pytest.raises(UserError, match="too short for 1024 lanes"):
+        train.train(tiny(corpus, tmp_path, batch_size=1024, carry_state=True))
+    with pytest.raises(UserError, match="--carry_state needs --objective=sequence"):
+        tiny(corpus, tmp_path, carry_state=True, objective="last")

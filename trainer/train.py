@@ -147,6 +147,9 @@ def train(cfg: Config) -> dict[str, Any]:
                                             * place.replicas_per_worker, sharding)
                   if cfg.carry_state else input_pipeline.steps_per_pass(
         train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding))
+    if pass_steps < 1 and cfg.carry_state:
+        raise UserError(f"the training data is too short for {global_batch} lanes of more "
+                        f"than {cfg.seq_length} chars each (--carry_state)")
     if pass_steps < 1:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
