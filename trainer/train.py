@@ -299,6 +299,7 @@ class _Loop:
                 metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
                                             / max(time.time() - epoch_start, 1e-9))
                 metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                self.note_time()  # The checkpoint's clock includes the evaluation.
                 metrics["elapsed_sec"] = time.time() - self.started
                 improved = self.best.maybe_export(self.model, epoch + 1, step,
                                                   metrics[self.cfg.monitor])
