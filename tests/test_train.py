@@ -363,6 +363,10 @@ def test_carried_state_mirrored_over_two_cpus_matches_one_device(corpus, tmp_pat
         assert b[name] == pytest.approx(a[name], rel=1e-4), name
     assert a["val_carried_loss"] != a["val_loss"]
     assert _json(tmp_path / "one" / "best.json")["monitor"] == "val_carried_loss"
+    tags = {value.tag for path in storage.glob(str(tmp_path / "one" / "logs" / "*"))
+            for event in tf.compat.v1.train.summary_iterator(path)
+            for value in event.summary.value}
+    assert {"val_loss", "val_carried_loss", "learning_rate"} <= tags  # TensorBoard has both.
 
 
 def test_carried_state_two_workers_train_together(corpus, tmp_path):
