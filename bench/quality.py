@@ -8,10 +8,12 @@ The corpus is split as nanoGPT's shakespeare_char does it: the first 90% of the
 characters train, the last 10% validate. The two parts are written as two
 shards in a temporary folder and each preset trains on them through the job
 itself (`python -m trainer.task --preset=NAME --train_data=... --val_data=...
---train_minutes=MINUTES`), in a subprocess. Reported: the job's `val_loss`
-over the validation windows (100-char windows, each read from a zero state),
-in nats/char and bits/char, the chars trained on, and a plot of validation
-loss against wall-clock from each job's metrics.jsonl.
+--train_minutes=MINUTES`), in a subprocess. Reported, in nats/char and
+bits/char: the job's `val_carried_loss` (the validation text read as a few
+contiguous lanes with the LSTM state carried from chunk to chunk, as the
+model is used to generate) and its `val_loss` (100-char windows, each read
+from a zero state) beside it; the chars trained on; and a plot of both
+against wall-clock from each job's metrics.jsonl.
 
 Anchors on this split: a Witten-Bell interpolated 5-gram character model,
 1.6688 nats/char; nanoGPT's 10.7M-parameter transformer, 1.4697 (about 3
@@ -81,10 +83,15 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
                                             "dropout", "batch_size", "seq_length",
                                             "learning_rate", "lr_schedule", "epochs",
                                             "steps_per_epoch", "clipnorm", "warmup_steps")}
+    record["config"]["carry_state"] = cfg.get("carry_state", False)
     last = record["epochs"][-1]
     record["final_val_loss"] = last["val_loss"]
     record["best_val_loss"] = min(e["val_loss"] for e in record["epochs"])
     record["final_val_bpc"] = last["val_loss"] / math.log(2)
+    if "val_carried_loss" in last:
+        record["final_val_carried_loss"] = last["val_carried_loss"]
+        record["best_val_carried_loss"] = min(e["val_carried_loss"] for e in record["epochs"])
+        record["final_val_carried_bpc"] = last["val_carried_loss"] / math.log(2)
     record["train_sec"] = last["elapsed_sec"]
     record["chars_trained"] = last["step"] * cfg["batch_size"] * cfg["seq_length"]
     record["sample"] = _last_sample(f"{job_dir}.log")
@@ -118,12 +125,18 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
         if "epochs" not in run:
             continue
         minutes = [e["elapsed_sec"] / 60 for e in run["epochs"]]
-        ax.plot(minutes, [e["val_loss"] for e in run["epochs"]], marker="o", markersize=3,
-                label=f"{run.get('label') or run['preset']}: {run['final_val_loss']:.4f}")
+        name = run.get("label") or run["preset"]
+        line = ax.plot(minutes, [e["val_loss"] for e in run["epochs"]], marker="o",
+                       markersize=3, linestyle="--" if "final_val_carried_loss" in run else "-",
+                       label=f"{name}, windowed: {run['final_val_loss']:.4f}")[0]
+        if "final_val_carried_loss" in run:
+            ax.plot(minutes, [e["val_carried_loss"] for e in run["epochs"]], marker="o",
+                    markersize=3, color=line.get_color(),
+                    label=f"{name}, carried: {run['final_val_carried_loss']:.4f}")
     for (name, value), style in zip(ANCHORS.items(), ("--", ":")):
         ax.axhline(value, color="gray", linestyle=style, label=f"{name}: {value}")
     ax.set_xlabel("wall-clock minutes of training (epoch ends, validation included)")
-    ax.set_ylabel("validation loss (nats/char)")
+    ax.set_ylabel("validation loss (nats/char); dashed: windowed, solid: carried state")
     ax.set_ylim(1.35, 2.6)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -143,20 +156,29 @@ def markdown(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         if "error" in run:
             rows.append([run.get("label") or run["preset"], run["minutes"], "failed", "", "", "",
-                         "", "", ""])
+                         "", "", "", "", ""])
             continue
-        beats = [name for name, v in ANCHORS.items() if run["final_val_loss"] < v]
+        carried = run.get("final_val_carried_loss", run["final_val_loss"])
+        beats = [name for name, v in ANCHORS.items() if carried < v]
         rows.append([run.get("label") or run["preset"], run["minutes"], run["train_sec"] / 60,
+                     _fmt(run.get("final_val_carried_loss")),
+                     _fmt(run.get("final_val_carried_bpc")),
+                     _fmt(run.get("best_val_carried_loss")),
                      f"{run['final_val_loss']:.4f}", f"{run['final_val_bpc']:.4f}",
                      f"{run['best_val_loss']:.4f}", run["chars_trained"],
                      f"{run['load_start'][0]:.1f} -> {run['load_end'][0]:.1f}",
                      ", ".join(beats) or "none"])
-    lines.append(bench.table(["run", "budget min", "trained min", "val nats/char",
-                              "val bits/char", "best val nats/char", "chars trained", "load",
-                              "beats"], rows))
+    lines.append(bench.table(["run", "budget min", "trained min", "carried val nats/char",
+                              "carried bits/char", "best carried", "windowed val nats/char",
+                              "windowed bits/char", "best windowed", "chars trained", "load",
+                              "carried beats"], rows))
     lines += [f"anchor {name}: {v} nats/char ({v / math.log(2):.4f} bits/char)"
               for name, v in ANCHORS.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def define_flags() -> None:

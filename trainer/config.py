@@ -18,7 +18,7 @@ OBJECTIVES = ("sequence", "last")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 LR_SCHEDULES = ("cosine", "constant")
-MONITORS = ("val_loss", "loss")
+MONITORS = ("val_loss", "val_carried_loss", "loss")
 
 # Fields that fix the shape or meaning of the weights: a job directory written with
 # other values cannot be resumed or extended with these.
@@ -48,6 +48,9 @@ class Config:
     steps_per_epoch: int = 0
     # Validation batches per evaluation; 0 = all validation windows.
     val_steps: int = 0
+    # Train on contiguous lanes of the text with each LSTM layer's state carried from
+    # step to step (truncated backpropagation), instead of shuffled zero-state windows.
+    carry_state: bool = False
     # Pieces read at once; each batch mixes windows from this many pieces of the corpus.
     shard_cycle: int = 8
     # Files are cut into pieces of about this many MB, each read by one range read
@@ -83,7 +86,9 @@ class Config:
     # replicas); 0 disables clipping.
     clipnorm: float = 1.0
     # Stop training after this many minutes of the whole job (the chief's clock, continued
-    # when a job resumes; all workers stop at one step); 0 = no limit.
+    # when a job resumes; all workers stop at one step); 0 = no limit. The learning-rate
+    # schedule then also follows the clock: its progress is the larger of step and
+    # elapsed-time progress, so a slow machine still ends decayed.
     train_minutes: float = 0.0
 
     # --- hardware ---
@@ -100,7 +105,8 @@ class Config:
     # --- output ---
     # Where checkpoints, config.json, vocab.json, metrics and logs go (local or gs://).
     job_dir: str = ""
-    # Metric that picks the best checkpoint: val_loss (falls back to loss without validation).
+    # Metric that picks the best checkpoint: val_loss (zero-state windows), val_carried_loss
+    # (state carried through the validation text); both fall back to loss without validation.
     monitor: str = "val_loss"
     # Save a resume checkpoint every N steps as well as every epoch; 0 = per epoch only.
     checkpoint_every_steps: int = 500
@@ -172,6 +178,8 @@ class Config:
             raise UserError("--train_data is required (a file pattern such as data/*.txt)")
         if not self.job_dir:
             raise UserError("--job_dir is required (a local folder or gs://bucket/path)")
+        if self.carry_state and self.objective != "sequence":
+            raise UserError("--carry_state needs --objective=sequence")
         if self.val_data and self.val_fraction:
             raise UserError("give either --val_data or --val_fraction, not both")
         return self

@@ -323,14 +323,14 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
     # threads kept the interpreter from exiting after SIGTERM. Sequential, so in order.
     total = (steps - skip) if not repeat else 2**62
     ds = tf.data.Dataset.range(-(-total // group)).map(load)
-    ds = ds.map(lambda w, valid: _to_example(w, None if repeat else valid, cfg.objective))
+    ds = ds.map(lambda w, valid: to_example(w, None if repeat else valid, cfg.objective))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = True
     return ds.with_options(options).unbatch().prefetch(tf.data.AUTOTUNE)
 
 
-def _to_example(windows: tf.Tensor, valid: tf.Tensor | None, objective: str
+def to_example(windows: tf.Tensor, valid: tf.Tensor | None, objective: str
                 ) -> tuple[tf.Tensor, tf.Tensor]:
     """(inputs, targets); targets of invalid rows are IGNORE (training has none: None)."""
     windows = tf.cast(windows, tf.int32)

@@ -12,7 +12,6 @@ checkpoint (`progress["elapsed"]`), so a resumed job continues it.
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -27,6 +26,7 @@ from trainer import checkpoints
 from trainer.config import Config
 from trainer.distribution import Agreement
 from trainer.errors import UserError
+from trainer.evaluation import metrics
 from trainer.reporting import Reporter
 
 # Steps dispatched before their outputs are read back (and the stop is agreed).
@@ -80,30 +80,25 @@ class StopSignal:
             signal.signal(signum, previous)
 
 
-def metrics(totals: np.ndarray) -> dict[str, float]:
-    """Loss, accuracy and bits per char from summed [loss, correct, count]."""
-    loss_sum, correct, count = totals
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
-
-
 class Loop:
     """Runs epochs of steps, with the checkpoints, stops and reports between them.
 
     `elapsed` is the job's agreed elapsed seconds, set at every agreement (every
-    READBACK_STEPS steps or sooner) and mirrored into `progress["elapsed"]`, a float64
-    variable that a time-based schedule can read inside the step.
+    READBACK_STEPS steps or sooner) and mirrored into `progress["elapsed"]` (kept in
+    the checkpoint) and, with --train_minutes, into `time_progress`, the fraction of
+    the budget used, which the learning-rate schedule reads (`steps.BudgetSchedule`).
     """
 
     def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,
                  resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
                  reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
                  model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                 agreement: Agreement):
+                 agreement: Agreement, time_progress: tf.Variable | None = None):
         self.cfg, self.steps_per_epoch, self.chars_per_step = cfg, steps_per_epoch, chars_per_step
         self.resume, self.best, self.reporter, self.progress = resume, best, reporter, progress
         self.step_fn, self.evaluate = step_fn, evaluate
         self.model, self.optimizer, self.agreement = model, optimizer, agreement
+        self.time_progress = time_progress
         self.elapsed = float(progress["elapsed"].numpy())
         self.stop_by: str | None = None
 
@@ -119,6 +114,8 @@ class Loop:
                                    self.agreement.elapsed() if chief else 0.0])
         self.elapsed = float(sums[2])
         self.progress["elapsed"].assign(self.elapsed)
+        if self.time_progress is not None and self.cfg.train_minutes:
+            self.time_progress.assign(min(1.0, self.elapsed / (60 * self.cfg.train_minutes)))
         self.stop_by = "SIGTERM" if sums[0] else ("SIGINT" if sums[1] else None)
 
     def _log_time_limit(self, step: int) -> None:

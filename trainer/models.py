@@ -7,12 +7,16 @@ softmax and the loss are computed at full precision. The weights have one
 layout whichever kernel runs, so GPU-trained weights load on a CPU.
 
 Each LSTM returns its states too, so `trainer.sampling` can step the same
-layers one character at a time with carried state.
+layers one character at a time with carried state, and `run_with_state` runs
+the same layers over a whole window from a given state and returns the state
+after it (carried-state training and evaluation). The functional model itself
+reads every window from a zero state.
 """
 
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from trainer.config import Config
@@ -60,3 +64,37 @@ def cudnn_eligible(layer: layers.LSTM) -> bool:
             and not layer.unroll
             and layer.cell.use_bias
             and layer.use_cudnn in ("auto", True))
+
+
+def zero_states(model: keras.Model, batch: int) -> tuple[tf.Tensor, ...]:
+    """Zero (h, c) for every LSTM layer, bottom to top, flattened: (h0, c0, h1, c1, ...)."""
+    return tuple(tf.zeros([batch, layer.cell.units], tf.float32)
+                 for layer in lstm_layers(model) for _ in "hc")
+
+
+def run_with_state(model: keras.Model, ids: tf.Tensor, states: tuple[tf.Tensor, ...],
+                   training: bool = False) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+    """Runs the model's own layers over `ids` starting from `states`.
+
+    The same layers and weights as `model(ids)`, which equals this with zero
+    states. Passing an initial state keeps the LSTMs eligible for cuDNN.
+
+    Args:
+      model: a model from `build_model`.
+      ids: (batch, time) int32 ids.
+      states: (h, c) per LSTM layer, flattened as `zero_states` gives them; float32.
+      training: dropout on or off.
+
+    Returns:
+      (logits (batch, time, vocab) float32, the states after the last step, float32).
+    """
+    names = {layer.name for layer in model.layers}
+    x = model.get_layer("embedding")(ids)
+    after = []
+    for i, lstm in enumerate(lstm_layers(model)):
+        initial = [tf.cast(s, lstm.compute_dtype) for s in states[2 * i:2 * i + 2]]
+        x, h, c = lstm(x, initial_state=initial, training=training)
+        after += [tf.cast(h, tf.float32), tf.cast(c, tf.float32)]
+        if f"dropout_{i}" in names:
+            x = model.get_layer(f"dropout_{i}")(x, training=training)
+    return model.get_layer("logits")(x), tuple(after)

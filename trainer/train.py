@@ -16,15 +16,23 @@ import math
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, corpus_index, distribution, input_pipeline, models, storage
+from trainer import (
+    checkpoints,
+    corpus_index,
+    distribution,
+    evaluation,
+    input_pipeline,
+    models,
+    steps,
+    storage,
+)
+from trainer import lanes as lane_io
 from trainer.config import Config, incompatibilities
 from trainer.errors import UserError
 from trainer.loop import Loop, PreemptedError, TrainingDivergedError  # noqa: F401 - task, tests
-from trainer.loop import metrics as _metrics
 from trainer.reporting import Reporter
 from trainer.vocabulary import Vocabulary
 
@@ -74,20 +82,6 @@ def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
                         f"{'; '.join(problems)}); use another --job_dir")
 
 
-def _optimizer(cfg: Config, total_steps: int) -> keras.optimizers.Optimizer:
-    warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup),
-        alpha=cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
-        warmup_target=cfg.learning_rate, warmup_steps=warmup)
-    # No global_clipnorm here: Keras would clip each replica's share of the gradient
-    # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
-    optimizer = keras.optimizers.Adam(schedule)
-    if cfg.precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
-
-
 def train(cfg: Config) -> dict[str, Any]:
     """Trains per `cfg`, resuming from the job directory when it holds a run.
 
@@ -119,7 +113,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     _check_jit_compile(cfg)
     _check_precision(cfg)
     global_batch = cfg.batch_size * place.replicas
-    if cfg.monitor == "val_loss" and not (cfg.val_data or cfg.val_fraction):
+    if cfg.monitor.startswith("val_") and not (cfg.val_data or cfg.val_fraction):
         logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
         cfg = cfg.replace(monitor="loss")
     logging.info("config:\n%s", cfg.to_json())
@@ -129,8 +123,13 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     _check_job_dir(cfg, job)
     vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job, strategy, place)
     sharding = input_pipeline.Sharding(place.worker, place.num_workers)
-    pass_steps = input_pipeline.steps_per_pass(
-        train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding)
+    pass_steps = (lane_io.lane_steps(train_regions, cfg.seq_length, cfg.batch_size
+                                            * place.replicas_per_worker, sharding)
+                  if cfg.carry_state else input_pipeline.steps_per_pass(
+        train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding))
+    if pass_steps < 1 and cfg.carry_state:
+        raise UserError(f"the training data is too short for {global_batch} lanes of more "
+                        f"than {cfg.seq_length} chars each (--carry_state)")
     if pass_steps < 1:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
@@ -140,7 +139,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
                  crossing, 100 * crossing / max(windows + crossing, 1),
                  windows - pass_steps * global_batch)
     steps_per_epoch = cfg.steps_per_epoch or pass_steps
-    val_steps, val_batch = 0, cfg.batch_size
+    val_steps, val_batch, val_lanes, val_lane_steps = 0, cfg.batch_size, 0, 0
     if val_regions:
         # Every validation window is scored once: each worker's share is padded with
         # invalid rows up to the largest share, in batches no larger than needed.
@@ -151,11 +150,15 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         val_batch = max(1, min(cfg.batch_size, -(-most // place.replicas_per_worker)))
         val_steps = -(-most // (val_batch * place.replicas_per_worker))
         val_steps = min(val_steps, cfg.val_steps or val_steps)
+        val_lanes, val_lane_steps = _lanes_for(val_regions, cfg, val_batch, place, sharding)
     total_steps = cfg.epochs * steps_per_epoch
-    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); windows of %d "
-                 "chars every %d chars ('%s' objective); %d steps/epoch, %d validation steps",
-                 vocab.size, train_chars, len(train_regions), cfg.window, cfg.shift,
-                 cfg.objective, steps_per_epoch, val_steps)
+    reading = (f"{cfg.batch_size * place.replicas_per_worker} contiguous lanes per worker, "
+               "state carried" if cfg.carry_state else
+               f"windows of {cfg.window} chars every {cfg.shift} chars ('{cfg.objective}')")
+    logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %s; %d "
+                 "steps/epoch; %d validation steps (windowed), %d carried over %d lanes",
+                 vocab.size, train_chars, len(train_regions), reading, steps_per_epoch,
+                 val_steps, val_lane_steps, val_lanes * place.replicas)
     job.write("config.json", cfg.to_json())
     job.write("vocab.json", vocab.to_json())
 
@@ -167,7 +170,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
                     "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
                     "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False)}
         model = models.build_model(cfg, vocab.size)
-        optimizer = _optimizer(cfg, total_steps)
+        optimizer, time_progress = steps.optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
     keras.mixed_precision.set_dtype_policy("float32")
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress)
@@ -191,14 +194,29 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
             replicas_per_worker=place.replicas_per_worker, sharding=sharding, shuffle=shuffle,
             start_step=start, repeat=repeat)
 
-    train_iter = iter(strategy.distribute_datasets_from_function(
-        dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
-    train_step, eval_step = _steps(cfg, strategy, model, optimizer, global_batch)
+    def lanes_fn(regions, steps, start, repeat, batch=cfg.batch_size):
+        return lambda ctx: lane_io.lanes_dataset(
+            regions, vocab, cfg, batch_size=batch, steps=steps,
+            replicas_per_worker=place.replicas_per_worker, sharding=sharding, start_step=start,
+            repeat=repeat)
+
+    train_step = steps.train_step(cfg, strategy, model, optimizer, global_batch)
+    if cfg.carry_state:
+        train_iter = iter(strategy.distribute_datasets_from_function(
+            lanes_fn(train_regions, pass_steps, step, True)))
+        step_fn = steps.CarriedSteps(train_step, train_iter, strategy, model, cfg.batch_size)
+    else:
+        train_iter = iter(strategy.distribute_datasets_from_function(
+            dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
+        step_fn = lambda: train_step(train_iter)  # noqa: E731
     reporter = Reporter(cfg, job, place, vocab, model, val_regions)
-    evaluate = (lambda: _evaluate(strategy, eval_step, dataset_fn(
-        val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch))) if val_steps else dict
+    evaluator = evaluation.Evaluator(strategy, model, cfg.objective)
+    evaluate = (lambda: _evaluate(evaluator, dataset_fn(
+        val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch),
+        val_lanes and lanes_fn(val_regions, val_lane_steps, 0, False, val_lanes), val_lanes)
+                ) if val_steps else dict
     loop = Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
-                progress, lambda: train_step(train_iter), evaluate, model, optimizer, agreement)
+                progress, step_fn, evaluate, model, optimizer, agreement, time_progress)
     if step >= total_steps:
         logging.warning("the job directory already holds all %d epochs; raise --epochs to train "
                         "longer", cfg.epochs)
@@ -215,7 +233,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     finally:
         # Stop the input pipeline now: left to the interpreter's exit, its threads wait for
         # the GIL in a numpy_function while exit's garbage collection waits for them.
-        train_iter = None  # noqa: F841 - the step closure reads this cell.
+        train_iter = step_fn = loop = None  # noqa: F841 - the step closure reads this cell.
         gc.collect()
     reporter.close(cfg.upload_timeout)
     left = job.close(cfg.upload_timeout)
@@ -227,63 +245,26 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     return summary
 
 
-def _steps(cfg: Config, strategy, model, optimizer, global_batch: int):
-    """Builds the compiled train and eval steps; each returns [loss sum, correct, count]."""
-
-    def forward(x, y, training):
-        logits = model(x, training=training)
-        if cfg.objective == "last":
-            logits = logits[:, -1]
-        # Padding rows of an evaluation (target -1, see input_pipeline) count as nothing.
-        valid = tf.cast(y >= 0, tf.float32)
-        y = tf.maximum(y, 0)
-        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True) * valid
-        correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
-        return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * valid),
-                                 tf.reduce_sum(valid)])
-
-    def gradients(x, y):
-        with tf.GradientTape() as tape:
-            losses, sums = forward(x, y, True)
-            per_window = tf.reshape(losses, [tf.shape(losses)[0], -1])
-            loss = tf.nn.compute_average_loss(tf.reduce_mean(per_window, -1),
-                                              global_batch_size=global_batch)
-            scaled = optimizer.scale_loss(loss)
-        return tape.gradient(scaled, model.trainable_variables), sums
-
-    # XLA compiles the forward and backward pass of each replica. The iterator, the
-    # gradients' all-reduce and the optimizer update stay outside it: XLA has no
-    # kernels for iterator ops, and a compiled cluster cannot reach the variables of
-    # other replicas' devices.
-    replica_gradients = (tf.function(gradients, jit_compile=True) if cfg.jit_compile
-                         else gradients)
-
-    def replica_step(x, y):
-        grads, sums = replica_gradients(x, y)
-        if cfg.clipnorm:
-            grads = distribution.clip_global_norm(grads, optimizer, cfg.clipnorm)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
-        return sums
-
-    @tf.function
-    def train_step(iterator):
-        x, y = next(iterator)
-        sums = strategy.run(replica_step, args=(x, y))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-    @tf.function
-    def eval_step(x, y):
-        sums = strategy.run(lambda a, b: forward(a, b, False)[1], args=(x, y))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
-
-    return train_step, eval_step
+def _lanes_for(regions, cfg: Config, batch: int, place, sharding) -> tuple[int, int]:
+    """(lanes per replica, steps) for carried validation: up to `batch` lanes, fewer
+    when the text is too short for one step of that many; (0, 0) when none fits."""
+    while batch:
+        count = lane_io.lane_steps(regions, cfg.seq_length,
+                                          batch * place.replicas_per_worker, sharding)
+        if count:
+            return batch, min(count, cfg.val_steps or count)
+        batch //= 2
+    return 0, 0
 
 
-def _evaluate(strategy, eval_step, dataset_fn) -> dict[str, float]:
-    totals = np.zeros(3)
-    for x, y in strategy.distribute_datasets_from_function(dataset_fn):
-        totals += eval_step(x, y).numpy()
-    return _metrics(totals)
+def _evaluate(evaluator: evaluation.Evaluator, windows_fn, lanes_fn, lanes: int
+              ) -> dict[str, float]:
+    """Windowed metrics (loss, ...) and carried ones (carried_loss, ...), without prefix."""
+    metrics = evaluation.metrics(evaluator.windowed(windows_fn))
+    if lanes_fn:
+        carried = evaluation.metrics(evaluator.carried(lanes_fn, lanes))
+        metrics.update({f"carried_{k}": v for k, v in carried.items()})
+    return metrics
 
 
 def _export_model(cfg: Config, pointer: dict[str, Any]) -> None:

@@ -1,0 +1,92 @@
+"""Tests for trainer.evaluation: both ways of scoring agree with a direct computation."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import corpus_index, evaluation, input_pipeline, models
+from trainer import lanes as lane_io
+from trainer.config import Config
+from trainer.vocabulary import Vocabulary
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _cross_entropy(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target], in float64 numpy."""
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = random.Random(5)
+    paths = []
+    for i, n in enumerate([900, 1250]):
+        path = tmp_path / f"val-{i}.txt"
+        path.write_text("".join(rng.choice("abcde fgh\n") for _ in range(n)))
+        paths.append(str(path))
+    index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=1 << 20)
+    vocab = Vocabulary.from_counts(index.counts)
+    cfg = Config(seq_length=25, num_layers=2, rnn_units=16, embedding_dim=8, dropout=0.2)
+    model = models.build_model(cfg, vocab.size)
+    regions, _ = corpus_index.make_regions(index, 2)
+    ids = [vocab.encode(_read(p)).astype(np.int64) for p in paths]
+    return cfg, vocab, model, regions, ids
+
+
+def test_windowed_scores_equal_each_window_from_a_zero_state(setup):
+    cfg, vocab, model, regions, ids = setup
+    batch = 4
+    windows = [r[s:s + 26] for r in ids for s in range(0, len(r) - 25, 25)]
+    steps = len(windows) // batch
+    totals = evaluation.Evaluator(tf.distribute.get_strategy(), model).windowed(
+        lambda ctx: input_pipeline.dataset(regions, vocab, cfg, batch_size=batch, shift=25,
+                                           steps=steps, shuffle=False, repeat=False))
+    scored = np.stack(windows[:steps * batch])
+    expected = _cross_entropy(np.asarray(model(scored[:, :-1])), scored[:, 1:])
+    assert totals[2] == expected.size
+    assert totals[0] / totals[2] == pytest.approx(expected.mean(), rel=1e-5)
+
+
+def test_carried_scores_equal_each_lane_read_in_one_go(setup):
+    cfg, vocab, model, regions, ids = setup
+    text = np.concatenate(ids)
+    lanes = 3
+    length = len(text) // lanes
+    steps = lane_io.lane_steps(regions, 25, lanes, input_pipeline.Sharding())
+    totals = evaluation.Evaluator(tf.distribute.get_strategy(), model).carried(
+        lambda ctx: lane_io.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
+                                                 steps=steps, repeat=False), lanes)
+    # Each lane's text through the whole model at once: one long sequence from zero.
+    span = steps * 25
+    rows = np.stack([text[i * length:i * length + span + 1] for i in range(lanes)])
+    expected = _cross_entropy(np.asarray(model(rows[:, :-1])), rows[:, 1:])
+    assert totals[2] == expected.size
+    assert totals[0] / totals[2] == pytest.approx(expected.mean(), rel=1e-5)
+    # And it is not the windowed figure: the carried state makes a difference.
+    windowed = _cross_entropy(np.asarray(model(rows[:, :-1].reshape(-1, 25))),
+                              rows[:, 1:].reshape(-1, 25))
+    assert abs(windowed.mean() - expected.mean()) > 1e-4
+
+
+def test_out_of_vocabulary_targets_can_be_left_out():
+    y = tf.constant([[1, 0, 2]])
+    logits = tf.math.log(tf.constant([[[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]]))
+    _, kept = evaluation.loss_sums(y, logits, skip_oov=True)
+    _, every = evaluation.loss_sums(y, logits)
+    assert kept.numpy().tolist() == pytest.approx([-math.log(0.6) - math.log(0.6), 2, 2])
+    assert every.numpy()[2] == 3 and every.numpy()[0] == pytest.approx(kept.numpy()[0]
+                                                                         - math.log(0.5))
+    metrics = evaluation.metrics(kept.numpy())
+    assert metrics["bpc"] == pytest.approx(metrics["loss"] / math.log(2))

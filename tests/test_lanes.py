@@ -1,0 +1,121 @@
+"""Tests for trainer.lanes: contiguous lanes, exact slices, resumable."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from trainer import corpus_index
+from trainer import input_pipeline as ip
+from trainer import lanes as lanes_mod
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.vocabulary import Vocabulary
+
+ALPHABET = "abcdefgh ij\n\u00e9\u2603"
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = random.Random(3)
+    paths = []
+    for i, n in enumerate([700, 90, 1300, 400, 555]):  # Lanes cross region boundaries.
+        path = tmp_path / f"shard-{i}.txt"
+        path.write_text("".join(rng.choice(ALPHABET) for _ in range(n)), encoding="utf-8")
+        paths.append(str(path))
+    index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=256)
+    regions, _ = corpus_index.make_regions(index, 2)  # Pieces of 256 bytes: many regions.
+    text = "".join(_read(p) for p in paths)
+    return regions, Vocabulary.from_counts(index.counts), text
+
+
+def _rows(ds, vocab) -> list[tuple[list[str], bool]]:
+    out = []
+    for x, y, reset in ds:
+        x, y = x.numpy(), y.numpy()
+        np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one.
+        out.append(([vocab.decode(np.concatenate([a, b[-1:]])) for a, b in zip(x, y)],
+                    bool(reset)))
+    return out
+
+
+def test_each_row_reads_its_lane_onward_and_passes_start_over(corpus):
+    regions, vocab, text = corpus
+    cfg = Config(seq_length=20)
+    lanes, length = 6, len(text) // 6
+    steps = lanes_mod.lane_steps(regions, 20, lanes, ip.Sharding())
+    assert steps == (length - 1) // 20
+    ds = lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps)
+    got = _rows(ds.take(steps + 2), vocab)
+    for t, (rows, reset) in enumerate(got):
+        u = t % steps
+        assert reset == (u == 0)
+        assert rows == [text[i * length + u * 20:i * length + u * 20 + 21] for i in range(lanes)]
+
+
+def test_replicas_get_consecutive_lanes_and_resuming_skips_nothing(corpus):
+    regions, vocab, text = corpus
+    cfg = Config(seq_length=16)
+    steps = lanes_mod.lane_steps(regions, 16, 8, ip.Sharding())
+    whole = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=4, steps=steps,
+                                   replicas_per_worker=2, repeat=False), vocab)
+    assert len(whole) == 2 * steps
+    single = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=8, steps=steps,
+                                    repeat=False), vocab)
+    # Element 2t is replica 0's rows (lanes 0-3) of step t, element 2t+1 replica 1's (4-7).
+    assert [whole[2 * t][0] + whole[2 * t + 1][0] for t in range(steps)] == [
+        rows for rows, _ in single]
+    # Resumed at step s: the same rows as the unbroken stream from s, the first one flagged.
+    s = 5
+    resumed = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=8, steps=steps,
+                                     start_step=steps + s, repeat=False), vocab)
+    assert [rows for rows, _ in resumed] == [rows for rows, _ in single[s:]]
+    assert [reset for _, reset in resumed] == [True] + [False] * (steps - s - 1)
+
+
+def test_workers_read_disjoint_lanes(corpus):
+    regions, vocab, text = corpus
+    cfg = Config(seq_length=10)
+    for workers in (2, 8):  # 2: by file (5 regions); 8: every worker reads the whole text.
+        steps = lanes_mod.lane_steps(regions, 10, 3, ip.Sharding(0, workers))
+        starts = set()
+        for w in range(workers):
+            sharding = ip.Sharding(w, workers)
+            first = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=3, steps=steps,
+                                           sharding=sharding, repeat=False).take(1), vocab)
+            mine = "".join(_read(r.path) for r in sharding.regions(regions))
+            assert all(row in mine for row in first[0][0])
+            starts.update((w if sharding.by_file(regions) else 0, row) for row in first[0][0])
+        assert len(starts) == 3 * workers
+
+
+def test_memory_holds_at_most_the_regions_the_lanes_are_in(corpus, monkeypatch):
+    regions, vocab, _ = corpus
+    loads = []
+    real = ip.load_region_ids
+    monkeypatch.setattr(ip, "load_region_ids", lambda r, v, lc: loads.append(r) or real(r, v, lc))
+    held = []
+    step_done = lanes_mod._LaneReader.step_done
+    monkeypatch.setattr(lanes_mod._LaneReader, "step_done",
+                        lambda self: held.append(len(self.used)) or step_done(self))
+    steps = lanes_mod.lane_steps(regions, 20, 2, ip.Sharding())
+    for _ in lanes_mod.lanes_dataset(regions, vocab, Config(seq_length=20), batch_size=2,
+                              steps=steps, repeat=False):
+        pass
+    assert max(held) <= 2 * 2  # Two lanes, each inside at most two regions at a time.
+    # Each region is loaded when a lane enters it, not once per step.
+    assert len(loads) <= 2 * len(regions)
+
+
+def test_too_short_a_text_for_the_lanes_is_refused(corpus):
+    regions, vocab, _ = corpus
+    assert lanes_mod.lane_steps(regions, 100, 64, ip.Sharding()) == 0
+    with pytest.raises(UserError, match="do not fit in lanes"):
+        lanes_mod.lanes_dataset(regions, vocab, Config(seq_length=100), batch_size=64, steps=1)

@@ -1,0 +1,110 @@
+"""Scores a trained job directory on text files: nats/char, bits/char, perplexity.
+
+    python -m trainer.evaluate --job_dir=runs/shakespeare --data='test/*.txt'
+    python -m trainer.evaluate --job_dir=gs://bucket/run --data='gs://bucket/test/*' \\
+        --format=json
+
+Two ways, as the training job reports them (`trainer.evaluation`): windowed
+(seq_length-char windows, each from a zero state: the job's `val_loss`) and
+carried (the text cut into --batch_size contiguous lanes with the LSTM state
+carried from chunk to chunk: `val_carried_loss`). Characters the model's
+vocabulary lacks are counted and reported, and left out of the scores. Bad
+input ends with a one-line error on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from trainer.errors import describe  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines this entrypoint's flags on `flag_values`."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("job_dir", None, "Job directory written by trainer.task (local or "
+                        "gs://); config, vocabulary and best weights are read from it.", **fv)
+    flags.DEFINE_string("data", None, "Comma-separated file patterns of the text to score "
+                        "(local or gs://), scored as one text in sorted order.", **fv)
+    flags.DEFINE_string("checkpoint", None, "Weights file to use instead of the best one: a "
+                        "file name inside --job_dir or a full path.", **fv)
+    flags.DEFINE_integer("batch_size", 0, "Windows per batch, and lanes of carried scoring "
+                         "(fewer lanes: more context per char, slower); 0 = the job's "
+                         "--batch_size.", lower_bound=0, **fv)
+    flags.DEFINE_enum("format", "text", ["text", "json"], "text: a few lines for people; "
+                      "json: every figure, one object.", **fv)
+    flags.mark_flags_as_required(["job_dir", "data"], flag_values)
+
+
+def render(result: dict[str, Any]) -> str:
+    """The result as a few lines of text."""
+    lines = [f"job {result['job_dir']} ({result['checkpoint']})",
+             f"data: {result['files']} file(s), {result['chars']:,} chars"]
+    if result["oov_chars"]:
+        shown = " ".join(repr(c) for c in result["oov_distinct"][:10])
+        more = " ..." if len(result["oov_distinct"]) > 10 else ""
+        lines.append(f"not in the vocabulary: {result['oov_chars']:,} chars "
+                     f"({len(result['oov_distinct'])} distinct: {shown}{more}), left out "
+                     "of the scores")
+    else:
+        lines.append("not in the vocabulary: 0 chars")
+    for mode in ("windowed", "carried"):
+        if mode in result:
+            m = result[mode]
+            lines.append(f"{mode}: {m['nats_per_char']:.4f} nats/char, {m['bits_per_char']:.4f} "
+                         f"bits/char, perplexity {m['perplexity']:.3f} over "
+                         f"{m['chars_scored']:,} chars ({m['how']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]} (see --helpshort)", file=sys.stderr)
+        sys.exit(2)
+    # Import late: --helpshort should not wait for TensorFlow.
+    from trainer import checkpoints, evaluation, storage
+
+    try:
+        cfg, vocab, model, pointer = checkpoints.load_trained(FLAGS.job_dir, FLAGS.checkpoint)
+        paths = storage.expand_patterns(FLAGS.data)
+        result = {"job_dir": FLAGS.job_dir,
+                  "checkpoint": FLAGS.checkpoint or pointer.get("weights", ""),
+                  **evaluation.score_files(paths, cfg, vocab, model, FLAGS.batch_size)}
+    except Exception as err:
+        message = describe(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+    if FLAGS.format == "json":
+        print(json.dumps(result, indent=1, ensure_ascii=False))
+    else:
+        print(render(result))
+
+
+def _parse_argv(argv: list[str]) -> list[str]:
+    """One-line errors for bad flags; --help and --helpshort exit 0."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {str(err).splitlines()[0]} (see --helpshort)", file=sys.stderr)
+        sys.exit(2)
+    except SystemExit as stop:
+        if any(a.lstrip("-").split("=")[0] in ("help", "helpshort", "helpfull", "h", "?")
+               for a in argv[1:]):
+            sys.exit(0)
+        raise stop
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=_parse_argv)

@@ -1,0 +1,198 @@
+"""Scoring a model on text, two ways, under any tf.distribute strategy.
+
+Windowed: the text is cut into windows of seq_length inputs (stride
+seq_length), each read from a zero state; this is what the training job has
+always reported as `val_loss`. Carried: the text is cut into a few long
+contiguous lanes (`lane_io.lanes_dataset`) read seq_length chars at a
+time, with every LSTM layer's (h, c) carried from one chunk to the next, as
+generation uses the model; only each lane's first chunk starts from zero.
+
+Both return sums (loss, correct, count) reduced over the replicas, so any
+number of replicas scores the same text alike. The training job (between
+epochs) and `trainer.evaluate` (on a job directory) use the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import corpus_index, input_pipeline, models
+from trainer import lanes as lane_io
+from trainer.config import Config
+from trainer.errors import UserError
+from trainer.vocabulary import OOV_ID, Vocabulary
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+def metrics(totals: np.ndarray) -> dict[str, float]:
+    """loss (nats/char), accuracy and bpc (bits/char) from [loss sum, correct, count]."""
+    loss_sum, correct, count = totals
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
+
+
+def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
+              skip_oov: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-target losses and the stacked [loss sum, correct, count] of a batch.
+
+    Args:
+      y: target ids, (batch, time), or (batch,) for the 'last' objective.
+      logits: (batch, time, vocab) float32.
+      objective: 'last' scores only the final position.
+      skip_oov: leave out targets that are the out-of-vocabulary id (text
+        characters the model never saw); they are not counted either. Targets
+        below 0 (evaluation padding) are always left out.
+
+    Returns:
+      (losses shaped like y, [loss sum, correct, count] float32).
+    """
+    if objective == "last":
+        logits = logits[:, -1]
+    # Targets of padding rows (input_pipeline.IGNORE, < 0) count as nothing.
+    valid = y >= 0
+    if skip_oov:
+        valid &= tf.not_equal(y, OOV_ID)
+    weight = tf.cast(valid, tf.float32)
+    y = tf.maximum(y, 0)
+    losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True) * weight
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+    return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * weight),
+                             tf.reduce_sum(weight)])
+
+
+def distributed_zero_states(strategy: tf.distribute.Strategy, model: keras.Model,
+                            batch: int):
+    """Zero states for every replica (a PerReplica value, or plain tensors on one device)."""
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: models.zero_states(model, batch))
+
+
+class Evaluator:
+    """Windowed and carried scoring of `model`, compiled once per strategy.
+
+    Args:
+      strategy: the strategy the model's variables were created under.
+      model: a model from `models.build_model`.
+      objective: the job's objective; carried scoring is always 'sequence'.
+      skip_oov: leave out-of-vocabulary targets out of the scores.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
+                 objective: str = "sequence", skip_oov: bool = False):
+        self.strategy, self.model = strategy, model
+
+        def windowed(x, y):
+            return loss_sums(y, model(x, training=False), objective, skip_oov)[1]
+
+        def carried(x, y, states):
+            logits, states = models.run_with_state(model, x, states, training=False)
+            return loss_sums(y, logits, "sequence", skip_oov)[1], states
+
+        @tf.function
+        def windowed_step(x, y):
+            return strategy.reduce(SUM, strategy.run(windowed, args=(x, y)), axis=None)
+
+        @tf.function
+        def carried_step(x, y, states):
+            sums, states = strategy.run(carried, args=(x, y, states))
+            return strategy.reduce(SUM, sums, axis=None), states
+
+        self.windowed_step, self.carried_step = windowed_step, carried_step
+
+    def windowed(self, dataset_fn: Callable) -> np.ndarray:
+        """[loss sum, correct, count] over the windows of `dataset_fn` (one pass of an
+        input_pipeline.dataset per worker)."""
+        totals = np.zeros(3)
+        for x, y in self.strategy.distribute_datasets_from_function(dataset_fn):
+            totals += self.windowed_step(x, y).numpy()
+        return totals
+
+    def carried(self, dataset_fn: Callable, batch_size: int) -> np.ndarray:
+        """[loss sum, correct, count] over the lanes of `dataset_fn`.
+
+        Args:
+          dataset_fn: gives one pass (repeat=False) of an lane_io.lanes_dataset
+            per worker, `batch_size` lanes per replica.
+          batch_size: lanes per replica.
+        """
+        totals = np.zeros(3)
+        states = distributed_zero_states(self.strategy, self.model, batch_size)
+        for x, y, _ in self.strategy.distribute_datasets_from_function(dataset_fn):
+            sums, states = self.carried_step(x, y, states)
+            totals += sums.numpy()
+        return totals
+
+
+def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: keras.Model,
+                batch_size: int = 0, strategy: tf.distribute.Strategy | None = None
+                ) -> dict[str, Any]:
+    """Scores a model on text files both ways, leaving out-of-vocabulary targets out.
+
+    Args:
+      paths: text files (local or gs://), scored as one text in this order.
+      cfg: the model's training config (seq_length, lowercase, objective).
+      vocab: the model's vocabulary.
+      model: the trained model.
+      batch_size: windows per batch and lanes for carried scoring; 0 = cfg.batch_size.
+        Windowed scoring scores every window; carried scoring drops the remainder
+        shorter than one lane step; `chars_scored` says how many targets each scored.
+      strategy: default: the current (default) strategy.
+
+    Returns:
+      {"files", "chars", "oov_chars", "oov_distinct", "windowed": {...}, "carried": {...}},
+      each mode with nats_per_char, bits_per_char, perplexity, accuracy, chars_scored.
+
+    Raises:
+      UserError: no text, or too little for one window.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    index = corpus_index.scan(list(paths), [], lowercase=cfg.lowercase,
+                              piece_bytes=cfg.piece_bytes)
+    chars = sum(f.chars for f in index.files)
+    known = set(vocab.chars)
+    missing = {c: n for c, n in index.counts.items() if c not in known}
+    if chars < cfg.window:
+        raise UserError(f"the text holds {chars} chars, fewer than one window of "
+                        f"{cfg.window} (the model's seq_length + 1)")
+    regions, _ = corpus_index.make_regions(index, cfg.window)
+    windows = sum(input_pipeline.num_windows(r.length, cfg.window, cfg.seq_length)
+                  for r in regions)
+    batch = max(1, min(batch_size or cfg.batch_size, windows))
+    steps = -(-windows // batch)  # The last batch is padded: every window is scored.
+    evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True)
+    result: dict[str, Any] = {
+        "files": sum(1 for f in index.files if f.chars), "chars": chars,
+        "oov_chars": sum(missing.values()),
+        "oov_distinct": sorted(missing, key=ord)}
+    result["windowed"] = _summary(evaluator.windowed(lambda ctx: input_pipeline.dataset(
+        regions, vocab, cfg, batch_size=batch, shift=cfg.seq_length, steps=steps,
+        shuffle=False, repeat=False)), f"{cfg.seq_length}-char windows from a zero state",
+        batch=batch)
+    lanes = batch
+    while lanes > 1 and lane_io.lane_steps(regions, cfg.seq_length, lanes,
+                                                  input_pipeline.Sharding()) < 1:
+        lanes //= 2
+    lane_steps = lane_io.lane_steps(regions, cfg.seq_length, lanes,
+                                           input_pipeline.Sharding())
+    if lane_steps:
+        carried_cfg = cfg.replace(objective="sequence")
+        result["carried"] = _summary(evaluator.carried(
+            lambda ctx: lane_io.lanes_dataset(regions, vocab, carried_cfg,
+                                                     batch_size=lanes, steps=lane_steps,
+                                                     repeat=False), lanes),
+            f"{lanes} contiguous lane(s), state carried", lanes=lanes)
+    return result
+
+
+def _summary(totals: np.ndarray, how: str, **extra: int) -> dict[str, Any]:
+    values = metrics(totals)
+    return {"nats_per_char": values["loss"], "bits_per_char": values["bpc"],
+            "perplexity": math.exp(values["loss"]), "accuracy": values["accuracy"],
+            "chars_scored": int(totals[2]), "how": how, **extra}

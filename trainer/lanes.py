@@ -1,0 +1,165 @@
+"""Lanes: contiguous streams of the corpus for carried-state training and evaluation.
+
+The regions of a split (`trainer.corpus_index`), end to end, form one text, cut
+into equal lanes; each batch row follows one lane, seq_length chars per step, so
+an LSTM's state carried out of one step is the state at the start of the row's
+next step (truncated backpropagation through time, as char-rnn trains). Lanes walk
+the same pieces the windowed pipeline reads (`input_pipeline.load_region_ids`),
+holding only the regions the current step touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import vocabulary
+from trainer.config import Config
+from trainer.corpus_index import Region
+from trainer.errors import UserError
+from trainer.input_pipeline import Sharding, load_region_ids, to_example
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneLayout:
+    """Where one worker's lanes lie in the text the regions form, end to end.
+
+    The regions, concatenated in corpus order, form one text, cut into
+    count x num_workers lanes of equal length; this worker's lanes are the
+    contiguous block from `first`, so it reads only its 1/num_workers of the text.
+    """
+
+    regions: tuple[Region, ...]
+    count: int
+    first: int
+    length: int  # Chars per lane; the text's remainder after the last lane is unused.
+
+    def steps(self, seq_length: int) -> int:
+        """Steps of `seq_length` inputs (+1 target char) that fit in one lane."""
+        return max(0, (self.length - 1) // seq_length)
+
+
+def lane_layout(regions: Sequence[Region], lanes: int, sharding: Sharding) -> LaneLayout:
+    """Lays `lanes` contiguous lanes over this worker's share of `regions` (no reads)."""
+    total = sum(r.length for r in regions)
+    return LaneLayout(tuple(regions), lanes, sharding.worker * lanes,
+                      total // (lanes * sharding.num_workers))
+
+
+def lane_steps(regions: Sequence[Region], seq_length: int, lanes: int,
+               sharding: Sharding) -> int:
+    """Steps every worker takes in one pass over its lanes (the same for all workers)."""
+    return lane_layout(regions, lanes, sharding).steps(seq_length)
+
+
+class _LaneReader:
+    """Reads spans of the concatenated regions, loading each region only while in use.
+
+    Between calls to `step_done`, the regions that the current step's spans touch are
+    held; the rest are dropped. A lane lies inside at most two regions at a time (one
+    at a region boundary), so at most min(2 x lanes, regions) regions are in memory,
+    and lanes that walk through the same region share one copy of it.
+    """
+
+    def __init__(self, regions: Sequence[Region], vocab: vocabulary.Vocabulary,
+                 lowercase: bool):
+        self.regions, self.vocab, self.lowercase = regions, vocab, lowercase
+        self.bounds = np.cumsum([0] + [r.length for r in regions])
+        self.held: dict[int, np.ndarray] = {}
+        self.used: dict[int, np.ndarray] = {}
+
+    def _ids(self, index: int) -> np.ndarray:
+        ids = self.used.get(index)
+        if ids is None:
+            ids = self.held.get(index)
+            if ids is None:
+                ids = load_region_ids(self.regions[index], self.vocab, self.lowercase)
+            self.used[index] = ids
+        return ids
+
+    def read(self, begin: int, size: int) -> np.ndarray:
+        """Chars [begin, begin + size) of the concatenated text, as ids."""
+        parts, pos, end = [], begin, begin + size
+        index = int(np.searchsorted(self.bounds, begin, side="right")) - 1
+        while pos < end:
+            start = int(self.bounds[index])
+            take = min(end, int(self.bounds[index + 1])) - pos
+            parts.append(self._ids(index)[pos - start:pos - start + take])
+            pos += take
+            index += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def step_done(self) -> None:
+        self.held, self.used = self.used, {}
+
+
+def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config, *,
+                  batch_size: int, steps: int, replicas_per_worker: int = 1,
+                  sharding: Sharding = Sharding(), start_step: int = 0,  # noqa: B008 - frozen
+                  repeat: bool = True) -> tf.data.Dataset:
+    """Batches of contiguous text for carried-state training and evaluation.
+
+    This worker's regions, end to end, are cut into B = batch_size x
+    replicas_per_worker lanes of equal length (see `lane_layout`). Step t gives
+    lane i its chars [t x seq_length, (t + 1) x seq_length + 1) as inputs and
+    next-char targets, so the state a model carries out of step t is the state
+    at the start of lane i's inputs at step t + 1. Row r of replica k's batch is
+    always lane k x batch_size + r. A pass is `steps` steps; the next one starts
+    the lanes over, flagged by `reset` so the carried state is zeroed.
+
+    The stream is a pure function of the config, the regions and the step: a
+    job resumed at `start_step` starts every lane at its offset at that step,
+    without reading what came before (and with `reset` set: the carried state
+    is not restored, it starts from zero). Memory: at most one region per lane
+    (two at a boundary), shared among lanes in the same region.
+
+    Args:
+      regions: all regions of the split (every worker passes the same list).
+      vocab: the vocabulary that encodes the text.
+      cfg: seq_length and lowercase are read.
+      batch_size: lanes per replica.
+      steps: steps in one pass (from `lane_steps`).
+      replicas_per_worker: replicas fed by this worker's pipeline.
+      sharding: this worker's place among the workers.
+      start_step: global step to start at, for resuming mid-run.
+      repeat: endless passes (training) or just one (evaluation).
+
+    Returns:
+      A dataset of (x, y, reset): x and y are (batch_size, seq_length) int32,
+      reset a bool scalar, True on the first step of a pass and at `start_step`.
+    """
+    lanes = batch_size * replicas_per_worker
+    layout = lane_layout(regions, lanes, sharding)
+    seq = cfg.seq_length
+    if steps < 1 or layout.steps(seq) < steps:
+        raise UserError(f"{steps} step(s) of {seq} chars do not fit in lanes of "
+                        f"{layout.length} chars ({lanes} lanes)")
+    starts = (layout.first + np.arange(lanes)) * layout.length
+
+    def generate():
+        reader = _LaneReader(layout.regions, vocab, cfg.lowercase)
+        _, t = divmod(start_step, steps)
+        reset = True
+        while True:
+            while t < steps:
+                rows = np.stack([reader.read(int(s) + t * seq, seq + 1) for s in starts])
+                reader.step_done()
+                for k in range(replicas_per_worker):
+                    yield rows[k * batch_size:(k + 1) * batch_size], reset
+                reset = False
+                t += 1
+            if not repeat:
+                return
+            t, reset = 0, True
+
+    ds = tf.data.Dataset.from_generator(generate, output_signature=(
+        tf.TensorSpec((batch_size, seq + 1), tf.as_dtype(vocab.dtype)),
+        tf.TensorSpec((), tf.bool)))
+    ds = ds.map(lambda w, reset: (*to_example(w, None, "sequence"), reset))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.deterministic = True
+    return ds.with_options(options).prefetch(2)
