@@ -48,12 +48,11 @@ def _evaluate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def _direct_windowed(job: str, text: str, batch: int) -> float:
-    """Mean loss over the windows that fill whole batches, OOV targets left out."""
+    """Mean loss over every window (the last batch is padded), OOV targets left out."""
     cfg, vocab, model, _ = checkpoints.load_trained(job)
     ids = vocab.encode(text).astype("int32")
     n = cfg.seq_length
     windows = np.stack([ids[s:s + n + 1] for s in range(0, len(ids) - n, n)])
-    windows = windows[:len(windows) // batch * batch]
     logits = np.asarray(model(windows[:, :-1]), np.float64)
     log_probs = logits - logits.max(-1, keepdims=True)
     log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))

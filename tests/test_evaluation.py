@@ -77,7 +77,8 @@ def test_carried_scores_equal_each_lane_read_in_one_go(setup):
     # And it is not the windowed figure: the carried state makes a difference.
     windowed = _cross_entropy(np.asarray(model(rows[:, :-1].reshape(-1, 25))),
                               rows[:, 1:].reshape(-1, 25))
-    assert abs(windowed.mean() - expected.mean()) > 1e-4
+    # (Position by position: an untrained model's means can be equally close.)
+    assert np.abs(windowed.reshape(expected.shape) - expected).max() > 1e-4
 
 
 def test_out_of_vocabulary_targets_can_be_left_out():
