@@ -9,6 +9,15 @@ Vertex AI takes the folder itself as the model's artifact URI. Signatures:
   serving_default(prompts: string[batch], length: int32 scalar,
                   temperature: float32 scalar) -> {"generated": string[batch]}
   generate_seeded(the same, and seed: int64 scalar) -> the same, reproducibly
+                  (row i uses seed + i, as `Sampler` does for one int seed)
+  begin(prompts) -> {"logits", "states"}     the two steps `trainer.serve` streams
+  advance(logits, states, n, steps, seeds,    with: every setting per row, the
+          temperature, top_k, top_p)          LSTM state packed into one tensor
+      -> {"ids": int32[batch, n], "logits", "states"}
+
+Beside the graph, assets.extra/ (TF Serving's folder for extra files) holds
+vocab.json and model.json (the job's config and best checkpoint), which
+`trainer.serve` reads to validate prompts and describe the model.
 
 For example, through TF Serving's REST API (scalars need the columnar form):
   {"signature_name": "serving_default",
@@ -23,22 +32,24 @@ a temperature of 0 or less gives greedy output.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
+from typing import Any
 
 import keras
 import tensorflow as tf
 from absl import app, flags
 
-from trainer import generate, sampling, storage
+from trainer import cli, sampling, storage
+from trainer.choice import MIN_TEMPERATURE, Rule
 from trainer.errors import UserError, describe
 from trainer.vocabulary import OOV_ID, Vocabulary
 
 FLAGS = flags.FLAGS
 REPLACEMENT_CHAR = 0xFFFD
-# Temperatures are clamped to this, which already picks the argmax (see tests).
-_MIN_TEMPERATURE = 1e-6
+EXTRA_DIR = "assets.extra"
 
 
 class CharGenerator(tf.Module):
@@ -87,13 +98,44 @@ class CharGenerator(tf.Module):
         """Like `serve`, but the same seed gives the same text (and equals `Sampler`'s)."""
         return self._generate(prompts, length, temperature, seed)
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+    def begin(self, prompts: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Feeds the prompts; returns the logits for the first char and the packed state."""
+        logits, states = self._sampler.feed(*self._encode(prompts))
+        return {"logits": logits, "states": tf.concat(states, axis=1)}
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, None], tf.float32, name="logits"),
+        tf.TensorSpec([None, None], tf.float32, name="states"),
+        tf.TensorSpec([], tf.int32, name="n"),
+        tf.TensorSpec([None], tf.int32, name="steps"),
+        tf.TensorSpec([None], tf.int64, name="seeds"),
+        tf.TensorSpec([None], tf.float32, name="temperature"),
+        tf.TensorSpec([None], tf.int32, name="top_k"),
+        tf.TensorSpec([None], tf.float32, name="top_p")])
+    def advance(self, logits: tf.Tensor, states: tf.Tensor, n: tf.Tensor, steps: tf.Tensor,
+                seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor
+                ) -> dict[str, tf.Tensor]:
+        """Draws `n` more chars per row, each row with its own step index, seed and settings."""
+        parts = tf.split(states, len(self._sampler.lstms) * 2, axis=1)
+        ids, logits, parts = self._sampler.steps(
+            logits, tuple(parts), tf.clip_by_value(n, 0, self._max_length), steps, seeds,
+            temperature, top_k, top_p, rule=Rule.everything())
+        return {"ids": ids, "logits": logits, "states": tf.concat(parts, axis=1)}
+
     def _generate(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
                   seed: tf.Tensor) -> dict[str, tf.Tensor]:
         ids, mask = self._encode(prompts)
         logits, states = self._sampler.feed(ids, mask)
+        batch = tf.shape(ids)[0]
+        # Row i draws with seed + i, as Sampler does for one int seed; a temperature
+        # of 0 or less is greedy.
+        temperature = tf.where(temperature > 0, tf.maximum(temperature, MIN_TEMPERATURE), 0.0)
         ids, _, _ = self._sampler.steps(
-            logits, states, tf.clip_by_value(length, 0, self._max_length), tf.constant(0),
-            seed, tf.maximum(temperature, _MIN_TEMPERATURE), tf.constant(0), tf.constant(1.0))
+            logits, states, tf.clip_by_value(length, 0, self._max_length),
+            tf.zeros([batch], tf.int32), seed + tf.range(tf.cast(batch, tf.int64)),
+            tf.fill([batch], temperature), tf.zeros([batch], tf.int32), tf.ones([batch]),
+            rule=Rule(any_greedy=True))
         text = tf.strings.unicode_encode(tf.gather(self.code_points, ids), "UTF-8")
         return {"generated": text}
 
@@ -118,7 +160,7 @@ class CharGenerator(tf.Module):
 
 
 def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: int = 10_000,
-           overwrite: bool = False) -> str:
+           overwrite: bool = False, info: dict[str, Any] | None = None) -> str:
     """Writes the SavedModel to `export_dir` (local or gs://) through `storage`.
 
     Args:
@@ -127,6 +169,7 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: i
       export_dir: the destination folder.
       max_length: the largest `length` a request may ask for.
       overwrite: replace a SavedModel already in `export_dir`.
+      info: what assets.extra/model.json tells a server about the model (config, best).
 
     Returns:
       `export_dir`.
@@ -141,11 +184,18 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: i
                             "to replace it, or choose a new version folder")
         storage.delete_prefix(export_dir)
     module = CharGenerator(model, vocab, max_length)
-    signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded}
+    signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded,
+                  "begin": module.begin, "advance": module.advance}
     with tempfile.TemporaryDirectory() as tmp:
         # Saved locally, then copied by `storage`, the one module that writes to buckets.
         local = os.path.join(tmp, "saved_model")
         tf.saved_model.save(module, local, signatures=signatures)
+        extra = os.path.join(local, EXTRA_DIR)
+        os.makedirs(extra)
+        with open(os.path.join(extra, "vocab.json"), "w", encoding="utf-8") as f:
+            f.write(vocab.to_json())
+        with open(os.path.join(extra, "model.json"), "w", encoding="utf-8") as f:
+            json.dump({**(info or {}), "max_length": max_length}, f, indent=1)
         # The graph file goes last, so a half-copied folder is never a loadable model.
         storage.upload_dir(os.path.join(local, "variables"), storage.join(export_dir, "variables"))
         for name in sorted(os.listdir(local)):
@@ -177,8 +227,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
-    _, vocab, model, _ = generate.load(fv.job_dir, fv.checkpoint)
-    export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite)
+    cfg, vocab, model, pointer = cli.load_job(fv.job_dir, fv.checkpoint)
+    info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
+            "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
+            "config": json.loads(cfg.to_json())}
+    export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite, info)
     print(f"exported a SavedModel to {fv.export_dir}", file=sys.stderr)
 
 
@@ -200,4 +253,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=generate.parse_argv)
+    app.run(main, flags_parser=cli.flags_parser())
