@@ -3,8 +3,9 @@
 A prediction request is Vertex AI's `{"instances": [...], "parameters": {...}}`;
 each instance is a prompt string or an object with the fields below, and
 `parameters` gives defaults for all of them. The defaults are
-`trainer.generate`'s. Every problem raises `RequestError`, whose one-line
-message the server returns with HTTP 400.
+`trainer.generate`'s (length 500, or the server's limit if lower), except the
+seed: a fresh one per instance, returned with its prediction. Every problem
+raises `RequestError`, whose one-line message the server returns with HTTP 400.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def parse_instance(raw: Any, defaults: dict[str, Any], limits: Limits,
     if len(prompt) > limits.max_prompt_chars:
         raise RequestError(f"prompt has {len(prompt)} chars, over the limit of "
                            f"{limits.max_prompt_chars}")
-    length = _number("length", fields.get("length", 500), int, 0, limits.max_length)
+    length = _number("length", fields.get("length", min(500, limits.max_length)), int, 0,
+                     limits.max_length)
     greedy = fields.get("greedy", False)
     if not isinstance(greedy, bool):
         raise RequestError("greedy must be true or false")

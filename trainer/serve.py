@@ -14,6 +14,7 @@ batching in trainer/serving.py.
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -75,12 +76,17 @@ def run(fv: flags.FlagValues) -> None:
                                  endpoint.predict_route, fv.seed)
     cli.say(f"serving {backend.info['name']} on http://{fv.host}:{endpoint.port}/ "
             f"(health {endpoint.health_route}, predict {endpoint.predict_route})")
+    stops: list[str] = []
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again
+    # under the handlers it found: these note it, so the process exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stops.append(signal.Signals(number).name))
     try:
         uvicorn.run(application, host=fv.host, port=endpoint.port, log_level="warning",
                     timeout_graceful_shutdown=fv.shutdown_seconds)
     finally:
         batcher.close()
-    cli.say("stopped")
+    cli.say(f"stopped ({', '.join(stops) or 'server exited'})")
 
 
 def main(argv: list[str]) -> int:

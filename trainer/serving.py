@@ -36,9 +36,8 @@ import numpy as np
 from trainer import cli, sampling, storage
 from trainer.choice import Rule, Settings, row_arrays
 from trainer.instances import Instance, RequestError
+from trainer.saved_model import EXTRA_DIR
 from trainer.vocabulary import Vocabulary
-
-EXTRA_DIR = "assets.extra"  # As trainer.export writes it.
 
 
 class Backend:
