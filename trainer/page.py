@@ -31,14 +31,14 @@ PAGE = """<!doctype html>
 <body>
 <h1>Character-level LSTM</h1>
 <div id="model">loading the model's description...</div>
-<form id="form">
+<form id="form" novalidate>
   <textarea id="prompt" name="prompt" placeholder="A prompt to continue">ROMEO:</textarea>
   <fieldset>
     <label>length <input type="number" id="length" min="0" value="500"></label>
-    <label>temperature <input type="number" id="temperature" min="0" step="0.05"
+    <label>temperature <input type="number" id="temperature" min="0" step="any"
       value="0.8"></label>
     <label>top_k <input type="number" id="top_k" min="0" value="0"></label>
-    <label>top_p <input type="number" id="top_p" min="0.01" max="1" step="0.05"
+    <label>top_p <input type="number" id="top_p" min="0" max="1" step="any"
       value="1"></label>
     <label>seed <input type="number" id="seed" min="0" placeholder="random"></label>
     <label><input type="checkbox" id="skip"> skip unknown characters</label>
