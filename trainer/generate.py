@@ -29,6 +29,8 @@ from trainer.errors import UserError, describe
 FLAGS = flags.FLAGS
 # Tries at finding a data shard long enough for a prompt before giving up.
 _SHARD_TRIES = 5
+# Chars per compiled call when stdout is not a terminal.
+_PIPE_BLOCK = 512
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -165,7 +167,10 @@ def run(fv: flags.FlagValues) -> None:
     prompts = [prompt] * fv.num_samples
     streaming = fv.num_samples == 1 and fv.format == "text" and fv.output is None
     if streaming:
-        for parts in sampler.stream(prompts, fv.length, settings, seed, oov):
+        # A person watching gets text every 64 chars; a pipe or file gets larger blocks,
+        # which spend less time in Python between compiled calls (same text either way).
+        block = sampling.STREAM_BLOCK if sys.stdout.isatty() else _PIPE_BLOCK
+        for parts in sampler.stream(prompts, fv.length, settings, seed, oov, block=block):
             sys.stdout.write(parts[0])
             sys.stdout.flush()
         if sys.stdout.isatty():
