@@ -256,3 +256,14 @@ def test_draws_follow_the_softmax():
                           tf.ones([rows], tf.int32), tf.ones([rows]),
                           tf.zeros([rows], tf.int32), tf.ones([rows]), choice.Rule()).numpy()
     assert 0.15 < np.mean(later == ids) < 0.25  # sum(p^2) = 0.195 for independent draws
+
+
+def test_large_batches_leave_xla_and_give_the_same_text(model, monkeypatch):
+    sampler = Sampler(model, VOCAB)
+    assert sampler.uses_xla(4) and not Sampler(model, VOCAB, jit_compile=False).uses_xla(4)
+    small = sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5), seed=2)
+    # The same rows past the threshold run on the graph executor: the same text.
+    monkeypatch.setattr(sampling, "XLA_MAX_ROW_UNITS", 24 * 4)
+    assert not sampler.uses_xla(4)
+    assert sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5),
+                                  seed=2) == small

@@ -45,6 +45,10 @@ OOV_MODES = ("error", "skip")
 STREAM_BLOCK = 64
 # Plain sampling: no greedy rows, no filters.
 SAMPLE = Rule()
+# XLA fuses the per-char ops that dominate small steps, but its CPU matmuls lose once a
+# step is arithmetic-bound: measured 0.83x the graph executor at 64 rows x 512 units,
+# 1.24x at 64 x 256 and 1.2-3.2x below (BENCHMARKS.md). Larger batches run without it.
+XLA_MAX_ROW_UNITS = 32_768
 
 
 def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error") -> np.ndarray:
@@ -110,9 +114,10 @@ class Sampler:
         Args:
           model: the training model; its embedding, lstm_* and logits layers are used.
           vocab: the vocabulary the model was trained with.
-          jit_compile: compile the step loop with XLA. Each (batch, chars per call)
-            shape then compiles once, in about a second; False runs TensorFlow's
-            graph executor, which pays a fixed cost per op of every step.
+          jit_compile: compile the step loop with XLA for batches of fewer than
+            XLA_MAX_ROW_UNITS rows x units. Each (batch, chars per call) shape then
+            compiles once, in about a second; False always runs TensorFlow's graph
+            executor, which pays a fixed cost per op of every step.
         """
         self.model = model
         self.vocab = vocab
@@ -126,7 +131,8 @@ class Sampler:
         self._oov_mask = tf.constant(
             [-np.inf if i == OOV_ID else 0.0 for i in range(vocab.size)], tf.float32)
         self._feed = tf.function(self.feed, reduce_retracing=True)
-        self._steps = tf.function(self.steps, reduce_retracing=True, jit_compile=jit_compile)
+        self._steps = tf.function(self.steps, reduce_retracing=True)
+        self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
 
     # --- graph building blocks (also used inside the exported SavedModel) ---
 
@@ -225,6 +231,11 @@ class Sampler:
 
     # --- Python API ---
 
+    def uses_xla(self, batch: int) -> bool:
+        """Whether a batch of this many rows runs the XLA-compiled loop."""
+        units = max(layer.cell.units for layer in self.lstms)
+        return self.jit_compile and batch * units < XLA_MAX_ROW_UNITS
+
     def begin(self, prompts: Sequence[np.ndarray]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
         """Feeds encoded prompts (see `encode_prompt`); returns (logits, states) to draw from."""
         ids, mask = pad_prompts(self.vocab, prompts)
@@ -238,10 +249,11 @@ class Sampler:
         Returns:
           (ids (batch, n) NumPy, logits, states, logits of each draw or None).
         """
-        out = self._steps(logits, states, n if self.jit_compile else tf.constant(n, tf.int32),
-                          tf.constant(step0, tf.int32), tf.constant(seeds, tf.int64),
-                          **{k: tf.constant(v) for k, v in rows.items()}, rule=rule,
-                          keep_logits=keep_logits)
+        xla = self.uses_xla(len(step0))
+        out = (self._steps_xla if xla else self._steps)(
+            logits, states, n if xla else tf.constant(n, tf.int32), tf.constant(step0, tf.int32),
+            tf.constant(seeds, tf.int64), **{k: tf.constant(v) for k, v in rows.items()},
+            rule=rule, keep_logits=keep_logits)
         return out[0].numpy(), out[1], out[2], out[3].numpy() if keep_logits else None
 
     def sample_ids(self, prompts: Sequence[np.ndarray], length: int,
@@ -274,7 +286,7 @@ class Sampler:
             n = length - done if block <= 0 else min(block, length - done)
             # Under XLA every distinct n compiles anew: the last, shorter block
             # runs at full size and is cut instead.
-            width = block if self.jit_compile and block > 0 else n
+            width = block if self.uses_xla(len(prompts)) and block > 0 else n
             ids, logits, states, seen = self.advance(
                 logits, states, width, np.full(len(prompts), done, np.int32), seeds, arrays,
                 rule, keep_logits)

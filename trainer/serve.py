@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 from trainer import cli  # noqa: E402
-from trainer.errors import describe  # noqa: E402
+from trainer.errors import UserError, describe  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -59,9 +59,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> None:
     """Loads the model and serves it until SIGTERM/SIGINT."""
-    import uvicorn  # Imported here so that --help never waits for the server stack.
+    try:  # Imported here so that --help never waits for the server stack.
+        import uvicorn
 
-    from trainer import serving, web
+        from trainer import web
+    except ImportError as err:
+        raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
+                        "'char-lstm-trainer[serve]'") from err
+    from trainer import serving
     from trainer.instances import Limits
 
     endpoint = serving.vertex_endpoint(fv.model_dir, fv.port)
