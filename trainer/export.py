@@ -9,6 +9,15 @@ Vertex AI takes the folder itself as the model's artifact URI. Signatures:
   serving_default(prompts: string[batch], length: int32 scalar,
                   temperature: float32 scalar) -> {"generated": string[batch]}
   generate_seeded(the same, and seed: int64 scalar) -> the same, reproducibly
+                  (row i uses seed + i, as `Sampler` does for one int seed)
+  begin(prompts) -> {"logits", "states"}     the two steps `trainer.serve` streams
+  advance(logits, states, n, steps, seeds,    with: every setting per row, the
+          temperature, top_k, top_p)          LSTM state packed into one tensor
+      -> {"ids": int32[batch, n], "logits", "states"}
+
+Beside the graph, assets.extra/ (TF Serving's folder for extra files) holds
+vocab.json and model.json (the job's config and best checkpoint), which
+`trainer.serve` reads to validate prompts and describe the model.
 
 For example, through TF Serving's REST API (scalars need the columnar form):
   {"signature_name": "serving_default",
@@ -23,140 +32,15 @@ a temperature of 0 or less gives greedy output.
 
 from __future__ import annotations
 
-import os
+import json
 import sys
-import tempfile
 
-import keras
-import tensorflow as tf
 from absl import app, flags
 
-from trainer import generate, sampling, storage
-from trainer.errors import UserError, describe
-from trainer.vocabulary import OOV_ID, Vocabulary
+from trainer import cli
+from trainer.errors import describe
 
 FLAGS = flags.FLAGS
-REPLACEMENT_CHAR = 0xFFFD
-# Temperatures are clamped to this, which already picks the argmax (see tests).
-_MIN_TEMPERATURE = 1e-6
-
-
-class CharGenerator(tf.Module):
-    """The model, its vocabulary and the sampling loop, as one saveable module."""
-
-    def __init__(self, model: keras.Model, vocab: Vocabulary, max_length: int = 10_000):
-        """Wraps a trained model for export.
-
-        Args:
-          model: from `models.build_model`, with trained weights.
-          vocab: the model's vocabulary.
-          max_length: the largest `length` a request may ask for.
-        """
-        super().__init__(name="char_generator")
-        # Attribute assignment tracks the model's variables for tf.saved_model.save.
-        self.model = model
-        self._sampler = sampling.Sampler(model, vocab)
-        points = [ord(c) for c in vocab.chars]
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(
-                tf.constant(points, tf.int32), tf.range(1, len(points) + 1, dtype=tf.int32)),
-            default_value=OOV_ID)
-        # Id -> code point; the out-of-vocabulary id (never generated) maps to U+FFFD.
-        self.code_points = tf.constant([REPLACEMENT_CHAR] + points, tf.int32)
-        self._lowercase = vocab.lowercase
-        self._start = sampling.start_id(vocab)
-        self._max_length = max_length
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None], tf.string, name="prompts"),
-        tf.TensorSpec([], tf.int32, name="length"),
-        tf.TensorSpec([], tf.float32, name="temperature")])
-    def serve(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor
-              ) -> dict[str, tf.Tensor]:
-        """Continues each prompt with `length` sampled chars (fresh randomness per call)."""
-        seed = tf.random.uniform([], maxval=2**62, dtype=tf.int64)
-        return self._generate(prompts, length, temperature, seed)
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([None], tf.string, name="prompts"),
-        tf.TensorSpec([], tf.int32, name="length"),
-        tf.TensorSpec([], tf.float32, name="temperature"),
-        tf.TensorSpec([], tf.int64, name="seed")])
-    def generate_seeded(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
-                        seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Like `serve`, but the same seed gives the same text (and equals `Sampler`'s)."""
-        return self._generate(prompts, length, temperature, seed)
-
-    def _generate(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
-                  seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        ids, mask = self._encode(prompts)
-        logits, states = self._sampler.feed(ids, mask)
-        ids, _, _ = self._sampler.steps(
-            logits, states, tf.clip_by_value(length, 0, self._max_length), tf.constant(0),
-            seed, tf.maximum(temperature, _MIN_TEMPERATURE), tf.constant(0), tf.constant(1.0))
-        text = tf.strings.unicode_encode(tf.gather(self.code_points, ids), "UTF-8")
-        return {"generated": text}
-
-    def _encode(self, prompts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Prompt strings -> left-padded (ids, mask), as `sampling.pad_prompts` builds them."""
-        text = tf.strings.regex_replace(prompts, "\r\n", "\n")
-        if self._lowercase:
-            text = tf.strings.lower(text, encoding="utf-8")
-        points = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
-        ids = tf.ragged.map_flat_values(self.table.lookup, points)
-        ids = tf.ragged.boolean_mask(ids, ids != OOV_ID)
-        empty = tf.cast(ids.row_lengths() == 0, tf.int64)
-        starts = tf.RaggedTensor.from_row_lengths(
-            tf.fill([tf.reduce_sum(empty)], self._start), empty)
-        ids = tf.concat([starts, ids], axis=1)
-        lengths = ids.row_lengths()
-        right = ids.to_tensor(OOV_ID)
-        # Reversing each row's ids, then the whole padded row, moves the padding left.
-        left = tf.reverse(tf.reverse_sequence(right, lengths, seq_axis=1, batch_axis=0), [1])
-        mask = tf.reverse(tf.sequence_mask(lengths, tf.shape(right)[1]), [1])
-        return left, mask
-
-
-def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: int = 10_000,
-           overwrite: bool = False) -> str:
-    """Writes the SavedModel to `export_dir` (local or gs://) through `storage`.
-
-    Args:
-      model: a trained model from `models.build_model`.
-      vocab: its vocabulary.
-      export_dir: the destination folder.
-      max_length: the largest `length` a request may ask for.
-      overwrite: replace a SavedModel already in `export_dir`.
-
-    Returns:
-      `export_dir`.
-
-    Raises:
-      UserError: when `export_dir` already holds a SavedModel and not `overwrite`.
-    """
-    target = storage.join(export_dir, "saved_model.pb")
-    if storage.exists(target):
-        if not overwrite:
-            raise UserError(f"{export_dir} already holds a SavedModel; pass --overwrite "
-                            "to replace it, or choose a new version folder")
-        storage.delete_prefix(export_dir)
-    module = CharGenerator(model, vocab, max_length)
-    signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded}
-    with tempfile.TemporaryDirectory() as tmp:
-        # Saved locally, then copied by `storage`, the one module that writes to buckets.
-        local = os.path.join(tmp, "saved_model")
-        tf.saved_model.save(module, local, signatures=signatures)
-        # The graph file goes last, so a half-copied folder is never a loadable model.
-        storage.upload_dir(os.path.join(local, "variables"), storage.join(export_dir, "variables"))
-        for name in sorted(os.listdir(local)):
-            if name not in ("variables", "saved_model.pb"):
-                path = os.path.join(local, name)
-                if os.path.isdir(path):
-                    storage.upload_dir(path, storage.join(export_dir, name))
-                else:
-                    storage.copy_file(path, storage.join(export_dir, name))
-        storage.copy_file(os.path.join(local, "saved_model.pb"), target)
-    return export_dir
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -177,8 +61,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
-    _, vocab, model, _ = generate.load(fv.job_dir, fv.checkpoint)
-    export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite)
+    from trainer import saved_model  # Imported here: --help should not wait for TensorFlow.
+
+    cfg, vocab, model, pointer = cli.load_job(fv.job_dir, fv.checkpoint)
+    info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
+            "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
+            "config": json.loads(cfg.to_json())}
+    saved_model.export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite, info)
     print(f"exported a SavedModel to {fv.export_dir}", file=sys.stderr)
 
 
@@ -200,4 +89,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=generate.parse_argv)
+    app.run(main, flags_parser=cli.flags_parser())

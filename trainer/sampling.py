@@ -3,14 +3,18 @@
 The prompt is fed once through the model's own layers; after that every new
 character costs one LSTM step per layer, with each layer's (h, c) carried from
 the step before, never a re-run of a window. The step loop is a `tf.while_loop`
-inside one `tf.function`, so a block of characters is one call from Python.
+inside one `tf.function`, compiled with XLA by default (it fuses the per-char
+ops, which otherwise cost more than the arithmetic of a small LSTM), so a block
+of characters is one call from Python.
 
 The Sampler holds references to the model's layers, not copies, so it always
 samples from the current weights (the training job calls it between epochs).
 
-Randomness is stateless: the draw for step t uses the seed (seed, t), so the
-same seed, prompts and settings give the same text, and a stream generated
-block by block equals the same sample generated in one call.
+Every row has its own seed and settings (see `trainer.choice`): the draw for a
+row's step t depends only on (row seed, t), so the same seed, prompt and
+settings give the same text alone or batched with other rows, and a stream
+generated block by block equals the same sample generated in one call. One int
+seed for a batch means seeds seed, seed + 1, ... for its rows.
 
 Prompts of different lengths in one batch are left-padded and masked; the
 LSTM layers keep their zero state over the padding, so each row is exactly what
@@ -21,7 +25,6 @@ model needs one input before it predicts anything.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Sequence
 
 import keras
@@ -29,41 +32,23 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import models
+from trainer.choice import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
 from trainer.errors import UserError
 from trainer.vocabulary import OOV_ID, Vocabulary
 
+__all__ = ["OOV_MODES", "STREAM_BLOCK", "Sampler", "Settings", "encode_prompt", "pad_prompts",
+           "start_id"]
+
 OOV_MODES = ("error", "skip")
 # Characters per compiled call when streaming: small enough to show progress,
-# large enough that the Python round trip costs nothing next to the steps.
+# large enough that the Python round trip costs little next to the steps.
 STREAM_BLOCK = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How the next character is chosen from the model's logits."""
-
-    # Logits are divided by this; below 1 is more conservative. 0 means greedy.
-    temperature: float = 0.8
-    # Keep only the k most likely characters; 0 keeps all.
-    top_k: int = 0
-    # Keep the smallest set of characters whose probability reaches p; 1 keeps all.
-    top_p: float = 1.0
-    # Always take the most likely character.
-    greedy: bool = False
-
-    def validate(self) -> Settings:
-        """Raises UserError naming the first bad value; returns self."""
-        if self.temperature < 0:
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        return self
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+# Plain sampling: no greedy rows, no filters.
+SAMPLE = Rule()
+# XLA fuses the per-char ops that dominate small steps, but its CPU matmuls lose once a
+# step is arithmetic-bound: measured 0.83x the graph executor at 64 rows x 512 units,
+# 1.24x at 64 x 256 and 1.2-3.2x below (BENCHMARKS.md). Larger batches run without it.
+XLA_MAX_ROW_UNITS = 32_768
 
 
 def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error") -> np.ndarray:
@@ -123,12 +108,16 @@ def pad_prompts(vocab: Vocabulary, prompts: Sequence[np.ndarray]) -> tuple[np.nd
 class Sampler:
     """Generates text from a character model, one carried-state LSTM step per char."""
 
-    def __init__(self, model: keras.Model, vocab: Vocabulary):
+    def __init__(self, model: keras.Model, vocab: Vocabulary, jit_compile: bool = True):
         """Wraps `model` (from `models.build_model`) without copying its weights.
 
         Args:
           model: the training model; its embedding, lstm_* and logits layers are used.
           vocab: the vocabulary the model was trained with.
+          jit_compile: compile the step loop with XLA for batches of fewer than
+            XLA_MAX_ROW_UNITS rows x units. Each (batch, chars per call) shape then
+            compiles once, in about a second; False always runs TensorFlow's graph
+            executor, which pays a fixed cost per op of every step.
         """
         self.model = model
         self.vocab = vocab
@@ -137,11 +126,13 @@ class Sampler:
         self.dense = model.get_layer("logits")
         if not self.lstms:
             raise ValueError("the model has no LSTM layers")
+        self.jit_compile = jit_compile
         # Added to the logits so the out-of-vocabulary id is never drawn.
         self._oov_mask = tf.constant(
             [-np.inf if i == OOV_ID else 0.0 for i in range(vocab.size)], tf.float32)
         self._feed = tf.function(self.feed, reduce_retracing=True)
         self._steps = tf.function(self.steps, reduce_retracing=True)
+        self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
 
     # --- graph building blocks (also used inside the exported SavedModel) ---
 
@@ -188,126 +179,131 @@ class Sampler:
         for j, layer in enumerate(self.lstms):
             x, (h, c) = layer.cell(x, [states[2 * j], states[2 * j + 1]], training=False)
             new_states += [h, c]
-        return self._mask_oov(self.dense(x)), tuple(new_states)
+        return tf.cast(self.dense(x), tf.float32) + self._oov_mask, tuple(new_states)
 
-    def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: tf.Tensor,
-              step0: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
-              top_p: tf.Tensor, greedy: bool = False, filter_k: bool = False,
-              filter_p: bool = False, keep_logits: bool = False) -> tuple:
+    def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int | tf.Tensor,
+              step0: tf.Tensor, seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+              top_p: tf.Tensor, rule: Rule = SAMPLE, keep_logits: bool = False) -> tuple:
         """Draws `n` chars per row, one LSTM step per char, in a `tf.while_loop`.
 
         Args:
           logits: (batch, vocab) logits for the first char to draw.
           states: the carried (h, c) of every layer, flattened.
-          n: int32 scalar, chars to draw.
-          step0: int32 scalar, index of the first step (the random draw of step t
-            uses the seed (seed, t), so blocks continue one stream).
-          seed: int64 scalar.
-          temperature, top_k, top_p: scalars, see `Settings`.
-          greedy, filter_k, filter_p: which choice rule runs (Python bools, so
-            each combination is its own compiled loop and unused rules cost nothing).
+          n: chars to draw; a Python int under XLA (it sizes the output), else
+            also an int32 scalar tensor.
+          step0: (batch,) int32, each row's index of its first step here (the draw
+            of a row's step t depends on (row seed, t), so blocks continue one stream).
+          seeds: (batch,) int64 row seeds.
+          temperature, top_k, top_p: (batch,) per-row settings (see `choice.choose`).
+          rule: which parts of the choice run.
           keep_logits: also return the masked logits each char was drawn from.
 
         Returns:
           (ids (batch, n) int32, logits after the last char, states after it,
           and (batch, n, vocab) logits when keep_logits).
         """
-        n = tf.convert_to_tensor(n, tf.int32)
         batch = tf.shape(logits)[0]
         drawn = tf.TensorArray(tf.int32, size=n, element_shape=tf.TensorShape([None]))
         seen = tf.TensorArray(tf.float32, size=n if keep_logits else 0,
                               element_shape=logits.shape)
+        step0 = tf.cast(step0, tf.int32)
+        keys = seed_keys(seeds)
 
         def body(i, logits, states, drawn, seen):
             if keep_logits:
                 seen = seen.write(i, logits)
-            ids = self._choose(logits, tf.stack([seed, tf.cast(step0 + i, tf.int64)]),
-                               temperature, top_k, top_p, greedy, filter_k, filter_p)
+            ids = choose(logits, keys, step0 + i, temperature, top_k, top_p, rule)
             logits, states = self._step(ids, states)
             return i + 1, logits, states, drawn.write(i, ids), seen
 
         _, logits, states, drawn, seen = tf.while_loop(
             lambda i, *_: i < n, body, (tf.constant(0), logits, tuple(states), drawn, seen),
             parallel_iterations=1)
-        # Stacking an empty TensorArray of unknown row count fails, so n == 0 is separate.
-        ids = tf.cond(n > 0, lambda: tf.transpose(drawn.stack()),
-                      lambda: tf.zeros([batch, 0], tf.int32))
+        if isinstance(n, int):
+            ids = tf.transpose(drawn.stack()) if n else tf.zeros([batch, 0], tf.int32)
+        else:
+            # Stacking an empty TensorArray of unknown row count fails, so n == 0 is apart.
+            ids = tf.cond(n > 0, lambda: tf.transpose(drawn.stack()),
+                          lambda: tf.zeros([batch, 0], tf.int32))
         if keep_logits:
             return ids, logits, states, tf.transpose(seen.stack(), [1, 0, 2])
         return ids, logits, states
 
-    def _mask_oov(self, logits: tf.Tensor) -> tf.Tensor:
-        return tf.cast(logits, tf.float32) + self._oov_mask
-
-    @staticmethod
-    def _choose(logits: tf.Tensor, seed: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
-                top_p: tf.Tensor, greedy: bool, filter_k: bool, filter_p: bool) -> tf.Tensor:
-        """Picks one id per row: argmax, or a draw after temperature, top-k, top-p."""
-        if greedy:
-            return tf.argmax(logits, axis=-1, output_type=tf.int32)
-        logits = logits / temperature
-        if filter_k:
-            k = tf.minimum(top_k, tf.shape(logits)[-1])
-            kth = tf.math.top_k(logits, k).values[:, -1:]
-            logits = tf.where(logits < kth, -np.inf, logits)
-        if filter_p:
-            ordered = tf.sort(logits, axis=-1, direction="DESCENDING")
-            before = tf.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
-            # The most likely char is always kept; then each char whose predecessors
-            # have not yet reached top_p.
-            kept = tf.reduce_sum(tf.cast(before < top_p, tf.int32), axis=-1, keepdims=True)
-            cutoff = tf.gather(ordered, tf.maximum(kept, 1) - 1, batch_dims=1)
-            logits = tf.where(logits < cutoff, -np.inf, logits)
-        return tf.cast(tf.random.stateless_categorical(logits, 1, seed)[:, 0], tf.int32)
-
     # --- Python API ---
 
-    def sample_ids(self, prompts: Sequence[np.ndarray], length: int, settings: Settings,
-                   seed: int = 0, block: int = 0, keep_logits: bool = False
+    def uses_xla(self, batch: int) -> bool:
+        """Whether a batch of this many rows runs the XLA-compiled loop."""
+        units = max(layer.cell.units for layer in self.lstms)
+        return self.jit_compile and batch * units < XLA_MAX_ROW_UNITS
+
+    def begin(self, prompts: Sequence[np.ndarray]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+        """Feeds encoded prompts (see `encode_prompt`); returns (logits, states) to draw from."""
+        ids, mask = pad_prompts(self.vocab, prompts)
+        return self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))
+
+    def advance(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int,
+                step0: np.ndarray, seeds: np.ndarray, rows: dict[str, np.ndarray], rule: Rule,
+                keep_logits: bool = False) -> tuple:
+        """One compiled call of `steps` on NumPy per-row arrays (see `choice.row_arrays`).
+
+        Returns:
+          (ids (batch, n) NumPy, logits, states, logits of each draw or None).
+        """
+        xla = self.uses_xla(len(step0))
+        out = (self._steps_xla if xla else self._steps)(
+            logits, states, n if xla else tf.constant(n, tf.int32), tf.constant(step0, tf.int32),
+            tf.constant(seeds, tf.int64), **{k: tf.constant(v) for k, v in rows.items()},
+            rule=rule, keep_logits=keep_logits)
+        return out[0].numpy(), out[1], out[2], out[3].numpy() if keep_logits else None
+
+    def sample_ids(self, prompts: Sequence[np.ndarray], length: int,
+                   settings: Settings | Sequence[Settings], seed: int | Sequence[int] = 0,
+                   block: int = 0, keep_logits: bool = False
                    ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Generates ids for a batch of encoded prompts, yielding them block by block.
 
         Args:
           prompts: id arrays (see `encode_prompt`), one per row; lengths may differ.
           length: chars to generate per row.
-          settings: the choice rule.
-          seed: same seed, prompts and settings -> same ids.
+          settings: the choice rule, for every row or one per row.
+          seed: one seed per row, or an int: rows get seed, seed + 1, ...
           block: chars per compiled call; 0 generates everything in one call.
           keep_logits: also yield the (batch, n, vocab) logits each char was drawn from.
 
         Yields:
           (ids (batch, n), logits or None) per block; nothing when length is 0.
         """
-        settings.validate()
+        rows = [settings] * len(prompts) if isinstance(settings, Settings) else list(settings)
+        if len(rows) != len(prompts):
+            raise ValueError(f"{len(rows)} settings for {len(prompts)} prompts")
+        arrays, seeds = row_arrays(rows), row_seeds(seed, len(prompts))
         if length <= 0 or not len(prompts):
             return
-        ids, mask = pad_prompts(self.vocab, prompts)
-        logits, states = self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))
-        flags = dict(greedy=settings.is_greedy, filter_k=settings.top_k > 0,
-                     filter_p=settings.top_p < 1.0, keep_logits=keep_logits)
-        scalars = dict(seed=tf.constant(seed, tf.int64),
-                       temperature=tf.constant(max(settings.temperature, 1e-6), tf.float32),
-                       top_k=tf.constant(settings.top_k, tf.int32),
-                       top_p=tf.constant(settings.top_p, tf.float32))
+        logits, states = self.begin(prompts)
+        rule = Rule.for_rows(rows)
         done = 0
         while done < length:
             n = length - done if block <= 0 else min(block, length - done)
-            out = self._steps(logits, states, tf.constant(n, tf.int32),
-                              tf.constant(done, tf.int32), **scalars, **flags)
-            logits, states = out[1], out[2]
-            yield out[0].numpy(), out[3].numpy() if keep_logits else None
+            # Under XLA every distinct n compiles anew: the last, shorter block
+            # runs at full size and is cut instead.
+            width = block if self.uses_xla(len(prompts)) and block > 0 else n
+            ids, logits, states, seen = self.advance(
+                logits, states, width, np.full(len(prompts), done, np.int32), seeds, arrays,
+                rule, keep_logits)
+            yield ids[:, :n], None if seen is None else seen[:, :n]
             done += n
 
-    def stream(self, prompts: Sequence[str], length: int, settings: Settings | None = None,
-               seed: int = 0, oov: str = "error", block: int = STREAM_BLOCK
+    def stream(self, prompts: Sequence[str], length: int,
+               settings: Settings | Sequence[Settings] | None = None,
+               seed: int | Sequence[int] = 0, oov: str = "error", block: int = STREAM_BLOCK
                ) -> Iterator[list[str]]:
         """Yields the new text of every row, `block` chars at a time.
 
         Args:
           prompts: prompt texts, one per row.
           length: chars to generate per row.
-          settings: the choice rule; default `Settings()`.
-          seed: same seed, prompts and settings -> same text.
+          settings: the choice rule (one, or one per row); default `Settings()`.
+          seed: per-row seeds or one int (see `sample_ids`).
           oov: what to do with prompt characters the vocabulary lacks ("error"/"skip").
           block: chars per compiled call.
 
@@ -319,8 +315,8 @@ class Sampler:
             yield [self.vocab.decode(row.tolist()) for row in ids]
 
     def generate_batch(self, prompts: Sequence[str], length: int,
-                       settings: Settings | None = None, seed: int = 0,
-                       oov: str = "error") -> list[str]:
+                       settings: Settings | Sequence[Settings] | None = None,
+                       seed: int | Sequence[int] = 0, oov: str = "error") -> list[str]:
         """Returns `length` new chars for each prompt, generated in one compiled call."""
         texts = [""] * len(prompts)
         for parts in self.stream(prompts, length, settings, seed, oov, block=0):

@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import config, platform  # noqa: E402
+from trainer import cli, config, platform  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.errors import UserError, describe  # noqa: E402
 
@@ -94,21 +94,9 @@ def parse_flags(argv: list[str]) -> Config:
     return config_from_flags(flag_values)
 
 
-HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
-
-
-def _parse_argv(argv: list[str]) -> list[str]:
-    """absl's flags_parser: one-line errors instead of absl's fatal banner."""
-    try:
-        return flags.FLAGS(platform.normalize_argv(expand_presets(list(argv))))
-    except (flags.Error, UserError) as err:
-        print(f"error: {str(err).splitlines()[0]} (see --helpshort)", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit:
-        # absl exits 1 after printing --help/--helpshort/--helpfull; asking for help succeeded.
-        if any(arg.lstrip("-").split("=")[0] in HELP_FLAGS for arg in argv[1:]):
-            sys.exit(0)
-        raise
+def _rewrite_argv(argv: list[str]) -> list[str]:
+    """Presets and legacy spellings (--job-dir) -> what absl parses."""
+    return platform.normalize_argv(expand_presets(argv))
 
 
 def main(argv: list[str]) -> None:
@@ -142,4 +130,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=_parse_argv)
+    app.run(main, flags_parser=cli.flags_parser(_rewrite_argv))

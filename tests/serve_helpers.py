@@ -1,0 +1,88 @@
+"""Shared by the serving tests: a small job directory, a free port, a server subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import keras
+
+from trainer import checkpoints, models
+from trainer.config import Config
+from trainer.vocabulary import Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = Vocabulary(list("\n .,:;!?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+
+
+def make_job_dir(path: str, staging: str, seed: int = 1) -> keras.Model:
+    """A job directory written by the training job's own checkpoint writer."""
+    cfg = Config(embedding_dim=8, rnn_units=16, num_layers=2, train_data="x", job_dir=path)
+    keras.utils.set_random_seed(seed)
+    model = models.build_model(cfg, VOCAB.size)
+    # Peaked, context-dependent distributions, as a trained model's are.
+    model.set_weights([w * 5.0 for w in model.get_weights()])
+    job = checkpoints.JobDir(path, local_dir=staging)
+    job.write("config.json", cfg.to_json())
+    job.write("vocab.json", VOCAB.to_json())
+    assert checkpoints.BestExporter(job, "val_loss").maybe_export(model, 3, 30, 1.8765)
+    assert job.close(timeout=60) == []
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(url: str, body: bytes | dict | None = None, timeout: float = 60.0
+            ) -> tuple[int, bytes]:
+    """(status, body) of a GET (no body) or POST; HTTP errors are returned, not raised."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m trainer.serve ARGS` in its own process group (killed with it on failure)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.serve", *args], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), **(env or {})})
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 180.0) -> None:
+    """Polls `url` until it answers 200; fails with the server's stderr if it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited {proc.returncode}: "
+                                 f"{proc.stderr.read()[-3000:]}")
+        try:
+            if request(url, timeout=2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"no answer from {url} in {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kills the server's whole process group if it is still running."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)

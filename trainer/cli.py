@@ -1,0 +1,76 @@
+"""What the entrypoints share: argv parsing with one-line errors, help, loading a job.
+
+Each entrypoint (task, generate, export, serve) passes `flags_parser(...)` to
+`absl.app.run`: a flag error prints one `error: ...` line and exits 2, and
+`--help`/`--helpshort`/`--helpfull` exit 0 after printing the help (absl's own
+help flags exit 1, which reads as a failure to scripts and CI).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+
+from trainer.errors import UserError
+
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
+
+
+def say(message: str) -> None:
+    """A note or error line for the user, on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def asks_for_help(argv: list[str]) -> bool:
+    return any(arg.lstrip("-").split("=")[0] in HELP_FLAGS for arg in argv[1:]
+               if arg.startswith("-"))
+
+
+def parse_argv(argv: list[str], rewrite: Callable[[list[str]], list[str]] | None = None,
+               flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """Parses argv into `flag_values`; exits 2 with one line on bad flags, 0 after help.
+
+    Args:
+      argv: the full command line (argv[0] is the program).
+      rewrite: turns argv into what absl parses (presets, legacy spellings); may
+        raise UserError.
+      flag_values: where the flags are defined.
+
+    Returns:
+      The arguments absl left over (argv[0] first).
+    """
+    try:
+        return flag_values(rewrite(list(argv)) if rewrite else list(argv))
+    except (flags.Error, UserError) as err:
+        say(f"error: {str(err).splitlines()[0]} (see --helpshort)")
+        sys.exit(2)
+    except SystemExit:
+        # absl exits 1 after printing --help/--helpshort/--helpfull; asking for help succeeded.
+        if asks_for_help(argv):
+            sys.exit(0)
+        raise
+
+
+def flags_parser(rewrite: Callable[[list[str]], list[str]] | None = None
+                 ) -> Callable[[list[str]], list[str]]:
+    """`parse_argv` as the `flags_parser` argument of `absl.app.run`."""
+    return lambda argv: parse_argv(argv, rewrite)
+
+
+def load_job(job_dir: str, checkpoint: str | None = None) -> tuple[Any, Any, Any, dict]:
+    """`checkpoints.load_trained`, with unreadable files reported as a UserError.
+
+    Returns:
+      (config, vocabulary, model, best pointer).
+    """
+    from trainer import checkpoints  # Imported late: it brings in TensorFlow.
+
+    try:
+        return checkpoints.load_trained(job_dir, checkpoint)
+    except (OSError, ValueError, KeyError) as err:
+        # A truncated or foreign weights file, or a hand-edited best.json.
+        raise UserError(f"could not load a model from {job_dir}: "
+                        f"{type(err).__name__}: {err}") from err

@@ -1,0 +1,182 @@
+"""The exported SavedModel: the model, its vocabulary and the sampling loop as one module.
+
+`trainer.export` is the entrypoint that writes it; `trainer.serving` loads it
+(its `begin`/`advance` signatures). What the signatures take and return is
+described in trainer/export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from trainer import sampling, storage
+from trainer.choice import MIN_TEMPERATURE, Rule
+from trainer.errors import UserError
+from trainer.vocabulary import OOV_ID, Vocabulary
+
+REPLACEMENT_CHAR = 0xFFFD
+# Extra files beside the graph, in TF Serving's folder for them.
+EXTRA_DIR = "assets.extra"
+
+
+class CharGenerator(tf.Module):
+    """The model, its vocabulary and the sampling loop, as one saveable module."""
+
+    def __init__(self, model: keras.Model, vocab: Vocabulary, max_length: int = 10_000):
+        """Wraps a trained model for export.
+
+        Args:
+          model: from `models.build_model`, with trained weights.
+          vocab: the model's vocabulary.
+          max_length: the largest `length` a request may ask for.
+        """
+        super().__init__(name="char_generator")
+        # Attribute assignment tracks the model's variables for tf.saved_model.save.
+        self.model = model
+        self._sampler = sampling.Sampler(model, vocab)
+        points = [ord(c) for c in vocab.chars]
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(
+                tf.constant(points, tf.int32), tf.range(1, len(points) + 1, dtype=tf.int32)),
+            default_value=OOV_ID)
+        # Id -> code point; the out-of-vocabulary id (never generated) maps to U+FFFD.
+        self.code_points = tf.constant([REPLACEMENT_CHAR] + points, tf.int32)
+        self._lowercase = vocab.lowercase
+        self._start = sampling.start_id(vocab)
+        self._max_length = max_length
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.string, name="prompts"),
+        tf.TensorSpec([], tf.int32, name="length"),
+        tf.TensorSpec([], tf.float32, name="temperature")])
+    def serve(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor
+              ) -> dict[str, tf.Tensor]:
+        """Continues each prompt with `length` sampled chars (fresh randomness per call)."""
+        seed = tf.random.uniform([], maxval=2**62, dtype=tf.int64)
+        return self._generate(prompts, length, temperature, seed)
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.string, name="prompts"),
+        tf.TensorSpec([], tf.int32, name="length"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int64, name="seed")])
+    def generate_seeded(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
+                        seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Like `serve`, but the same seed gives the same text (and equals `Sampler`'s)."""
+        return self._generate(prompts, length, temperature, seed)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prompts")])
+    def begin(self, prompts: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Feeds the prompts; returns the logits for the first char and the packed state."""
+        logits, states = self._sampler.feed(*self._encode(prompts))
+        return {"logits": logits, "states": tf.concat(states, axis=1)}
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, None], tf.float32, name="logits"),
+        tf.TensorSpec([None, None], tf.float32, name="states"),
+        tf.TensorSpec([], tf.int32, name="n"),
+        tf.TensorSpec([None], tf.int32, name="steps"),
+        tf.TensorSpec([None], tf.int64, name="seeds"),
+        tf.TensorSpec([None], tf.float32, name="temperature"),
+        tf.TensorSpec([None], tf.int32, name="top_k"),
+        tf.TensorSpec([None], tf.float32, name="top_p")])
+    def advance(self, logits: tf.Tensor, states: tf.Tensor, n: tf.Tensor, steps: tf.Tensor,
+                seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor
+                ) -> dict[str, tf.Tensor]:
+        """Draws `n` more chars per row, each row with its own step index, seed and settings."""
+        parts = tf.split(states, len(self._sampler.lstms) * 2, axis=1)
+        ids, logits, parts = self._sampler.steps(
+            logits, tuple(parts), tf.clip_by_value(n, 0, self._max_length), steps, seeds,
+            temperature, top_k, top_p, rule=Rule.everything())
+        return {"ids": ids, "logits": logits, "states": tf.concat(parts, axis=1)}
+
+    def _generate(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
+                  seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        ids, mask = self._encode(prompts)
+        logits, states = self._sampler.feed(ids, mask)
+        batch = tf.shape(ids)[0]
+        # Row i draws with seed + i, as Sampler does for one int seed; a temperature
+        # of 0 or less is greedy.
+        temperature = tf.where(temperature > 0, tf.maximum(temperature, MIN_TEMPERATURE), 0.0)
+        ids, _, _ = self._sampler.steps(
+            logits, states, tf.clip_by_value(length, 0, self._max_length),
+            tf.zeros([batch], tf.int32), seed + tf.range(tf.cast(batch, tf.int64)),
+            tf.fill([batch], temperature), tf.zeros([batch], tf.int32), tf.ones([batch]),
+            rule=Rule(any_greedy=True))
+        text = tf.strings.unicode_encode(tf.gather(self.code_points, ids), "UTF-8")
+        return {"generated": text}
+
+    def _encode(self, prompts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Prompt strings -> left-padded (ids, mask), as `sampling.pad_prompts` builds them."""
+        text = tf.strings.regex_replace(prompts, "\r\n", "\n")
+        if self._lowercase:
+            text = tf.strings.lower(text, encoding="utf-8")
+        points = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
+        ids = tf.ragged.map_flat_values(self.table.lookup, points)
+        ids = tf.ragged.boolean_mask(ids, ids != OOV_ID)
+        empty = tf.cast(ids.row_lengths() == 0, tf.int64)
+        starts = tf.RaggedTensor.from_row_lengths(
+            tf.fill([tf.reduce_sum(empty)], self._start), empty)
+        ids = tf.concat([starts, ids], axis=1)
+        lengths = ids.row_lengths()
+        right = ids.to_tensor(OOV_ID)
+        # Reversing each row's ids, then the whole padded row, moves the padding left.
+        left = tf.reverse(tf.reverse_sequence(right, lengths, seq_axis=1, batch_axis=0), [1])
+        mask = tf.reverse(tf.sequence_mask(lengths, tf.shape(right)[1]), [1])
+        return left, mask
+
+
+def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: int = 10_000,
+           overwrite: bool = False, info: dict[str, Any] | None = None) -> str:
+    """Writes the SavedModel to `export_dir` (local or gs://) through `storage`.
+
+    Args:
+      model: a trained model from `models.build_model`.
+      vocab: its vocabulary.
+      export_dir: the destination folder.
+      max_length: the largest `length` a request may ask for.
+      overwrite: replace a SavedModel already in `export_dir`.
+      info: what assets.extra/model.json tells a server about the model (config, best).
+
+    Returns:
+      `export_dir`.
+
+    Raises:
+      UserError: when `export_dir` already holds a SavedModel and not `overwrite`.
+    """
+    target = storage.join(export_dir, "saved_model.pb")
+    if storage.exists(target):
+        if not overwrite:
+            raise UserError(f"{export_dir} already holds a SavedModel; pass --overwrite "
+                            "to replace it, or choose a new version folder")
+        storage.delete_prefix(export_dir)
+    module = CharGenerator(model, vocab, max_length)
+    signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded,
+                  "begin": module.begin, "advance": module.advance}
+    with tempfile.TemporaryDirectory() as tmp:
+        # Saved locally, then copied by `storage`, the one module that writes to buckets.
+        local = os.path.join(tmp, "saved_model")
+        tf.saved_model.save(module, local, signatures=signatures)
+        extra = os.path.join(local, EXTRA_DIR)
+        os.makedirs(extra)
+        with open(os.path.join(extra, "vocab.json"), "w", encoding="utf-8") as f:
+            f.write(vocab.to_json())
+        with open(os.path.join(extra, "model.json"), "w", encoding="utf-8") as f:
+            json.dump({**(info or {}), "max_length": max_length}, f, indent=1)
+        # The graph file goes last, so a half-copied folder is never a loadable model.
+        storage.upload_dir(os.path.join(local, "variables"), storage.join(export_dir, "variables"))
+        for name in sorted(os.listdir(local)):
+            if name not in ("variables", "saved_model.pb"):
+                path = os.path.join(local, name)
+                if os.path.isdir(path):
+                    storage.upload_dir(path, storage.join(export_dir, name))
+                else:
+                    storage.copy_file(path, storage.join(export_dir, name))
+        storage.copy_file(os.path.join(local, "saved_model.pb"), target)
+    return export_dir

@@ -1,0 +1,114 @@
+"""Serves a trained model over HTTP: Vertex AI's custom-container contract and a page.
+
+    python -m trainer.serve --model_dir=runs/shakespeare            # a job directory
+    python -m trainer.serve --model_dir=gs://bucket/models/char/1   # or an exported SavedModel
+
+Then open http://localhost:8080/ or POST {"instances": [{"prompt": "ROMEO:",
+"length": 200}]} to /predict. In a Vertex AI endpoint the port, the routes and the
+model folder come from AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and
+AIP_STORAGE_URI. SIGTERM stops it cleanly: no new connections, running requests
+finish (up to --shutdown_seconds), exit status 0. The routes are in trainer/web.py,
+batching in trainer/serving.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from trainer import cli  # noqa: E402
+from trainer.errors import UserError, describe  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines this entrypoint's flags on `flag_values`."""
+    fv = {"flag_values": flag_values}
+    flags.DEFINE_string("model_dir", None, "A job directory of trainer.task or a SavedModel "
+                        "of trainer.export, local or gs://; default: $AIP_STORAGE_URI.", **fv)
+    flags.DEFINE_string("checkpoint", None, "For a job directory: a weights file to serve "
+                        "instead of the best one.", **fv)
+    flags.DEFINE_string("host", "0.0.0.0", "Address to listen on (Vertex AI needs 0.0.0.0).",
+                        **fv)
+    flags.DEFINE_integer("port", None, "Port to listen on; default: $AIP_HTTP_PORT, else 8080.",
+                         lower_bound=0, upper_bound=65535, **fv)
+    flags.DEFINE_integer("max_batch", 32, "Most rows (instances) in one sampling call; 1 "
+                         "turns batching off.", lower_bound=1, **fv)
+    flags.DEFINE_float("batch_window_ms", 5.0, "How long an idle server waits for concurrent "
+                       "requests to share its first call.", lower_bound=0, **fv)
+    flags.DEFINE_integer("block", 64, "Characters per sampling call: streams receive text, "
+                         "and waiting requests join, per block.", lower_bound=1, **fv)
+    flags.DEFINE_integer("max_length", 2000, "Most characters one instance may ask for.",
+                         lower_bound=0, **fv)
+    flags.DEFINE_integer("max_instances", 64, "Most instances in one request.", lower_bound=1,
+                         **fv)
+    flags.DEFINE_boolean("jit_compile", True, "Compile the sampling loop with XLA (job "
+                         "directories; a SavedModel runs its own graph).", **fv)
+    flags.DEFINE_boolean("warm_up", True, "Compile every batch size before listening, so "
+                         "the first requests do not wait for it.", **fv)
+    flags.DEFINE_integer("shutdown_seconds", 10, "On SIGTERM, how long running requests may "
+                         "take to finish.", lower_bound=0, **fv)
+    flags.DEFINE_integer("seed", None, "Seeds the seeds drawn for instances without one "
+                         "(for tests); default: fresh randomness.", lower_bound=0, **fv)
+
+
+def run(fv: flags.FlagValues) -> None:
+    """Loads the model and serves it until SIGTERM/SIGINT."""
+    try:  # Imported here so that --help never waits for the server stack.
+        import uvicorn
+
+        from trainer import web
+    except ImportError as err:
+        raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
+                        "'char-lstm-trainer[serve]'") from err
+    from trainer import serving
+    from trainer.instances import Limits
+
+    endpoint = serving.vertex_endpoint(fv.model_dir, fv.port)
+    cli.say(f"loading {endpoint.model_dir}")
+    backend = serving.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
+    batcher = serving.Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
+    if fv.warm_up:
+        cli.say(f"compiling for batches of up to {fv.max_batch} rows")
+        batcher.warm_up()
+    limits = Limits(max_length=fv.max_length, max_instances=fv.max_instances)
+    application = web.create_app(batcher, limits, endpoint.health_route,
+                                 endpoint.predict_route, fv.seed)
+    cli.say(f"serving {backend.info['name']} on http://{fv.host}:{endpoint.port}/ "
+            f"(health {endpoint.health_route}, predict {endpoint.predict_route})")
+    stops: list[str] = []
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again
+    # under the handlers it found: these note it, so the process exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: stops.append(signal.Signals(number).name))
+    try:
+        uvicorn.run(application, host=fv.host, port=endpoint.port, log_level="warning",
+                    timeout_graceful_shutdown=fv.shutdown_seconds)
+    finally:
+        batcher.close()
+    cli.say(f"stopped ({', '.join(stops) or 'server exited'})")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        cli.say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
+        return 1
+    try:
+        run(FLAGS)
+    except Exception as err:
+        message = describe(err)
+        if message is None:
+            raise
+        cli.say(f"error: {message}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=cli.flags_parser())

@@ -1,0 +1,364 @@
+"""Serving a model: loading it, and batching concurrent requests into shared sampling calls.
+
+Two kinds of model folder (local or gs://) can be served:
+  - a job directory (config.json, vocab.json, best.json + weights): sampled by
+    `trainer.sampling.Sampler`, its step loop compiled with XLA;
+  - a SavedModel from `trainer.export`: its `begin`/`advance` signatures run the
+    same sampling graph (without XLA), its assets.extra/ gives the vocabulary.
+
+Batching is continuous: one worker thread owns the model and holds every row
+being generated. A request that arrives while it is idle waits a short window
+(`window_ms`) for others to join it; one that arrives while rows are running
+joins them at the next block boundary. Each call draws `block` chars for all
+rows at once, and every row keeps its own seed, step count and settings
+(`trainer.choice`), so its text is the same as if it had run alone. A row
+leaves the batch as soon as its length is reached.
+
+Under XLA every batch size compiles separately, so the rows are padded up to
+the next power of two (at most log2(max_batch) + 1 programs, compiled when
+first needed or in `warm_up`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from trainer import cli, sampling, storage
+from trainer.choice import Rule, Settings, row_arrays
+from trainer.instances import Instance, RequestError
+from trainer.saved_model import EXTRA_DIR
+from trainer.vocabulary import Vocabulary
+
+
+class Backend:
+    """The model seen by the batcher: encode prompts, begin rows, advance them."""
+
+    vocab: Vocabulary
+    info: dict[str, Any]
+    pad_batches = False
+
+    def begin(self, prompts: Sequence[np.ndarray]) -> tuple[Any, tuple]:
+        raise NotImplementedError
+
+    def advance(self, logits: Any, states: tuple, n: int, step0: np.ndarray, seeds: np.ndarray,
+                rows: dict[str, np.ndarray], rule: Rule) -> tuple[np.ndarray, Any, tuple]:
+        raise NotImplementedError
+
+
+class SamplerBackend(Backend):
+    """A Keras model from a job directory, sampled by `Sampler`."""
+
+    def __init__(self, sampler: sampling.Sampler, info: dict[str, Any]):
+        self.sampler, self.vocab, self.info = sampler, sampler.vocab, info
+        self.pad_batches = sampler.jit_compile
+
+    def begin(self, prompts):
+        return self.sampler.begin(prompts)
+
+    def advance(self, logits, states, n, step0, seeds, rows, rule):
+        ids, logits, states, _ = self.sampler.advance(logits, states, n, step0, seeds, rows, rule)
+        return ids, logits, states
+
+
+class SavedModelBackend(Backend):
+    """An exported SavedModel, through its `begin` and `advance` signatures."""
+
+    def __init__(self, loaded: Any, vocab: Vocabulary, info: dict[str, Any]):
+        import tensorflow as tf
+
+        self._tf = tf
+        self._begin = loaded.signatures["begin"]
+        self._advance = loaded.signatures["advance"]
+        self._loaded = loaded  # Keeps the variables alive.
+        self.vocab, self.info = vocab, info
+
+    def begin(self, prompts):
+        tf = self._tf
+        # The graph encodes text itself; the ids were checked against vocab.json already.
+        texts = [self.vocab.decode(p.tolist()) if len(p) else "" for p in prompts]
+        out = self._begin(prompts=tf.constant(texts, tf.string))
+        return out["logits"], (out["states"],)
+
+    def advance(self, logits, states, n, step0, seeds, rows, rule):
+        tf = self._tf
+        out = self._advance(logits=logits, states=states[0], n=tf.constant(n, tf.int32),
+                            steps=tf.constant(step0, tf.int32), seeds=tf.constant(seeds, tf.int64),
+                            **{k: tf.constant(v) for k, v in rows.items()})
+        return out["ids"].numpy(), out["logits"], (out["states"],)
+
+
+def _job_info(path: str, cfg: Any, pointer: dict[str, Any]) -> dict[str, Any]:
+    return {"name": os.path.basename(path.rstrip("/")) or path, "path": path, "kind": "job dir",
+            "checkpoint": pointer.get("weights"),
+            "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
+            "config": json.loads(cfg.to_json())}
+
+
+def _download(remote: str, local: str) -> None:
+    """Copies a gs:// folder tree (a SavedModel) to a local folder through `storage`."""
+    for name in storage.listdir(remote):
+        path = storage.join(remote, name)
+        children = storage.listdir(path)
+        if children:
+            _download(path, os.path.join(local, name))
+        else:
+            storage.copy_file(path, os.path.join(local, name))
+
+
+def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = True) -> Backend:
+    """Loads a job directory or an exported SavedModel (local or gs://) for serving.
+
+    Raises:
+      UserError: when `path` is neither, or cannot be read.
+    """
+    path = path.rstrip("/")
+    if not storage.exists(storage.join(path, "saved_model.pb")):
+        cfg, vocab, model, pointer = cli.load_job(path, checkpoint)
+        return SamplerBackend(sampling.Sampler(model, vocab, jit_compile=jit_compile),
+                              _job_info(path, cfg, pointer))
+    import tensorflow as tf
+
+    local = path
+    if storage.is_gcs(path):
+        local = tempfile.mkdtemp(prefix="char-lstm-savedmodel-")
+        _download(path, local)
+    try:
+        vocab = Vocabulary.load(os.path.join(local, EXTRA_DIR, "vocab.json"))
+        with open(os.path.join(local, EXTRA_DIR, "model.json"), encoding="utf-8") as f:
+            model_info = json.load(f)
+    except FileNotFoundError as err:
+        raise RequestError(f"{path} is a SavedModel without {EXTRA_DIR}/vocab.json and "
+                           "model.json; export it again with this version's trainer.export"
+                           ) from err
+    loaded = tf.saved_model.load(local)
+    if "advance" not in loaded.signatures:
+        raise RequestError(f"{path} has no 'advance' signature; export it again")
+    info = {"name": os.path.basename(path), "path": path, "kind": "SavedModel",
+            "checkpoint": model_info.get("checkpoint"), "best": model_info.get("best", {}),
+            "config": model_info.get("config", {})}
+    return SavedModelBackend(loaded, vocab, info)
+
+
+@dataclasses.dataclass
+class _Row:
+    """One prompt being continued, and where its text goes."""
+
+    ids: np.ndarray
+    instance: Instance
+    emit: Callable[[str | None, BaseException | None], None]
+    done: int = 0
+    # Set by the client's side (a stream whose reader went away); the row then leaves.
+    cancelled: bool = False
+
+    def send(self, text: str | None, error: BaseException | None = None) -> None:
+        try:
+            self.emit(text, error)
+        except RuntimeError:  # The receiving event loop is closed: nobody is listening.
+            self.cancelled = True
+
+
+def _concat(parts: Sequence[Any]) -> Any:
+    import tensorflow as tf
+
+    return tf.concat(list(parts), axis=0)
+
+
+def _take(tensor: Any, index: np.ndarray) -> Any:
+    import tensorflow as tf
+
+    return tf.gather(tensor, tf.constant(index, tf.int32))
+
+
+class Batcher:
+    """Runs every request's rows on one worker thread, in shared sampling calls.
+
+    Args:
+      backend: the model.
+      max_batch: most rows in one call; 1 turns batching off (requests run one
+        after another).
+      window_ms: how long an idle worker waits for more requests before it starts.
+      block: chars per call; new requests join, and streams receive text, per block.
+    """
+
+    def __init__(self, backend: Backend, max_batch: int = 32, window_ms: float = 5.0,
+                 block: int = sampling.STREAM_BLOCK):
+        self.backend, self.max_batch, self.window, self.block = (
+            backend, max(1, max_batch), window_ms / 1000.0, block)
+        self._pending: queue.Queue[_Row] = queue.Queue()
+        self._stop = threading.Event()
+        self.calls = 0  # Sampling calls made, for tests and the benchmark.
+        self.rows_per_call: list[int] = []
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def encode(self, instance: Instance) -> np.ndarray:
+        """The prompt's ids; RequestError for unknown chars with oov="error"."""
+        try:
+            return sampling.encode_prompt(self.backend.vocab, instance.prompt, instance.oov)
+        except RequestError:
+            raise
+        except Exception as err:  # UserError from encode_prompt.
+            raise RequestError(str(err).replace(" (drop them with --oov=skip)",
+                                                ' (send "oov": "skip" to drop them)')) from err
+
+    def submit(self, ids: np.ndarray, instance: Instance,
+               emit: Callable[[str | None, BaseException | None], None]) -> _Row:
+        """Queues one row; `emit(text, None)` per block, then `emit(None, None)` (or an error).
+
+        Returns:
+          The row; setting its `cancelled` drops it at the next block.
+        """
+        row = _Row(ids, instance, emit)
+        if self._stop.is_set():
+            row.send(None, RuntimeError("the server is shutting down"))
+        elif instance.length == 0:
+            row.send(None)
+        else:
+            self._pending.put(row)
+        return row
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the worker; rows still running end with an error."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def warm_up(self, settings: Sequence[Settings] = (Settings(),)) -> None:
+        """Compiles the calls for every padded batch size (and each rule) before serving."""
+        sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
+        prompt = sampling.encode_prompt(self.backend.vocab, "", "skip")
+        for rule_settings in settings:
+            for size in sizes:
+                logits, states = self.backend.begin([prompt] * size)
+                self.backend.advance(logits, states, self.block, np.zeros(size, np.int32),
+                                     np.arange(size, dtype=np.int64),
+                                     row_arrays([rule_settings] * size),
+                                     Rule.for_rows([rule_settings]))
+
+    def _padded(self, n: int) -> int:
+        if not self.backend.pad_batches:
+            return n
+        return min(1 << (n - 1).bit_length(), max(self.max_batch, n))
+
+    def _run(self) -> None:
+        rows: list[_Row] = []
+        logits = states = None
+        while not self._stop.is_set():
+            if not rows:
+                try:
+                    first = self._pending.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                # The batching window: let concurrent requests arrive and share the call.
+                time.sleep(self.window)
+                new = [first]
+            else:
+                new = []
+            while len(rows) + len(new) < self.max_batch:
+                try:
+                    new.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                if new:
+                    new_logits, new_states = self.backend.begin([r.ids for r in new])
+                    if rows:
+                        logits = _concat([logits, new_logits])
+                        states = tuple(_concat(p) for p in zip(states, new_states))
+                    else:
+                        logits, states = new_logits, tuple(new_states)
+                    rows += new
+                rows, logits, states = self._step(rows, logits, states)
+            except Exception as err:  # noqa: BLE001 - a failed call ends its rows, not the server.
+                for row in rows + new:
+                    row.send(None, err)
+                rows, logits, states = [], None, None
+        stopping = RuntimeError("the server is shutting down")
+        for row in rows:
+            row.send(None, stopping)
+        while not self._pending.empty():
+            self._pending.get_nowait().send(None, stopping)
+
+    def _step(self, rows: list[_Row], logits: Any, states: tuple) -> tuple[list[_Row], Any, tuple]:
+        """One call of `block` chars for every row; returns the rows still running."""
+        n = len(rows)
+        size = self._padded(n)
+        settings = [r.instance.settings for r in rows]
+        step0 = np.array([r.done for r in rows], np.int32)
+        seeds = np.array([r.instance.seed for r in rows], np.int64)
+        run_logits, run_states = logits, states
+        if size > n:  # Padding rows: copies of row 0, whose output is dropped.
+            pad = np.zeros(size - n, np.int32)
+            index = np.concatenate([np.arange(n, dtype=np.int32), pad])
+            run_logits, run_states = _take(logits, index), tuple(_take(s, index) for s in states)
+            settings += [settings[0]] * (size - n)
+            step0, seeds = np.concatenate([step0, step0[pad]]), np.concatenate([seeds, seeds[pad]])
+        ids, new_logits, new_states = self.backend.advance(
+            run_logits, run_states, self.block, step0, seeds, row_arrays(settings),
+            Rule.for_rows(settings))
+        self.calls += 1
+        self.rows_per_call.append(n)
+        keep = []
+        for i, row in enumerate(rows):
+            take = min(self.block, row.instance.length - row.done)
+            row.done += take
+            row.send(self.backend.vocab.decode(ids[i, :take].tolist()))
+            if row.done >= row.instance.length:
+                row.send(None)
+            elif not row.cancelled:
+                keep.append(i)
+        if len(keep) == size:
+            return rows, new_logits, new_states
+        index = np.array(keep, np.int32)
+        return ([rows[i] for i in keep], _take(new_logits, index),
+                tuple(_take(s, index) for s in new_states))
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where the server listens and what it serves, after Vertex AI's environment."""
+
+    model_dir: str
+    port: int
+    health_route: str
+    predict_route: str
+
+
+def vertex_endpoint(model_dir: str | None, port: int | None,
+                    environ: dict[str, str] | None = None) -> Endpoint:
+    """Fills what the flags left open from Vertex AI's AIP_* variables, then defaults.
+
+    Vertex AI sets AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and, for a
+    model uploaded with an artifact URI, AIP_STORAGE_URI (a gs:// copy of it).
+
+    Raises:
+      UserError: without a model folder from either, or with a bad port.
+    """
+    env = os.environ if environ is None else environ
+    model_dir = model_dir or env.get("AIP_STORAGE_URI")
+    if not model_dir:
+        raise RequestError("no model: pass --model_dir (a job directory or an exported "
+                           "SavedModel) or set AIP_STORAGE_URI")
+    raw_port = port if port is not None else env.get("AIP_HTTP_PORT", "8080")
+    try:
+        port = int(raw_port)
+    except ValueError as err:
+        raise RequestError(f"AIP_HTTP_PORT must be a port number, got {raw_port!r}") from err
+    if not 0 <= port < 65536:
+        raise RequestError(f"the port must be in [0, 65535], got {port}")
+
+    def route(name: str, default: str) -> str:
+        value = env.get(name) or default
+        return value if value.startswith("/") else "/" + value
+
+    return Endpoint(model_dir, port, route("AIP_HEALTH_ROUTE", "/health"),
+                    route("AIP_PREDICT_ROUTE", "/predict"))
