@@ -326,9 +326,14 @@ def test_a_slowed_run_still_ends_its_budget_decayed_and_a_resume_keeps_the_clock
     assert history[-1]["learning_rate"] == pytest.approx(0.001, rel=0.05)
     elapsed = _checkpoint_value(tmp_path, "elapsed")
     assert elapsed >= 0.06 * 60
-    # Resumed, the budget is spent already: the rate starts (and stays) at its floor.
-    train.train(cfg.replace(epochs=41))
-    assert metrics(tmp_path)[len(history)]["learning_rate"] == pytest.approx(0.001, rel=0.01)
+    # Resumed with the same budget: the job's clock was kept, the budget is spent, and the
+    # run stops at once (--train_minutes is the whole job's).
+    assert train.train(cfg.replace(epochs=41)) == {}
+    assert len(metrics(tmp_path)) == len(history)
+    # Given twice the budget it goes on from the kept clock: over half of it is gone, so
+    # the rate starts well below its peak (a fresh clock would start near 0.01).
+    train.train(cfg.replace(epochs=41, train_minutes=0.12))
+    assert metrics(tmp_path)[len(history)]["learning_rate"] < 0.006
     assert _checkpoint_value(tmp_path, "elapsed") > elapsed
 
 

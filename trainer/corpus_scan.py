@@ -123,6 +123,8 @@ def scan_files(paths: Sequence[str], sizes: Sequence[int], compressed: Sequence[
     Returns:
       (every file's pieces, the histogram of the counted files, bytes this worker read).
     """
+    if not paths:  # Nothing changed since the record (every worker sees the same files).
+        return [], np.zeros(0, np.int64), 0
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     total = int(offsets[-1])
     lo, hi = total * worker // num_workers, total * (worker + 1) // num_workers

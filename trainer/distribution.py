@@ -195,6 +195,8 @@ def sum_over_workers(strategy: tf.distribute.Strategy, place: Placement):
         return lambda values: values
 
     def combine(values):
+        if not np.size(values):  # A collective over nothing crashes TensorFlow's CPU kernel.
+            return values
         local = tf.constant(values, tf.float64)
         per_replica = strategy.experimental_distribute_values_from_function(
             lambda ctx: local if ctx.replica_id_in_sync_group % place.replicas_per_worker == 0
