@@ -152,6 +152,9 @@ class Loop:
                 epoch_metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
                                                   / max(time.time() - epoch_start, 1e-9))
                 epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                # The clock after evaluation, for the rate logged with this epoch (the
+                # budget schedule's); agreed again below, after sampling.
+                self.agree(stop)
                 epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
                 improved = self.best.maybe_export(self.model, epoch + 1, step,
                                                   epoch_metrics[self.cfg.monitor])
