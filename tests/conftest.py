@@ -135,3 +135,17 @@ def gcs_bucket(gcs_emulator: Emulator) -> Callable[[str | None], str]:
         return gcs_emulator.create_bucket(name or f"test-{uuid.uuid4().hex[:12]}")
 
     return make
+
+
+# The tiny corpus of tests/test_train.py and tests/test_steps.py (test_train.tiny's data).
+SENTENCES = ["the cat sat on the mat. ", "a dog ran in the fog. ", "we see the sea. ",
+             "to be or not to be. "]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("corpus")
+    for i in range(4):
+        text = "".join(SENTENCES[(i + j) % 4] for j in range(250))
+        (folder / f"part-{i}.txt").write_text(text)
+    return str(folder / "*.txt")
