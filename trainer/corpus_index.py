@@ -233,17 +233,6 @@ def _keep_long_enough(regions: list[Region], files: Sequence[FileInfo], window: 
     return [r for r in regions if r.length >= window]
 
 
-def crossing_windows(regions: Sequence[Region], window: int, shift: int) -> tuple[int, int]:
-    """(windows lost to piece boundaries, windows kept) over `regions`."""
-    from trainer.input_pipeline import num_windows
-
-    kept = sum(num_windows(r.length, window, shift) for r in regions)
-    whole = collections.defaultdict(int)
-    for r in regions:
-        whole[r.path] += r.length
-    return max(0, sum(num_windows(n, window, shift) for n in whole.values()) - kept), kept
-
-
 def read_text(region: Region, lowercase: bool, stream=None) -> str:
     """The region's text: one range read of its piece (or the next bytes of `stream`)."""
     if region.compressed:

@@ -23,6 +23,7 @@ whatever the number of workers.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -45,6 +46,15 @@ IGNORE = -1
 def num_windows(length: int, window: int, shift: int) -> int:
     """Windows of `window` chars at stride `shift` inside `length` chars."""
     return max(0, (length - window) // shift + 1)
+
+
+def crossing_windows(regions: Sequence[Region], window: int, shift: int) -> tuple[int, int]:
+    """(windows lost to piece boundaries, windows kept) over `regions`."""
+    kept = sum(num_windows(r.length, window, shift) for r in regions)
+    whole = collections.defaultdict(int)
+    for r in regions:
+        whole[r.path] += r.length
+    return max(0, sum(num_windows(n, window, shift) for n in whole.values()) - kept), kept
 
 
 def load_region_ids(region: Region, vocab: vocabulary.Vocabulary, lowercase: bool,

@@ -133,7 +133,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     if pass_steps < 1:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
-    crossing, windows = corpus_index.crossing_windows(train_regions, cfg.window, cfg.shift)
+    crossing, windows = input_pipeline.crossing_windows(train_regions, cfg.window, cfg.shift)
     logging.info("a pass trains on %d of %d windows: %d (%.3f%%) cross a piece boundary, %d do "
                  "not fill the last global batch", pass_steps * global_batch, windows + crossing,
                  crossing, 100 * crossing / max(windows + crossing, 1),
