@@ -122,3 +122,43 @@ def test_too_short_a_text_for_the_lanes_is_refused(corpus):
     assert lanes_mod.lane_steps(regions, 100, 64, ip.Sharding()) == 0
     with pytest.raises(UserError, match="do not fit in lanes"):
         lanes_mod.lanes_dataset(regions, vocab, Config(seq_length=100), batch_size=64, steps=1)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rotated_passes_turn_the_lanes_as_a_ring_and_resume_exactly(corpus, workers):
+    """Pass 0 is the plain layout; each later pass turns the worker's block by its own
+    offset, so every lane starts elsewhere and still each block char is read once."""
+    regions, vocab, text = corpus
+    seq, lanes = 10, 3
+    cfg = Config(seq_length=seq, seed=7)
+    for w in range(workers):
+        sharding = ip.Sharding(w, workers)
+        layout = lanes_mod.lane_layout(regions, lanes, sharding)
+        steps = layout.steps(seq)
+        block_len = lanes * layout.length
+        block = text[w * block_len:(w + 1) * block_len]
+        ring = block + block
+        got = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps,
+                                            sharding=sharding, rotate=True).take(3 * steps),
+                    vocab)
+        plain = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
+                                              steps=steps, sharding=sharding, repeat=False),
+                      vocab)
+        assert got[:steps] == plain  # Pass 0 is not turned.
+        firsts = []
+        for p in (1, 2):
+            first = got[p * steps][0]
+            offset = ring.index(first[0])  # Where lane 0 starts in this pass.
+            firsts.append(offset)
+            for t in range(steps):
+                rows, reset = got[p * steps + t]
+                assert reset == (t == 0)
+                assert rows == [ring[(i * layout.length + offset) % block_len + t * seq:][:seq + 1]
+                                for i in range(lanes)]
+        assert firsts[0] != firsts[1] and 0 not in firsts  # Each pass has its own turn.
+        # Resumed mid pass 2: the same rows as the unbroken stream from there.
+        s = 2 * steps + 3
+        resumed = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
+                                                steps=steps, sharding=sharding, rotate=True,
+                                                start_step=s).take(steps - 3), vocab)
+        assert [r for r, _ in resumed] == [r for r, _ in got[s:]]

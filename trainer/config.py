@@ -51,6 +51,9 @@ class Config:
     # Train on contiguous lanes of the text with each LSTM layer's state carried from
     # step to step (truncated backpropagation), instead of shuffled zero-state windows.
     carry_state: bool = False
+    # With --carry_state: every pass after the first starts the lanes at a new offset of
+    # the text (drawn from --seed), so chunk boundaries and zero-state starts move.
+    rotate_lanes: bool = True
     # Pieces read at once; each batch mixes windows from this many pieces of the corpus.
     shard_cycle: int = 8
     # Files are cut into pieces of about this many MB, each read by one range read

@@ -60,8 +60,9 @@ class _LaneReader:
 
     Between calls to `step_done`, the regions that the current step's spans touch are
     held; the rest are dropped. A lane lies inside at most two regions at a time (one
-    at a region boundary), so at most min(2 x lanes, regions) regions are in memory,
-    and lanes that walk through the same region share one copy of it.
+    at a region boundary; three for the one lane that wraps round a turned block), so
+    at most min(2 x lanes + 1, regions) regions are in memory, and lanes that walk
+    through the same region share one copy of it.
     """
 
     def __init__(self, regions: Sequence[Region], vocab: vocabulary.Vocabulary,
@@ -99,7 +100,7 @@ class _LaneReader:
 def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config, *,
                   batch_size: int, steps: int, replicas_per_worker: int = 1,
                   sharding: Sharding = Sharding(), start_step: int = 0,  # noqa: B008 - frozen
-                  repeat: bool = True) -> tf.data.Dataset:
+                  repeat: bool = True, rotate: bool = False) -> tf.data.Dataset:
     """Batches of contiguous text for carried-state training and evaluation.
 
     This worker's regions, end to end, are cut into B = batch_size x
@@ -109,6 +110,13 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
     at the start of lane i's inputs at step t + 1. Row r of replica k's batch is
     always lane k x batch_size + r. A pass is `steps` steps; the next one starts
     the lanes over, flagged by `reset` so the carried state is zeroed.
+
+    With `rotate`, pass p >= 1 turns this worker's block of lanes, as a ring, by
+    an offset drawn from (cfg.seed, p): every lane starts at a new place, so the
+    chunk boundaries, where the gradient is truncated, and the points read from a
+    zero state move from pass to pass. Pass 0 is not turned. A lane that runs off
+    the end of the block continues at its start. Each pass still reads every
+    char of the block's lanes once (less each lane's last, unused chars).
 
     The stream is a pure function of the config, the regions and the step: a
     job resumed at `start_step` starts every lane at its offset at that step,
@@ -126,6 +134,7 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
       sharding: this worker's place among the workers.
       start_step: global step to start at, for resuming mid-run.
       repeat: endless passes (training) or just one (evaluation).
+      rotate: turn the lanes by a new offset every pass after the first (training).
 
     Returns:
       A dataset of (x, y, reset): x and y are (batch_size, seq_length) int32,
@@ -137,15 +146,30 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
     if steps < 1 or layout.steps(seq) < steps:
         raise UserError(f"{steps} step(s) of {seq} chars do not fit in lanes of "
                         f"{layout.length} chars ({lanes} lanes)")
-    starts = (layout.first + np.arange(lanes)) * layout.length
+    block, first = lanes * layout.length, layout.first * layout.length
+    starts = np.arange(lanes) * layout.length  # In the block, before any turn.
+
+    def offset(p: int) -> int:
+        if not rotate or p == 0:
+            return 0
+        return int(np.random.default_rng([cfg.seed, p]).integers(block))
 
     def generate():
         reader = _LaneReader(layout.regions, vocab, cfg.lowercase)
-        _, t = divmod(start_step, steps)
+
+        def read(begin: int) -> np.ndarray:  # seq + 1 chars from `begin` in the ring.
+            head = min(seq + 1, block - begin)
+            part = reader.read(first + begin, head)
+            if head == seq + 1:
+                return part
+            return np.concatenate([part, reader.read(first, seq + 1 - head)])
+
+        p, t = divmod(start_step, steps)
         reset = True
         while True:
+            turned = (starts + offset(p)) % block
             while t < steps:
-                rows = np.stack([reader.read(int(s) + t * seq, seq + 1) for s in starts])
+                rows = np.stack([read(int((s + t * seq) % block)) for s in turned])
                 reader.step_done()
                 for k in range(replicas_per_worker):
                     yield rows[k * batch_size:(k + 1) * batch_size], reset
@@ -153,7 +177,7 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
                 t += 1
             if not repeat:
                 return
-            t, reset = 0, True
+            p, t, reset = p + 1, 0, True
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=(
         tf.TensorSpec((batch_size, seq + 1), tf.as_dtype(vocab.dtype)),
