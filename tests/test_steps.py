@@ -88,6 +88,7 @@ def test_carried_training_equals_a_hand_computed_loop_and_resets_the_state_on_re
     cfg = tiny(pattern, job, val_fraction=0.0, carry_state=True, batch_size=4, seq_length=16,
                steps_per_epoch=5, epochs=2, lr_schedule="constant", clipnorm=1.0,
                sample_length=0, dropout=0.0)
+    assert cfg.rotate_lanes  # The default: passes after the first turn the lanes.
     train.train(cfg)  # Steps 1-10: a pass is 7 steps, so the lanes start over at step 8.
     train.train(cfg.replace(epochs=3))  # Resumed at step 10, from a zero state.
     vocab = vocabulary.Vocabulary.from_json((job / "vocab.json").read_text())
@@ -96,17 +97,21 @@ def test_carried_training_equals_a_hand_computed_loop_and_resets_the_state_on_re
     length = len(ids) // lanes
     pass_steps = (length - 1) // seq
     assert pass_steps == 7
+    block = np.concatenate([ids[:lanes * length]] * 2)  # The lanes' ring, unrolled once.
+    turns = [0] + [int(np.random.default_rng([cfg.seed, p]).integers(lanes * length))
+                   for p in (1, 2)]
+    assert turns[1] != 0 and turns[2] != turns[1]
 
     keras.utils.set_random_seed(cfg.seed)
     model = models.build_model(cfg, vocab.size)
     optimizer = keras.optimizers.Adam(cfg.learning_rate)
     states, losses = models.zero_states(model, lanes), []
     for step in range(15):
-        t = step % pass_steps
+        p, t = divmod(step, pass_steps)
         if t == 0 or step == 10:
             states = models.zero_states(model, lanes)
-        rows = np.stack([ids[i * length + t * seq:i * length + t * seq + seq + 1]
-                         for i in range(lanes)])
+        begins = [(i * length + turns[p]) % (lanes * length) + t * seq for i in range(lanes)]
+        rows = np.stack([block[b:b + seq + 1] for b in begins])
         with tf.GradientTape() as tape:
             logits, states = models.run_with_state(model, rows[:, :-1], states, training=True)
             loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
