@@ -36,13 +36,14 @@ def corpus(tmp_path):
     return regions, Vocabulary.from_counts(index.counts), text
 
 
-def _rows(ds, vocab) -> list[tuple[list[str], bool]]:
+def _rows(ds, vocab) -> list[tuple[list[str], bool | tuple[bool, ...]]]:
+    """Each batch's rows as text, and its resets: True or False where every row agrees."""
     out = []
     for x, y, reset in ds:
         x, y = x.numpy(), y.numpy()
         np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one.
         out.append(([vocab.decode(np.concatenate([a, b[-1:]])) for a, b in zip(x, y)],
-                    bool(reset)))
+                    bool(reset[0]) if len(set(reset.numpy())) == 1 else tuple(reset.numpy())))
     return out
 
 
@@ -162,3 +163,31 @@ def test_rotated_passes_turn_the_lanes_as_a_ring_and_resume_exactly(corpus, work
                                                 steps=steps, sharding=sharding, rotate=True,
                                                 start_step=s).take(steps - 3), vocab)
         assert [r for r, _ in resumed] == [r for r, _ in got[s:]]
+
+
+def test_state_reset_prob_flags_lanes_by_seed_and_keeps_the_text(corpus):
+    """--state_reset_prob flags single lanes mid pass; the rows read are the same, pass
+    starts still reset every lane, and the draws come back on a resumed stream."""
+    regions, vocab, _ = corpus
+    seq, lanes, prob = 8, 16, 0.25
+    cfg = Config(seq_length=seq, seed=11)
+    steps = lanes_mod.lane_steps(regions, seq, lanes, ip.Sharding())
+
+    def stream(**kw):
+        return lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps,
+                                       rotate=True, **kw).take(2 * steps - kw.get("start_step", 0))
+
+    plain, flagged = _rows(stream(), vocab), _rows(stream(reset_prob=prob), vocab)
+    assert [r for r, _ in flagged] == [r for r, _ in plain]  # Same text, lane by lane.
+    assert flagged[0][1] is True and flagged[steps][1] is True  # Pass starts reset every lane.
+    mid = np.array([np.broadcast_to(z, lanes) for t, (_, z) in enumerate(flagged)
+                    if t % steps])
+    assert mid.mean() == pytest.approx(prob, abs=0.1)  # About prob of the lanes, each step,
+    assert len({tuple(row) for row in mid}) > 1  # and not the same lanes every step.
+    assert _rows(stream(reset_prob=prob), vocab) == flagged  # Drawn from the seed.
+    resumed = _rows(stream(reset_prob=prob, start_step=steps + 3), vocab)
+    assert resumed[0][1] is True  # A resumed stream starts from zero,
+    assert resumed[1:] == flagged[steps + 4:]  # then draws as the unbroken one did.
+    other = lanes_mod.lanes_dataset(regions, vocab, cfg.replace(seed=12), batch_size=lanes,
+                                    steps=steps, reset_prob=prob).take(steps)
+    assert [z for _, z in _rows(other, vocab)][1:] != [z for _, z in flagged[1:steps]]

@@ -81,13 +81,14 @@ def _lane_corpus(tmp_path) -> tuple[str, str]:
     return str(folder / "*.txt"), "".join(texts)
 
 
+@pytest.mark.parametrize("reset_prob", [0.0, 0.3])
 def test_carried_training_equals_a_hand_computed_loop_and_resets_the_state_on_resume(
-        tmp_path):
+        tmp_path, reset_prob):
     pattern, text = _lane_corpus(tmp_path)
     job = tmp_path / "job"
     cfg = tiny(pattern, job, val_fraction=0.0, carry_state=True, batch_size=4, seq_length=16,
                steps_per_epoch=5, epochs=2, lr_schedule="constant", clipnorm=1.0,
-               sample_length=0, dropout=0.0)
+               sample_length=0, dropout=0.0, state_reset_prob=reset_prob)
     assert cfg.rotate_lanes  # The default: passes after the first turn the lanes.
     train.train(cfg)  # Steps 1-10: a pass is 7 steps, so the lanes start over at step 8.
     train.train(cfg.replace(epochs=3))  # Resumed at step 10, from a zero state.
@@ -105,11 +106,15 @@ def test_carried_training_equals_a_hand_computed_loop_and_resets_the_state_on_re
     keras.utils.set_random_seed(cfg.seed)
     model = models.build_model(cfg, vocab.size)
     optimizer = keras.optimizers.Adam(cfg.learning_rate)
-    states, losses = models.zero_states(model, lanes), []
+    states, losses, resets = models.zero_states(model, lanes), [], 0
     for step in range(15):
         p, t = divmod(step, pass_steps)
         if t == 0 or step == 10:
             states = models.zero_states(model, lanes)
+        elif reset_prob:  # Each lane's state is zeroed by its own draw from the seed.
+            zeroed = np.random.default_rng([cfg.seed, p, t, 0]).random(lanes) < reset_prob
+            resets += int(zeroed.sum())
+            states = tuple(tf.where(zeroed[:, None], tf.zeros_like(s), s) for s in states)
         begins = [(i * length + turns[p]) % (lanes * length) + t * seq for i in range(lanes)]
         rows = np.stack([block[b:b + seq + 1] for b in begins])
         with tf.GradientTape() as tape:
@@ -120,6 +125,7 @@ def test_carried_training_equals_a_hand_computed_loop_and_resets_the_state_on_re
         grads, _ = tf.clip_by_global_norm(grads, 1.0)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         losses.append(float(loss))
+    assert (resets > 0) == (reset_prob > 0)  # The draws did zero some lanes mid pass.
     history = metrics(job)
     assert [h["step"] for h in history] == [5, 10, 15]
     for h, first in zip(history, (0, 5, 10)):

@@ -64,6 +64,7 @@ def test_bad_flags_give_one_line(args, message):
     (["--rnn_units=-4"], "--rnn_units must be positive, got -4"),
     (["--batch_size=0"], "--batch_size must be positive"),
     (["--dropout=1.5"], "--dropout must be in [0, 1)"),
+    (["--state_reset_prob=1"], "--state_reset_prob must be in [0, 1)"),
     (["--val_fraction=0.1", "--val_data=v"], "either --val_data or --val_fraction"),
 ])
 def test_bad_values_are_named(args, message):

@@ -54,6 +54,10 @@ class Config:
     # With --carry_state: every pass after the first starts the lanes at a new offset of
     # the text (drawn from --seed), so chunk boundaries and zero-state starts move.
     rotate_lanes: bool = True
+    # With --carry_state: at each step every lane's state is zeroed with this probability
+    # (drawn from --seed), so the model also learns to read from a zero state, as a prompt
+    # and windowed validation do. 0 zeroes it only when the lanes start over.
+    state_reset_prob: float = 0.0
     # Pieces read at once; each batch mixes windows from this many pieces of the corpus.
     shard_cycle: int = 8
     # Files are cut into pieces of about this many MB, each read by one range read
@@ -163,6 +167,8 @@ class Config:
             raise UserError(f"--piece_mb must be at least 64 bytes' worth, got {self.piece_mb}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.state_reset_prob < 1.0:
+            raise UserError(f"--state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

@@ -100,7 +100,8 @@ class _LaneReader:
 def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config, *,
                   batch_size: int, steps: int, replicas_per_worker: int = 1,
                   sharding: Sharding = Sharding(), start_step: int = 0,  # noqa: B008 - frozen
-                  repeat: bool = True, rotate: bool = False) -> tf.data.Dataset:
+                  repeat: bool = True, rotate: bool = False,
+                  reset_prob: float = 0.0) -> tf.data.Dataset:
     """Batches of contiguous text for carried-state training and evaluation.
 
     This worker's regions, end to end, are cut into B = batch_size x
@@ -117,6 +118,10 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
     zero state move from pass to pass. Pass 0 is not turned. A lane that runs off
     the end of the block continues at its start. Each pass still reads every
     char of the block's lanes once (less each lane's last, unused chars).
+
+    With `reset_prob`, each of the other steps also flags each lane for a reset with
+    that probability, drawn from (cfg.seed, pass, step, worker): the lane reads
+    on where it was, and the model reads it from a zero state.
 
     The stream is a pure function of the config, the regions and the step: a
     job resumed at `start_step` starts every lane at its offset at that step,
@@ -135,10 +140,12 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
       start_step: global step to start at, for resuming mid-run.
       repeat: endless passes (training) or just one (evaluation).
       rotate: turn the lanes by a new offset every pass after the first (training).
+      reset_prob: the chance that a lane's state is zeroed at a step (training).
 
     Returns:
       A dataset of (x, y, reset): x and y are (batch_size, seq_length) int32,
-      reset a bool scalar, True on the first step of a pass and at `start_step`.
+      reset (batch_size,) bool, whether each row's state starts from zero: every
+      row on the first step of a pass and at `start_step`, else by `reset_prob`.
     """
     lanes = batch_size * replicas_per_worker
     layout = lane_layout(regions, lanes, sharding)
@@ -153,6 +160,12 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
         if not rotate or p == 0:
             return 0
         return int(np.random.default_rng([cfg.seed, p]).integers(block))
+
+    def resets(p: int, t: int, first: bool) -> np.ndarray:
+        if first or not reset_prob:
+            return np.full(lanes, first)
+        rng = np.random.default_rng([cfg.seed, p, t, sharding.worker])
+        return rng.random(lanes) < reset_prob
 
     def generate():
         reader = _LaneReader(layout.regions, vocab, cfg.lowercase)
@@ -170,9 +183,11 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
             turned = (starts + offset(p)) % block
             while t < steps:
                 rows = np.stack([read(int((s + t * seq) % block)) for s in turned])
+                zeroed = resets(p, t, reset)
                 reader.step_done()
                 for k in range(replicas_per_worker):
-                    yield rows[k * batch_size:(k + 1) * batch_size], reset
+                    part = slice(k * batch_size, (k + 1) * batch_size)
+                    yield rows[part], zeroed[part]
                 reset = False
                 t += 1
             if not repeat:
@@ -181,7 +196,7 @@ def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: 
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=(
         tf.TensorSpec((batch_size, seq + 1), tf.as_dtype(vocab.dtype)),
-        tf.TensorSpec((), tf.bool)))
+        tf.TensorSpec((batch_size,), tf.bool)))
     ds = ds.map(lambda w, reset: (*to_example(w, None, "sequence"), reset))
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF

@@ -105,8 +105,9 @@ def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model
         return sums
 
     def replica_carried(x, y, reset, states):
-        # A new pass (or a resumed job) starts every lane over, from a zero state.
-        states = tuple(tf.where(reset, tf.zeros_like(s), s) for s in states)
+        # A new pass (or a resumed job) starts every lane over, from a zero state;
+        # --state_reset_prob zeroes some rows on other steps too.
+        states = tuple(tf.where(reset[:, None], tf.zeros_like(s), s) for s in states)
         grads, sums, after = replica_gradients(x, y, states)
         apply(grads)
         # Truncated backpropagation: the state goes on, its gradient does not.

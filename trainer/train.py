@@ -198,7 +198,8 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         return lambda ctx: lane_io.lanes_dataset(
             regions, vocab, cfg, batch_size=batch, steps=steps,
             replicas_per_worker=place.replicas_per_worker, sharding=sharding, start_step=start,
-            repeat=repeat, rotate=repeat and cfg.rotate_lanes)
+            repeat=repeat, rotate=repeat and cfg.rotate_lanes,
+            reset_prob=cfg.state_reset_prob if repeat else 0.0)
 
     train_step = steps.train_step(cfg, strategy, model, optimizer, global_batch)
     if cfg.carry_state:
