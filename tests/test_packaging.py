@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trainer import platform
 from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -323,45 +322,6 @@ def test_image_names_agree():
     for path in SPECS:
         uris = find(yaml.safe_load(path.read_text()), "imageUri")
         assert uris and set(uris) == {placeholder}, path.name
-
-
-def test_cloud_environment_reaches_the_config(monkeypatch):
-    from trainer.task import parse_flags
-
-    monkeypatch.setenv("AIP_CHECKPOINT_DIR", "gs://b/out/checkpoints/")
-    monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", "gs://b/out/logs/")
-    monkeypatch.setenv("AIP_MODEL_DIR", "gs://b/out/model/")
-    cfg = parse_flags(["trainer.task", "--train_data=gs://b/t/*.txt"])
-    assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
-        "gs://b/out/checkpoints/", "gs://b/out/logs/", "gs://b/out/model/")
-    cfg = parse_flags(["trainer.task", "--train_data=x", "--job-dir", "gs://b/mine"])
-    assert cfg.job_dir == "gs://b/mine"
-
-    # Legacy AI Platform's single-machine TF_CONFIG is not a cluster (more in test_platform).
-    single = {"TF_CONFIG": json.dumps(TF_CONFIG_MASTER)}
-    assert platform.num_workers(single) == 1 and platform.is_chief(single)
-    platform.prepare_tf_config(single)
-    assert json.loads(single["TF_CONFIG"])["task"]["type"] == "chief"
-
-
-def test_metric_reporter_writes_the_hypertune_file(tmp_path, monkeypatch):
-    pytest.importorskip("hypertune", reason="cloudml-hypertune is in the test and tune extras")
-    metric_file = tmp_path / "hypertune" / "output.metrics"
-    monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(metric_file))
-    reporter = platform.MetricReporter()
-    assert reporter.enabled
-    reporter.report("val_loss", 1.75, 120)
-    reporter.report("val_loss", 1.5, 240)
-    lines = [json.loads(line) for line in metric_file.read_text().splitlines()]
-    assert [(r["val_loss"], r["global_step"]) for r in lines] == [("1.75", "120"), ("1.5", "240")]
-
-
-def test_metric_reporter_without_hypertune(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "hypertune", None)
-    monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "m" / "output.metrics"))
-    reporter = platform.MetricReporter()
-    reporter.report("val_loss", 1.0, 1)
-    assert not reporter.enabled and not (tmp_path / "m").exists()
 
 
 @pytest.fixture
