@@ -138,8 +138,10 @@ def test_carried_training_equals_a_hand_computed_loop_and_resets_the_state_on_re
 
 
 def test_carried_state_mirrored_over_two_cpus_matches_one_device(corpus, tmp_path):
+    # With the weights averaged too: each replica updates its own copy of the average,
+    # and validation reads the average on both.
     base = tiny(corpus, tmp_path, carry_state=True, clipnorm=0.05, epochs=1,
-                monitor="val_carried_loss")
+                monitor="val_carried_loss", ema_momentum=0.5)
     one = _task(_flags(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
                                     strategy="one_device")))
     two = _task(_flags(base.replace(job_dir=str(tmp_path / "two"), batch_size=8,
@@ -168,7 +170,8 @@ def test_carried_state_two_workers_train_together(corpus, tmp_path):
     procs, outs = [], []
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        cfg = tiny(corpus, tmp_path / f"job-{index}", batch_size=8, epochs=1, carry_state=True)
+        cfg = tiny(corpus, tmp_path / f"job-{index}", batch_size=8, epochs=1, carry_state=True,
+                   ema_momentum=0.5)  # Each worker averages its own copy of the weights.
         procs.append(_task(_flags(cfg), env={"TF_CONFIG": tf_config}))
     try:
         for proc in procs:

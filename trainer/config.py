@@ -89,6 +89,11 @@ class Config:
     warmup_steps: int = 100
     # Final learning rate of the cosine schedule, as a fraction of the peak.
     min_lr_ratio: float = 0.1
+    # Validate, keep (best checkpoints, per-epoch samples) and export an exponential moving
+    # average of the weights with this momentum (Polyak averaging; it averages every step
+    # while fewer than 1 / (1 - momentum) were taken); training goes on from the raw weights,
+    # and resume checkpoints keep both. 0 = the weights as trained.
+    ema_momentum: float = 0.0
     # Clip the global batch's gradient to this global norm (alike for any number of
     # replicas); 0 disables clipping.
     clipnorm: float = 1.0
@@ -169,6 +174,8 @@ class Config:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.state_reset_prob < 1.0:
             raise UserError(f"--state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise UserError(f"--ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

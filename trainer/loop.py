@@ -12,6 +12,7 @@ checkpoint (`progress["elapsed"]`), so a resumed job continues it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -28,6 +29,7 @@ from trainer.distribution import Agreement
 from trainer.errors import UserError
 from trainer.evaluation import metrics
 from trainer.reporting import Reporter
+from trainer.steps import WeightAverage
 
 # Steps dispatched before their outputs are read back (and the stop is agreed).
 READBACK_STEPS = 10
@@ -93,12 +95,15 @@ class Loop:
                  resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
                  reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
                  model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                 agreement: Agreement, time_progress: tf.Variable | None = None):
+                 agreement: Agreement, time_progress: tf.Variable | None = None,
+                 average: WeightAverage | None = None):
         self.cfg, self.steps_per_epoch, self.chars_per_step = cfg, steps_per_epoch, chars_per_step
         self.resume, self.best, self.reporter, self.progress = resume, best, reporter, progress
         self.step_fn, self.evaluate = step_fn, evaluate
         self.model, self.optimizer, self.agreement = model, optimizer, agreement
         self.time_progress = time_progress
+        # Evaluation, the best checkpoint and the sample use the averaged weights.
+        self.averaged = average.applied if average else contextlib.nullcontext
         self.elapsed = float(progress["elapsed"].numpy())
         self.stop_by: str | None = None
 
@@ -151,15 +156,17 @@ class Loop:
                 epoch_metrics = metrics(totals)
                 epoch_metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
                                                   / max(time.time() - epoch_start, 1e-9))
-                epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
-                # The clock after evaluation, for the rate logged with this epoch (the
-                # budget schedule's); agreed again below, after sampling.
-                self.agree(stop)
-                epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
-                improved = self.best.maybe_export(self.model, epoch + 1, step,
-                                                  epoch_metrics[self.cfg.monitor])
-                self.progress["best"].assign(self.best.best)
-                self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved, self.optimizer)
+                with self.averaged():
+                    epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+                    # The clock after evaluation, for the rate logged with this epoch (the
+                    # budget schedule's); agreed again below, after sampling.
+                    self.agree(stop)
+                    epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
+                    improved = self.best.maybe_export(self.model, epoch + 1, step,
+                                                      epoch_metrics[self.cfg.monitor])
+                    self.progress["best"].assign(self.best.best)
+                    self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved,
+                                            self.optimizer)
                 # Agreed after evaluation and sampling, which take time: the checkpoint
                 # keeps that clock, and a signal that came meanwhile stops the job here.
                 self.agree(stop)

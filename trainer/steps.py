@@ -1,16 +1,20 @@
-"""The optimizer with its time-budgeted schedule, and the compiled training steps:
-windowed, or with each LSTM layer's state carried.
+"""The optimizer with its time-budgeted schedule, the moving average of the weights
+(--ema_momentum), and the compiled training steps: windowed, or with each LSTM
+layer's state carried.
 
 Each step is a `tf.function` around `strategy.run` with a GradientTape, the same
 for the one-device, mirrored and multi-worker strategies, and returns the
 [loss sum, correct, count] of the global batch. The carried step also takes and
 returns every replica's (h, c) per layer (a PerReplica value under several
 replicas); row r of replica k reads the same lane at every step
-(`lane_io.lanes_dataset`), so each row's state is the one its lane left.
+(`lane_io.lanes_dataset`), so each row's state is the one its lane left. With an
+average, each step updates it after the optimizer's update, outside `strategy.run`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -66,10 +70,71 @@ def optimizer(cfg: Config, total_steps: int) -> tuple[keras.optimizers.Optimizer
     return optimizer, time_progress
 
 
+class WeightAverage(tf.Module):
+    """An exponential moving average of the model's trainable weights (--ema_momentum).
+
+    After the n-th update (n counted from 1) the average moves toward the weights
+    by max(1 - momentum, 1 / n): the plain mean of every step's weights until 1 / (1 -
+    momentum) steps were taken, then the moving average. Its variables sit beside the
+    model's on every replica (each replica updates its own copy from its own weights,
+    which are the same everywhere) and go into the resume checkpoint; `applied()` swaps
+    them into the model for evaluation and saving, and back.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, momentum: float):
+        super().__init__(name="weight_average")
+        self.strategy, self.momentum = strategy, momentum
+        self.targets = [v.value for v in model.trainable_variables]
+        with strategy.scope():
+            self.count = tf.Variable(0, dtype=tf.int64, trainable=False, name="count")
+            self.averages = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False,
+                                         name=f"average_{i}")
+                             for i, v in enumerate(self.targets)]
+
+    def update(self) -> None:
+        """One step: average <- average + rate * (weights - average). Cross-replica context."""
+        count = tf.cast(self.count, tf.float32) + 1.0
+        rate = tf.maximum(1.0 - self.momentum, 1.0 / count)
+
+        def move(average, weights):
+            average.assign_add(tf.cast(rate, average.dtype) * (weights - average))
+
+        for average, target in zip(self.averages, self.targets, strict=True):
+            self.strategy.extended.update(average, move, args=(target,), group=False)
+        self.count.assign_add(1)
+
+    @tf.function
+    def _swap(self) -> None:
+        def swap(average, weights):
+            held = weights.read_value()
+            weights.assign(average)
+            average.assign(held)
+
+        for average, target in zip(self.averages, self.targets, strict=True):
+            self.strategy.extended.update(average, swap, args=(target,), group=False)
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the averaged weights inside (none before the first update),
+        its trained ones again after."""
+        if not int(self.count.numpy()):
+            yield
+            return
+        with self.strategy.scope():
+            self._swap()
+        try:
+            yield
+        finally:
+            with self.strategy.scope():
+                self._swap()
+
+
 def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model,
-               optimizer: keras.optimizers.Optimizer, global_batch: int):
+               optimizer: keras.optimizers.Optimizer, global_batch: int,
+               average: WeightAverage | None = None):
     """The windowed step `step(iterator) -> sums`, or with --carry_state the carried
-    step `step(iterator, states) -> (sums, states)`.
+    step `step(iterator, states) -> (sums, states)`; either updates `average` after
+    the optimizer's step.
 
     The loss is the mean over each row's targets, averaged over the global batch.
     """
@@ -113,15 +178,22 @@ def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model
         # Truncated backpropagation: the state goes on, its gradient does not.
         return sums, tuple(tf.stop_gradient(s) for s in after)
 
+    def averaged():
+        if average is not None:
+            average.update()
+
     @tf.function
     def windowed(iterator):
         x, y = next(iterator)
-        return strategy.reduce(SUM, strategy.run(replica_step, args=(x, y)), axis=None)
+        sums = strategy.run(replica_step, args=(x, y))
+        averaged()
+        return strategy.reduce(SUM, sums, axis=None)
 
     @tf.function
     def carried(iterator, states):
         x, y, reset = next(iterator)
         sums, states = strategy.run(replica_carried, args=(x, y, reset, states))
+        averaged()
         return strategy.reduce(SUM, sums, axis=None), states
 
     return carried if cfg.carry_state else windowed

@@ -173,7 +173,12 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         optimizer, time_progress = steps.optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
     keras.mixed_precision.set_dtype_policy("float32")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress)
+    average = (steps.WeightAverage(strategy, model, cfg.ema_momentum) if cfg.ema_momentum
+               else None)
+    # A checkpoint written without averages restores none: their count stays 0, and the
+    # first step starts them over from the weights.
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress,
+                               **({"weight_average": average} if average else {}))
     resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
     restored = resume.restore()
     step = int(progress["step"].numpy())
@@ -201,7 +206,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
             repeat=repeat, rotate=repeat and cfg.rotate_lanes,
             reset_prob=cfg.state_reset_prob if repeat else 0.0)
 
-    train_step = steps.train_step(cfg, strategy, model, optimizer, global_batch)
+    train_step = steps.train_step(cfg, strategy, model, optimizer, global_batch, average)
     if cfg.carry_state:
         train_iter = iter(strategy.distribute_datasets_from_function(
             lanes_fn(train_regions, pass_steps, step, True)))
@@ -217,7 +222,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         val_lanes and lanes_fn(val_regions, val_lane_steps, 0, False, val_lanes), val_lanes)
                 ) if val_steps else dict
     loop = Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
-                progress, step_fn, evaluate, model, optimizer, agreement, time_progress)
+                progress, step_fn, evaluate, model, optimizer, agreement, time_progress, average)
     if step >= total_steps:
         logging.warning("the job directory already holds all %d epochs; raise --epochs to train "
                         "longer", cfg.epochs)
