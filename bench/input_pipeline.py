@@ -23,6 +23,8 @@ written as 10 MB shards into a temporary folder that is deleted afterwards):
 - For reference, the 2017 tutorial's numpy windows (stride 1, a python list of
   windows turned into a (n, 100, 1) float array) over 1.6M chars, in a
   subprocess: time and peak RSS.
+
+The RSS and tutorial measurements run as child processes of bench/pipeline_memory.py.
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from typing import Any
 from absl import app, flags
 
 import bench
+from bench import pipeline_memory
 from bench.scan import old_scan_mb_per_sec, scan_split_over_emulator
 
 FLAGS = flags.FLAGS
@@ -49,7 +51,6 @@ TARGET_VS_FRAME = 1.0
 TARGET_VS_TRAINING = 20.0
 TARGET_RSS_GROWTH_MB = 150.0
 # The RSS cases: (label, MB, in one file).
-LAYOUTS = {"10mb": (10, True), "1gb-one-file": (1000, True), "1gb-10mb-shards": (1000, False)}
 
 
 def _setup(pattern: str, shard_cycle: int = 8):
@@ -194,113 +195,6 @@ def training_windows_per_sec(folder: str) -> float:
     return last["chars_per_sec"] / cfg.seq_length
 
 
-def child_rss(pattern: str, shard_cycle: int) -> dict[str, Any]:
-    """Run in a subprocess: scan and iterate one epoch, then report the peak RSS.
-
-    RSS is also sampled through the pass, to show whether it plateaus (bounded by
-    the shards in flight) or grows with the corpus.
-    """
-    import threading
-
-    import tensorflow as tf  # noqa: F401  (imported first: its RSS is the floor)
-
-    after_import = bench.rss_mb()
-    began = time.perf_counter()
-    setup = _setup(pattern, shard_cycle)
-    scan_seconds = time.perf_counter() - began
-    after_scan = bench.peak_rss_mb()
-    samples: list[float] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.25):
-            samples.append(bench.rss_mb())
-
-    threading.Thread(target=sample, daemon=True).start()
-    windows, seconds, cpu_seconds = one_pass(ours, setup)
-    done.set()
-    quarters = [samples[min(len(samples) - 1, len(samples) * q // 4)] for q in (1, 2, 3, 4)
-                ] if samples else []
-    from trainer import storage
-
-    scanned = sum(storage.size(p) for p in storage.expand_patterns(pattern))
-    return {"windows": windows, "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "scan_seconds": scan_seconds, "scan_mb_per_sec": scanned / 1e6 / scan_seconds,
-            "shard_cycle": shard_cycle, "rss_after_import_mb": after_import,
-            "peak_rss_after_scan_mb": after_scan, "rss_at_quarters_mb": quarters,
-            "peak_rss_mb": bench.peak_rss_mb()}
-
-
-def child_tutorial(n_chars: int) -> dict[str, Any]:
-    """Run in a subprocess: the 2017 tutorial's stride-1 numpy windows over n_chars."""
-    import numpy as np
-
-    text = bench.synthetic_text(n_chars, seed=2).decode()
-    after_import = bench.rss_mb()
-    start = time.perf_counter()
-    chars = sorted(set(text))
-    char_to_int = {c: i for i, c in enumerate(chars)}
-    data_x, data_y = [], []
-    for i in range(0, len(text) - SEQ_LENGTH, 1):
-        data_x.append([char_to_int[c] for c in text[i:i + SEQ_LENGTH]])
-        data_y.append(char_to_int[text[i + SEQ_LENGTH]])
-    x = np.reshape(data_x, (len(data_x), SEQ_LENGTH, 1))
-    x = x / float(len(chars))
-    y = np.eye(len(chars), dtype=np.float32)[data_y]  # What keras' to_categorical returns.
-    seconds = time.perf_counter() - start
-    return {"chars": n_chars, "windows": len(x), "x_shape": list(x.shape), "x_gb": x.nbytes / 1e9,
-            "y_gb": y.nbytes / 1e9, "seconds": seconds, "rss_after_import_mb": after_import,
-            "peak_rss_mb": bench.peak_rss_mb()}
-
-
-def _subprocess(*args: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "bench.input_pipeline", *args],
-                         capture_output=True, text=True, check=False,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    if out.returncode:
-        return {"error": f"exit {out.returncode}: {out.stderr.strip()[-500:]}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def memory(layouts: list[str], folder: str, shard_cycle: int = 8,
-           repeats: int = 3) -> list[dict[str, Any]]:
-    """Peak RSS of one-epoch subprocesses over growing corpora, each deleted after use.
-
-    Each size runs `repeats` times: the peak varies by tens of MB from run to run
-    with how many shard loads happen to overlap, so the median counts and the
-    largest is shown beside it.
-    """
-    rows = []
-    for layout in layouts:
-        size, one_file = LAYOUTS[layout]
-        need = size * 1e6 * 1.2
-        if shutil.disk_usage(folder).free < need:
-            rows.append({"layout": layout, "corpus_mb": size,
-                         "error": f"less than {need / 1e9:.1f} GB free"})
-            continue
-        shards = os.path.join(folder, f"rss-{layout}")
-        bench.write_corpus(shards, size * 1000 * 1000, seed=3, one_file=one_file)
-        load = bench.load()[0]
-        runs = [_subprocess(f"--child_rss={shards}/*.txt", f"--shard_cycle={shard_cycle}")
-                for _ in range(repeats)]
-        shutil.rmtree(shards)
-        good = [r for r in runs if "peak_rss_mb" in r]
-        row: dict[str, Any] = {"layout": layout, "corpus_mb": size, "load_1min": load,
-                               "runs": runs}
-        if not good:
-            row["error"] = runs[0].get("error", "no result")
-        else:
-            middle = sorted(good, key=lambda r: r["peak_rss_mb"])[(len(good) - 1) // 2]
-            row.update({k: middle[k] for k in ("windows", "seconds", "shard_cycle",
-                                               "rss_after_import_mb", "peak_rss_after_scan_mb",
-                                               "rss_at_quarters_mb", "scan_mb_per_sec")})
-            row["peak_rss_mb"] = bench.median([r["peak_rss_mb"] for r in good])
-            row["peak_rss_max_mb"] = max(r["peak_rss_mb"] for r in good)
-            row["windows_per_sec"] = row["windows"] / row["seconds"]
-        rows.append(row)
-    return rows
-
-
 def run(speed_mb: int, rounds: int, flat_map_batches: int, rss_mb: list[str],
         shard_cycle: int, rss_repeats: int, tutorial_chars: int, train_wps: float | None,
         tmp_root: str | None) -> dict[str, Any]:
@@ -322,8 +216,8 @@ def run(speed_mb: int, rounds: int, flat_map_batches: int, rss_mb: list[str],
         result["training_windows_per_sec"] = train_wps
         result["ours_vs_training"] = (
             result["speed"]["median_windows_per_sec"]["ours (input_pipeline.dataset)"] / train_wps)
-        result["memory"] = memory(rss_mb, folder, shard_cycle, rss_repeats)
-        result["tutorial"] = (_subprocess(f"--child_tutorial={tutorial_chars}")
+        result["memory"] = pipeline_memory.memory(rss_mb, folder, shard_cycle, rss_repeats)
+        result["tutorial"] = (pipeline_memory.child(f"--child_tutorial={tutorial_chars}")
                               if tutorial_chars else {"error": "skipped (--tutorial_chars=0)"})
         result["machine"]["load_end"] = bench.load()
     finally:
@@ -416,8 +310,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("rounds", 5, "Interleaved rounds of the speed comparison.")
     flags.DEFINE_integer("flat_map_batches", 40, "Batches timed of the slow window/flat_map "
                          "pipeline (b).")
-    flags.DEFINE_list("rss_mb", list(LAYOUTS), f"Corpus layouts for peak RSS, of "
-                      f"{', '.join(LAYOUTS)}.")
+    flags.DEFINE_list("rss_mb", list(pipeline_memory.LAYOUTS), f"Corpus layouts for peak RSS, of "
+                      f"{', '.join(pipeline_memory.LAYOUTS)}.")
     flags.DEFINE_integer("rss_repeats", 3, "Runs per corpus size for peak RSS (median "
                          "counts).")
     flags.DEFINE_integer("shard_cycle", 8, "--shard_cycle of the RSS runs (shards read at "
@@ -430,18 +324,10 @@ def define_flags() -> None:
     flags.DEFINE_string("tmp_dir", None, "Where the temporary corpora go (default: system "
                         "temp dir; needs ~1.2 GB free for the 1 GB corpus).")
     flags.DEFINE_string("out", f"{bench.RESULTS_DIR}/input_pipeline.json", "JSON output.")
-    flags.DEFINE_string("child_rss", None, "Internal: one-epoch RSS child over this pattern.")
-    flags.DEFINE_integer("child_tutorial", None, "Internal: tutorial RSS child over N chars.")
 
 
 def main(argv: list[str]) -> int:
     del argv
-    if FLAGS.child_rss:
-        print(json.dumps(child_rss(FLAGS.child_rss, FLAGS.shard_cycle)))
-        return 0
-    if FLAGS.child_tutorial:
-        print(json.dumps(child_tutorial(FLAGS.child_tutorial)))
-        return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     result = run(FLAGS.speed_mb, FLAGS.rounds, FLAGS.flat_map_batches,
                  list(FLAGS.rss_mb), FLAGS.shard_cycle, FLAGS.rss_repeats,

@@ -54,7 +54,7 @@ def scan_split_over_emulator(folder: str, total_mb: int = 24) -> dict[str, Any]:
     os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
     storage.reset_client()
     try:
-        storage._client().create_bucket("scan-bench")
+        storage.gcs.client().create_bucket("scan-bench")
         local = bench.write_corpus(os.path.join(folder, "emu"), total_mb * 1000 * 1000 // 2,
                                    seed=4, one_file=True)
         local += bench.write_corpus(os.path.join(folder, "emu-shards"),

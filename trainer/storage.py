@@ -2,11 +2,10 @@
 
 Everything in the trainer that reads or writes a file goes through this module.
 `gs://` paths use google-cloud-storage (not tf.io.gfile, which cannot be pointed
-at an emulator). If STORAGE_EMULATOR_HOST is set the client talks to that
-emulator anonymously; otherwise it uses Application Default Credentials. The
-client is created lazily on first gs:// use, so local-only runs never touch
-cloud auth. Tests set TRAINER_REQUIRE_EMULATOR=1 so that a real client can
-never be created by accident.
+at an emulator), through the client and lookups of trainer.gcs: with
+STORAGE_EMULATOR_HOST set the client talks to that emulator anonymously,
+otherwise it uses Application Default Credentials; it is created on first gs://
+use, so local-only runs never touch cloud auth.
 
 Missing objects raise FileNotFoundError for local and gs:// paths alike. Background
 uploads (trainer.uploads) go through the functions here.
@@ -15,27 +14,22 @@ uploads (trainer.uploads) go through the functions here.
 from __future__ import annotations
 
 import base64
-import fnmatch
 import glob as _glob
 import hashlib
 import os
 import posixpath
 import shutil
 import tempfile
-import threading
-import urllib.parse
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from trainer import gcs
 from trainer.errors import UserError
+from trainer.gcs import reset_client  # noqa: F401 - part of this module's interface
 
-_GS = "gs://"
-_WILDCARDS = "*?["
+_GS = gcs.GS
+_WILDCARDS = gcs.WILDCARDS
 _CHUNK = 1 << 20
-
-# (pid, emulator host, client): rebuilt after fork or when the emulator moves.
-_client_cache: tuple[int, str | None, Any] | None = None
-_client_lock = threading.Lock()
 
 
 def is_gcs(path: str) -> bool:
@@ -50,72 +44,6 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def reset_client() -> None:
-    """Drops the cached client, e.g. after STORAGE_EMULATOR_HOST changed."""
-    global _client_cache
-    with _client_lock:
-        _client_cache = None
-
-
-def _client() -> Any:
-    global _client_cache
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    with _client_lock:
-        cache = _client_cache
-        if cache is None or cache[0] != os.getpid() or cache[1] != emulator:
-            cache = (os.getpid(), emulator, _make_client(emulator))
-            _client_cache = cache
-        return cache[2]
-
-
-def _make_client(emulator: str | None) -> Any:
-    # Imported here so that local-only runs never load cloud auth.
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage as gcs
-
-    if os.environ.get("TRAINER_REQUIRE_EMULATOR") == "1":
-        host = urllib.parse.urlparse(emulator or "").hostname
-        if host not in ("127.0.0.1", "localhost"):
-            raise RuntimeError(
-                "TRAINER_REQUIRE_EMULATOR=1 but STORAGE_EMULATOR_HOST is "
-                f"{emulator!r}; refusing to create a real Cloud Storage client"
-            )
-    if emulator:
-        # A project id keeps Client() from searching for real credentials.
-        project = os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator-project")
-        return gcs.Client(project=project, credentials=AnonymousCredentials())
-    return gcs.Client()
-
-
-def _retry(timeout: float | None = None) -> Any:
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
-    return DEFAULT_RETRY if timeout is None else DEFAULT_RETRY.with_timeout(timeout)
-
-
-def _not_found() -> type[Exception]:
-    from google.api_core.exceptions import NotFound
-
-    return NotFound
-
-
-def _split(path: str) -> tuple[str, str]:
-    bucket, _, name = path[len(_GS) :].partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in {path!r}")
-    return bucket, name
-
-
-def _blob(path: str) -> Any:
-    bucket, name = _split(path)
-    return _client().bucket(bucket).blob(name)
-
-
-def _list(prefix_path: str, delimiter: str | None = None) -> Any:
-    bucket, prefix = _split(prefix_path)
-    return _client().list_blobs(bucket, prefix=prefix, delimiter=delimiter, retry=_retry())
-
-
 def _folder(path: str) -> str:
     return path if path.endswith("/") else path + "/"
 
@@ -124,12 +52,12 @@ def exists(path: str) -> bool:
     """Returns True if `path` is a file/object or a non-empty folder."""
     if not is_gcs(path):
         return os.path.exists(path)
-    bucket, name = _split(path)
+    bucket, name = gcs.split(path)
     if not name:
-        return _client().bucket(bucket).exists(retry=_retry())
-    if _blob(path).exists(retry=_retry()):
+        return gcs.client().bucket(bucket).exists(retry=gcs.retry())
+    if gcs.blob(path).exists(retry=gcs.retry()):
         return True
-    return any(True for _ in _list(_folder(path)))
+    return any(True for _ in gcs.list_blobs(_folder(path)))
 
 
 def read_bytes(path: str) -> bytes:
@@ -138,8 +66,8 @@ def read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     try:
-        return _blob(path).download_as_bytes(retry=_retry())
-    except _not_found() as e:
+        return gcs.blob(path).download_as_bytes(retry=gcs.retry())
+    except gcs.not_found() as e:
         raise FileNotFoundError(path) from e
 
 
@@ -160,8 +88,8 @@ def read_range(path: str, start: int, stop: int) -> bytes:
             f.seek(start)
             return f.read(stop - start)
     try:
-        return _blob(path).download_as_bytes(start=start, end=stop - 1, retry=_retry())
-    except _not_found() as e:
+        return gcs.blob(path).download_as_bytes(start=start, end=stop - 1, retry=gcs.retry())
+    except gcs.not_found() as e:
         raise FileNotFoundError(path) from e
 
 
@@ -169,12 +97,12 @@ def open_read(path: str) -> BinaryIO:
     """A buffered binary reader over a file or object, for streaming it front to back."""
     if not is_gcs(path):
         return open(path, "rb")
-    blob = _blob(path)
+    blob = gcs.blob(path)
     try:
-        blob.reload(retry=_retry())
-    except _not_found() as e:
+        blob.reload(retry=gcs.retry())
+    except gcs.not_found() as e:
         raise FileNotFoundError(path) from e
-    return blob.open("rb", chunk_size=8 * _CHUNK, retry=_retry())
+    return blob.open("rb", chunk_size=8 * _CHUNK, retry=gcs.retry())
 
 
 def _atomic_local(path: str, fill: Callable[[BinaryIO], None]) -> None:
@@ -211,7 +139,7 @@ def write_bytes(path: str, data: bytes, retry_timeout: float | None = None) -> N
         return
     # Explicit retry: uploads without if_generation_match are not retried by
     # default, but ours are idempotent overwrites.
-    _blob(path).upload_from_string(data, retry=_retry(retry_timeout))
+    gcs.blob(path).upload_from_string(data, retry=gcs.retry(retry_timeout))
 
 
 def write_text(path: str, text: str) -> None:
@@ -225,8 +153,8 @@ def stat(path: str) -> tuple[int, str]:
     if not is_gcs(path):
         info = os.stat(path)
         return info.st_size, str(info.st_mtime_ns)
-    bucket, name = _split(path)
-    blob = _client().bucket(bucket).get_blob(name, retry=_retry())
+    bucket, name = gcs.split(path)
+    blob = gcs.client().bucket(bucket).get_blob(name, retry=gcs.retry())
     if blob is None:
         raise FileNotFoundError(path)
     return int(blob.size), str(blob.generation)
@@ -251,8 +179,8 @@ def delete(path: str) -> None:
             pass
         return
     try:
-        _blob(path).delete(retry=_retry())
-    except _not_found():
+        gcs.blob(path).delete(retry=gcs.retry())
+    except gcs.not_found():
         pass
 
 
@@ -262,10 +190,10 @@ def delete_prefix(path: str) -> None:
         if os.path.isdir(path):
             shutil.rmtree(path)
         return
-    for blob in list(_list(_folder(path))):
+    for blob in list(gcs.list_blobs(_folder(path))):
         try:
-            blob.delete(retry=_retry())
-        except _not_found():
+            blob.delete(retry=gcs.retry())
+        except gcs.not_found():
             pass
 
 
@@ -277,30 +205,12 @@ def listdir(path: str) -> list[str]:
     if not is_gcs(path):
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     folder = _folder(path)
-    _, prefix = _split(folder)
-    it = _list(folder, delimiter="/")
+    _, prefix = gcs.split(folder)
+    it = gcs.list_blobs(folder, delimiter="/")
     names = {b.name[len(prefix) :] for b in it}  # Consuming `it` fills `it.prefixes`.
     names.update(p[len(prefix) :].rstrip("/") for p in it.prefixes)
     names.discard("")
     return sorted(names)
-
-
-def _gcs_glob(pattern: str) -> tuple[set[str], set[str]]:
-    """Returns (objects, folders) matching `pattern`, segment by segment like glob.glob."""
-    bucket, name_pattern = _split(pattern)
-    cut = min([i for i in map(name_pattern.find, _WILDCARDS) if i >= 0] + [len(name_pattern)])
-    segments = name_pattern.split("/")
-    files, folders = set(), set()
-    for blob in _list(f"{_GS}{bucket}/{name_pattern[:cut]}"):
-        parts = blob.name.split("/")
-        if len(parts) < len(segments):
-            continue
-        head = parts[: len(segments)]
-        # '*' must not cross '/', as with local glob, so match each segment.
-        if all(fnmatch.fnmatchcase(p, s) for p, s in zip(head, segments)):
-            matched = f"{_GS}{bucket}/" + "/".join(head)
-            (files if len(parts) == len(segments) else folders).add(matched)
-    return files, folders - files
 
 
 def glob(pattern: str) -> list[str]:
@@ -312,14 +222,14 @@ def glob(pattern: str) -> list[str]:
         return [pattern] if exists(pattern) else []
     if not is_gcs(pattern):
         return sorted(_glob.glob(pattern))
-    files, folders = _gcs_glob(pattern)
+    files, folders = gcs.glob(pattern)
     return sorted(files | folders)
 
 
 def _is_dir(path: str) -> bool:
     if not is_gcs(path):
         return os.path.isdir(path)
-    return not _blob(path).exists(retry=_retry())
+    return not gcs.blob(path).exists(retry=gcs.retry())
 
 
 def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
@@ -341,7 +251,7 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
         if not pattern:
             continue
         if is_gcs(pattern) and any(c in pattern for c in _WILDCARDS):
-            matches = sorted(_gcs_glob(pattern)[0])
+            matches = sorted(gcs.glob(pattern)[0])
         else:
             matches = [m for m in glob(pattern) if not _is_dir(m)]
         if not matches:
@@ -362,18 +272,18 @@ def copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
         with open(src, "rb") as f_in:
             _atomic_local(dst, lambda f_out: shutil.copyfileobj(f_in, f_out, _CHUNK))
         return
-    retry = _retry(retry_timeout)
+    retry = gcs.retry(retry_timeout)
     if not is_gcs(src):
         if not os.path.isfile(src):
             raise FileNotFoundError(src)
-        _blob(dst).upload_from_filename(src, retry=retry)
+        gcs.blob(dst).upload_from_filename(src, retry=retry)
     elif not is_gcs(dst):
         try:
-            _atomic_local(dst, lambda f: _blob(src).download_to_file(f, retry=retry))
-        except _not_found() as e:
+            _atomic_local(dst, lambda f: gcs.blob(src).download_to_file(f, retry=retry))
+        except gcs.not_found() as e:
             raise FileNotFoundError(src) from e
     else:
-        src_blob, dst_blob = _blob(src), _blob(dst)
+        src_blob, dst_blob = gcs.blob(src), gcs.blob(dst)
         token = None
         try:
             # rewrite() may need several calls for large or cross-region objects.
@@ -381,7 +291,7 @@ def copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
                 token, _, _ = dst_blob.rewrite(src_blob, token=token, retry=retry)
                 if token is None:
                     break
-        except _not_found() as e:
+        except gcs.not_found() as e:
             raise FileNotFoundError(src) from e
 
 
