@@ -46,7 +46,7 @@ def scan_split_over_emulator(folder: str, total_mb: int = 24) -> dict[str, Any]:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     from conftest import Emulator  # The tests' emulator harness, on a free loopback port.
 
-    from trainer import corpus_index, storage
+    from trainer import corpus_index, gcs, storage
 
     emulator = Emulator(os.path.join(folder, "emulator"))
     os.makedirs(emulator.data_dir, exist_ok=True)
@@ -54,7 +54,7 @@ def scan_split_over_emulator(folder: str, total_mb: int = 24) -> dict[str, Any]:
     os.environ["STORAGE_EMULATOR_HOST"] = emulator.host
     storage.reset_client()
     try:
-        storage.gcs.client().create_bucket("scan-bench")
+        gcs.client().create_bucket("scan-bench")
         local = bench.write_corpus(os.path.join(folder, "emu"), total_mb * 1000 * 1000 // 2,
                                    seed=4, one_file=True)
         local += bench.write_corpus(os.path.join(folder, "emu-shards"),
