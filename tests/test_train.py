@@ -7,6 +7,7 @@ processes because logical devices and collectives must be set before TF starts.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import socket
@@ -82,15 +83,21 @@ def test_resume_continues_where_it_stopped_with_the_optimizer_state(corpus, tmp_
     assert resumed[1]["val_loss"] == pytest.approx(first[1]["val_loss"], rel=1e-4)
 
 
-def test_a_restart_never_replaces_a_better_best(corpus, tmp_path):
+def test_a_restart_never_replaces_a_better_best(corpus, tmp_path, caplog):
     train.train(tiny(corpus, tmp_path, epochs=1))
     pointer = _json(tmp_path / "best.json")
     pointer["value"] = 0.001  # Pretend the run already holds a far better checkpoint.
     (tmp_path / "best.json").write_text(json.dumps(pointer))
+    caplog.set_level(logging.INFO)
     train.train(tiny(corpus, tmp_path, epochs=2))
     after = _json(tmp_path / "best.json")
     assert after["weights"] == pointer["weights"] and after["value"] == 0.001
-    assert [h["improved"] for h in metrics(tmp_path)] == [True, False]
+    history = metrics(tmp_path)
+    assert [h["improved"] for h in history] == [True, False]
+    # The epoch line names the best kept so far and this epoch's value beside it.
+    line = next(r.getMessage() for r in caplog.records if "epoch 2/2" in r.getMessage())
+    assert line.endswith(f"best val_loss 0.0010 (not improved, kept; this epoch "
+                         f"{history[1]['val_loss']:.4f})")
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):

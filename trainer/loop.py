@@ -166,7 +166,7 @@ class Loop:
                                                       epoch_metrics[self.cfg.monitor])
                     self.progress["best"].assign(self.best.best)
                     self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved,
-                                            self.optimizer)
+                                            self.best.best, self.optimizer)
                 # Agreed after evaluation and sampling, which take time: the checkpoint
                 # keeps that clock, and a signal that came meanwhile stops the job here.
                 self.agree(stop)

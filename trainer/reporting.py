@@ -59,7 +59,13 @@ class Reporter:
                                      temperature=self.cfg.sample_temperature, seed=self.cfg.seed)
 
     def epoch_end(self, epoch: int, step: int, metrics: dict[str, float], improved: bool,
-                  optimizer: keras.optimizers.Optimizer) -> None:
+                  best: float, optimizer: keras.optimizers.Optimizer) -> None:
+        """Logs, records and publishes one epoch's metrics.
+
+        Args:
+          improved: whether this epoch's monitored value became the best (and was saved).
+          best: the best monitored value so far, this epoch's included.
+        """
         if not self.active:
             return
         cfg = self.cfg
@@ -68,8 +74,8 @@ class Reporter:
                  if k not in ("chars_per_sec", "elapsed_sec")]
         logging.info("epoch %d/%d step %d: %s | %.0f chars/s | lr %.2e | best %s %.4f%s",
                      epoch, cfg.epochs, step, ", ".join(parts), metrics["chars_per_sec"], lr,
-                     cfg.monitor, metrics[cfg.monitor] if improved else float("nan"),
-                     " (saved)" if improved else " (not improved)")
+                     cfg.monitor, best, " (this epoch, saved)" if improved
+                     else f" (not improved, kept; this epoch {metrics[cfg.monitor]:.4f})")
         text = self.sample()
         if text:
             logging.info("sample after epoch %d:\n%s%s", epoch, self.prime, text)
