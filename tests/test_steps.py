@@ -192,3 +192,31 @@ def test_too_many_lanes_for_the_data_is_refused(corpus, tmp_path):
         train.train(tiny(corpus, tmp_path, batch_size=1024, carry_state=True))
     with pytest.raises(UserError, match="--carry_state needs --objective=sequence"):
         tiny(corpus, tmp_path, carry_state=True, objective="last")
+
+
+def test_adam_uses_the_configured_moment_decay_rates(tmp_path):
+    cfg = tiny("unused", tmp_path, lr_schedule="constant", learning_rate=0.1,
+               adam_beta1=0.5, adam_beta2=0.9)
+    optimizer, _ = steps.optimizer(cfg, total_steps=10)
+    w = tf.Variable([0.0])
+    m = v = expected = 0.0
+    for t, g in enumerate([1.0, 3.0, -2.0], start=1):
+        optimizer.apply_gradients([(tf.constant([g]), w)])
+        # Adam (Kingma & Ba) with Keras's epsilon outside the bias-corrected root.
+        m, v = 0.5 * m + 0.5 * g, 0.9 * v + 0.1 * g * g
+        rate = 0.1 * math.sqrt(1 - 0.9**t) / (1 - 0.5**t)
+        expected -= rate * m / (math.sqrt(v) + 1e-7)
+        assert float(w[0]) == pytest.approx(expected, rel=1e-5)
+    # The defaults' moments differ: the same gradients leave a different weight.
+    default, _ = steps.optimizer(tiny("unused", tmp_path, lr_schedule="constant",
+                                      learning_rate=0.1), total_steps=10)
+    w2 = tf.Variable([0.0])
+    for g in [1.0, 3.0, -2.0]:
+        default.apply_gradients([(tf.constant([g]), w2)])
+    assert abs(float(w2[0]) - expected) > 1e-3
+
+
+@pytest.mark.parametrize("flag", ["adam_beta1", "adam_beta2"])
+def test_moment_decay_rates_outside_zero_one_are_refused(tmp_path, flag):
+    with pytest.raises(UserError, match=f"--{flag} must be in \\[0, 1\\), got 1.0"):
+        tiny("unused", tmp_path, **{flag: 1.0})

@@ -83,6 +83,9 @@ class Config:
     epochs: int = 20
     # Peak Adam learning rate.
     learning_rate: float = 2e-3
+    # Adam's decay rates of its first and second moment estimates (Keras's beta_1, beta_2).
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     # 'cosine' decays to min_lr_ratio * learning_rate after warmup; 'constant' keeps it.
     lr_schedule: str = "cosine"
     # Linear warmup steps before the peak learning rate.
@@ -174,6 +177,9 @@ class Config:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.state_reset_prob < 1.0:
             raise UserError(f"--state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise UserError(f"--ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -64,7 +64,7 @@ def optimizer(cfg: Config, total_steps: int) -> tuple[keras.optimizers.Optimizer
                               time_progress if cfg.train_minutes else None)
     # No global_clipnorm here: Keras would clip each replica's share of the gradient
     # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
-    optimizer = keras.optimizers.Adam(schedule)
+    optimizer = keras.optimizers.Adam(schedule, beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2)
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer, time_progress
