@@ -88,7 +88,8 @@ def test_a_restart_never_replaces_a_better_best(corpus, tmp_path, caplog):
     pointer = _json(tmp_path / "best.json")
     pointer["value"] = 0.001  # Pretend the run already holds a far better checkpoint.
     (tmp_path / "best.json").write_text(json.dumps(pointer))
-    caplog.set_level(logging.INFO)
+    # On absl's logger itself: flag parsing elsewhere in the suite may have raised its level.
+    caplog.set_level(logging.INFO, logger="absl")
     train.train(tiny(corpus, tmp_path, epochs=2))
     after = _json(tmp_path / "best.json")
     assert after["weights"] == pointer["weights"] and after["value"] == 0.001
