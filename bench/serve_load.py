@@ -8,9 +8,10 @@ and 32 concurrent clients sends 200-char completion requests to /predict, each
 client one request after another, each request with its own seed. Reports
 requests/s over the whole level and p50/p99 latency per request.
 
-Without --job_dir the model has the shape `make train` gives (configs/cpu.flags:
-1 x LSTM(256), embedding 64) over the Shakespeare corpus's 65 characters, with
-random weights: serving speed does not depend on the weights.
+Without --job_dir the model has the shape `make train` gave when
+bench/results/serve_load.json was measured (1 x LSTM(256), embedding 64; the cpu
+preset is 2 x 256 since 2026-12-03) over the Shakespeare corpus's 65 characters,
+with random weights: serving speed does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
 
 def random_job_dir(path: str) -> str:
-    """Writes a job directory with the cpu preset's shape and random weights."""
+    """Writes a job directory with the 1 x 256 shape above and random weights."""
     import keras
 
     from trainer import checkpoints, models
