@@ -154,7 +154,7 @@ def test_a_worker_that_fails_before_training_stops_the_job_with_one_line_each(co
 
 
 def test_a_cluster_that_cannot_work_stops_before_training_with_one_line(corpus, tmp_path):
-    # The other cases of a TF_CONFIG that cannot work: tests/test_platform.py.
+    # The other cases of a TF_CONFIG that cannot work: tests/test_cloud.py.
     tf_config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
                  "task": {"type": "worker", "index": 0}}
     env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
-from trainer import task
+from trainer import config, task
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -37,6 +38,23 @@ def test_helpshort_explains_every_flag():
         assert f"--{field.name}:" in result.stdout or f"--[no]{field.name}:" in result.stdout
     assert "--preset" in result.stdout
     assert "Units in each LSTM layer." in result.stdout
+
+
+def test_every_field_carries_its_own_help_and_enums_their_choices():
+    helps = config.field_help()
+    assert set(helps) == {f.name for f in dataclasses.fields(Config)}
+    assert all(text.strip() for text in helps.values())
+    assert helps["adam_beta1"] != helps["adam_beta2"]
+    assert config.field_choices()["precision"] == config.PRECISIONS
+    assert set(config.field_choices()) == {"objective", "strategy", "precision", "lr_schedule",
+                                           "monitor"}
+    flag_values = flags.FlagValues()
+    task.define_flags(flag_values)
+    assert flag_values["monitor"].help.endswith(helps["monitor"])
+    assert flag_values["seed"].help == helps["seed"]
+    assert tuple(flag_values["precision"].parser.enum_values) == config.PRECISIONS
+    with pytest.raises(UserError, match="--lr_schedule must be one of cosine, constant"):
+        Config(train_data="x", job_dir="y", lr_schedule="linear").validate()
 
 
 def test_presets_load_and_later_flags_override_them():

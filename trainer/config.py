@@ -1,15 +1,15 @@
 """The training configuration: one dataclass, one source of defaults.
 
-Every field has a one-line comment; `trainer/task.py` turns each field into a
-flag with the same name and that comment as its help text, so the defaults live
-here and nowhere else. Presets in `configs/*.flags` override a few of them.
+Every field is declared with `option(default, help, choices=...)`; `trainer/task.py`
+turns each field into a flag with the same name, default, help text and choices,
+so the defaults live here and nowhere else. Presets in `configs/*.flags` override
+a few of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Any
 
 from trainer.errors import UserError
@@ -25,121 +25,127 @@ MONITORS = ("val_loss", "val_carried_loss", "loss")
 MODEL_FIELDS = ("embedding_dim", "rnn_units", "num_layers", "lowercase", "objective", "seq_length")
 
 
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A Config field: its default, its one line of flag help and, for enums, the choices."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass
 class Config:
     """Everything one training run needs. Library code reads this, never flags."""
 
     # --- data ---
-    # Comma-separated file patterns of training text shards, local or gs://.
-    train_data: str = ""
-    # Comma-separated patterns of held-out validation shards (optional).
-    val_data: str = ""
-    # Without --val_data: hold out this tail fraction of every shard for validation.
-    val_fraction: float = 0.0
-    # Lowercase all text before building the vocabulary, as the 2017 tutorial did.
-    lowercase: bool = False
-    # Characters the model reads per window.
-    seq_length: int = 100
-    # Chars between window starts; 0 = seq_length for 'sequence', 1 for 'last'.
-    window_shift: int = 0
-    # 'sequence' predicts the next char at every position; 'last' only after the window.
-    objective: str = "sequence"
-    # Steps per epoch; 0 = one full pass over the training windows.
-    steps_per_epoch: int = 0
-    # Validation batches per evaluation; 0 = all validation windows.
-    val_steps: int = 0
-    # Train on contiguous lanes of the text with each LSTM layer's state carried from
-    # step to step (truncated backpropagation), instead of shuffled zero-state windows.
-    carry_state: bool = False
-    # With --carry_state: every pass after the first starts the lanes at a new offset of
-    # the text (drawn from --seed), so chunk boundaries and zero-state starts move.
-    rotate_lanes: bool = True
-    # With --carry_state: at each step every lane's state is zeroed with this probability
-    # (drawn from --seed), so the model also learns to read from a zero state, as a prompt
-    # and windowed validation do. 0 zeroes it only when the lanes start over.
-    state_reset_prob: float = 0.0
-    # Pieces read at once; each batch mixes windows from this many pieces of the corpus.
-    shard_cycle: int = 8
-    # Files are cut into pieces of about this many MB, each read by one range read
-    # (windows across a cut are dropped: about one per piece).
-    piece_mb: float = 2.0
-    # Seed for shuffling, initialisation and per-epoch samples.
-    seed: int = 42
+    train_data: str = option(
+        "", "Comma-separated file patterns of training text shards, local or gs://.")
+    val_data: str = option("", "Comma-separated patterns of held-out validation shards (optional).")
+    val_fraction: float = option(
+        0.0, "Without --val_data: hold out this tail fraction of every shard for validation.")
+    lowercase: bool = option(
+        False, "Lowercase all text before building the vocabulary, as the 2017 tutorial did.")
+    seq_length: int = option(100, "Characters the model reads per window.")
+    window_shift: int = option(
+        0, "Chars between window starts; 0 = seq_length for 'sequence', 1 for 'last'.")
+    objective: str = option(
+        "sequence", "'sequence' predicts the next char at every position; 'last' only after the "
+        "window.",
+        choices=OBJECTIVES)
+    steps_per_epoch: int = option(
+        0, "Steps per epoch; 0 = one full pass over the training windows.")
+    val_steps: int = option(0, "Validation batches per evaluation; 0 = all validation windows.")
+    carry_state: bool = option(
+        False, "Train on contiguous lanes of the text with each LSTM layer's state carried from "
+        "step to step (truncated backpropagation), instead of shuffled zero-state windows.")
+    rotate_lanes: bool = option(
+        True, "With --carry_state: every pass after the first starts the lanes at a new offset of "
+        "the text (drawn from --seed), so chunk boundaries and zero-state starts move.")
+    state_reset_prob: float = option(
+        0.0, "With --carry_state: at each step every lane's state is zeroed with this probability "
+        "(drawn from --seed), so the model also learns to read from a zero state, as a "
+        "prompt and windowed validation do. 0 zeroes it only when the lanes start over.")
+    shard_cycle: int = option(
+        8, "Pieces read at once; each batch mixes windows from this many pieces of the corpus.")
+    piece_mb: float = option(
+        2.0, "Files are cut into pieces of about this many MB, each read by one range read "
+        "(windows across a cut are dropped: about one per piece).")
+    seed: int = option(42, "Seed for shuffling, initialisation and per-epoch samples.")
 
     # --- model ---
-    # Size of the learned character embedding.
-    embedding_dim: int = 64
-    # Units in each LSTM layer.
-    rnn_units: int = 512
-    # Number of stacked LSTM layers.
-    num_layers: int = 2
-    # Dropout between layers (never recurrent dropout, which would disable cuDNN).
-    dropout: float = 0.2
+    embedding_dim: int = option(64, "Size of the learned character embedding.")
+    rnn_units: int = option(512, "Units in each LSTM layer.")
+    num_layers: int = option(2, "Number of stacked LSTM layers.")
+    dropout: float = option(
+        0.2, "Dropout between layers (never recurrent dropout, which would disable cuDNN).")
 
     # --- optimisation ---
-    # Windows per replica per step; the global batch is this times the replica count.
-    batch_size: int = 256
-    # Passes over the data (or blocks of --steps_per_epoch steps).
-    epochs: int = 20
-    # Peak Adam learning rate.
-    learning_rate: float = 2e-3
-    # Adam's decay rates of its first and second moment estimates (Keras's beta_1, beta_2).
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    # 'cosine' decays to min_lr_ratio * learning_rate after warmup; 'constant' keeps it.
-    lr_schedule: str = "cosine"
-    # Linear warmup steps before the peak learning rate.
-    warmup_steps: int = 100
-    # Final learning rate of the cosine schedule, as a fraction of the peak.
-    min_lr_ratio: float = 0.1
-    # Validate, keep (best checkpoints, per-epoch samples) and export an exponential moving
-    # average of the weights with this momentum (Polyak averaging; it averages every step
-    # while fewer than 1 / (1 - momentum) were taken); training goes on from the raw weights,
-    # and resume checkpoints keep both. 0 = the weights as trained.
-    ema_momentum: float = 0.0
-    # Clip the global batch's gradient to this global norm (alike for any number of
-    # replicas); 0 disables clipping.
-    clipnorm: float = 1.0
-    # Stop training after this many minutes of the whole job (the chief's clock, continued
-    # when a job resumes; all workers stop at one step); 0 = no limit. The learning-rate
-    # schedule then also follows the clock: its progress is the larger of step and
-    # elapsed-time progress, so a slow machine still ends decayed.
-    train_minutes: float = 0.0
+    batch_size: int = option(
+        256, "Windows per replica per step; the global batch is this times the replica count.")
+    epochs: int = option(20, "Passes over the data (or blocks of --steps_per_epoch steps).")
+    learning_rate: float = option(2e-3, "Peak Adam learning rate.")
+    adam_beta1: float = option(
+        0.9, "Adam's decay rate of its first moment estimate (Keras's beta_1).")
+    adam_beta2: float = option(
+        0.999, "Adam's decay rate of its second moment estimate (Keras's beta_2).")
+    lr_schedule: str = option(
+        "cosine", "'cosine' decays to min_lr_ratio * learning_rate after warmup; 'constant' keeps "
+        "it.",
+        choices=LR_SCHEDULES)
+    warmup_steps: int = option(100, "Linear warmup steps before the peak learning rate.")
+    min_lr_ratio: float = option(
+        0.1, "Final learning rate of the cosine schedule, as a fraction of the peak.")
+    ema_momentum: float = option(
+        0.0, "Validate, keep (best checkpoints, per-epoch samples) and export an exponential "
+        "moving average of the weights with this momentum (Polyak averaging; it averages "
+        "every step while fewer than 1 / (1 - momentum) were taken); training goes on from "
+        "the raw weights, and resume checkpoints keep both. 0 = the weights as trained.")
+    clipnorm: float = option(
+        1.0, "Clip the global batch's gradient to this global norm (alike for any number of "
+        "replicas); 0 disables clipping.")
+    train_minutes: float = option(
+        0.0, "Stop training after this many minutes of the whole job (the chief's clock, "
+        "continued when a job resumes; all workers stop at one step); 0 = no limit. The "
+        "learning-rate schedule then also follows the clock: its progress is the larger of "
+        "step and elapsed-time progress, so a slow machine still ends decayed.")
 
     # --- hardware ---
-    # Distribution: auto picks multi_worker from TF_CONFIG, mirrored for >1 GPU, else one device.
-    strategy: str = "auto"
-    # Numeric precision of layers; the output logits stay float32 in every mode.
-    precision: str = "float32"
-    # Compile each replica's forward and backward pass with XLA. CPU only: XLA cannot
-    # compile the cuDNN LSTM kernel that GPUs run (and it was slower on the CPUs measured).
-    jit_compile: bool = False
-    # Split the CPU into this many logical devices (try mirrored training without GPUs).
-    logical_cpus: int = 0
+    strategy: str = option(
+        "auto", "Distribution: auto picks multi_worker from TF_CONFIG, mirrored for >1 GPU, else "
+        "one device.",
+        choices=STRATEGIES)
+    precision: str = option(
+        "float32", "Numeric precision of layers; the output logits stay float32 in every mode.",
+        choices=PRECISIONS)
+    jit_compile: bool = option(
+        False, "Compile each replica's forward and backward pass with XLA. CPU only: XLA cannot "
+        "compile the cuDNN LSTM kernel that GPUs run (and it was slower on the CPUs "
+        "measured).")
+    logical_cpus: int = option(
+        0, "Split the CPU into this many logical devices (try mirrored training without GPUs).")
 
     # --- output ---
-    # Where checkpoints, config.json, vocab.json, metrics and logs go (local or gs://).
-    job_dir: str = ""
-    # Metric that picks the best checkpoint: val_loss (zero-state windows), val_carried_loss
-    # (state carried through the validation text); both fall back to loss without validation.
-    monitor: str = "val_loss"
-    # Save a resume checkpoint every N steps as well as every epoch; 0 = per epoch only.
-    checkpoint_every_steps: int = 500
-    # Resume checkpoints kept; older ones are deleted.
-    keep_checkpoints: int = 2
-    # TensorBoard directory; empty = <job_dir>/logs (or $AIP_TENSORBOARD_LOG_DIR).
-    tensorboard_dir: str = ""
-    # Where the best model is exported at the end (config, vocab, weights); empty = none,
-    # or $AIP_MODEL_DIR.
-    model_dir: str = ""
-    # Local staging folder for a gs:// job_dir; empty = a folder under the system temp dir.
-    local_dir: str = ""
-    # Seconds to wait at the end for background uploads before reporting failures.
-    upload_timeout: float = 600.0
-    # Chars of sample text generated after each epoch (log and TensorBoard); 0 = none.
-    sample_length: int = 200
-    # Sampling temperature of the per-epoch sample.
-    sample_temperature: float = 0.8
+    job_dir: str = option(
+        "", "Where checkpoints, config.json, vocab.json, metrics and logs go (local or gs://).")
+    monitor: str = option(
+        "val_loss", "Metric that picks the best checkpoint: val_loss (zero-state windows), "
+        "val_carried_loss (state carried through the validation text); both fall back "
+        "to loss without validation.",
+        choices=MONITORS)
+    checkpoint_every_steps: int = option(
+        500, "Save a resume checkpoint every N steps as well as every epoch; 0 = per epoch only.")
+    keep_checkpoints: int = option(2, "Resume checkpoints kept; older ones are deleted.")
+    tensorboard_dir: str = option(
+        "", "TensorBoard directory; empty = <job_dir>/logs (or $AIP_TENSORBOARD_LOG_DIR).")
+    model_dir: str = option(
+        "", "Where the best model is exported at the end (config, vocab, weights); empty = none, "
+        "or $AIP_MODEL_DIR.")
+    local_dir: str = option(
+        "", "Local staging folder for a gs:// job_dir; empty = a folder under the system temp "
+        "dir.")
+    upload_timeout: float = option(
+        600.0, "Seconds to wait at the end for background uploads before reporting failures.")
+    sample_length: int = option(
+        200, "Chars of sample text generated after each epoch (log and TensorBoard); 0 = none.")
+    sample_temperature: float = option(0.8, "Sampling temperature of the per-epoch sample.")
 
     # ------------------------------------------------------------------
     @property
@@ -190,9 +196,7 @@ class Config:
             raise UserError(f"--learning_rate must be positive, got {self.learning_rate}")
         if self.sample_temperature <= 0:
             raise UserError(f"--sample_temperature must be positive, got {self.sample_temperature}")
-        choices = {"objective": OBJECTIVES, "strategy": STRATEGIES, "precision": PRECISIONS,
-                   "lr_schedule": LR_SCHEDULES, "monitor": MONITORS}
-        for name, allowed in choices.items():
+        for name, allowed in field_choices().items():
             if getattr(self, name) not in allowed:
                 raise UserError(f"--{name} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
@@ -223,20 +227,14 @@ class Config:
 
 
 def field_help() -> dict[str, str]:
-    """Maps each field name to the comment above it in this file (the flag help)."""
-    import inspect
+    """Maps each field name to its one line of help (the flag's help text)."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}
 
-    helps, pending = {}, []
-    for line in inspect.getsource(Config).splitlines():
-        field = re.match(r"    (\w+): [\w\[\], ]+ = ", line)
-        if line.startswith("    # ") and not line.startswith("    # ---"):
-            pending.append(line[6:])
-        elif field:
-            helps[field.group(1)] = " ".join(pending)
-            pending = []
-        else:
-            pending = []
-    return helps
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """Maps each enum field's name to the values it accepts."""
+    return {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)
+            if "choices" in f.metadata}
 
 
 def incompatibilities(old: dict[str, Any], new: Config) -> list[str]:

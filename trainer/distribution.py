@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import platform
+from trainer import cloud
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -36,7 +36,7 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
     auto: a TF_CONFIG cluster of more than one worker -> multi_worker; more than
     one GPU -> mirrored; otherwise one device.
     """
-    platform.check_cluster(cfg.strategy)
+    cloud.check_cluster(cfg.strategy)
     if cfg.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
@@ -48,19 +48,19 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
     # MultiWorkerMirroredStrategy must be created before that.
     name = cfg.strategy
     if name == "auto":
-        if platform.num_workers() > 1:
+        if cloud.num_workers() > 1:
             name = "multi_worker"
         elif len(tf.config.list_physical_devices("GPU")) > 1:
             name = "mirrored"
         else:
             name = "one_device"
     if name == "multi_worker":
-        platform.prepare_tf_config()
+        cloud.prepare_tf_config()
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         resolver = strategy.cluster_resolver
-        num_workers = max(1, platform.num_workers())
+        num_workers = max(1, cloud.num_workers())
         worker = _worker_index(resolver.task_type, resolver.task_id, num_workers)
-        is_chief = platform.is_chief()
+        is_chief = cloud.is_chief()
     else:
         gpus = tf.config.list_logical_devices("GPU")
         if name == "mirrored":
@@ -80,7 +80,7 @@ def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:
 
 def _worker_index(task_type: str | None, task_id: int | None, num_workers: int) -> int:
     """Index among chief + workers: the chief is 0, worker i is i (+1 with a chief)."""
-    cluster = platform.tf_config() or {}
+    cluster = cloud.tf_config() or {}
     has_chief = bool(cluster.get("cluster", {}).get("chief"))
     if task_type in ("chief", "master"):
         return 0

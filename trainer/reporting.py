@@ -13,8 +13,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, storage, uploads
-from trainer import platform as cloud
+from trainer import checkpoints, cloud, storage, uploads
 from trainer.config import Config
 from trainer.corpus_index import Region, read_chars
 from trainer.distribution import Placement

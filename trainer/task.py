@@ -1,7 +1,7 @@
 """Training entrypoint: `python -m trainer.task --flags`.
 
 The only place training flags are defined: one flag per `Config` field, with
-the field's comment as help. `--preset=NAME` (or `--flagfile=configs/NAME.flags`)
+the field's help text and choices. `--preset=NAME` (or `--flagfile=configs/NAME.flags`)
 loads a preset; flags after it override it. Also accepts `--job-dir`, the way
 legacy AI Platform passes its jobDir.
 """
@@ -16,22 +16,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import cli, config, platform  # noqa: E402
+from trainer import cli, cloud  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.errors import UserError, describe  # noqa: E402
-
-_CHOICES = {"objective": config.OBJECTIVES, "strategy": config.STRATEGIES,
-            "precision": config.PRECISIONS, "lr_schedule": config.LR_SCHEDULES,
-            "monitor": config.MONITORS}
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one flag per Config field, plus --preset, on `flag_values`."""
-    helps = config.field_help()
     for field in dataclasses.fields(Config):
-        name, default, text = field.name, field.default, helps[field.name]
-        if name in _CHOICES:
-            flags.DEFINE_enum(name, default, _CHOICES[name], text, flag_values=flag_values)
+        name, default, text = field.name, field.default, field.metadata["help"]
+        if "choices" in field.metadata:
+            flags.DEFINE_enum(name, default, field.metadata["choices"], text,
+                              flag_values=flag_values)
         elif isinstance(default, bool):
             flags.DEFINE_bool(name, default, text, flag_values=flag_values)
         elif isinstance(default, int):
@@ -78,9 +74,9 @@ def expand_presets(argv: list[str]) -> list[str]:
 
 
 def config_from_flags(flag_values: flags.FlagValues) -> Config:
-    """Builds and validates the Config, filling outputs from the platform's env vars."""
+    """Builds and validates the Config, filling outputs from the cloud service's env vars."""
     cfg = Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})
-    return platform.apply_environment(cfg).validate()
+    return cloud.apply_environment(cfg).validate()
 
 
 def parse_flags(argv: list[str]) -> Config:
@@ -88,7 +84,7 @@ def parse_flags(argv: list[str]) -> Config:
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     try:
-        flag_values(platform.normalize_argv(expand_presets(list(argv))))
+        flag_values(cloud.normalize_argv(expand_presets(list(argv))))
     except flags.Error as err:
         raise UserError(str(err).splitlines()[0]) from err
     return config_from_flags(flag_values)
@@ -96,7 +92,7 @@ def parse_flags(argv: list[str]) -> Config:
 
 def _rewrite_argv(argv: list[str]) -> list[str]:
     """Presets and legacy spellings (--job-dir) -> what absl parses."""
-    return platform.normalize_argv(expand_presets(argv))
+    return cloud.normalize_argv(expand_presets(argv))
 
 
 def main(argv: list[str]) -> None:

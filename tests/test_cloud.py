@@ -1,4 +1,4 @@
-"""Tests for trainer/platform.py: Google Cloud conventions, without TensorFlow or a cloud."""
+"""Tests for trainer/cloud.py: Google Cloud conventions, without TensorFlow or a cloud."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from trainer import platform
+from trainer import cloud
 from trainer.config import Config
 from trainer.errors import UserError
 
@@ -41,7 +41,7 @@ VERTEX_CLUSTER = {"chief": ["c-0:2222"], "worker": ["w-0:2222", "w-1:2222", "w-2
 ])
 def test_normalize_argv(argv, expected):
     original = list(argv)
-    assert platform.normalize_argv(argv) == expected
+    assert cloud.normalize_argv(argv) == expected
     assert argv == original
 
 
@@ -49,47 +49,47 @@ def test_apply_environment_fills_only_empty_fields():
     environ = {"AIP_CHECKPOINT_DIR": "gs://b/out/checkpoints/",
                "AIP_TENSORBOARD_LOG_DIR": "gs://b/out/logs/",
                "AIP_MODEL_DIR": "gs://b/out/model/"}
-    cfg = platform.apply_environment(Config(), environ)
+    cfg = cloud.apply_environment(Config(), environ)
     assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
         "gs://b/out/checkpoints/", "gs://b/out/logs/", "gs://b/out/model/")
 
     mine = Config(job_dir="runs/x", tensorboard_dir="", model_dir="export/")
-    cfg = platform.apply_environment(mine, environ)
+    cfg = cloud.apply_environment(mine, environ)
     assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
         "runs/x", "gs://b/out/logs/", "export/")
     assert mine.tensorboard_dir == ""  # The input is not modified.
 
-    assert platform.apply_environment(mine, {"AIP_MODEL_DIR": ""}) is mine
-    assert platform.apply_environment(mine, {}) is mine
+    assert cloud.apply_environment(mine, {"AIP_MODEL_DIR": ""}) is mine
+    assert cloud.apply_environment(mine, {}) is mine
 
 
 def test_tuning_trials_get_their_own_folders():
     legacy_trial = _env(LEGACY_CLUSTER, {"type": "master", "index": 0, "trial": "3"})
-    cfg = platform.apply_environment(Config(job_dir="gs://b/job/", model_dir="gs://b/m"),
+    cfg = cloud.apply_environment(Config(job_dir="gs://b/job/", model_dir="gs://b/m"),
                                      legacy_trial)
     assert (cfg.job_dir, cfg.tensorboard_dir, cfg.model_dir) == (
         "gs://b/job/trial-3", "", "gs://b/m/trial-3")
-    assert platform.apply_environment(cfg, legacy_trial) == cfg  # Applying twice is harmless.
+    assert cloud.apply_environment(cfg, legacy_trial) == cfg  # Applying twice is harmless.
 
     # Vertex AI: the AIP_* folders are per trial already and are used as they are.
     vertex_trial = {"CLOUD_ML_TRIAL_ID": "7", "AIP_CHECKPOINT_DIR": "gs://b/out/7/checkpoints/"}
-    assert platform.trial_id(vertex_trial) == "7"
-    assert platform.apply_environment(Config(), vertex_trial).job_dir == "gs://b/out/7/checkpoints/"
-    assert platform.apply_environment(Config(job_dir="runs/x"), vertex_trial).job_dir == (
+    assert cloud.trial_id(vertex_trial) == "7"
+    assert cloud.apply_environment(Config(), vertex_trial).job_dir == "gs://b/out/7/checkpoints/"
+    assert cloud.apply_environment(Config(job_dir="runs/x"), vertex_trial).job_dir == (
         "runs/x/trial-7")
-    assert platform.trial_id(SINGLE_MASTER) == ""
+    assert cloud.trial_id(SINGLE_MASTER) == ""
 
 
 def test_without_tf_config_one_chief():
-    assert platform.tf_config({}) is None
-    assert platform.tf_config({"TF_CONFIG": "  "}) is None
-    assert platform.num_workers({}) == 1
-    assert platform.is_chief({})
+    assert cloud.tf_config({}) is None
+    assert cloud.tf_config({"TF_CONFIG": "  "}) is None
+    assert cloud.num_workers({}) == 1
+    assert cloud.is_chief({})
 
 
 def test_single_master_is_not_multi_worker():
-    assert platform.num_workers(SINGLE_MASTER) == 1
-    assert platform.is_chief(SINGLE_MASTER)
+    assert cloud.num_workers(SINGLE_MASTER) == 1
+    assert cloud.is_chief(SINGLE_MASTER)
 
 
 @pytest.mark.parametrize("task, chief", [
@@ -99,8 +99,8 @@ def test_single_master_is_not_multi_worker():
 ])
 def test_legacy_cluster(task, chief):
     environ = _env(LEGACY_CLUSTER, task)
-    assert platform.num_workers(environ) == 3
-    assert platform.is_chief(environ) is chief
+    assert cloud.num_workers(environ) == 3
+    assert cloud.is_chief(environ) is chief
 
 
 @pytest.mark.parametrize("task, chief", [
@@ -110,8 +110,8 @@ def test_legacy_cluster(task, chief):
 ])
 def test_vertex_cluster_does_not_count_the_evaluator(task, chief):
     environ = _env(VERTEX_CLUSTER, task)
-    assert platform.num_workers(environ) == 4
-    assert platform.is_chief(environ) is chief
+    assert cloud.num_workers(environ) == 4
+    assert cloud.is_chief(environ) is chief
 
 
 @pytest.mark.parametrize("task, chief", [
@@ -121,47 +121,47 @@ def test_vertex_cluster_does_not_count_the_evaluator(task, chief):
 ])
 def test_workers_only_cluster_worker_zero_is_chief(task, chief):
     environ = _env({"worker": ["w-0:1", "w-1:1"], "ps": ["p-0:1"]}, task)
-    assert platform.num_workers(environ) == 2
-    assert platform.is_chief(environ) is chief
+    assert cloud.num_workers(environ) == 2
+    assert cloud.is_chief(environ) is chief
 
 
 def test_bad_tf_config_is_a_user_error():
     with pytest.raises(UserError, match="TF_CONFIG is not valid JSON"):
-        platform.num_workers({"TF_CONFIG": "{cluster"})
+        cloud.num_workers({"TF_CONFIG": "{cluster"})
     with pytest.raises(UserError, match="JSON object"):
-        platform.tf_config({"TF_CONFIG": "[1]"})
+        cloud.tf_config({"TF_CONFIG": "[1]"})
 
 
 def test_prepare_tf_config_renames_master_to_chief():
     environ = _env(LEGACY_CLUSTER, {"type": "master", "index": 0}, environment="cloud")
-    platform.prepare_tf_config(environ)
+    cloud.prepare_tf_config(environ)
     config = json.loads(environ["TF_CONFIG"])
     assert config["cluster"] == {"chief": ["m-0:2222"], "worker": ["w-0:2222", "w-1:2222"]}
     assert config["task"] == {"type": "chief", "index": 0}
     assert config["environment"] == "cloud"
-    assert platform.num_workers(environ) == 3 and platform.is_chief(environ)
+    assert cloud.num_workers(environ) == 3 and cloud.is_chief(environ)
 
     worker = _env(LEGACY_CLUSTER, {"type": "worker", "index": 1})
-    platform.prepare_tf_config(worker)
+    cloud.prepare_tf_config(worker)
     config = json.loads(worker["TF_CONFIG"])
     assert "master" not in config["cluster"] and config["task"]["type"] == "worker"
-    assert not platform.is_chief(worker)
+    assert not cloud.is_chief(worker)
 
 
 def test_prepare_tf_config_leaves_other_configs_alone():
     vertex = _env(VERTEX_CLUSTER, {"type": "chief", "index": 0})
     before = dict(vertex)
-    platform.prepare_tf_config(vertex)
+    cloud.prepare_tf_config(vertex)
     assert vertex == before
     empty: dict[str, str] = {}
-    platform.prepare_tf_config(empty)
+    cloud.prepare_tf_config(empty)
     assert empty == {}
 
 
 def test_prepare_tf_config_defaults_to_the_process_environment(monkeypatch):
     monkeypatch.setenv("TF_CONFIG", SINGLE_MASTER["TF_CONFIG"])
-    platform.prepare_tf_config()
-    assert json.loads(platform.os.environ["TF_CONFIG"])["task"]["type"] == "chief"
+    cloud.prepare_tf_config()
+    assert json.loads(cloud.os.environ["TF_CONFIG"])["task"]["type"] == "chief"
 
 
 def test_metric_reporter_with_a_fake_hypertune(monkeypatch):
@@ -172,7 +172,7 @@ def test_metric_reporter_with_a_fake_hypertune(monkeypatch):
             calls.append(kwargs)
 
     monkeypatch.setitem(sys.modules, "hypertune", types.SimpleNamespace(HyperTune=FakeHyperTune))
-    reporter = platform.MetricReporter()
+    reporter = cloud.MetricReporter()
     assert reporter.enabled
     reporter.report("val_loss", 1.25, 300)
     assert calls == [{"hyperparameter_metric_tag": "val_loss", "metric_value": 1.25,
@@ -185,7 +185,7 @@ def test_metric_reporter_never_raises(monkeypatch, caplog):
             raise PermissionError("/tmp/hypertune is read-only")
 
     monkeypatch.setitem(sys.modules, "hypertune", types.SimpleNamespace(HyperTune=BrokenHyperTune))
-    reporter = platform.MetricReporter()
+    reporter = cloud.MetricReporter()
     reporter.report("val_loss", 1.0, 1)
     reporter.report("val_loss", 0.5, 2)
     assert not reporter.enabled
@@ -205,7 +205,7 @@ TWO_WORKERS = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
     (_env(environment="cloud"), "auto"),  # No cluster at all: one machine.
 ])
 def test_check_cluster_accepts_what_can_run(environ, strategy):
-    platform.check_cluster(strategy, environ)
+    cloud.check_cluster(strategy, environ)
 
 
 @pytest.mark.parametrize("environ, strategy, message", [
@@ -230,7 +230,7 @@ def test_check_cluster_accepts_what_can_run(environ, strategy):
 ])
 def test_check_cluster_names_what_cannot_work(environ, strategy, message):
     with pytest.raises(UserError) as raised:
-        platform.check_cluster(strategy, environ)
+        cloud.check_cluster(strategy, environ)
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 
@@ -248,8 +248,8 @@ def test_cloud_environment_reaches_the_config(monkeypatch):
 
     # Legacy AI Platform's single-machine TF_CONFIG is not a cluster.
     single = _env({"master": ["m-0:2222"]}, {"type": "master", "index": 0})
-    assert platform.num_workers(single) == 1 and platform.is_chief(single)
-    platform.prepare_tf_config(single)
+    assert cloud.num_workers(single) == 1 and cloud.is_chief(single)
+    cloud.prepare_tf_config(single)
     assert json.loads(single["TF_CONFIG"])["task"]["type"] == "chief"
 
 
@@ -257,7 +257,7 @@ def test_metric_reporter_writes_the_hypertune_file(tmp_path, monkeypatch):
     pytest.importorskip("hypertune", reason="cloudml-hypertune is in the test and tune extras")
     metric_file = tmp_path / "hypertune" / "output.metrics"
     monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(metric_file))
-    reporter = platform.MetricReporter()
+    reporter = cloud.MetricReporter()
     assert reporter.enabled
     reporter.report("val_loss", 1.75, 120)
     reporter.report("val_loss", 1.5, 240)
@@ -268,6 +268,6 @@ def test_metric_reporter_writes_the_hypertune_file(tmp_path, monkeypatch):
 def test_metric_reporter_without_hypertune(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "hypertune", None)
     monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(tmp_path / "m" / "output.metrics"))
-    reporter = platform.MetricReporter()
+    reporter = cloud.MetricReporter()
     reporter.report("val_loss", 1.0, 1)
     assert not reporter.enabled and not (tmp_path / "m").exists()
