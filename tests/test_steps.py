@@ -220,3 +220,25 @@ def test_adam_uses_the_configured_moment_decay_rates(tmp_path):
 def test_moment_decay_rates_outside_zero_one_are_refused(tmp_path, flag):
     with pytest.raises(UserError, match=f"--{flag} must be in \\[0, 1\\), got 1.0"):
         tiny("unused", tmp_path, **{flag: 1.0})
+
+
+def test_weight_decay_shrinks_kernels_and_embedding_but_not_biases(tmp_path):
+    cfg = tiny("unused", tmp_path, lr_schedule="constant", learning_rate=0.1, weight_decay=0.5,
+               num_layers=2)
+    model = models.build_model(cfg, vocab_size=7)
+    optimizer, _ = steps.optimizer(cfg, total_steps=10)
+    before = {v.path: v.numpy() for v in model.trainable_variables}
+    # Zero gradients: Adam's own step is zero, so only the decay moves a weight.
+    optimizer.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
+    names = set()
+    for v in model.trainable_variables:
+        names.add(v.name)
+        shrink = 1.0 if v.name == "bias" else 1 - 0.1 * 0.5
+        np.testing.assert_allclose(v.numpy(), before[v.path] * shrink, rtol=1e-6, atol=1e-7)
+    assert {"embeddings", "kernel", "recurrent_kernel", "bias"} <= names
+    # Off by default: the same zero step leaves every weight where it was.
+    plain, _ = steps.optimizer(cfg.replace(weight_decay=0.0), total_steps=10)
+    kernel = model.get_layer("logits").kernel
+    start = kernel.numpy()
+    plain.apply_gradients([(tf.zeros_like(kernel), kernel)])
+    np.testing.assert_array_equal(kernel.numpy(), start)

@@ -190,11 +190,15 @@ def test_xla_trains_under_mirrored_and_is_refused_on_a_gpu(corpus, tmp_path, mon
     train._check_jit_compile(cfg.replace(jit_compile=False))
 
 
-def test_xla_and_mixed_precision_steps_train(corpus, tmp_path):
+def test_xla_and_mixed_precision_steps_train(corpus, tmp_path, monkeypatch):
     summary = train.train(tiny(corpus, tmp_path / "xla", epochs=1, jit_compile=True))
     assert math.isfinite(summary["loss"]) and summary["step"] > 0
-    summary = train.train(tiny(corpus, tmp_path / "bf16", epochs=1, precision="mixed_bfloat16"))
+    # --precision=auto on a CPU with bfloat16 instructions trains in mixed_bfloat16, and
+    # config.json records what ran.
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda *args: True)
+    summary = train.train(tiny(corpus, tmp_path / "bf16", epochs=1, precision="auto"))
     assert math.isfinite(summary["loss"]) and summary["step"] > 0
+    assert _json(tmp_path / "bf16" / "config.json")["precision"] == "mixed_bfloat16"
 
 
 
@@ -286,3 +290,26 @@ def test_bfloat16_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="--precision=mixed_bfloat16 does not work on a GPU"):
         train._check_precision(cfg)
     train._check_precision(cfg.replace(precision="mixed_float16"))
+
+
+def test_auto_precision_follows_the_cpu_flags(corpus, tmp_path, monkeypatch):
+    # bfloat16 only where the CPU multiplies it natively; emulated, it is slower than float32.
+    def cpuinfo(name: str, flag_line: str) -> str:
+        path = tmp_path / name
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flag_line}\n\n"
+                        f"processor\t: 1\nflags\t\t: fpu sse2 {flag_line}\n")
+        return str(path)
+
+    zen4, sapphire, avx2 = (cpuinfo("zen4", "avx2 avx512f avx512_bf16"),
+                            cpuinfo("spr", "avx512f amx_bf16 amx_tile"), cpuinfo("avx2", "avx2"))
+    assert train.cpu_has_bfloat16(zen4) and train.cpu_has_bfloat16(sapphire)
+    assert not train.cpu_has_bfloat16(avx2)
+    assert not train.cpu_has_bfloat16(str(tmp_path / "missing"))
+    auto = tiny(corpus, tmp_path, precision="auto")
+    assert train.resolve_precision(auto, zen4).precision == "mixed_bfloat16"
+    assert train.resolve_precision(auto, avx2).precision == "float32"
+    fixed = auto.replace(precision="mixed_float16")
+    assert train.resolve_precision(fixed, zen4) is fixed
+    monkeypatch.setattr(train.tf.config, "list_logical_devices",
+                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
+    assert train.resolve_precision(auto, zen4).precision == "float32"  # cuDNN: no bfloat16.

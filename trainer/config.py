@@ -16,7 +16,7 @@ from trainer.errors import UserError
 
 OBJECTIVES = ("sequence", "last")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 LR_SCHEDULES = ("cosine", "constant")
 MONITORS = ("val_loss", "val_carried_loss", "loss")
 
@@ -86,6 +86,10 @@ class Config:
         0.9, "Adam's decay rate of its first moment estimate (Keras's beta_1).")
     adam_beta2: float = option(
         0.999, "Adam's decay rate of its second moment estimate (Keras's beta_2).")
+    weight_decay: float = option(
+        0.0, "Decoupled weight decay (AdamW's): each step shrinks the kernels and the "
+        "embedding by learning_rate * weight_decay of themselves; biases are not decayed. "
+        "0 = none.")
     lr_schedule: str = option(
         "cosine", "'cosine' decays to min_lr_ratio * learning_rate after warmup; 'constant' keeps "
         "it.",
@@ -113,7 +117,9 @@ class Config:
         "one device.",
         choices=STRATEGIES)
     precision: str = option(
-        "float32", "Numeric precision of layers; the output logits stay float32 in every mode.",
+        "float32", "Numeric precision of layers; the output logits stay float32 in every mode. "
+        "auto: mixed_bfloat16 on a CPU with bfloat16 instructions (AVX512_BF16 or AMX) and "
+        "no GPU, float32 elsewhere.",
         choices=PRECISIONS)
     jit_compile: bool = option(
         False, "Compile each replica's forward and backward pass with XLA. CPU only: XLA cannot "
@@ -173,7 +179,7 @@ class Config:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         non_negative = ("window_shift", "steps_per_epoch", "val_steps", "warmup_steps",
                         "clipnorm", "train_minutes", "checkpoint_every_steps",
-                        "sample_length", "upload_timeout", "logical_cpus")
+                        "sample_length", "upload_timeout", "logical_cpus", "weight_decay")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")

@@ -64,7 +64,12 @@ def optimizer(cfg: Config, total_steps: int) -> tuple[keras.optimizers.Optimizer
                               time_progress if cfg.train_minutes else None)
     # No global_clipnorm here: Keras would clip each replica's share of the gradient
     # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
-    optimizer = keras.optimizers.Adam(schedule, beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2)
+    # Keras applies weight_decay as AdamW does: w -= lr * weight_decay * w, apart from Adam's
+    # step. Biases stay out of it (as nanoGPT keeps its biases and norms out).
+    optimizer = keras.optimizers.Adam(schedule, beta_1=cfg.adam_beta1, beta_2=cfg.adam_beta2,
+                                      weight_decay=cfg.weight_decay or None)
+    if cfg.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias"])
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer, time_progress

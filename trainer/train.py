@@ -72,6 +72,33 @@ def _check_precision(cfg: Config) -> None:
                         "--precision=mixed_float16 there")
 
 
+def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX512_BF16 or AMX-BF16 flags).
+
+    Elsewhere oneDNN emulates bfloat16 and mixed_bfloat16 runs slower than float32.
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = {word for line in f if line.startswith("flags")
+                     for word in line.split(":", 1)[-1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> Config:
+    """Replaces --precision=auto with what this machine runs best (see Config.precision)."""
+    if cfg.precision != "auto":
+        return cfg
+    native = cpu_has_bfloat16(cpuinfo) and not tf.config.list_logical_devices("GPU")
+    precision = "mixed_bfloat16" if native else "float32"
+    logging.info("--precision=auto: %s (%s)", precision,
+                 "CPU with bfloat16 instructions, no GPU" if native else
+                 "a GPU" if tf.config.list_logical_devices("GPU") else
+                 "CPU without bfloat16 instructions")
+    return cfg.replace(precision=precision)
+
+
 def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
     saved = job.read("config.json")
     if saved is None:
@@ -111,6 +138,7 @@ def train(cfg: Config) -> dict[str, Any]:
 def _train(cfg: Config, strategy: tf.distribute.Strategy,
            place: distribution.Placement) -> dict[str, Any]:
     _check_jit_compile(cfg)
+    cfg = resolve_precision(cfg)
     _check_precision(cfg)
     global_batch = cfg.batch_size * place.replicas
     if cfg.monitor.startswith("val_") and not (cfg.val_data or cfg.val_fraction):
