@@ -178,8 +178,11 @@ def test_mirrored_with_dropout_stops_on_sigterm_and_resumes_at_that_step(shards,
 def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tmp_path):
     job = f"{gcs_bucket()}/runs/outage"
     stage = tmp_path / "stage"
-    args = _args(f"{shards}/*.txt", job, "--epochs=8", "--rnn_units=64", "--sample_length=0",
-                 f"--local_dir={stage}", "--checkpoint_every_steps=20")
+    # Enough epochs (about 0.6 s each here) that the outage surely starts mid-training: with
+    # 8 a quick machine had finished them before the emulator was down.
+    epochs = 40
+    args = _args(f"{shards}/*.txt", job, f"--epochs={epochs}", "--rnn_units=64",
+                 "--sample_length=0", f"--local_dir={stage}", "--checkpoint_every_steps=20")
     with open(tmp_path / "job.log", "w") as log:
         proc = _start(args, log)
         _wait_for(lambda: os.path.exists(stage / "best.json"), proc=proc)
@@ -187,13 +190,18 @@ def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tm
         try:
             metrics = stage / "metrics.jsonl"
             epochs_before = _lines(metrics)
-            # Training goes on while the bucket is away: more epochs complete.
+            assert epochs_before <= epochs - 2, "training ended before the outage began"
+            # Training goes on while the bucket is away: more epochs complete. The outage
+            # lasts past the storage client's own 10 s of retries, so our uploader sees
+            # the failures and logs them.
+            away = time.monotonic()
             _wait_for(lambda: _lines(metrics) >= epochs_before + 2, proc=proc)
+            _wait_for(lambda: time.monotonic() - away > 15, proc=proc)
         finally:
             gcs_emulator.start()
         assert proc.wait(timeout=300) == 0, _read(tmp_path / "job.log")[-3000:]
     log_text = _read(tmp_path / "job.log")
-    assert "upload" in log_text.lower()  # The failed attempts were reported.
+    assert "failed (attempt 1), retrying" in log_text  # The failed attempts were reported.
     best = _best(job)
     for name, record in best["files"].items():
         assert storage.size(f"{job}/{name}") == record["size"]
@@ -201,7 +209,7 @@ def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tm
     for entry in latest["checkpoints"]:
         for name, record in entry["files"].items():
             assert storage.size(f"{job}/{name}") == record["size"]
-    assert len(storage.read_text(f"{job}/metrics.jsonl").splitlines()) == 8
+    assert len(storage.read_text(f"{job}/metrics.jsonl").splitlines()) == epochs
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
@@ -238,12 +246,15 @@ def test_files_still_unuploaded_at_the_end_are_named_with_their_local_copies(
         gcs_emulator, gcs_bucket, shards, tmp_path):
     job = f"{gcs_bucket()}/runs/cutoff"
     stage = tmp_path / "stage"
-    args = _args(f"{shards}/*.txt", job, "--epochs=3", "--sample_length=0",
+    # Epochs enough that training is still going when the bucket goes away (with 3, a quick
+    # machine had uploaded everything first).
+    args = _args(f"{shards}/*.txt", job, "--epochs=30", "--sample_length=0",
                  f"--local_dir={stage}", "--upload_timeout=2")
     with open(tmp_path / "job.log", "w") as log:
         proc = _start(args, log)
         _wait_for(lambda: os.path.exists(stage / "best.json"), proc=proc)
         gcs_emulator.stop()
+        assert proc.poll() is None, "the job ended before the outage began"
         try:
             code = proc.wait(timeout=240)
         finally:
