@@ -16,18 +16,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import cli, cloud  # noqa: E402
+from trainer import cli, cloud, config  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.errors import UserError, describe  # noqa: E402
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines one flag per Config field, plus --preset, on `flag_values`."""
+    helps, choices = config.field_help(), config.field_choices()
     for field in dataclasses.fields(Config):
-        name, default, text = field.name, field.default, field.metadata["help"]
-        if "choices" in field.metadata:
-            flags.DEFINE_enum(name, default, field.metadata["choices"], text,
-                              flag_values=flag_values)
+        name, default, text = field.name, field.default, helps[field.name]
+        if name in choices:
+            flags.DEFINE_enum(name, default, choices[name], text, flag_values=flag_values)
         elif isinstance(default, bool):
             flags.DEFINE_bool(name, default, text, flag_values=flag_values)
         elif isinstance(default, int):

@@ -90,12 +90,13 @@ def resolve_precision(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> Config:
     """Replaces --precision=auto with what this machine runs best (see Config.precision)."""
     if cfg.precision != "auto":
         return cfg
-    native = cpu_has_bfloat16(cpuinfo) and not tf.config.list_logical_devices("GPU")
-    precision = "mixed_bfloat16" if native else "float32"
-    logging.info("--precision=auto: %s (%s)", precision,
-                 "CPU with bfloat16 instructions, no GPU" if native else
-                 "a GPU" if tf.config.list_logical_devices("GPU") else
-                 "CPU without bfloat16 instructions")
+    if tf.config.list_logical_devices("GPU"):
+        precision, why = "float32", "a GPU"
+    elif cpu_has_bfloat16(cpuinfo):
+        precision, why = "mixed_bfloat16", "CPU with bfloat16 instructions, no GPU"
+    else:
+        precision, why = "float32", "CPU without bfloat16 instructions"
+    logging.info("--precision=auto: %s (%s)", precision, why)
     return cfg.replace(precision=precision)
 
 
