@@ -38,7 +38,7 @@ def _model(job_dir: str | None) -> tuple[Any, Any, str]:
     """(model, vocabulary, a description): the job's best model or a random default-size one."""
     from trainer import checkpoints, models
     from trainer.config import Config
-    from trainer.vocabulary import Vocabulary
+    from trainer.data.vocabulary import Vocabulary
 
     if job_dir:
         cfg, vocab, model, pointer = checkpoints.load_trained(job_dir)
@@ -87,7 +87,7 @@ def run(job_dir: str | None, length: int, streams: int, tutorial_chars: int,
     import numpy as np
     import tensorflow as tf
 
-    from trainer.sampling import Sampler, Settings
+    from trainer.sampling.sampler import Sampler, Settings
 
     model, vocab, described = _model(job_dir)
     sampler = Sampler(model, vocab)

@@ -175,7 +175,7 @@ def generation(model, prime_ids, rec: Recorder, smoke: bool) -> None:
 
 def split(text: str):
     """nanoGPT's shakespeare_char split and our vocabulary (id 0 = out of vocabulary)."""
-    from trainer.vocabulary import Vocabulary
+    from trainer.data.vocabulary import Vocabulary
 
     vocab = Vocabulary.from_counts(collections.Counter(text))
     cut = int(len(text) * 0.9)

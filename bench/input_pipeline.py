@@ -1,7 +1,7 @@
 """Benchmark: the streaming window pipeline against materialising alternatives.
 
     python -m bench.input_pipeline [--speed_mb=30] [--rss_mb=10,100,1000] \
-        [--train_windows_per_sec=N] [--out=bench/results/input_pipeline.json]
+        [--train_windows_per_sec=N] [--out=bench/results/window_pipeline.json]
 
 On synthetic corpora (random text with English-like character frequencies,
 written as 10 MB shards into a temporary folder that is deleted afterwards):
@@ -55,25 +55,26 @@ TARGET_RSS_GROWTH_MB = 150.0
 
 def _setup(pattern: str, shard_cycle: int = 8):
     """What a job builds once: the scan, vocabulary, regions and steps of one pass."""
-    from trainer import corpus_index, input_pipeline, storage, vocabulary
+    from trainer import storage
     from trainer.config import Config
+    from trainer.data import index, vocabulary, window_pipeline
 
     cfg = Config(train_data=pattern, seq_length=SEQ_LENGTH, batch_size=BATCH,
                  shard_cycle=shard_cycle)
-    index = corpus_index.scan(storage.expand_patterns(pattern), [], lowercase=False,
+    corpus = index.build(storage.expand_patterns(pattern), [], lowercase=False,
                               piece_bytes=cfg.piece_bytes)
-    vocab = vocabulary.Vocabulary.from_counts(index.counts)
-    regions, _ = corpus_index.make_regions(index, cfg.window)
-    steps = input_pipeline.steps_per_pass(regions, cfg.window, cfg.shift, BATCH, 1,
-                                          input_pipeline.Sharding())
+    vocab = vocabulary.Vocabulary.from_counts(corpus.counts)
+    regions, _ = index.make_regions(corpus, cfg.window)
+    steps = window_pipeline.steps_per_pass(regions, cfg.window, cfg.shift, BATCH, 1,
+                                          window_pipeline.Sharding())
     return cfg, vocab, regions, steps
 
 
 def ours(cfg, vocab, regions, steps):
     """The job's pipeline: one shuffled pass of (x, y) batches."""
-    from trainer import input_pipeline
+    from trainer.data import window_pipeline
 
-    return input_pipeline.dataset(regions, vocab, cfg, batch_size=BATCH, shift=cfg.shift,
+    return window_pipeline.dataset(regions, vocab, cfg, batch_size=BATCH, shift=cfg.shift,
                                   steps=steps, repeat=False)
 
 
@@ -81,18 +82,18 @@ def _all_ids(vocab, regions):
     """The whole corpus as one id array, read and encoded with the job's own functions."""
     import numpy as np
 
-    from trainer import input_pipeline
+    from trainer.data import window_pipeline
 
-    return np.concatenate([input_pipeline.load_region_ids(r, vocab, False) for r in regions])
+    return np.concatenate([window_pipeline.load_region_ids(r, vocab, False) for r in regions])
 
 
 def pieces_per_batches(setup, batches: int = 100) -> dict[str, Any]:
     """How many distinct pieces feed `batches` consecutive batches (from the plan alone)."""
-    from trainer import input_pipeline
+    from trainer.data import window_pipeline
 
     cfg, _, regions, _ = setup
-    counts = [input_pipeline.num_windows(r.length, cfg.window, cfg.shift) for r in regions]
-    plan = input_pipeline.plan(counts, [[i] for i in range(len(regions))], BATCH,
+    counts = [window_pipeline.num_windows(r.length, cfg.window, cfg.shift) for r in regions]
+    plan = window_pipeline.plan(counts, [[i] for i in range(len(regions))], BATCH,
                                min(cfg.shard_cycle, len(regions)), cfg.seed, 0, True)
     per_batch, seen = [], set()
     for takes in list(plan)[:batches]:
@@ -152,7 +153,7 @@ def speed(speed_mb: int, rounds: int, flat_map_batches: int, folder: str) -> dic
     bench.write_corpus(os.path.join(folder, "speed"), speed_mb * 1000 * 1000, seed=1,
                        one_file=True)
     setup = _setup(os.path.join(folder, "speed", "*.txt"))
-    variants = {"ours (input_pipeline.dataset)": (ours, -1),
+    variants = {"ours (window_pipeline.dataset)": (ours, -1),
                 "(a) tf.signal.frame, materialised": (frame, -1),
                 # So slow that only the first batches are timed (setup included).
                 f"(b) Dataset.window().flat_map(), first {flat_map_batches} batches":
@@ -183,8 +184,8 @@ def speed(speed_mb: int, rounds: int, flat_map_batches: int, folder: str) -> dic
 
 def training_windows_per_sec(folder: str) -> float:
     """Windows/s one training step of the default Config() model takes, via the job itself."""
-    from trainer import train
     from trainer.config import Config
+    from trainer.training import train
 
     job_dir = os.path.join(folder, "train-job")
     cfg = Config(train_data=os.path.join(folder, "speed", "*.txt"), job_dir=job_dir,
@@ -215,7 +216,7 @@ def run(speed_mb: int, rounds: int, flat_map_batches: int, rss_mb: list[str],
             result["training_source"] = "given (--train_windows_per_sec)"
         result["training_windows_per_sec"] = train_wps
         result["ours_vs_training"] = (
-            result["speed"]["median_windows_per_sec"]["ours (input_pipeline.dataset)"] / train_wps)
+            result["speed"]["median_windows_per_sec"]["ours (window_pipeline.dataset)"] / train_wps)
         result["memory"] = pipeline_memory.memory(rss_mb, folder, shard_cycle, rss_repeats)
         result["tutorial"] = (pipeline_memory.child(f"--child_tutorial={tutorial_chars}")
                               if tutorial_chars else {"error": "skipped (--tutorial_chars=0)"})
@@ -323,7 +324,7 @@ def define_flags() -> None:
                        "measure it here.")
     flags.DEFINE_string("tmp_dir", None, "Where the temporary corpora go (default: system "
                         "temp dir; needs ~1.2 GB free for the 1 GB corpus).")
-    flags.DEFINE_string("out", f"{bench.RESULTS_DIR}/input_pipeline.json", "JSON output.")
+    flags.DEFINE_string("out", f"{bench.RESULTS_DIR}/window_pipeline.json", "JSON output.")
 
 
 def main(argv: list[str]) -> int:

@@ -43,7 +43,8 @@ ANCHORS = {"Witten-Bell 5-gram": 1.6688, "nanoGPT 10.7M transformer": 1.4697}
 
 def split_corpus(path: str, folder: str) -> tuple[str, str, dict[str, int]]:
     """Writes the first 90% of the chars to train.txt and the rest to val.txt."""
-    from trainer import storage, vocabulary
+    from trainer import storage
+    from trainer.data import vocabulary
 
     text, _ = vocabulary.decode(storage.read_bytes(path))
     cut = int(len(text) * 0.9)

@@ -17,7 +17,8 @@ def old_scan_mb_per_sec(pattern: str, limit_mb: int = 100) -> float:
 
     import numpy as np
 
-    from trainer import storage, vocabulary
+    from trainer import storage
+    from trainer.data import vocabulary
 
     start, done = time.perf_counter(), 0
     for path in storage.expand_patterns(pattern):
@@ -46,7 +47,8 @@ def scan_split_over_emulator(folder: str, total_mb: int = 24) -> dict[str, Any]:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
     from conftest import Emulator  # The tests' emulator harness, on a free loopback port.
 
-    from trainer import corpus_index, gcs, storage
+    from trainer import gcs, storage
+    from trainer.data import index
 
     emulator = Emulator(os.path.join(folder, "emulator"))
     os.makedirs(emulator.data_dir, exist_ok=True)
@@ -77,10 +79,10 @@ def scan_split_over_emulator(folder: str, total_mb: int = 24) -> dict[str, Any]:
 
         def run(worker):
             began = time.perf_counter()
-            index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=4 << 20,
+            corpus = index.build(paths, [], lowercase=False, piece_bytes=4 << 20,
                                       worker=worker, num_workers=2,
                                       combine=combine_for(worker))
-            out[worker] = {"bytes_read": index.bytes_read,
+            out[worker] = {"bytes_read": corpus.bytes_read,
                            "seconds": time.perf_counter() - began}
         threads = [threading.Thread(target=run, args=(w,)) for w in range(2)]
         for t in threads:

@@ -43,7 +43,7 @@ def random_job_dir(path: str) -> str:
 
     from trainer import checkpoints, models
     from trainer.config import Config
-    from trainer.vocabulary import Vocabulary
+    from trainer.data.vocabulary import Vocabulary
 
     cfg = Config(num_layers=1, rnn_units=256, embedding_dim=64, dropout=0.0, train_data="-",
                  job_dir=path)

@@ -71,7 +71,7 @@ def config(shard: str, job_dir: str, model: str, xla: bool, steps: int, epochs: 
 
 def ours(cfg) -> dict[str, Any]:
     """Runs the job; steady-state chars/s from its metrics (epochs after the first)."""
-    from trainer import train
+    from trainer.training import train
 
     train.train(cfg)
     with open(os.path.join(cfg.job_dir, "metrics.jsonl"), encoding="utf-8") as f:
@@ -90,7 +90,8 @@ def keras_fit(cfg) -> dict[str, Any]:
     import keras
     import tensorflow as tf
 
-    from trainer import models, storage, vocabulary
+    from trainer import models, storage
+    from trainer.data import vocabulary
 
     text, _ = vocabulary.decode(storage.read_bytes(cfg.train_data))
     vocab = vocabulary.Vocabulary.from_counts(vocabulary.scan([cfg.train_data]).counts)

@@ -16,7 +16,7 @@ import keras
 
 from trainer import checkpoints, models
 from trainer.config import Config
-from trainer.vocabulary import Vocabulary
+from trainer.data.vocabulary import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = Vocabulary(list("\n .,:;!?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))

@@ -8,9 +8,9 @@ import types
 
 import pytest
 
-from trainer import cloud
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.training import cloud
 
 
 def _env(cluster: dict | None = None, task: dict | None = None, **extra) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Tests for trainer.corpus_index: cuts on character boundaries, a scan split among workers,
+"""Tests for trainer.data.index: cuts on character boundaries, a scan split among workers,
 range reads only, .gz streams, and the shards.json record."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from trainer import corpus_index, corpus_scan, storage, vocabulary
+from trainer import storage
+from trainer.data import index, scan, vocabulary
 from trainer.errors import UserError
 
 # 1-, 2-, 3- and 4-byte UTF-8 characters, and \r\n pairs that a cut must not split.
@@ -22,7 +23,7 @@ def _text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(MIXED) for _ in range(n))
 
 
-def _decoded_pieces(path: str, info: corpus_index.FileInfo) -> list[str]:
+def _decoded_pieces(path: str, info: index.FileInfo) -> list[str]:
     with open(path, "rb") as f:
         data = f.read()
     return [vocabulary.decode(data[a:b])[0] for a, b, _ in info.pieces]
@@ -35,8 +36,8 @@ def test_pieces_cut_on_character_boundaries_and_decode_to_the_whole_text(tmp_pat
     path = tmp_path / "one.txt"
     path.write_bytes(text.encode())
     piece_bytes = rng.choice([64, 65, 100, 333])
-    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=piece_bytes)
-    info = index.files[0]
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=piece_bytes)
+    info = corpus.files[0]
     pieces = _decoded_pieces(str(path), info)
     whole = vocabulary.decode(text.encode())[0]
     assert "".join(pieces) == whole  # No char split, nothing twice, \r\n kept whole.
@@ -47,8 +48,8 @@ def test_pieces_cut_on_character_boundaries_and_decode_to_the_whole_text(tmp_pat
         assert start == 0 or data[start] & 0xC0 != 0x80
         assert stop - start <= piece_bytes + 4
     assert [b for _, b, _ in info.pieces[:-1]] == [a for a, _, _ in info.pieces[1:]]
-    assert index.counts == collections.Counter(whole)
-    assert index.bytes_read == len(data)
+    assert corpus.counts == collections.Counter(whole)
+    assert corpus.bytes_read == len(data)
 
 
 def test_the_histogram_counts_in_linear_time_any_vocabulary():
@@ -77,7 +78,7 @@ def _scan_as_workers(paths, val, n, piece_bytes, monkeypatch):
     out = [None] * n
 
     def run(w):
-        out[w] = corpus_index.scan(paths, val, lowercase=False, piece_bytes=piece_bytes,
+        out[w] = index.build(paths, val, lowercase=False, piece_bytes=piece_bytes,
                                    worker=w, num_workers=n, combine=combine, threads=2)
     threads = [threading.Thread(target=run, args=(w,)) for w in range(n)]
     for t in threads:
@@ -100,11 +101,11 @@ def test_two_workers_each_read_half_and_agree_on_the_index(tmp_path, where, requ
         paths.append(path)
     val = storage.join(root, "val.txt")
     storage.write_bytes(val, _text(rng, 500).encode())
-    alone = corpus_index.scan(paths, [val], lowercase=False, piece_bytes=1024)
+    alone = index.build(paths, [val], lowercase=False, piece_bytes=1024)
     both = _scan_as_workers(paths, [val], 2, 1024, monkeypatch)
-    for index in both:
-        assert index.files == alone.files
-        np.testing.assert_array_equal(index.histogram, alone.histogram)
+    for corpus in both:
+        assert corpus.files == alone.files
+        np.testing.assert_array_equal(corpus.histogram, alone.histogram)
     total = sum(storage.size(p) for p in paths + [val])
     assert sum(i.bytes_read for i in both) == total
     assert max(i.bytes_read for i in both) <= total / 2 + 16  # Half, give or take a cut.
@@ -123,11 +124,11 @@ def test_any_number_of_workers_finds_the_same_pieces(tmp_path, seed, monkeypatch
         path.write_bytes(_text(rng, rng.randint(0, 900)).encode())
         paths.append(str(path))
     piece_bytes = rng.choice([64, 97, 256])
-    alone = corpus_index.scan(paths, [], lowercase=False, piece_bytes=piece_bytes)
+    alone = index.build(paths, [], lowercase=False, piece_bytes=piece_bytes)
     for n in (2, 3):
-        for index in _scan_as_workers(paths, [], n, piece_bytes, monkeypatch):
-            assert index.files == alone.files
-            np.testing.assert_array_equal(index.histogram, alone.histogram)
+        for corpus in _scan_as_workers(paths, [], n, piece_bytes, monkeypatch):
+            assert corpus.files == alone.files
+            np.testing.assert_array_equal(corpus.histogram, alone.histogram)
 
 
 def test_a_gzip_file_streams_into_the_same_pieces_of_text(tmp_path):
@@ -136,16 +137,16 @@ def test_a_gzip_file_streams_into_the_same_pieces_of_text(tmp_path):
     plain.write_bytes(text.encode())
     with gzip.open(packed, "wb") as f:
         f.write(text.encode())
-    index = corpus_index.scan([str(plain), str(packed)], [], lowercase=False, piece_bytes=700)
-    a, b = index.files
+    corpus = index.build([str(plain), str(packed)], [], lowercase=False, piece_bytes=700)
+    a, b = corpus.files
     assert b.compressed and not a.compressed
     assert a.chars == b.chars == len(vocabulary.decode(text.encode())[0])
     assert len(b.pieces) > 5
-    train, _ = corpus_index.make_regions(index, 10)
+    train, _ = index.make_regions(corpus, 10)
     texts = collections.defaultdict(str)
-    with corpus_scan.open_compressed(str(packed)) as stream:
+    with scan.open_compressed(str(packed)) as stream:
         for r in train:
-            texts[r.path] += corpus_index.read_text(r, False, stream if r.compressed else None)
+            texts[r.path] += index.read_text(r, False, stream if r.compressed else None)
     assert texts[str(plain)] == texts[str(packed)] == vocabulary.decode(text.encode())[0]
 
 
@@ -153,28 +154,28 @@ def test_a_corrupt_gzip_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.txt.gz"
     bad.write_bytes(b"this is not gzip at all")
     with pytest.raises(UserError, match="not a readable gzip file"):
-        corpus_index.scan([str(bad)], [], lowercase=False, piece_bytes=64)
+        index.build([str(bad)], [], lowercase=False, piece_bytes=64)
 
 
 def test_the_record_round_trips_and_is_ignored_for_another_piece_size(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("hello world\n" * 50)
-    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=128)
-    text = corpus_index.record(index, False, 128)
-    assert corpus_index.read_record(text, False, 128) == {str(path): index.files[0]}
-    assert corpus_index.read_record(text, False, 256) == {}
-    assert corpus_index.read_record(text, True, 128) == {}
-    assert corpus_index.read_record("{broken", False, 128) == {}
-    again = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=128,
-                              known=corpus_index.read_record(text, False, 128))
-    assert again.reused == 1 and again.bytes_read == 0 and again.files == index.files
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=128)
+    text = index.record(corpus, False, 128)
+    assert index.read_record(text, False, 128) == {str(path): corpus.files[0]}
+    assert index.read_record(text, False, 256) == {}
+    assert index.read_record(text, True, 128) == {}
+    assert index.read_record("{broken", False, 128) == {}
+    again = index.build([str(path)], [], lowercase=False, piece_bytes=128,
+                              known=index.read_record(text, False, 128))
+    assert again.reused == 1 and again.bytes_read == 0 and again.files == corpus.files
 
 
 def test_val_fraction_cuts_the_tail_of_each_file_inside_a_piece(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("".join(chr(97 + i % 26) for i in range(1000)))
-    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=300)
-    train, val = corpus_index.make_regions(index, 5, val_fraction=0.25)
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=300)
+    train, val = index.make_regions(corpus, 5, val_fraction=0.25)
     assert sum(r.length for r in train) == 750 and sum(r.length for r in val) == 250
     assert max(r.offset + r.end for r in train) == min(r.offset + r.begin for r in val) == 750
 
@@ -182,13 +183,13 @@ def test_val_fraction_cuts_the_tail_of_each_file_inside_a_piece(tmp_path):
 def test_prompts_and_samples_read_one_small_range(tmp_path, monkeypatch):
     path = tmp_path / "t.txt"
     path.write_text("0123456789" * 10_000)
-    index = corpus_index.scan([str(path)], [], lowercase=False, piece_bytes=50_000)
-    train, _ = corpus_index.make_regions(index, 10)
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=50_000)
+    train, _ = index.make_regions(corpus, 10)
     reads = []
     real = storage.read_range
     monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))
     monkeypatch.setattr(storage, "read_bytes", lambda p: pytest.fail("read a whole file"))
-    assert corpus_index.read_chars(train[0], 0, 20, False) == "01234567890123456789"
+    assert index.read_chars(train[0], 0, 20, False) == "01234567890123456789"
     assert reads == [20 * 4 + 4]
-    assert corpus_index.read_chars(train[1], 3, 4, False) == "3456"
+    assert index.read_chars(train[1], 3, 4, False) == "3456"
     assert reads[1] <= 50_000 + 8

@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from trainer import checkpoints, storage, train
+from trainer import checkpoints, storage
 from trainer.config import Config
+from trainer.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the fog. ", "we see the sea. "]

@@ -1,4 +1,4 @@
-"""Tests for trainer.evaluation: both ways of scoring agree with a direct computation."""
+"""Tests for trainer.training.evaluation: both ways of scoring agree with a direct computation."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import corpus_index, evaluation, input_pipeline, models
-from trainer import lanes as lane_io
+from trainer import models
 from trainer.config import Config
-from trainer.vocabulary import Vocabulary
+from trainer.data import index, lane_pipeline, window_pipeline
+from trainer.data.vocabulary import Vocabulary
+from trainer.training import evaluation
 
 
 def _read(path: str) -> str:
@@ -36,11 +37,11 @@ def setup(tmp_path):
         path = tmp_path / f"val-{i}.txt"
         path.write_text("".join(rng.choice("abcde fgh\n") for _ in range(n)))
         paths.append(str(path))
-    index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=1 << 20)
-    vocab = Vocabulary.from_counts(index.counts)
+    corpus = index.build(paths, [], lowercase=False, piece_bytes=1 << 20)
+    vocab = Vocabulary.from_counts(corpus.counts)
     cfg = Config(seq_length=25, num_layers=2, rnn_units=16, embedding_dim=8, dropout=0.2)
     model = models.build_model(cfg, vocab.size)
-    regions, _ = corpus_index.make_regions(index, 2)
+    regions, _ = index.make_regions(corpus, 2)
     ids = [vocab.encode(_read(p)).astype(np.int64) for p in paths]
     return cfg, vocab, model, regions, ids
 
@@ -51,7 +52,7 @@ def test_windowed_scores_equal_each_window_from_a_zero_state(setup):
     windows = [r[s:s + 26] for r in ids for s in range(0, len(r) - 25, 25)]
     steps = len(windows) // batch
     totals = evaluation.Evaluator(tf.distribute.get_strategy(), model).windowed(
-        lambda ctx: input_pipeline.dataset(regions, vocab, cfg, batch_size=batch, shift=25,
+        lambda ctx: window_pipeline.dataset(regions, vocab, cfg, batch_size=batch, shift=25,
                                            steps=steps, shuffle=False, repeat=False))
     scored = np.stack(windows[:steps * batch])
     expected = _cross_entropy(np.asarray(model(scored[:, :-1])), scored[:, 1:])
@@ -64,9 +65,9 @@ def test_carried_scores_equal_each_lane_read_in_one_go(setup):
     text = np.concatenate(ids)
     lanes = 3
     length = len(text) // lanes
-    steps = lane_io.lane_steps(regions, 25, lanes, input_pipeline.Sharding())
+    steps = lane_pipeline.lane_steps(regions, 25, lanes, window_pipeline.Sharding())
     totals = evaluation.Evaluator(tf.distribute.get_strategy(), model).carried(
-        lambda ctx: lane_io.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
+        lambda ctx: lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
                                                  steps=steps, repeat=False), lanes)
     # Each lane's text through the whole model at once: one long sequence from zero.
     span = steps * 25

@@ -14,11 +14,12 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from trainer import checkpoints, export, models, sampling, saved_model, storage
+from trainer import checkpoints, export, models, storage
 from trainer.config import Config
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.sampling import Sampler, Settings
-from trainer.vocabulary import Vocabulary
+from trainer.sampling import saved_model
+from trainer.sampling.sampler import Sampler, Settings, encode_prompt, pad_prompts
 
 VOCAB = Vocabulary(list("\n .,abcdefghijklmnopqrstuvwxyz"))
 PROMPTS = ["the quick", "", "Über ab\r\ncd", "a"]
@@ -95,8 +96,8 @@ def test_graph_prompt_encoding_equals_pad_prompts():
                                                             num_layers=1), lower.size), lower)
     prompts = ["AbC", "", "xx a\r\nb", "ÀBÇ"]
     ids, mask = module._encode(tf.constant(prompts))
-    want_ids, want_mask = sampling.pad_prompts(
-        lower, [sampling.encode_prompt(lower, p, oov="skip") for p in prompts])
+    want_ids, want_mask = pad_prompts(
+        lower, [encode_prompt(lower, p, oov="skip") for p in prompts])
     np.testing.assert_array_equal(ids.numpy(), want_ids)
     np.testing.assert_array_equal(mask.numpy(), want_mask)
 

@@ -14,9 +14,9 @@ from absl import flags
 
 from trainer import checkpoints, generate, models, storage
 from trainer.config import Config
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.sampling import Sampler, Settings
-from trainer.vocabulary import Vocabulary
+from trainer.sampling.sampler import Sampler, Settings
 
 VOCAB = Vocabulary(list("\n .,abcdefghijklmnopqrstuvwxyz"))
 TEXT = "the quick brown fox jumps over the lazy dog. " * 30

@@ -1,4 +1,4 @@
-"""Tests for trainer.input_pipeline: windows are exact slices, visited once, never leak,
+"""Tests for trainer.data.window_pipeline: windows are exact slices, visited once, never leak,
 over pieces of any file, for any number of workers."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import random
 import numpy as np
 import pytest
 
-from trainer import corpus_index
-from trainer import input_pipeline as ip
 from trainer.config import Config
+from trainer.data import index, window_pipeline
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import Vocabulary
 
 ALPHABET = "abcdefghij klmnop\n\u00e9\u2603"
 
@@ -30,9 +29,9 @@ def _corpus(tmp_path, rng: random.Random, lengths: list[int]) -> list[str]:
 
 def _setup(paths, piece_bytes=1 << 20, **overrides):
     cfg = Config(train_data=",".join(paths), job_dir="unused", **overrides).validate()
-    index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=piece_bytes)
-    vocab = Vocabulary.from_counts(index.counts)
-    train, val = corpus_index.make_regions(index, cfg.window, cfg.val_fraction)
+    corpus = index.build(paths, [], lowercase=False, piece_bytes=piece_bytes)
+    vocab = Vocabulary.from_counts(corpus.counts)
+    train, val = index.make_regions(corpus, cfg.window, cfg.val_fraction)
     return cfg, vocab, train, val
 
 
@@ -64,9 +63,9 @@ def _windows(ds, vocab, objective="sequence") -> list[str]:
 
 
 def _one_pass(cfg, vocab, regions, batch, shift, **kwargs):
-    sharding = kwargs.pop("sharding", ip.Sharding())
-    steps = ip.steps_per_pass(regions, cfg.window, shift, batch, 1, sharding)
-    return ip.dataset(regions, vocab, cfg, batch_size=batch, shift=shift, steps=steps,
+    sharding = kwargs.pop("sharding", window_pipeline.Sharding())
+    steps = window_pipeline.steps_per_pass(regions, cfg.window, shift, batch, 1, sharding)
+    return window_pipeline.dataset(regions, vocab, cfg, batch_size=batch, shift=shift, steps=steps,
                       sharding=sharding, repeat=False, **kwargs), steps
 
 
@@ -106,8 +105,9 @@ def test_batches_are_deterministic_per_seed_and_shuffled_per_pass(tmp_path):
 
     def first_batches(seed, start_step=0, n=6):
         cfg, vocab, train, _ = _setup(paths, seq_length=10, seed=seed, window_shift=3)
-        steps = ip.steps_per_pass(train, cfg.window, cfg.shift, 8, 1, ip.Sharding())
-        ds = ip.dataset(train, vocab, cfg, batch_size=8, shift=cfg.shift, steps=steps,
+        steps = window_pipeline.steps_per_pass(train, cfg.window, cfg.shift, 8, 1,
+                                               window_pipeline.Sharding())
+        ds = window_pipeline.dataset(train, vocab, cfg, batch_size=8, shift=cfg.shift, steps=steps,
                         start_step=start_step)
         return [x.numpy() for x, _ in ds.take(n)], steps
 
@@ -159,29 +159,31 @@ def test_one_file_split_among_workers_covers_every_window_once(tmp_path, workers
     cfg, vocab, train, _ = _setup(paths, piece_bytes=200, seq_length=6, window_shift=1)
     per_worker = []
     for worker in range(workers):
-        sharding = ip.Sharding(worker, workers)
-        count = ip.windows_per_worker(train, cfg.window, 1, workers)[worker]
-        ds = ip.dataset(train, vocab, cfg, batch_size=1, shift=1, steps=count,
+        sharding = window_pipeline.Sharding(worker, workers)
+        count = window_pipeline.windows_per_worker(train, cfg.window, 1, workers)[worker]
+        ds = window_pipeline.dataset(train, vocab, cfg, batch_size=1, shift=1, steps=count,
                         sharding=sharding, repeat=False)
         per_worker.append(collections.Counter(_windows(ds, vocab)))
     assert sum(per_worker, collections.Counter()) == _expected(train, _texts(paths), cfg.window, 1)
     sizes = [sum(c.values()) for c in per_worker]
     assert max(sizes) - min(sizes) <= 1
     # All workers take the same steps; a pass leaves out less than one global batch.
-    steps = ip.steps_per_pass(train, cfg.window, 1, 4, 1, ip.Sharding(0, workers))
+    steps = window_pipeline.steps_per_pass(train, cfg.window, 1, 4, 1,
+                                           window_pipeline.Sharding(0, workers))
     assert 0 <= sum(sizes) - steps * 4 * workers < 4 * workers + workers
 
 
 def test_evaluation_pads_uneven_shares_so_each_window_counts_once(tmp_path):
     paths = _corpus(tmp_path, random.Random(8), [511])
     cfg, vocab, train, _ = _setup(paths, seq_length=8, window_shift=8)
-    counts = ip.windows_per_worker(train, cfg.window, 8, 2)
+    counts = window_pipeline.windows_per_worker(train, cfg.window, 8, 2)
     assert counts[0] != counts[1]  # 63 windows over 2 workers, in batches of 5 x 2 replicas.
     steps = -(-max(counts) // 10)
     got = collections.Counter()
     for worker in range(2):
-        ds = ip.dataset(train, vocab, cfg, batch_size=5, shift=8, steps=steps,
-                        replicas_per_worker=2, sharding=ip.Sharding(worker, 2), shuffle=False,
+        ds = window_pipeline.dataset(train, vocab, cfg, batch_size=5, shift=8, steps=steps,
+                        replicas_per_worker=2, sharding=window_pipeline.Sharding(worker, 2),
+                        shuffle=False,
                         repeat=False)
         batches = list(ds)
         assert len(batches) == steps * 2
@@ -197,15 +199,17 @@ def test_evaluation_pads_uneven_shares_so_each_window_counts_once(tmp_path):
 def test_resume_mid_pass_skips_without_reading_what_came_before(tmp_path, monkeypatch):
     paths = _corpus(tmp_path, random.Random(9), [3000])
     cfg, vocab, train, _ = _setup(paths, piece_bytes=300, seq_length=9, shard_cycle=3)
-    steps = ip.steps_per_pass(train, cfg.window, cfg.shift, 4, 1, ip.Sharding())
-    whole = [x.numpy() for x, _ in ip.dataset(train, vocab, cfg, batch_size=4, shift=10,
+    steps = window_pipeline.steps_per_pass(train, cfg.window, cfg.shift, 4, 1,
+                                           window_pipeline.Sharding())
+    whole = [x.numpy() for x, _ in window_pipeline.dataset(train, vocab, cfg, batch_size=4,
+                                                           shift=10,
                                               steps=steps, repeat=False)]
     loaded = []
-    real = ip.load_region_ids
-    monkeypatch.setattr(ip, "load_region_ids",
+    real = window_pipeline.load_region_ids
+    monkeypatch.setattr(window_pipeline, "load_region_ids",
                         lambda r, *a, **k: loaded.append(r) or real(r, *a, **k))
     at = steps - 3
-    rest = [x.numpy() for x, _ in ip.dataset(train, vocab, cfg, batch_size=4, shift=10,
+    rest = [x.numpy() for x, _ in window_pipeline.dataset(train, vocab, cfg, batch_size=4, shift=10,
                                              steps=steps, start_step=at, repeat=False)]
     assert len(rest) == 3
     for a, b in zip(rest, whole[at:], strict=True):

@@ -1,4 +1,4 @@
-"""Tests for trainer.lanes: contiguous lanes, exact slices, resumable."""
+"""Tests for trainer.data.lane_pipeline: contiguous lanes, exact slices, resumable."""
 
 from __future__ import annotations
 
@@ -7,12 +7,10 @@ import random
 import numpy as np
 import pytest
 
-from trainer import corpus_index
-from trainer import input_pipeline as ip
-from trainer import lanes as lanes_mod
 from trainer.config import Config
+from trainer.data import index, lane_pipeline, window_pipeline
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import Vocabulary
 
 ALPHABET = "abcdefgh ij\n\u00e9\u2603"
 
@@ -30,10 +28,10 @@ def corpus(tmp_path):
         path = tmp_path / f"shard-{i}.txt"
         path.write_text("".join(rng.choice(ALPHABET) for _ in range(n)), encoding="utf-8")
         paths.append(str(path))
-    index = corpus_index.scan(paths, [], lowercase=False, piece_bytes=256)
-    regions, _ = corpus_index.make_regions(index, 2)  # Pieces of 256 bytes: many regions.
+    corpus = index.build(paths, [], lowercase=False, piece_bytes=256)
+    regions, _ = index.make_regions(corpus, 2)  # Pieces of 256 bytes: many regions.
     text = "".join(_read(p) for p in paths)
-    return regions, Vocabulary.from_counts(index.counts), text
+    return regions, Vocabulary.from_counts(corpus.counts), text
 
 
 def _rows(ds, vocab) -> list[tuple[list[str], bool | tuple[bool, ...]]]:
@@ -51,9 +49,9 @@ def test_each_row_reads_its_lane_onward_and_passes_start_over(corpus):
     regions, vocab, text = corpus
     cfg = Config(seq_length=20)
     lanes, length = 6, len(text) // 6
-    steps = lanes_mod.lane_steps(regions, 20, lanes, ip.Sharding())
+    steps = lane_pipeline.lane_steps(regions, 20, lanes, window_pipeline.Sharding())
     assert steps == (length - 1) // 20
-    ds = lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps)
+    ds = lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps)
     got = _rows(ds.take(steps + 2), vocab)
     for t, (rows, reset) in enumerate(got):
         u = t % steps
@@ -64,18 +62,18 @@ def test_each_row_reads_its_lane_onward_and_passes_start_over(corpus):
 def test_replicas_get_consecutive_lanes_and_resuming_skips_nothing(corpus):
     regions, vocab, text = corpus
     cfg = Config(seq_length=16)
-    steps = lanes_mod.lane_steps(regions, 16, 8, ip.Sharding())
-    whole = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=4, steps=steps,
+    steps = lane_pipeline.lane_steps(regions, 16, 8, window_pipeline.Sharding())
+    whole = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=4, steps=steps,
                                    replicas_per_worker=2, repeat=False), vocab)
     assert len(whole) == 2 * steps
-    single = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=8, steps=steps,
+    single = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=8, steps=steps,
                                     repeat=False), vocab)
     # Element 2t is replica 0's rows (lanes 0-3) of step t, element 2t+1 replica 1's (4-7).
     assert [whole[2 * t][0] + whole[2 * t + 1][0] for t in range(steps)] == [
         rows for rows, _ in single]
     # Resumed at step s: the same rows as the unbroken stream from s, the first one flagged.
     s = 5
-    resumed = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=8, steps=steps,
+    resumed = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=8, steps=steps,
                                      start_step=steps + s, repeat=False), vocab)
     assert [rows for rows, _ in resumed] == [rows for rows, _ in single[s:]]
     assert [reset for _, reset in resumed] == [True] + [False] * (steps - s - 1)
@@ -86,12 +84,13 @@ def test_workers_read_disjoint_lanes(corpus):
     regions, vocab, text = corpus
     cfg = Config(seq_length=10)
     for workers in (2, 8):
-        steps = lanes_mod.lane_steps(regions, 10, 3, ip.Sharding(0, workers))
-        layout = lanes_mod.lane_layout(regions, 3, ip.Sharding(0, workers))
+        steps = lane_pipeline.lane_steps(regions, 10, 3, window_pipeline.Sharding(0, workers))
+        layout = lane_pipeline.lane_layout(regions, 3, window_pipeline.Sharding(0, workers))
         starts = set()
         for w in range(workers):
-            sharding = ip.Sharding(w, workers)
-            first = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=3, steps=steps,
+            sharding = window_pipeline.Sharding(w, workers)
+            first = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=3,
+                                                      steps=steps,
                                                   sharding=sharding, repeat=False).take(1),
                           vocab)
             block = text[3 * w * layout.length:3 * (w + 1) * layout.length]
@@ -103,14 +102,15 @@ def test_workers_read_disjoint_lanes(corpus):
 def test_memory_holds_at_most_the_regions_the_lanes_are_in(corpus, monkeypatch):
     regions, vocab, _ = corpus
     loads = []
-    real = ip.load_region_ids
-    monkeypatch.setattr(ip, "load_region_ids", lambda r, v, lc: loads.append(r) or real(r, v, lc))
+    real = window_pipeline.load_region_ids
+    monkeypatch.setattr(window_pipeline, "load_region_ids",
+                        lambda r, v, lc: loads.append(r) or real(r, v, lc))
     held = []
-    step_done = lanes_mod._LaneReader.step_done
-    monkeypatch.setattr(lanes_mod._LaneReader, "step_done",
+    step_done = lane_pipeline._LaneReader.step_done
+    monkeypatch.setattr(lane_pipeline._LaneReader, "step_done",
                         lambda self: held.append(len(self.used)) or step_done(self))
-    steps = lanes_mod.lane_steps(regions, 20, 2, ip.Sharding())
-    for _ in lanes_mod.lanes_dataset(regions, vocab, Config(seq_length=20), batch_size=2,
+    steps = lane_pipeline.lane_steps(regions, 20, 2, window_pipeline.Sharding())
+    for _ in lane_pipeline.lanes_dataset(regions, vocab, Config(seq_length=20), batch_size=2,
                               steps=steps, repeat=False):
         pass
     assert max(held) <= 2 * 2  # Two lanes, each inside at most two regions at a time.
@@ -120,9 +120,9 @@ def test_memory_holds_at_most_the_regions_the_lanes_are_in(corpus, monkeypatch):
 
 def test_too_short_a_text_for_the_lanes_is_refused(corpus):
     regions, vocab, _ = corpus
-    assert lanes_mod.lane_steps(regions, 100, 64, ip.Sharding()) == 0
+    assert lane_pipeline.lane_steps(regions, 100, 64, window_pipeline.Sharding()) == 0
     with pytest.raises(UserError, match="do not fit in lanes"):
-        lanes_mod.lanes_dataset(regions, vocab, Config(seq_length=100), batch_size=64, steps=1)
+        lane_pipeline.lanes_dataset(regions, vocab, Config(seq_length=100), batch_size=64, steps=1)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -133,16 +133,16 @@ def test_rotated_passes_turn_the_lanes_as_a_ring_and_resume_exactly(corpus, work
     seq, lanes = 10, 3
     cfg = Config(seq_length=seq, seed=7)
     for w in range(workers):
-        sharding = ip.Sharding(w, workers)
-        layout = lanes_mod.lane_layout(regions, lanes, sharding)
+        sharding = window_pipeline.Sharding(w, workers)
+        layout = lane_pipeline.lane_layout(regions, lanes, sharding)
         steps = layout.steps(seq)
         block_len = lanes * layout.length
         block = text[w * block_len:(w + 1) * block_len]
         ring = block + block
-        got = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps,
+        got = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps,
                                             sharding=sharding, rotate=True).take(3 * steps),
                     vocab)
-        plain = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
+        plain = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
                                               steps=steps, sharding=sharding, repeat=False),
                       vocab)
         assert got[:steps] == plain  # Pass 0 is not turned.
@@ -159,7 +159,7 @@ def test_rotated_passes_turn_the_lanes_as_a_ring_and_resume_exactly(corpus, work
         assert firsts[0] != firsts[1] and 0 not in firsts  # Each pass has its own turn.
         # Resumed mid pass 2: the same rows as the unbroken stream from there.
         s = 2 * steps + 3
-        resumed = _rows(lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
+        resumed = _rows(lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
                                                 steps=steps, sharding=sharding, rotate=True,
                                                 start_step=s).take(steps - 3), vocab)
         assert [r for r, _ in resumed] == [r for r, _ in got[s:]]
@@ -171,10 +171,10 @@ def test_state_reset_prob_flags_lanes_by_seed_and_keeps_the_text(corpus):
     regions, vocab, _ = corpus
     seq, lanes, prob = 8, 16, 0.25
     cfg = Config(seq_length=seq, seed=11)
-    steps = lanes_mod.lane_steps(regions, seq, lanes, ip.Sharding())
+    steps = lane_pipeline.lane_steps(regions, seq, lanes, window_pipeline.Sharding())
 
     def stream(**kw):
-        return lanes_mod.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps,
+        return lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes, steps=steps,
                                        rotate=True, **kw).take(2 * steps - kw.get("start_step", 0))
 
     plain, flagged = _rows(stream(), vocab), _rows(stream(reset_prob=prob), vocab)
@@ -188,6 +188,6 @@ def test_state_reset_prob_flags_lanes_by_seed_and_keeps_the_text(corpus):
     resumed = _rows(stream(reset_prob=prob, start_step=steps + 3), vocab)
     assert resumed[0][1] is True  # A resumed stream starts from zero,
     assert resumed[1:] == flagged[steps + 4:]  # then draws as the unbroken one did.
-    other = lanes_mod.lanes_dataset(regions, vocab, cfg.replace(seed=12), batch_size=lanes,
+    other = lane_pipeline.lanes_dataset(regions, vocab, cfg.replace(seed=12), batch_size=lanes,
                                     steps=steps, reset_prob=prob).take(steps)
     assert [z for _, z in _rows(other, vocab)][1:] != [z for _, z in flagged[1:steps]]

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from bench.local_cluster import REPO, LocalCluster
 from bench.multi_worker_stop import job_args, latest_step, write_corpus
-from trainer import distribution, storage
+from trainer import storage
+from trainer.training import distribution
 
 TIMEOUT = 240  # Seconds any one cluster may take, on a loaded 2-core machine.
 

@@ -1,4 +1,4 @@
-"""Tests for trainer.sampling: carried state equals the full model, seeds, choice rules."""
+"""Tests for trainer.sampling.sampler: carried state equals the full model, seeds, choice rules."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import choice, models, sampling
+from trainer import models
 from trainer.config import Config
+from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
-from trainer.sampling import Sampler, Settings
-from trainer.vocabulary import OOV_ID, Vocabulary
+from trainer.sampling import next_char
+from trainer.sampling.sampler import Sampler, Settings, encode_prompt, start_id
 
 VOCAB = Vocabulary(list("\n .,;!?abcdefghijklmnopqrstuvwxyzABC"))
 CFG = Config(embedding_dim=8, rnn_units=24, num_layers=2, dropout=0.2)
@@ -47,7 +48,7 @@ def _full_model_probs(model: keras.Model, ids: np.ndarray) -> np.ndarray:
 
 def test_carried_state_matches_full_model_at_every_step(model, sampler):
     prompts = ["the cat sat", "", "a?", "on the mat, then"]
-    encoded = [sampling.encode_prompt(VOCAB, p) for p in prompts]
+    encoded = [encode_prompt(VOCAB, p) for p in prompts]
     length = 40
     parts = list(sampler.sample_ids(encoded, length, Settings(temperature=1.0), seed=3,
                                     block=16, keep_logits=True))
@@ -56,7 +57,7 @@ def test_carried_state_matches_full_model_at_every_step(model, sampler):
     assert ids.shape == logits.shape[:2] == (len(prompts), length)
     for row, prompt in enumerate(encoded):
         # An empty prompt is fed as the start char.
-        prompt = prompt if len(prompt) else np.array([sampling.start_id(VOCAB)])
+        prompt = prompt if len(prompt) else np.array([start_id(VOCAB)])
         full = _full_model_probs(model, np.concatenate([prompt, ids[row]]))
         expected = full[len(prompt) - 1:len(prompt) - 1 + length]
         np.testing.assert_allclose(tf.nn.softmax(logits[row]).numpy(), expected, atol=1e-5)
@@ -85,7 +86,7 @@ def test_top_k_1_and_zero_temperature_equal_greedy(sampler):
 @pytest.mark.parametrize("settings,allowed", [(Settings(2.0, top_k=3), 3),
                                               (Settings(1.0, top_p=0.5), None)])
 def test_draws_stay_inside_the_filtered_set(sampler, settings, allowed):
-    encoded = [sampling.encode_prompt(VOCAB, "abc")] * 8
+    encoded = [encode_prompt(VOCAB, "abc")] * 8
     (ids, logits), = sampler.sample_ids(encoded, 30, settings, seed=5, keep_logits=True)
     order = np.argsort(-logits, axis=-1)
     rank = np.take_along_axis(np.argsort(order, axis=-1), ids[..., None], axis=-1)[..., 0]
@@ -127,14 +128,14 @@ def test_batch_rows_equal_rows_generated_alone(sampler):
 
 def test_encode_prompt_oov_error_names_the_chars_and_skip_drops_them():
     with pytest.raises(UserError, match=r"2 character\(s\).*'#'.*'é'") as err:
-        sampling.encode_prompt(VOCAB, "ab#cé#")
+        encode_prompt(VOCAB, "ab#cé#")
     assert "\n" not in str(err.value)
-    np.testing.assert_array_equal(sampling.encode_prompt(VOCAB, "ab#cé#", oov="skip"),
+    np.testing.assert_array_equal(encode_prompt(VOCAB, "ab#cé#", oov="skip"),
                                   VOCAB.encode("abc"))
     with pytest.raises(UserError, match="oov"):
-        sampling.encode_prompt(VOCAB, "abc", oov="replace")
+        encode_prompt(VOCAB, "abc", oov="replace")
     lower = Vocabulary(list("abc "), lowercase=True)
-    np.testing.assert_array_equal(sampling.encode_prompt(lower, "AbC"), lower.encode("abc"))
+    np.testing.assert_array_equal(encode_prompt(lower, "AbC"), lower.encode("abc"))
 
 
 def test_sampler_sees_the_current_weights(model):
@@ -229,7 +230,7 @@ def test_uniform_is_the_documented_hash_on_cpu_and_under_xla():
     want = ((bits >> 8).astype(np.float64) + 0.5) / 2**24
 
     def draw(s, t):
-        return choice.uniform(choice.seed_keys(s), t, 50)
+        return next_char.uniform(next_char.seed_keys(s), t, 50)
 
     for fn in (draw, tf.function(draw, jit_compile=True)):
         got = fn(tf.constant(seeds), tf.constant(steps)).numpy()
@@ -242,19 +243,19 @@ def test_draws_follow_the_softmax():
     # must agree with its probabilities (chi-square, 7 degrees of freedom).
     logits = np.log(np.array([[0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02]], np.float32))
     rows = 20_000
-    ids = choice.choose(tf.constant(np.repeat(logits, rows, 0)),
-                        choice.seed_keys(tf.range(rows, dtype=tf.int64)),
+    ids = next_char.choose(tf.constant(np.repeat(logits, rows, 0)),
+                        next_char.seed_keys(tf.range(rows, dtype=tf.int64)),
                         tf.zeros([rows], tf.int32), tf.ones([rows]), tf.zeros([rows], tf.int32),
-                        tf.ones([rows]), choice.Rule()).numpy()
+                        tf.ones([rows]), next_char.Rule()).numpy()
     counts = np.bincount(ids, minlength=8)
     expected = rows * np.exp(logits[0])
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 24.3, (counts, expected)  # p = 0.001
     # The same rows one step later draw afresh, not a copy of step 0.
-    later = choice.choose(tf.constant(np.repeat(logits, rows, 0)),
-                          choice.seed_keys(tf.range(rows, dtype=tf.int64)),
+    later = next_char.choose(tf.constant(np.repeat(logits, rows, 0)),
+                          next_char.seed_keys(tf.range(rows, dtype=tf.int64)),
                           tf.ones([rows], tf.int32), tf.ones([rows]),
-                          tf.zeros([rows], tf.int32), tf.ones([rows]), choice.Rule()).numpy()
+                          tf.zeros([rows], tf.int32), tf.ones([rows]), next_char.Rule()).numpy()
     assert 0.15 < np.mean(later == ids) < 0.25  # sum(p^2) = 0.195 for independent draws
 
 
@@ -263,7 +264,7 @@ def test_large_batches_leave_xla_and_give_the_same_text(model, monkeypatch):
     assert sampler.uses_xla(4) and not Sampler(model, VOCAB, jit_compile=False).uses_xla(4)
     small = sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5), seed=2)
     # The same rows past the threshold run on the graph executor: the same text.
-    monkeypatch.setattr(sampling, "XLA_MAX_ROW_UNITS", 24 * 4)
+    monkeypatch.setattr("trainer.sampling.sampler.XLA_MAX_ROW_UNITS", 24 * 4)
     assert not sampler.uses_xla(4)
     assert sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5),
                                   seed=2) == small

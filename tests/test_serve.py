@@ -20,10 +20,11 @@ from serve_helpers import (
     wait_ready,
 )
 
-from trainer import saved_model, serving, web
 from trainer.errors import UserError
-from trainer.instances import Limits
-from trainer.sampling import Sampler, Settings
+from trainer.sampling import saved_model
+from trainer.sampling.sampler import Sampler, Settings
+from trainer.serving import batcher
+from trainer.serving.request import Limits
 
 LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
 
@@ -31,10 +32,10 @@ LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
 class Server:
     """A uvicorn server in a thread of this process, on a loopback port."""
 
-    def __init__(self, batcher: serving.Batcher, **routes: str):
+    def __init__(self, batcher: batcher.Batcher, **routes: str):
         self.batcher = batcher
         self.port = free_port()
-        app = web.create_app(batcher, LIMITS, seed=0, **routes)
+        app = routes.create_app(batcher, LIMITS, seed=0, **routes)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -62,8 +63,8 @@ def job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(job):
-    backend = serving.load_backend(job[0])
-    running = Server(serving.Batcher(backend, max_batch=8, window_ms=50, block=16))
+    backend = batcher.load_backend(job[0])
+    running = Server(batcher.Batcher(backend, max_batch=8, window_ms=50, block=16))
     yield running
     running.close()
 
@@ -165,14 +166,14 @@ def test_bad_requests_get_400_with_one_line(server, body, message):
 def test_vertex_environment_names_the_port_routes_and_model():
     env = {"AIP_HTTP_PORT": "9001", "AIP_HEALTH_ROUTE": "/v1/health",
            "AIP_PREDICT_ROUTE": "v1/models/m:predict", "AIP_STORAGE_URI": "gs://b/model"}
-    assert serving.vertex_endpoint(None, None, env) == serving.Endpoint(
+    assert batcher.vertex_endpoint(None, None, env) == batcher.Endpoint(
         "gs://b/model", 9001, "/v1/health", "/v1/models/m:predict")
-    assert serving.vertex_endpoint("runs/x", 7, {}) == serving.Endpoint(
+    assert batcher.vertex_endpoint("runs/x", 7, {}) == batcher.Endpoint(
         "runs/x", 7, "/health", "/predict")
     with pytest.raises(UserError, match="AIP_STORAGE_URI"):
-        serving.vertex_endpoint(None, None, {})
+        batcher.vertex_endpoint(None, None, {})
     with pytest.raises(UserError, match="port number"):
-        serving.vertex_endpoint("x", None, {"AIP_HTTP_PORT": "http"})
+        batcher.vertex_endpoint("x", None, {"AIP_HTTP_PORT": "http"})
 
 
 def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
@@ -180,9 +181,9 @@ def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
     bucket = gcs_bucket()
     export_dir = f"{bucket}/models/char/1"
     saved_model.export(model, vocab, export_dir, info={"best": {"value": 1.5}})
-    backend = serving.load_backend(export_dir)
+    backend = batcher.load_backend(export_dir)
     assert backend.info["kind"] == "SavedModel" and backend.info["best"] == {"value": 1.5}
-    running = Server(serving.Batcher(backend, max_batch=4, window_ms=50, block=16))
+    running = Server(batcher.Batcher(backend, max_batch=4, window_ms=50, block=16))
     try:
         instances = [{"prompt": "the cat", "length": 40, "seed": 3, "top_p": 0.8},
                      {"prompt": "xy", "length": 21, "seed": 5, "greedy": True}]

@@ -1,4 +1,4 @@
-"""Tests for trainer.steps through the training job: the time-budgeted schedule and
+"""Tests for trainer.training.steps through the training job: the time-budgeted schedule and
 carried-state training (one device, mirrored, two workers, resume).
 
 Shares trainer.train's tiny config and corpus (tests/test_train.py).
@@ -18,8 +18,10 @@ import tensorflow as tf
 from conftest import SENTENCES
 from test_train import _flags, _free_port, _json, _task, metrics, tiny
 
-from trainer import models, steps, storage, train, vocabulary
+from trainer import models, storage
+from trainer.data import vocabulary
 from trainer.errors import UserError
+from trainer.training import steps, train
 
 
 def _slowed(monkeypatch, seconds: float) -> None:

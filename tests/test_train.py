@@ -16,15 +16,11 @@ import sys
 
 import pytest
 
-from trainer import (
-    checkpoints,
-    corpus_index,
-    distribution,
-    storage,
-    train,
-)
+from trainer import checkpoints, storage
 from trainer.config import Config
+from trainer.data import index
 from trainer.errors import UserError
+from trainer.training import distribution, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,9 +150,9 @@ def _free_port() -> int:
 def test_two_workers_train_together_and_only_the_chief_writes(corpus, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
     procs = []
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        cfg = tiny(corpus, tmp_path / f"job-{index}", batch_size=8, epochs=1)
+    for worker in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": worker}})
+        cfg = tiny(corpus, tmp_path / f"job-{worker}", batch_size=8, epochs=1)
         procs.append(_task(_flags(cfg), env={"TF_CONFIG": tf_config}))
     outs = []
     for proc in procs:
@@ -226,7 +222,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
 
     names, chars, regions = prepare()
     assert names == ["part-0.txt", "part-1.txt", "part-2.txt", "part-3.txt"]
-    recorded = _json(tmp_path / "job" / corpus_index.SCAN_RECORD)["files"]
+    recorded = _json(tmp_path / "job" / index.SCAN_RECORD)["files"]
     assert sum(p[2] for s in recorded for p in s["pieces"]) == chars
 
     # Resumed, nothing changed: no shard is read, and the data is described the same.
@@ -242,7 +238,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
                  if s["path"].endswith("part-3.txt"))
     os.remove(folder / "part-3.txt")
     assert prepare()[:2] == ([], chars_now - part3)
-    paths = [s["path"] for s in _json(tmp_path / "job" / corpus_index.SCAN_RECORD)["files"]]
+    paths = [s["path"] for s in _json(tmp_path / "job" / index.SCAN_RECORD)["files"]]
     assert len(paths) == 3 and not any(p.endswith("part-3.txt") for p in paths)
     # A different --lowercase changes what a scan counts: nothing recorded is reused.
     cfg = cfg.replace(lowercase=True)
@@ -263,10 +259,10 @@ def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp
             "mirrored": _task(_flags(base.replace(job_dir=str(tmp_path / "mirrored"),
                                                   batch_size=8, strategy="mirrored",
                                                   logical_cpus=2)))}
-    for index in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        runs[f"worker{index}"] = _task(_flags(base.replace(
-            job_dir=str(tmp_path / f"worker{index}"), batch_size=8)),
+    for worker in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": worker}})
+        runs[f"worker{worker}"] = _task(_flags(base.replace(
+            job_dir=str(tmp_path / f"worker{worker}"), batch_size=8)),
             env={"TF_CONFIG": tf_config})
     try:
         for name, proc in runs.items():

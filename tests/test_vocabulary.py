@@ -1,4 +1,4 @@
-"""Tests for trainer.vocabulary: decoding, counting, ids and the vocab.json round trip."""
+"""Tests for trainer.data.vocabulary: decoding, counting, ids and the vocab.json round trip."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from trainer import corpus_index, vocabulary
+from trainer.data import index, vocabulary
+from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import OOV_ID, Vocabulary
 
 
 def _write(tmp_path, name: str, data: bytes) -> str:
@@ -19,7 +19,7 @@ def _write(tmp_path, name: str, data: bytes) -> str:
 
 
 def _scan(paths):
-    return corpus_index.scan(paths, [], lowercase=False, piece_bytes=1 << 20)
+    return index.build(paths, [], lowercase=False, piece_bytes=1 << 20)
 
 
 def test_decode_counts_invalid_bytes_and_normalises_newlines():
@@ -73,9 +73,9 @@ def test_scan_reports_empty_invalid_and_binary_shards(tmp_path, caplog):
              _write(tmp_path, "empty.txt", b""),
              _write(tmp_path, "bad.txt", b"caf\xe9 \x00\x01\x02")]
     with caplog.at_level(logging.WARNING):
-        index = _scan(paths)
-    assert [f.chars for f in index.files] == [12, 0, 8]
-    assert index.files[2].invalid_bytes == 1 and index.files[2].nul_chars == 1
+        corpus = _scan(paths)
+    assert [f.chars for f in corpus.files] == [12, 0, 8]
+    assert corpus.files[2].invalid_bytes == 1 and corpus.files[2].nul_chars == 1
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "1 empty training shard" in messages
     assert "invalid UTF-8" in messages

@@ -14,8 +14,10 @@ import pytest
 import tensorflow as tf
 from test_train import _json, metrics, tiny
 
-from trainer import models, steps, train, vocabulary
+from trainer import models
+from trainer.data import vocabulary
 from trainer.errors import UserError
+from trainer.training import steps, train
 
 MOMENTUM = 0.6  # 1 / (1 - 0.6) = 2.5: steps 1-2 average plainly, then the moving average.
 

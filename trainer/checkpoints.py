@@ -40,8 +40,8 @@ from absl import logging
 
 from trainer import models, storage, uploads
 from trainer.config import Config
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import Vocabulary
 
 BEST = "best.json"
 LATEST = "ckpt/latest.json"

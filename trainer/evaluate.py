@@ -4,7 +4,7 @@
     python -m trainer.evaluate --job_dir=gs://bucket/run --data='gs://bucket/test/*' \\
         --format=json
 
-Two ways, as the training job reports them (`trainer.evaluation`): windowed
+Two ways, as the training job reports them (`trainer.training.evaluation`): windowed
 (seq_length-char windows, each from a zero state: the job's `val_loss`) and
 carried (the text cut into --batch_size contiguous lanes with the LSTM state
 carried from chunk to chunk: `val_carried_loss`). Characters the model's
@@ -71,7 +71,8 @@ def main(argv: list[str]) -> None:
         print(f"error: unexpected arguments {argv[1:]} (see --helpshort)", file=sys.stderr)
         sys.exit(2)
     # Import late: --helpshort should not wait for TensorFlow.
-    from trainer import checkpoints, evaluation, storage
+    from trainer import checkpoints, storage
+    from trainer.training import evaluation
 
     try:
         cfg, vocab, model, pointer = checkpoints.load_trained(FLAGS.job_dir, FLAGS.checkpoint)

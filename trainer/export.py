@@ -61,7 +61,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
-    from trainer import saved_model  # Imported here: --help should not wait for TensorFlow.
+    from trainer.sampling import saved_model  # Imported here: --help should not wait for TF.
 
     cfg, vocab, model, pointer = cli.load_job(fv.job_dir, fv.checkpoint)
     info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),

@@ -22,8 +22,9 @@ from typing import Any
 
 from absl import app, flags
 
-from trainer import cli, corpus_index, storage
+from trainer import cli, storage
 from trainer.config import Config
+from trainer.data import index
 from trainer.errors import UserError, describe
 
 FLAGS = flags.FLAGS
@@ -99,23 +100,23 @@ def data_prompt(cfg: Config, seed: int) -> tuple[str, str]:
     what = "validation" if cfg.val_data or cfg.val_fraction else "training"
     try:
         try:
-            record = storage.read_text(storage.join(cfg.job_dir, corpus_index.SCAN_RECORD))
+            record = storage.read_text(storage.join(cfg.job_dir, index.SCAN_RECORD))
         except FileNotFoundError:
             record = None
-        known = corpus_index.read_record(record, cfg.lowercase, cfg.piece_bytes)
+        known = index.read_record(record, cfg.lowercase, cfg.piece_bytes)
         if known:
-            index = corpus_index.Index(list(known.values()), histogram=None)
-            train, val = corpus_index.make_regions(index, 2, cfg.val_fraction)
+            corpus = index.Index(list(known.values()), histogram=None)
+            train, val = index.make_regions(corpus, 2, cfg.val_fraction)
             regions = val or train
             region = regions[rng.randrange(len(regions))]
             width = min(cfg.seq_length, region.length)
             begin = rng.randint(0, region.length - width)
-            text = corpus_index.read_chars(region, begin, width, cfg.lowercase)
+            text = index.read_chars(region, begin, width, cfg.lowercase)
             return text, f"a random {width}-char window of the {what} text {region.path}"
-        # No index (a job directory from elsewhere): a random place of a data file.
+        # No corpus (a job directory from elsewhere): a random place of a data file.
         paths = storage.expand_patterns(cfg.val_data or cfg.train_data)
         path = paths[rng.randrange(len(paths))]
-        text = corpus_index.snippet(path, cfg.seq_length, cfg.lowercase, rng,
+        text = index.snippet(path, cfg.seq_length, cfg.lowercase, rng,
                                     0.0 if cfg.val_data else cfg.val_fraction)
         if len(text) >= 2:
             return text, f"a random {len(text)}-char window of the {what} text {path}"
@@ -139,9 +140,9 @@ def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
     # Imported here so that --help and flag errors never wait for TensorFlow.
-    from trainer import sampling
+    from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings
 
-    settings = sampling.Settings(temperature=fv.temperature, top_k=fv.top_k,
+    settings = Settings(temperature=fv.temperature, top_k=fv.top_k,
                                  top_p=fv.top_p, greedy=fv.greedy).validate()
     prompt = read_prompt(fv.prime, fv.prime_file)
     seed = fv.seed if fv.seed is not None else random.SystemRandom().randrange(2**31)
@@ -164,13 +165,13 @@ def run(fv: flags.FlagValues) -> None:
     if fv.seed is None:
         _say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
 
-    sampler = sampling.Sampler(model, vocab)
+    sampler = Sampler(model, vocab)
     prompts = [prompt] * fv.num_samples
     streaming = fv.num_samples == 1 and fv.format == "text" and fv.output is None
     if streaming:
         # A person watching gets text every 64 chars; a pipe or file gets larger blocks,
         # which spend less time in Python between compiled calls (same text either way).
-        block = sampling.STREAM_BLOCK if sys.stdout.isatty() else _PIPE_BLOCK
+        block = STREAM_BLOCK if sys.stdout.isatty() else _PIPE_BLOCK
         for parts in sampler.stream(prompts, fv.length, settings, seed, oov, block=block):
             sys.stdout.write(parts[0])
             sys.stdout.flush()

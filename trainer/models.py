@@ -6,7 +6,7 @@ sits between layers instead. Logits stay float32 under mixed precision so the
 softmax and the loss are computed at full precision. The weights have one
 layout whichever kernel runs, so GPU-trained weights load on a CPU.
 
-Each LSTM returns its states too, so `trainer.sampling` can step the same
+Each LSTM returns its states too, so `trainer.sampling.sampler` can step the same
 layers one character at a time with carried state, and `run_with_state` runs
 the same layers over a whole window from a given state and returns the state
 after it (carried-state training and evaluation). The functional model itself

@@ -7,8 +7,8 @@ Then open http://localhost:8080/ or POST {"instances": [{"prompt": "ROMEO:",
 "length": 200}]} to /predict. In a Vertex AI endpoint the port, the routes and the
 model folder come from AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and
 AIP_STORAGE_URI. SIGTERM stops it cleanly: no new connections, running requests
-finish (up to --shutdown_seconds), exit status 0. The routes are in trainer/web.py,
-batching in trainer/serving.py.
+finish (up to --shutdown_seconds), exit status 0. The routes are in trainer/routes.py,
+batching in trainer/batcher.py.
 """
 
 from __future__ import annotations
@@ -62,22 +62,22 @@ def run(fv: flags.FlagValues) -> None:
     try:  # Imported here so that --help never waits for the server stack.
         import uvicorn
 
-        from trainer import web
+        from trainer.serving import routes
     except ImportError as err:
         raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
                         "'char-lstm-trainer[serve]'") from err
-    from trainer import serving
-    from trainer.instances import Limits
+    from trainer.serving import batcher
+    from trainer.serving.request import Limits
 
-    endpoint = serving.vertex_endpoint(fv.model_dir, fv.port)
+    endpoint = batcher.vertex_endpoint(fv.model_dir, fv.port)
     cli.say(f"loading {endpoint.model_dir}")
-    backend = serving.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
-    batcher = serving.Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
+    backend = batcher.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
+    batcher = batcher.Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
     if fv.warm_up:
         cli.say(f"compiling for batches of up to {fv.max_batch} rows")
         batcher.warm_up()
     limits = Limits(max_length=fv.max_length, max_instances=fv.max_instances)
-    application = web.create_app(batcher, limits, endpoint.health_route,
+    application = routes.create_app(batcher, limits, endpoint.health_route,
                                  endpoint.predict_route, fv.seed)
     cli.say(f"serving {backend.info['name']} on http://{fv.host}:{endpoint.port}/ "
             f"(health {endpoint.health_route}, predict {endpoint.predict_route})")

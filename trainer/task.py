@@ -16,9 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from trainer import cli, cloud, config  # noqa: E402
+from trainer import cli, config  # noqa: E402
 from trainer.config import Config  # noqa: E402
 from trainer.errors import UserError, describe  # noqa: E402
+from trainer.training import cloud
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -101,7 +102,7 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     if not flags.FLAGS["verbosity"].present:  # -v=1 (debug) and the like win.
         logging.set_verbosity(logging.INFO)
-    from trainer import train  # Import late: --helpshort should not wait for TensorFlow.
+    from trainer.training import train  # Import late: --helpshort should not wait for TensorFlow.
 
     # TensorFlow's own INFO lines (e.g. one per checkpoint shard) drown the epoch lines.
     train.tf.get_logger().setLevel("WARNING")

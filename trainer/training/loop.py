@@ -25,11 +25,11 @@ from absl import logging
 
 from trainer import checkpoints
 from trainer.config import Config
-from trainer.distribution import Agreement
 from trainer.errors import UserError
-from trainer.evaluation import metrics
-from trainer.reporting import Reporter
-from trainer.steps import WeightAverage
+from trainer.training.distribution import Agreement
+from trainer.training.evaluation import metrics
+from trainer.training.reporting import Reporter
+from trainer.training.steps import WeightAverage
 
 # Steps dispatched before their outputs are read back (and the stop is agreed).
 READBACK_STEPS = 10

@@ -16,8 +16,8 @@ import math
 import random
 from typing import Any
 
-from trainer.choice import Settings
 from trainer.errors import UserError
+from trainer.sampling.next_char import Settings
 
 FIELDS = ("prompt", "length", "temperature", "top_k", "top_p", "greedy", "seed", "oov")
 OOV_MODES = ("error", "skip")

@@ -1,6 +1,6 @@
 """Lanes: contiguous streams of the corpus for carried-state training and evaluation.
 
-The regions of a split (`trainer.corpus_index`), end to end, form one text, cut
+The regions of a split (`trainer.data.index`), end to end, form one text, cut
 into equal lanes; each batch row follows one lane, seq_length chars per step, so
 an LSTM's state carried out of one step is the state at the start of the row's
 next step (truncated backpropagation through time, as char-rnn trains). Lanes walk
@@ -16,11 +16,11 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer import vocabulary
+from trainer.data import vocabulary
 from trainer.config import Config
-from trainer.corpus_index import Region
+from trainer.data.index import Region
 from trainer.errors import UserError
-from trainer.input_pipeline import Sharding, load_region_ids, to_example
+from trainer.data.window_pipeline import Sharding, load_region_ids, to_example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,25 +72,25 @@ class _LaneReader:
         self.held: dict[int, np.ndarray] = {}
         self.used: dict[int, np.ndarray] = {}
 
-    def _ids(self, index: int) -> np.ndarray:
-        ids = self.used.get(index)
+    def _ids(self, corpus: int) -> np.ndarray:
+        ids = self.used.get(corpus)
         if ids is None:
-            ids = self.held.get(index)
+            ids = self.held.get(corpus)
             if ids is None:
-                ids = load_region_ids(self.regions[index], self.vocab, self.lowercase)
-            self.used[index] = ids
+                ids = load_region_ids(self.regions[corpus], self.vocab, self.lowercase)
+            self.used[corpus] = ids
         return ids
 
     def read(self, begin: int, size: int) -> np.ndarray:
         """Chars [begin, begin + size) of the concatenated text, as ids."""
         parts, pos, end = [], begin, begin + size
-        index = int(np.searchsorted(self.bounds, begin, side="right")) - 1
+        corpus = int(np.searchsorted(self.bounds, begin, side="right")) - 1
         while pos < end:
-            start = int(self.bounds[index])
-            take = min(end, int(self.bounds[index + 1])) - pos
-            parts.append(self._ids(index)[pos - start:pos - start + take])
+            start = int(self.bounds[corpus])
+            take = min(end, int(self.bounds[corpus + 1])) - pos
+            parts.append(self._ids(corpus)[pos - start:pos - start + take])
             pos += take
-            index += 1
+            corpus += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def step_done(self) -> None:

@@ -11,7 +11,7 @@ being generated. A request that arrives while it is idle waits a short window
 (`window_ms`) for others to join it; one that arrives while rows are running
 joins them at the next block boundary. Each call draws `block` chars for all
 rows at once, and every row keeps its own seed, step count and settings
-(`trainer.choice`), so its text is the same as if it had run alone. A row
+(`trainer.sampling.next_char`), so its text is the same as if it had run alone. A row
 leaves the batch as soon as its length is reached.
 
 Under XLA every batch size compiles separately, so the rows are padded up to
@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from trainer import cli, sampling, storage
-from trainer.choice import Rule, Settings, row_arrays
-from trainer.instances import Instance, RequestError
-from trainer.saved_model import EXTRA_DIR
-from trainer.vocabulary import Vocabulary
+from trainer import cli, storage
+from trainer.data.vocabulary import Vocabulary
+from trainer.sampling.next_char import Rule, Settings, row_arrays
+from trainer.sampling.sampler import STREAM_BLOCK, Sampler, encode_prompt
+from trainer.sampling.saved_model import EXTRA_DIR
+from trainer.serving.request import Instance, RequestError
 
 
 class Backend:
@@ -58,7 +59,7 @@ class Backend:
 class SamplerBackend(Backend):
     """A Keras model from a job directory, sampled by `Sampler`."""
 
-    def __init__(self, sampler: sampling.Sampler, info: dict[str, Any]):
+    def __init__(self, sampler: Sampler, info: dict[str, Any]):
         self.sampler, self.vocab, self.info = sampler, sampler.vocab, info
         self.pad_batches = sampler.jit_compile
 
@@ -124,7 +125,7 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
     path = path.rstrip("/")
     if not storage.exists(storage.join(path, "saved_model.pb")):
         cfg, vocab, model, pointer = cli.load_job(path, checkpoint)
-        return SamplerBackend(sampling.Sampler(model, vocab, jit_compile=jit_compile),
+        return SamplerBackend(Sampler(model, vocab, jit_compile=jit_compile),
                               _job_info(path, cfg, pointer))
     import tensorflow as tf
 
@@ -191,7 +192,7 @@ class Batcher:
     """
 
     def __init__(self, backend: Backend, max_batch: int = 32, window_ms: float = 5.0,
-                 block: int = sampling.STREAM_BLOCK):
+                 block: int = STREAM_BLOCK):
         self.backend, self.max_batch, self.window, self.block = (
             backend, max(1, max_batch), window_ms / 1000.0, block)
         self._pending: queue.Queue[_Row] = queue.Queue()
@@ -204,7 +205,7 @@ class Batcher:
     def encode(self, instance: Instance) -> np.ndarray:
         """The prompt's ids; RequestError for unknown chars with oov="error"."""
         try:
-            return sampling.encode_prompt(self.backend.vocab, instance.prompt, instance.oov)
+            return encode_prompt(self.backend.vocab, instance.prompt, instance.oov)
         except RequestError:
             raise
         except Exception as err:  # UserError from encode_prompt.
@@ -235,7 +236,7 @@ class Batcher:
     def warm_up(self, settings: Sequence[Settings] = (Settings(),)) -> None:
         """Compiles the calls for every padded batch size (and each rule) before serving."""
         sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
-        prompt = sampling.encode_prompt(self.backend.vocab, "", "skip")
+        prompt = encode_prompt(self.backend.vocab, "", "skip")
         for rule_settings in settings:
             for size in sizes:
                 logits, states = self.backend.begin([prompt] * size)

@@ -24,9 +24,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from trainer import instances, page
-from trainer.instances import Instance, Limits, RequestError
-from trainer.serving import Batcher
+from trainer.serving import page
+from trainer.serving.batcher import Batcher
+from trainer.serving.request import (
+    Instance,
+    Limits,
+    RequestError,
+    parse_predict,
+    parse_stream,
+)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -122,7 +128,7 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
 
     @app.post(predict_route)
     async def predict(request: Request) -> dict[str, Any]:
-        found = instances.parse_predict(await read_body(request, limits.max_body_bytes),
+        found = parse_predict(await read_body(request, limits.max_body_bytes),
                                         limits, rng)
         encoded = [batcher.encode(instance) for instance in found]  # All checked first.
         queues = [_subscribe(batcher, instance, ids)[0]
@@ -133,7 +139,7 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
 
     @app.post("/stream")
     async def stream(request: Request) -> StreamingResponse:
-        instance = instances.parse_stream(await read_body(request, limits.max_body_bytes),
+        instance = parse_stream(await read_body(request, limits.max_body_bytes),
                                           limits, rng)
         blocks, row = _subscribe(batcher, instance, batcher.encode(instance))
 

@@ -19,22 +19,14 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import (
-    checkpoints,
-    corpus_index,
-    distribution,
-    evaluation,
-    input_pipeline,
-    models,
-    steps,
-    storage,
-)
-from trainer import lanes as lane_io
+from trainer import checkpoints, models, storage
 from trainer.config import Config, incompatibilities
+from trainer.data import index, lane_pipeline, window_pipeline
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.loop import Loop, PreemptedError, TrainingDivergedError  # noqa: F401 - task, tests
-from trainer.reporting import Reporter
-from trainer.vocabulary import Vocabulary
+from trainer.training import distribution, evaluation, steps
+from trainer.training.loop import Loop, PreemptedError, TrainingDivergedError  # noqa: F401 - task, tests
+from trainer.training.reporting import Reporter
 
 
 def _prepare_data(cfg: Config, job: checkpoints.JobDir, strategy, place):
@@ -45,16 +37,16 @@ def _prepare_data(cfg: Config, job: checkpoints.JobDir, strategy, place):
     then costs one metadata request per file instead of a full read.
     """
     saved = job.read("vocab.json")
-    index = corpus_index.prepare(
+    corpus = index.prepare(
         storage.expand_patterns(cfg.train_data),
         storage.expand_patterns(cfg.val_data) if cfg.val_data else [],
         lowercase=cfg.lowercase, piece_bytes=cfg.piece_bytes, read=job.read, write=job.write,
         reuse=saved is not None, worker=place.worker, num_workers=place.num_workers,
         combine=distribution.sum_over_workers(strategy, place))
     vocab = (Vocabulary.from_json(saved) if saved
-             else Vocabulary.from_counts(index.counts, cfg.lowercase))
-    train_regions, val_regions = corpus_index.make_regions(index, cfg.window, cfg.val_fraction)
-    return vocab, train_regions, val_regions, sum(f.chars for f in index.split("train"))
+             else Vocabulary.from_counts(corpus.counts, cfg.lowercase))
+    train_regions, val_regions = index.make_regions(corpus, cfg.window, cfg.val_fraction)
+    return vocab, train_regions, val_regions, sum(f.chars for f in corpus.split("train"))
 
 
 def _check_jit_compile(cfg: Config) -> None:
@@ -151,10 +143,10 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     job = checkpoints.JobDir(cfg.job_dir, cfg.local_dir, writer=place.is_chief)
     _check_job_dir(cfg, job)
     vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job, strategy, place)
-    sharding = input_pipeline.Sharding(place.worker, place.num_workers)
-    pass_steps = (lane_io.lane_steps(train_regions, cfg.seq_length, cfg.batch_size
+    sharding = window_pipeline.Sharding(place.worker, place.num_workers)
+    pass_steps = (lane_pipeline.lane_steps(train_regions, cfg.seq_length, cfg.batch_size
                                             * place.replicas_per_worker, sharding)
-                  if cfg.carry_state else input_pipeline.steps_per_pass(
+                  if cfg.carry_state else window_pipeline.steps_per_pass(
         train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding))
     if pass_steps < 1 and cfg.carry_state:
         raise UserError(f"the training data is too short for {global_batch} lanes of more "
@@ -162,7 +154,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     if pass_steps < 1:
         raise UserError(f"the training data holds fewer windows than one global batch of "
                         f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
-    crossing, windows = input_pipeline.crossing_windows(train_regions, cfg.window, cfg.shift)
+    crossing, windows = window_pipeline.crossing_windows(train_regions, cfg.window, cfg.shift)
     logging.info("a pass trains on %d of %d windows: %d (%.3f%%) cross a piece boundary, %d do "
                  "not fill the last global batch", pass_steps * global_batch, windows + crossing,
                  crossing, 100 * crossing / max(windows + crossing, 1),
@@ -172,7 +164,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     if val_regions:
         # Every validation window is scored once: each worker's share is padded with
         # invalid rows up to the largest share, in batches no larger than needed.
-        most = max(input_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
+        most = max(window_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
                                                      place.num_workers))
         if most < 1:
             raise UserError(f"the validation data holds no window of {cfg.window} chars")
@@ -223,13 +215,13 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
             logging.warning("%s is not eligible for the cuDNN kernel", lstm.name)
 
     def dataset_fn(regions, shift, steps, shuffle, start, repeat, batch=cfg.batch_size):
-        return lambda ctx: input_pipeline.dataset(
+        return lambda ctx: window_pipeline.dataset(
             regions, vocab, cfg, batch_size=batch, shift=shift, steps=steps,
             replicas_per_worker=place.replicas_per_worker, sharding=sharding, shuffle=shuffle,
             start_step=start, repeat=repeat)
 
     def lanes_fn(regions, steps, start, repeat, batch=cfg.batch_size):
-        return lambda ctx: lane_io.lanes_dataset(
+        return lambda ctx: lane_pipeline.lanes_dataset(
             regions, vocab, cfg, batch_size=batch, steps=steps,
             replicas_per_worker=place.replicas_per_worker, sharding=sharding, start_step=start,
             repeat=repeat, rotate=repeat and cfg.rotate_lanes,
@@ -284,7 +276,7 @@ def _lanes_for(regions, cfg: Config, batch: int, place, sharding) -> tuple[int, 
     """(lanes per replica, steps) for carried validation: up to `batch` lanes, fewer
     when the text is too short for one step of that many; (0, 0) when none fits."""
     while batch:
-        count = lane_io.lane_steps(regions, cfg.seq_length,
+        count = lane_pipeline.lane_steps(regions, cfg.seq_length,
                                           batch * place.replicas_per_worker, sharding)
         if count:
             return batch, min(count, cfg.val_steps or count)

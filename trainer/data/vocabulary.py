@@ -2,7 +2,7 @@
 
 Text is decoded as UTF-8 (invalid bytes become U+FFFD and are counted), `\\r\\n`
 becomes `\\n`, and each Unicode code point is one token. The vocabulary comes from
-character counts that `trainer.corpus_index` gathers while it scans the corpus.
+character counts that `trainer.data.index` gathers while it scans the corpus.
 
 Ids: 0 is reserved for out-of-vocabulary characters (chars seen only in
 validation data or in a prompt); the training chars take ids 1..N in code-point

@@ -1,4 +1,4 @@
-"""The scan under `trainer.corpus_index`: cutting files into pieces and counting chars,
+"""The scan under `trainer.data.index`: cutting files into pieces and counting chars,
 each byte read once per job, split evenly among the workers.
 
 The bytes of all files to scan are laid end to end and every worker takes an equal
@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from trainer import storage, vocabulary
+from trainer import storage
+from trainer.data import vocabulary
 from trainer.errors import UserError
 
 # UTF-8 puts at most 3 continuation bytes after a lead byte: a cut moves at most that far.

@@ -7,7 +7,7 @@ decoding piece by piece gives exactly the text of decoding the whole file, and n
 byte is decoded twice. A `.gz` file cannot be read by ranges: it is one stream,
 cut into pieces of its decompressed bytes, read front to back.
 
-The scan (`trainer.corpus_scan`) reads each byte once per job, split evenly among
+The scan (`trainer.data.scan`) reads each byte once per job, split evenly among
 the workers; `shards.json` in the job directory records what it found, so a
 restart re-reads only files whose fingerprint (size and version) changed.
 
@@ -27,7 +27,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import logging
 
-from trainer import corpus_scan, storage, vocabulary
+from trainer import storage
+from trainer.data import scan
+from trainer.data import vocabulary
 from trainer.errors import UserError
 
 SCAN_RECORD = "shards.json"
@@ -97,9 +99,9 @@ class Region:
         return self.end - self.begin
 
 
-def scan(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
+def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
          piece_bytes: int, known: dict[str, FileInfo] | None = None, worker: int = 0,
-         num_workers: int = 1, combine: corpus_scan.Combine = corpus_scan.alone,
+         num_workers: int = 1, combine: scan.Combine = scan.alone,
          threads: int = 0) -> Index:
     """Cuts the files into pieces and counts their characters, each byte read once.
 
@@ -130,11 +132,11 @@ def scan(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: boo
             files.append(FileInfo(path, split, stamp, is_compressed(path)))
             todo.append(files[-1])
             sizes.append(size)
-    scanned, histogram, bytes_read = corpus_scan.scan_files(
+    scanned, histogram, bytes_read = scan.scan_files(
         [f.path for f in todo], sizes, [f.compressed for f in todo],
         [f.split == "train" for f in todo], lowercase=lowercase, piece_bytes=piece_bytes,
         worker=worker, num_workers=num_workers, combine=combine,
-        threads=threads or corpus_scan.default_threads())
+        threads=threads or scan.default_threads())
     for info, result in zip(todo, scanned, strict=True):
         info.pieces, info.invalid_bytes, info.nul_chars = result.pieces, result.invalid, result.nul
     _warn_about(todo)
@@ -237,7 +239,7 @@ def read_text(region: Region, lowercase: bool, stream=None) -> str:
     """The region's text: one range read of its piece (or the next bytes of `stream`)."""
     if region.compressed:
         if stream is None:
-            with corpus_scan.open_compressed(region.path) as own:
+            with scan.open_compressed(region.path) as own:
                 own.seek(region.start)
                 data = own.read(region.stop - region.start)
         else:
@@ -253,11 +255,11 @@ def read_text(region: Region, lowercase: bool, stream=None) -> str:
 def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
             piece_bytes: int, read: Callable[[str], str | None],
             write: Callable[[str, str], None], reuse: bool, worker: int = 0,
-            num_workers: int = 1, combine: corpus_scan.Combine = corpus_scan.alone) -> Index:
+            num_workers: int = 1, combine: scan.Combine = scan.alone) -> Index:
     """Scans the corpus, re-reading only what changed since the job directory's record.
 
     Args:
-      train_paths, val_paths, lowercase, piece_bytes, worker, num_workers, combine: see `scan`.
+      train_paths, val_paths, lowercase, piece_bytes, worker, num_workers, combine: see `build`.
       read, write: read and write a file of the job directory by name.
       reuse: trust the record (a resumed job, whose vocabulary is fixed already).
 
@@ -266,7 +268,7 @@ def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: 
     """
     known = read_record(read(SCAN_RECORD), lowercase, piece_bytes) if reuse else {}
     began = time.monotonic()
-    index = scan(train_paths, val_paths, lowercase=lowercase, piece_bytes=piece_bytes,
+    index = build(train_paths, val_paths, lowercase=lowercase, piece_bytes=piece_bytes,
                  known=known, worker=worker, num_workers=num_workers, combine=combine)
     total = len(index.files)
     gone = set(known) - {f.path for f in index.files}
@@ -295,7 +297,7 @@ def read_chars(region: Region, begin: int, count: int, lowercase: bool) -> str:
     if region.compressed or region.begin + begin > 0:
         return read_text(region, lowercase)[begin:begin + count]
     data = storage.read_range(region.path, region.start,
-                              min(region.stop, region.start + 4 * count + corpus_scan.LOOKAHEAD))
+                              min(region.stop, region.start + 4 * count + scan.LOOKAHEAD))
     return vocabulary.decode(data, lowercase)[0][:min(count, region.length)]
 
 
@@ -303,12 +305,12 @@ def snippet(path: str, width: int, lowercase: bool, rng, tail: float = 0.0) -> s
     """About `width` chars from a random place of a file (in its last `tail` fraction),
     in one range read, for when no index of the file exists."""
     if is_compressed(path):
-        with corpus_scan.open_compressed(path) as stream:
-            data = stream.read(4 * width + corpus_scan.LOOKAHEAD)
+        with scan.open_compressed(path) as stream:
+            data = stream.read(4 * width + scan.LOOKAHEAD)
     else:
         size = storage.size(path)
         lo = int(size * (1 - tail)) if tail else 0
-        start = rng.randint(lo, max(lo, size - 4 * width - corpus_scan.LOOKAHEAD))
-        data = storage.read_range(path, start, start + 4 * width + corpus_scan.LOOKAHEAD)
-        data = data[corpus_scan.boundary(data, 0):] if start else data
+        start = rng.randint(lo, max(lo, size - 4 * width - scan.LOOKAHEAD))
+        data = storage.read_range(path, start, start + 4 * width + scan.LOOKAHEAD)
+        data = data[scan.boundary(data, 0):] if start else data
     return vocabulary.decode(data, lowercase)[0][:width]

@@ -1,6 +1,6 @@
 """The exported SavedModel: the model, its vocabulary and the sampling loop as one module.
 
-`trainer.export` is the entrypoint that writes it; `trainer.serving` loads it
+`trainer.export` is the entrypoint that writes it; `trainer.serving.batcher` loads it
 (its `begin`/`advance` signatures). What the signatures take and return is
 described in trainer/export.py.
 """
@@ -15,10 +15,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainer import sampling, storage
-from trainer.choice import MIN_TEMPERATURE, Rule
+from trainer import storage
+from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import OOV_ID, Vocabulary
+from trainer.sampling.next_char import MIN_TEMPERATURE, Rule
+from trainer.sampling.sampler import Sampler, start_id
 
 REPLACEMENT_CHAR = 0xFFFD
 # Extra files beside the graph, in TF Serving's folder for them.
@@ -39,7 +40,7 @@ class CharGenerator(tf.Module):
         super().__init__(name="char_generator")
         # Attribute assignment tracks the model's variables for tf.saved_model.save.
         self.model = model
-        self._sampler = sampling.Sampler(model, vocab)
+        self._sampler = Sampler(model, vocab)
         points = [ord(c) for c in vocab.chars]
         self.table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(
@@ -48,7 +49,7 @@ class CharGenerator(tf.Module):
         # Id -> code point; the out-of-vocabulary id (never generated) maps to U+FFFD.
         self.code_points = tf.constant([REPLACEMENT_CHAR] + points, tf.int32)
         self._lowercase = vocab.lowercase
-        self._start = sampling.start_id(vocab)
+        self._start = start_id(vocab)
         self._max_length = max_length
 
     @tf.function(input_signature=[
@@ -113,7 +114,7 @@ class CharGenerator(tf.Module):
         return {"generated": text}
 
     def _encode(self, prompts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Prompt strings -> left-padded (ids, mask), as `sampling.pad_prompts` builds them."""
+        """Prompt strings -> left-padded (ids, mask), as `pad_prompts` builds them."""
         text = tf.strings.regex_replace(prompts, "\r\n", "\n")
         if self._lowercase:
             text = tf.strings.lower(text, encoding="utf-8")

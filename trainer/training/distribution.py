@@ -11,9 +11,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import cloud
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.training import cloud
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Windowed: the text is cut into windows of seq_length inputs (stride
 seq_length), each read from a zero state; this is what the training job has
 always reported as `val_loss`. Carried: the text is cut into a few long
-contiguous lanes (`lane_io.lanes_dataset`) read seq_length chars at a
+contiguous lanes (`lane_pipeline.lanes_dataset`) read seq_length chars at a
 time, with every LSTM layer's (h, c) carried from one chunk to the next, as
 generation uses the model; only each lane's first chunk starts from zero.
 
@@ -22,11 +22,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import corpus_index, input_pipeline, models
-from trainer import lanes as lane_io
+from trainer import models
 from trainer.config import Config
+from trainer.data import index, lane_pipeline, window_pipeline
+from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import OOV_ID, Vocabulary
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -55,7 +55,7 @@ def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
     """
     if objective == "last":
         logits = logits[:, -1]
-    # Targets of padding rows (input_pipeline.IGNORE, < 0) count as nothing.
+    # Targets of padding rows (window_pipeline.IGNORE, < 0) count as nothing.
     valid = y >= 0
     if skip_oov:
         valid &= tf.not_equal(y, OOV_ID)
@@ -108,7 +108,7 @@ class Evaluator:
 
     def windowed(self, dataset_fn: Callable) -> np.ndarray:
         """[loss sum, correct, count] over the windows of `dataset_fn` (one pass of an
-        input_pipeline.dataset per worker)."""
+        window_pipeline.dataset per worker)."""
         totals = np.zeros(3)
         for x, y in self.strategy.distribute_datasets_from_function(dataset_fn):
             totals += self.windowed_step(x, y).numpy()
@@ -118,7 +118,7 @@ class Evaluator:
         """[loss sum, correct, count] over the lanes of `dataset_fn`.
 
         Args:
-          dataset_fn: gives one pass (repeat=False) of an lane_io.lanes_dataset
+          dataset_fn: gives one pass (repeat=False) of an lane_pipeline.lanes_dataset
             per worker, `batch_size` lanes per replica.
           batch_size: lanes per replica.
         """
@@ -153,38 +153,38 @@ def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: ker
       UserError: no text, or too little for one window.
     """
     strategy = strategy or tf.distribute.get_strategy()
-    index = corpus_index.scan(list(paths), [], lowercase=cfg.lowercase,
+    corpus = index.build(list(paths), [], lowercase=cfg.lowercase,
                               piece_bytes=cfg.piece_bytes)
-    chars = sum(f.chars for f in index.files)
+    chars = sum(f.chars for f in corpus.files)
     known = set(vocab.chars)
-    missing = {c: n for c, n in index.counts.items() if c not in known}
+    missing = {c: n for c, n in corpus.counts.items() if c not in known}
     if chars < cfg.window:
         raise UserError(f"the text holds {chars} chars, fewer than one window of "
                         f"{cfg.window} (the model's seq_length + 1)")
-    regions, _ = corpus_index.make_regions(index, cfg.window)
-    windows = sum(input_pipeline.num_windows(r.length, cfg.window, cfg.seq_length)
+    regions, _ = index.make_regions(corpus, cfg.window)
+    windows = sum(window_pipeline.num_windows(r.length, cfg.window, cfg.seq_length)
                   for r in regions)
     batch = max(1, min(batch_size or cfg.batch_size, windows))
     steps = -(-windows // batch)  # The last batch is padded: every window is scored.
     evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True)
     result: dict[str, Any] = {
-        "files": sum(1 for f in index.files if f.chars), "chars": chars,
+        "files": sum(1 for f in corpus.files if f.chars), "chars": chars,
         "oov_chars": sum(missing.values()),
         "oov_distinct": sorted(missing, key=ord)}
-    result["windowed"] = _summary(evaluator.windowed(lambda ctx: input_pipeline.dataset(
+    result["windowed"] = _summary(evaluator.windowed(lambda ctx: window_pipeline.dataset(
         regions, vocab, cfg, batch_size=batch, shift=cfg.seq_length, steps=steps,
         shuffle=False, repeat=False)), f"{cfg.seq_length}-char windows from a zero state",
         batch=batch)
     lanes = batch
-    while lanes > 1 and lane_io.lane_steps(regions, cfg.seq_length, lanes,
-                                                  input_pipeline.Sharding()) < 1:
+    while lanes > 1 and lane_pipeline.lane_steps(regions, cfg.seq_length, lanes,
+                                                  window_pipeline.Sharding()) < 1:
         lanes //= 2
-    lane_steps = lane_io.lane_steps(regions, cfg.seq_length, lanes,
-                                           input_pipeline.Sharding())
+    lane_steps = lane_pipeline.lane_steps(regions, cfg.seq_length, lanes,
+                                           window_pipeline.Sharding())
     if lane_steps:
         carried_cfg = cfg.replace(objective="sequence")
         result["carried"] = _summary(evaluator.carried(
-            lambda ctx: lane_io.lanes_dataset(regions, vocab, carried_cfg,
+            lambda ctx: lane_pipeline.lanes_dataset(regions, vocab, carried_cfg,
                                                      batch_size=lanes, steps=lane_steps,
                                                      repeat=False), lanes),
             f"{lanes} contiguous lane(s), state carried", lanes=lanes)

@@ -13,11 +13,12 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, cloud, storage, uploads
+from trainer import checkpoints, storage, uploads
 from trainer.config import Config
-from trainer.corpus_index import Region, read_chars
-from trainer.distribution import Placement
-from trainer.vocabulary import Vocabulary
+from trainer.data.index import Region, read_chars
+from trainer.data.vocabulary import Vocabulary
+from trainer.training import cloud
+from trainer.training.distribution import Placement
 
 
 class Reporter:
@@ -50,7 +51,7 @@ class Reporter:
         """A sample from the current weights (empty when --sample_length=0)."""
         if not self.cfg.sample_length:
             return ""
-        from trainer.sampling import Sampler  # Import late: generation is optional here.
+        from trainer.sampling.sampler import Sampler  # Import late: generation is optional here.
 
         if self.sampler is None:
             self.sampler = Sampler(self.model, self.vocab)

@@ -10,7 +10,7 @@ of characters is one call from Python.
 The Sampler holds references to the model's layers, not copies, so it always
 samples from the current weights (the training job calls it between epochs).
 
-Every row has its own seed and settings (see `trainer.choice`): the draw for a
+Every row has its own seed and settings (see `trainer.sampling.next_char`): the draw for a
 row's step t depends only on (row seed, t), so the same seed, prompt and
 settings give the same text alone or batched with other rows, and a stream
 generated block by block equals the same sample generated in one call. One int
@@ -32,9 +32,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import models
-from trainer.choice import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
+from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
-from trainer.vocabulary import OOV_ID, Vocabulary
+from trainer.sampling.next_char import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
 
 __all__ = ["OOV_MODES", "STREAM_BLOCK", "Sampler", "Settings", "encode_prompt", "pad_prompts",
            "start_id"]

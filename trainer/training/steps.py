@@ -20,8 +20,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainer import distribution, evaluation, models
+from trainer import models
 from trainer.config import Config
+from trainer.training import distribution, evaluation
 
 SUM = tf.distribute.ReduceOp.SUM
 

@@ -1,6 +1,6 @@
 """Streaming tf.data pipeline: lazy windows over bounded pieces of the corpus.
 
-Regions (`trainer.corpus_index`: pieces of a few MB of any file) are read one range
+Regions (`trainer.data.index`: pieces of a few MB of any file) are read one range
 at a time, decoded and encoded to the smallest integer dtype; windows are cut by a
 batched gather over shuffled start offsets. A worker holds at most
 `--shard_cycle` regions (plus the one being refilled), so memory does not grow
@@ -32,9 +32,11 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer import corpus_index, corpus_scan, vocabulary
+from trainer.data import index
+from trainer.data import scan
+from trainer.data import vocabulary
 from trainer.config import Config
-from trainer.corpus_index import Region
+from trainer.data.index import Region
 
 # Window orders are shuffled within blocks of this many windows (and the blocks'
 # order is shuffled), so the permutation held per region stays small.
@@ -60,7 +62,7 @@ def crossing_windows(regions: Sequence[Region], window: int, shift: int) -> tupl
 def load_region_ids(region: Region, vocab: vocabulary.Vocabulary, lowercase: bool,
                     stream=None) -> np.ndarray:
     """The ids of the region's chars: one range read (or the next bytes of a .gz stream)."""
-    return vocab.encode(corpus_index.read_text(region, lowercase, stream))
+    return vocab.encode(index.read_text(region, lowercase, stream))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +229,7 @@ class _Windows:
                 if stream is None or stream.tell() > region.start:
                     if len(self._streams) > self.keep:
                         self._streams.pop(next(iter(self._streams))).close()
-                    stream = self._streams[region.path] = corpus_scan.open_compressed(
+                    stream = self._streams[region.path] = scan.open_compressed(
                         region.path)
             ids = load_region_ids(region, self.vocab, self.cfg.lowercase, stream)
             # A strided view of every window of the region: indexing it copies just the rows.

@@ -1,0 +1,1 @@
+"""Serving over HTTP: routes, request parsing, the batcher, the model backends, the page."""
