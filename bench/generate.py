@@ -41,7 +41,7 @@ def _model(job_dir: str | None) -> tuple[Any, Any, str]:
     from trainer.data.vocabulary import Vocabulary
 
     if job_dir:
-        cfg, vocab, model, pointer = checkpoints.load_trained(job_dir)
+        cfg, vocab, model, pointer = checkpoints.load_job(job_dir)
         return model, vocab, f"{job_dir} ({pointer.get('weights')})"
     cfg = Config()
     vocab = Vocabulary([c for c in string.printable if c not in "\r\x0b\x0c"])

@@ -42,7 +42,7 @@ def test_gpu_tooling_round_trip(tmp_path):
          "--tolerance=1e-4")
     with open(tmp_path / "import.json") as f:
         assert json.load(f)["abs_difference"] <= 1e-4
-    cfg, vocab, model, pointer = checkpoints.load_trained(str(tmp_path / "job"))
+    cfg, vocab, model, pointer = checkpoints.load_job(str(tmp_path / "job"))
     assert (cfg.num_layers, cfg.rnn_units) == (run["config"]["num_layers"],
                                                run["config"]["rnn_units"])
     # The job dir's best value is TensorFlow's score; the run's is rounded to 4 places.

@@ -50,7 +50,7 @@ def _evaluate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def _direct_windowed(job: str, text: str, batch: int) -> float:
     """Mean loss over every window (the last batch is padded), OOV targets left out."""
-    cfg, vocab, model, _ = checkpoints.load_trained(job)
+    cfg, vocab, model, _ = checkpoints.load_job(job)
     ids = vocab.encode(text).astype("int32")
     n = cfg.seq_length
     windows = np.stack([ids[s:s + n + 1] for s in range(0, len(ids) - n, n)])

@@ -230,6 +230,6 @@ def test_generate_from_a_real_training_run(tmp_path):
     result = _cli("trainer.generate", f"--job_dir={job_dir}", "--prime=the ", "--length=80",
                   "--seed=3")
     assert result.returncode == 0, result.stderr[-3000:]
-    _, vocab, model, pointer = checkpoints.load_trained(job_dir)
+    _, vocab, model, pointer = checkpoints.load_job(job_dir)
     assert pointer["weights"] in result.stderr
     assert result.stdout == Sampler(model, vocab).generate("the ", 80, seed=3)

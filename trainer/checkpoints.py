@@ -266,8 +266,8 @@ class BestExporter:
         return True
 
 
-def load_trained(job_dir: str, checkpoint: str | None = None
-                 ) -> tuple[Config, Vocabulary, keras.Model, dict[str, Any]]:
+def load_job(job_dir: str, checkpoint: str | None = None
+             ) -> tuple[Config, Vocabulary, keras.Model, dict[str, Any]]:
     """Loads config, vocabulary and weights from a job directory, for inference.
 
     Args:
@@ -276,7 +276,20 @@ def load_trained(job_dir: str, checkpoint: str | None = None
 
     Returns:
       (config, vocabulary, model with the weights loaded, the best pointer or {}).
+
+    Raises:
+      UserError: not a job directory, no best checkpoint yet, or unreadable files (a
+        truncated or foreign weights file, a hand-edited best.json), in one line.
     """
+    try:
+        return _load_job(job_dir, checkpoint)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"could not load a model from {job_dir}: "
+                        f"{type(err).__name__}: {err}") from err
+
+
+def _load_job(job_dir: str, checkpoint: str | None
+              ) -> tuple[Config, Vocabulary, keras.Model, dict[str, Any]]:
     job_dir = job_dir.rstrip("/")
     try:
         cfg = Config.from_dict(json.loads(storage.read_text(storage.join(job_dir, "config.json"))))

@@ -1,4 +1,4 @@
-"""What the entrypoints share: argv parsing with one-line errors, help, loading a job.
+"""What the entrypoints share: argv parsing with one-line errors and help.
 
 Each entrypoint (task, generate, export, serve) passes `flags_parser(...)` to
 `absl.app.run`: a flag error prints one `error: ...` line and exits 2, and
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
 
 from absl import flags
 
@@ -58,19 +57,3 @@ def flags_parser(rewrite: Callable[[list[str]], list[str]] | None = None
                  ) -> Callable[[list[str]], list[str]]:
     """`parse_argv` as the `flags_parser` argument of `absl.app.run`."""
     return lambda argv: parse_argv(argv, rewrite)
-
-
-def load_job(job_dir: str, checkpoint: str | None = None) -> tuple[Any, Any, Any, dict]:
-    """`checkpoints.load_trained`, with unreadable files reported as a UserError.
-
-    Returns:
-      (config, vocabulary, model, best pointer).
-    """
-    from trainer import checkpoints  # Imported late: it brings in TensorFlow.
-
-    try:
-        return checkpoints.load_trained(job_dir, checkpoint)
-    except (OSError, ValueError, KeyError) as err:
-        # A truncated or foreign weights file, or a hand-edited best.json.
-        raise UserError(f"could not load a model from {job_dir}: "
-                        f"{type(err).__name__}: {err}") from err

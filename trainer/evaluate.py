@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     from trainer.training import evaluation
 
     try:
-        cfg, vocab, model, pointer = checkpoints.load_trained(FLAGS.job_dir, FLAGS.checkpoint)
+        cfg, vocab, model, pointer = checkpoints.load_job(FLAGS.job_dir, FLAGS.checkpoint)
         paths = storage.expand_patterns(FLAGS.data)
         result = {"job_dir": FLAGS.job_dir,
                   "checkpoint": FLAGS.checkpoint or pointer.get("weights", ""),

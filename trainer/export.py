@@ -61,9 +61,11 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
-    from trainer.sampling import saved_model  # Imported here: --help should not wait for TF.
+    # Imported here: --help should not wait for TensorFlow.
+    from trainer import checkpoints
+    from trainer.sampling import saved_model
 
-    cfg, vocab, model, pointer = cli.load_job(fv.job_dir, fv.checkpoint)
+    cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
             "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
             "config": json.loads(cfg.to_json())}

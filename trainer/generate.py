@@ -140,13 +140,14 @@ def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
     # Imported here so that --help and flag errors never wait for TensorFlow.
+    from trainer import checkpoints
     from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings
 
     settings = Settings(temperature=fv.temperature, top_k=fv.top_k,
                                  top_p=fv.top_p, greedy=fv.greedy).validate()
     prompt = read_prompt(fv.prime, fv.prime_file)
     seed = fv.seed if fv.seed is not None else random.SystemRandom().randrange(2**31)
-    cfg, vocab, model, pointer = cli.load_job(fv.job_dir, fv.checkpoint)
+    cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     weights = fv.checkpoint or pointer.get("weights", "?")
     note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"
             if {"epoch", "monitor", "value"} <= pointer.keys() else "")

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer import cli, storage
+from trainer import checkpoints, storage
 from trainer.data.vocabulary import Vocabulary
 from trainer.sampling.next_char import Rule, Settings, row_arrays
 from trainer.sampling.sampler import STREAM_BLOCK, Sampler, encode_prompt
@@ -124,7 +124,7 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
     """
     path = path.rstrip("/")
     if not storage.exists(storage.join(path, "saved_model.pb")):
-        cfg, vocab, model, pointer = cli.load_job(path, checkpoint)
+        cfg, vocab, model, pointer = checkpoints.load_job(path, checkpoint)
         return SamplerBackend(Sampler(model, vocab, jit_compile=jit_compile),
                               _job_info(path, cfg, pointer))
     import tensorflow as tf
