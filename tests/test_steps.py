@@ -21,7 +21,7 @@ from test_train import _flags, _free_port, _json, _task, metrics, tiny
 from trainer import models, storage
 from trainer.data import vocabulary
 from trainer.errors import UserError
-from trainer.training import steps, train
+from trainer.training import optimization, steps, train
 
 
 def _slowed(monkeypatch, seconds: float) -> None:
@@ -68,7 +68,7 @@ def test_without_a_budget_the_schedule_follows_the_steps_only(corpus, tmp_path, 
     train.train(tiny(corpus, tmp_path, epochs=2, learning_rate=0.01, min_lr_ratio=0.1,
                      sample_length=0))
     first, last = metrics(tmp_path)
-    schedule = steps.BudgetSchedule(0.01, last["step"], 0, 0.1)
+    schedule = optimization.BudgetSchedule(0.01, last["step"], 0, 0.1)
     # Half way through the cosine: 0.01 x (0.1 + 0.9 x 0.5).
     assert first["learning_rate"] == pytest.approx(float(schedule(first["step"])), rel=1e-5)
     assert first["learning_rate"] == pytest.approx(0.0055, rel=1e-4)
@@ -199,7 +199,7 @@ def test_too_many_lanes_for_the_data_is_refused(corpus, tmp_path):
 def test_adam_uses_the_configured_moment_decay_rates(tmp_path):
     cfg = tiny("unused", tmp_path, lr_schedule="constant", learning_rate=0.1,
                adam_beta1=0.5, adam_beta2=0.9)
-    optimizer, _ = steps.optimizer(cfg, total_steps=10)
+    optimizer, _ = optimization.build_optimizer(cfg, total_steps=10)
     w = tf.Variable([0.0])
     m = v = expected = 0.0
     for t, g in enumerate([1.0, 3.0, -2.0], start=1):
@@ -210,7 +210,7 @@ def test_adam_uses_the_configured_moment_decay_rates(tmp_path):
         expected -= rate * m / (math.sqrt(v) + 1e-7)
         assert float(w[0]) == pytest.approx(expected, rel=1e-5)
     # The defaults' moments differ: the same gradients leave a different weight.
-    default, _ = steps.optimizer(tiny("unused", tmp_path, lr_schedule="constant",
+    default, _ = optimization.build_optimizer(tiny("unused", tmp_path, lr_schedule="constant",
                                       learning_rate=0.1), total_steps=10)
     w2 = tf.Variable([0.0])
     for g in [1.0, 3.0, -2.0]:
@@ -228,7 +228,7 @@ def test_weight_decay_shrinks_kernels_and_embedding_but_not_biases(tmp_path):
     cfg = tiny("unused", tmp_path, lr_schedule="constant", learning_rate=0.1, weight_decay=0.5,
                num_layers=2)
     model = models.build_model(cfg, vocab_size=7)
-    optimizer, _ = steps.optimizer(cfg, total_steps=10)
+    optimizer, _ = optimization.build_optimizer(cfg, total_steps=10)
     before = {v.path: v.numpy() for v in model.trainable_variables}
     # Zero gradients: Adam's own step is zero, so only the decay moves a weight.
     optimizer.apply_gradients([(tf.zeros_like(v), v) for v in model.trainable_variables])
@@ -239,7 +239,7 @@ def test_weight_decay_shrinks_kernels_and_embedding_but_not_biases(tmp_path):
         np.testing.assert_allclose(v.numpy(), before[v.path] * shrink, rtol=1e-6, atol=1e-7)
     assert {"embeddings", "kernel", "recurrent_kernel", "bias"} <= names
     # Off by default: the same zero step leaves every weight where it was.
-    plain, _ = steps.optimizer(cfg.replace(weight_decay=0.0), total_steps=10)
+    plain, _ = optimization.build_optimizer(cfg.replace(weight_decay=0.0), total_steps=10)
     kernel = model.get_layer("logits").kernel
     start = kernel.numpy()
     plain.apply_gradients([(tf.zeros_like(kernel), kernel)])

@@ -1,4 +1,4 @@
-"""Tests for --ema_momentum (trainer.steps.WeightAverage) through the training job:
+"""Tests for --ema_momentum (trainer.training.optimization.WeightAverage) through the training job:
 the average each step leaves, what is evaluated and saved, resume, bad values.
 
 Shares trainer.train's tiny config and corpus (tests/test_train.py).
@@ -17,7 +17,7 @@ from test_train import _json, metrics, tiny
 from trainer import models
 from trainer.data import vocabulary
 from trainer.errors import UserError
-from trainer.training import steps, train
+from trainer.training import optimization, train
 
 MOMENTUM = 0.6  # 1 / (1 - 0.6) = 2.5: steps 1-2 average plainly, then the moving average.
 
@@ -25,7 +25,7 @@ MOMENTUM = 0.6  # 1 / (1 - 0.6) = 2.5: steps 1-2 average plainly, then the movin
 def _restore(job_dir, cfg, vocab_size: int, step: int):
     """(raw weights, averaged weights, count) of the resume checkpoint at `step`."""
     model = models.build_model(cfg, vocab_size)
-    average = steps.WeightAverage(tf.distribute.get_strategy(), model, cfg.ema_momentum)
+    average = optimization.WeightAverage(tf.distribute.get_strategy(), model, cfg.ema_momentum)
     prefix = os.path.join(job_dir, "ckpt", f"ckpt-{step}")
     tf.train.Checkpoint(model=model, weight_average=average).read(prefix).expect_partial()
     return ([v.numpy() for v in model.trainable_variables],
@@ -76,7 +76,7 @@ def test_the_average_follows_every_step_is_what_is_kept_and_survives_a_resume(
 def test_applied_swaps_the_average_in_and_back_exactly(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path)
     model = models.build_model(cfg, 12)
-    average = steps.WeightAverage(tf.distribute.get_strategy(), model, 0.9)
+    average = optimization.WeightAverage(tf.distribute.get_strategy(), model, 0.9)
     trained = [v.numpy() for v in model.trainable_variables]
     with average.applied():  # No update yet: nothing to swap in.
         for v, w in zip(model.trainable_variables, trained, strict=True):

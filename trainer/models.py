@@ -15,11 +15,15 @@ reads every window from a zero state.
 
 from __future__ import annotations
 
+import math
+
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
 from trainer.config import Config
+from trainer.data.vocabulary import OOV_ID
 
 
 def build_model(cfg: Config, vocab_size: int) -> keras.Model:
@@ -98,3 +102,39 @@ def run_with_state(model: keras.Model, ids: tf.Tensor, states: tuple[tf.Tensor, 
         if f"dropout_{i}" in names:
             x = model.get_layer(f"dropout_{i}")(x, training=training)
     return model.get_layer("logits")(x), tuple(after)
+
+
+def metrics(totals: np.ndarray) -> dict[str, float]:
+    """loss (nats/char), accuracy and bpc (bits/char) from [loss sum, correct, count]."""
+    loss_sum, correct, count = totals
+    loss = loss_sum / max(count, 1)
+    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
+
+
+def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
+              skip_oov: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-target losses and the stacked [loss sum, correct, count] of a batch.
+
+    Args:
+      y: target ids, (batch, time), or (batch,) for the 'last' objective.
+      logits: (batch, time, vocab) float32.
+      objective: 'last' scores only the final position.
+      skip_oov: leave out targets that are the out-of-vocabulary id (text
+        characters the model never saw); they are not counted either. Targets
+        below 0 (evaluation padding) are always left out.
+
+    Returns:
+      (losses shaped like y, [loss sum, correct, count] float32).
+    """
+    if objective == "last":
+        logits = logits[:, -1]
+    # Targets of padding rows (window_pipeline.IGNORE, < 0) count as nothing.
+    valid = y >= 0
+    if skip_oov:
+        valid &= tf.not_equal(y, OOV_ID)
+    weight = tf.cast(valid, tf.float32)
+    y = tf.maximum(y, 0)
+    losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True) * weight
+    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
+    return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * weight),
+                             tf.reduce_sum(weight)])

@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from trainer import models
 from trainer.config import Config
 from trainer.errors import UserError
 from trainer.training import cloud
@@ -204,3 +205,10 @@ def sum_over_workers(strategy: tf.distribute.Strategy, place: Placement):
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
 
     return combine
+
+
+def zero_states(strategy: tf.distribute.Strategy, model: keras.Model,
+                            batch: int):
+    """Zero states for every replica (a PerReplica value, or plain tensors on one device)."""
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: models.zero_states(model, batch))

@@ -25,53 +25,11 @@ import tensorflow as tf
 from trainer import models
 from trainer.config import Config
 from trainer.data import index, lane_pipeline, window_pipeline
-from trainer.data.vocabulary import OOV_ID, Vocabulary
+from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
+from trainer.training import distribution
 
 SUM = tf.distribute.ReduceOp.SUM
-
-
-def metrics(totals: np.ndarray) -> dict[str, float]:
-    """loss (nats/char), accuracy and bpc (bits/char) from [loss sum, correct, count]."""
-    loss_sum, correct, count = totals
-    loss = loss_sum / max(count, 1)
-    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
-
-
-def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
-              skip_oov: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-target losses and the stacked [loss sum, correct, count] of a batch.
-
-    Args:
-      y: target ids, (batch, time), or (batch,) for the 'last' objective.
-      logits: (batch, time, vocab) float32.
-      objective: 'last' scores only the final position.
-      skip_oov: leave out targets that are the out-of-vocabulary id (text
-        characters the model never saw); they are not counted either. Targets
-        below 0 (evaluation padding) are always left out.
-
-    Returns:
-      (losses shaped like y, [loss sum, correct, count] float32).
-    """
-    if objective == "last":
-        logits = logits[:, -1]
-    # Targets of padding rows (window_pipeline.IGNORE, < 0) count as nothing.
-    valid = y >= 0
-    if skip_oov:
-        valid &= tf.not_equal(y, OOV_ID)
-    weight = tf.cast(valid, tf.float32)
-    y = tf.maximum(y, 0)
-    losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True) * weight
-    correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
-    return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * weight),
-                             tf.reduce_sum(weight)])
-
-
-def distributed_zero_states(strategy: tf.distribute.Strategy, model: keras.Model,
-                            batch: int):
-    """Zero states for every replica (a PerReplica value, or plain tensors on one device)."""
-    return strategy.experimental_distribute_values_from_function(
-        lambda ctx: models.zero_states(model, batch))
 
 
 class Evaluator:
@@ -89,11 +47,11 @@ class Evaluator:
         self.strategy, self.model = strategy, model
 
         def windowed(x, y):
-            return loss_sums(y, model(x, training=False), objective, skip_oov)[1]
+            return models.loss_sums(y, model(x, training=False), objective, skip_oov)[1]
 
         def carried(x, y, states):
             logits, states = models.run_with_state(model, x, states, training=False)
-            return loss_sums(y, logits, "sequence", skip_oov)[1], states
+            return models.loss_sums(y, logits, "sequence", skip_oov)[1], states
 
         @tf.function
         def windowed_step(x, y):
@@ -123,7 +81,7 @@ class Evaluator:
           batch_size: lanes per replica.
         """
         totals = np.zeros(3)
-        states = distributed_zero_states(self.strategy, self.model, batch_size)
+        states = distribution.zero_states(self.strategy, self.model, batch_size)
         for x, y, _ in self.strategy.distribute_datasets_from_function(dataset_fn):
             sums, states = self.carried_step(x, y, states)
             totals += sums.numpy()
@@ -192,7 +150,7 @@ def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: ker
 
 
 def _summary(totals: np.ndarray, how: str, **extra: int) -> dict[str, Any]:
-    values = metrics(totals)
+    values = models.metrics(totals)
     return {"nats_per_char": values["loss"], "bits_per_char": values["bpc"],
             "perplexity": math.exp(values["loss"]), "accuracy": values["accuracy"],
             "chars_scored": int(totals[2]), "how": how, **extra}

@@ -26,10 +26,10 @@ from absl import logging
 from trainer import checkpoints
 from trainer.config import Config
 from trainer.errors import UserError
+from trainer.models import metrics
 from trainer.training.distribution import Agreement
-from trainer.training.evaluation import metrics
+from trainer.training.optimization import WeightAverage
 from trainer.training.reporting import Reporter
-from trainer.training.steps import WeightAverage
 
 # Steps dispatched before their outputs are read back (and the stop is agreed).
 READBACK_STEPS = 10
@@ -88,7 +88,7 @@ class Loop:
     `elapsed` is the job's agreed elapsed seconds, set at every agreement (every
     READBACK_STEPS steps or sooner) and mirrored into `progress["elapsed"]` (kept in
     the checkpoint) and, with --train_minutes, into `time_progress`, the fraction of
-    the budget used, which the learning-rate schedule reads (`steps.BudgetSchedule`).
+    the budget used, which the learning-rate schedule reads (`optimization.BudgetSchedule`).
     """
 
     def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,

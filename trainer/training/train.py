@@ -24,7 +24,7 @@ from trainer.config import Config, incompatibilities
 from trainer.data import index, lane_pipeline, window_pipeline
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.training import distribution, evaluation, steps
+from trainer.training import distribution, evaluation, optimization, steps
 from trainer.training.loop import Loop, PreemptedError, TrainingDivergedError  # noqa: F401 - task, tests
 from trainer.training.reporting import Reporter
 
@@ -191,10 +191,10 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
                     "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
                     "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False)}
         model = models.build_model(cfg, vocab.size)
-        optimizer, time_progress = steps.optimizer(cfg, total_steps)
+        optimizer, time_progress = optimization.build_optimizer(cfg, total_steps)
         optimizer.build(model.trainable_variables)
     keras.mixed_precision.set_dtype_policy("float32")
-    average = (steps.WeightAverage(strategy, model, cfg.ema_momentum) if cfg.ema_momentum
+    average = (optimization.WeightAverage(strategy, model, cfg.ema_momentum) if cfg.ema_momentum
                else None)
     # A checkpoint written without averages restores none: their count stays 0, and the
     # first step starts them over from the weights.
@@ -287,9 +287,9 @@ def _lanes_for(regions, cfg: Config, batch: int, place, sharding) -> tuple[int, 
 def _evaluate(evaluator: evaluation.Evaluator, windows_fn, lanes_fn, lanes: int
               ) -> dict[str, float]:
     """Windowed metrics (loss, ...) and carried ones (carried_loss, ...), without prefix."""
-    metrics = evaluation.metrics(evaluator.windowed(windows_fn))
+    metrics = models.metrics(evaluator.windowed(windows_fn))
     if lanes_fn:
-        carried = evaluation.metrics(evaluator.carried(lanes_fn, lanes))
+        carried = models.metrics(evaluator.carried(lanes_fn, lanes))
         metrics.update({f"carried_{k}": v for k, v in carried.items()})
     return metrics
 
