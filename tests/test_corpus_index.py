@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from trainer import storage
-from trainer.data import index, scan, vocabulary
+from trainer.data import excerpt, index, scan, vocabulary
 from trainer.errors import UserError
 
 # 1-, 2-, 3- and 4-byte UTF-8 characters, and \r\n pairs that a cut must not split.
@@ -189,7 +189,7 @@ def test_prompts_and_samples_read_one_small_range(tmp_path, monkeypatch):
     real = storage.read_range
     monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))
     monkeypatch.setattr(storage, "read_bytes", lambda p: pytest.fail("read a whole file"))
-    assert index.read_chars(train[0], 0, 20, False) == "01234567890123456789"
+    assert excerpt.read_chars(train[0], 0, 20, False) == "01234567890123456789"
     assert reads == [20 * 4 + 4]
-    assert index.read_chars(train[1], 3, 4, False) == "3456"
+    assert excerpt.read_chars(train[1], 3, 4, False) == "3456"
     assert reads[1] <= 50_000 + 8

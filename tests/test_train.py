@@ -20,7 +20,7 @@ from trainer import checkpoints, storage
 from trainer.config import Config
 from trainer.data import index
 from trainer.errors import UserError
-from trainer.training import distribution, train
+from trainer.training import distribution, loop, precision, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,7 +98,7 @@ def test_a_restart_never_replaces_a_better_best(corpus, tmp_path, caplog):
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):
-    with pytest.raises(train.TrainingDivergedError, match="loss became (nan|inf)"):
+    with pytest.raises(loop.TrainingDivergedError, match="loss became (nan|inf)"):
         train.train(tiny(corpus, tmp_path, learning_rate=1e38, clipnorm=0, epochs=1))
 
 
@@ -179,11 +179,11 @@ def test_xla_trains_under_mirrored_and_is_refused_on_a_gpu(corpus, tmp_path, mon
     assert "2 replica(s)" in out
     assert math.isfinite(metrics(tmp_path)[0]["loss"])
     # XLA cannot compile the cuDNN LSTM kernel that a GPU would run: one clear error.
-    monkeypatch.setattr(train.tf.config, "list_logical_devices",
+    monkeypatch.setattr(precision.tf.config, "list_logical_devices",
                         lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
     with pytest.raises(UserError, match="--jit_compile does not work on a GPU"):
-        train._check_jit_compile(cfg)
-    train._check_jit_compile(cfg.replace(jit_compile=False))
+        precision.check_jit_compile(cfg)
+    precision.check_jit_compile(cfg.replace(jit_compile=False))
 
 
 def test_xla_and_mixed_precision_steps_train(corpus, tmp_path, monkeypatch):
@@ -191,7 +191,7 @@ def test_xla_and_mixed_precision_steps_train(corpus, tmp_path, monkeypatch):
     assert math.isfinite(summary["loss"]) and summary["step"] > 0
     # --precision=auto on a CPU with bfloat16 instructions trains in mixed_bfloat16, and
     # config.json records what ran.
-    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda *args: True)
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda *args: True)
     summary = train.train(tiny(corpus, tmp_path / "bf16", epochs=1, precision="auto"))
     assert math.isfinite(summary["loss"]) and summary["step"] > 0
     assert _json(tmp_path / "bf16" / "config.json")["precision"] == "mixed_bfloat16"
@@ -214,7 +214,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     def prepare():
         read.clear()
         job = checkpoints.JobDir(cfg.job_dir)
-        vocab, regions, _, chars = train._prepare_data(cfg, job, None, place)
+        vocab, regions, _, chars = train.scan_corpus(cfg, job, None, place)
         job.write("vocab.json", vocab.to_json())  # As train() does after this call.
         job.close(timeout=10)
         shards = [p for p in read if os.path.dirname(p) == str(folder)]
@@ -280,12 +280,12 @@ def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp
 def test_bfloat16_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
     # cuDNN's LSTM kernel has no bfloat16 version: one clear error up front, as for XLA.
     cfg = tiny(corpus, tmp_path, precision="mixed_bfloat16")
-    train._check_precision(cfg)  # No GPU here: allowed (and trained, in the test above).
-    monkeypatch.setattr(train.tf.config, "list_logical_devices",
+    precision.check_precision(cfg)  # No GPU here: allowed (and trained, in the test above).
+    monkeypatch.setattr(precision.tf.config, "list_logical_devices",
                         lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
     with pytest.raises(UserError, match="--precision=mixed_bfloat16 does not work on a GPU"):
-        train._check_precision(cfg)
-    train._check_precision(cfg.replace(precision="mixed_float16"))
+        precision.check_precision(cfg)
+    precision.check_precision(cfg.replace(precision="mixed_float16"))
 
 
 def test_auto_precision_follows_the_cpu_flags(corpus, tmp_path, monkeypatch):
@@ -298,14 +298,14 @@ def test_auto_precision_follows_the_cpu_flags(corpus, tmp_path, monkeypatch):
 
     zen4, sapphire, avx2 = (cpuinfo("zen4", "avx2 avx512f avx512_bf16"),
                             cpuinfo("spr", "avx512f amx_bf16 amx_tile"), cpuinfo("avx2", "avx2"))
-    assert train.cpu_has_bfloat16(zen4) and train.cpu_has_bfloat16(sapphire)
-    assert not train.cpu_has_bfloat16(avx2)
-    assert not train.cpu_has_bfloat16(str(tmp_path / "missing"))
+    assert precision.cpu_has_bfloat16(zen4) and precision.cpu_has_bfloat16(sapphire)
+    assert not precision.cpu_has_bfloat16(avx2)
+    assert not precision.cpu_has_bfloat16(str(tmp_path / "missing"))
     auto = tiny(corpus, tmp_path, precision="auto")
-    assert train.resolve_precision(auto, zen4).precision == "mixed_bfloat16"
-    assert train.resolve_precision(auto, avx2).precision == "float32"
+    assert precision.resolve_precision(auto, zen4).precision == "mixed_bfloat16"
+    assert precision.resolve_precision(auto, avx2).precision == "float32"
     fixed = auto.replace(precision="mixed_float16")
-    assert train.resolve_precision(fixed, zen4) is fixed
-    monkeypatch.setattr(train.tf.config, "list_logical_devices",
+    assert precision.resolve_precision(fixed, zen4) is fixed
+    monkeypatch.setattr(precision.tf.config, "list_logical_devices",
                         lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
-    assert train.resolve_precision(auto, zen4).precision == "float32"  # cuDNN: no bfloat16.
+    assert precision.resolve_precision(auto, zen4).precision == "float32"  # cuDNN: no bfloat16.

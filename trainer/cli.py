@@ -1,21 +1,35 @@
-"""What the entrypoints share: argv parsing with one-line errors and help.
+"""The doors' one shared main: flags, one call, and one way to end.
 
-Each entrypoint (task, generate, export, serve) passes `flags_parser(...)` to
-`absl.app.run`: a flag error prints one `error: ...` line and exits 2, and
-`--help`/`--helpshort`/`--helpfull` exit 0 after printing the help (absl's own
-help flags exit 1, which reads as a failure to scripts and CI).
+Every entrypoint (task, generate, evaluate, export, serve, corpus) is its flags and a
+`run(flags) -> exit status`, started by `main(define_flags, run)`:
+
+- a flag error prints one `error: ...` line and exits 2; `--help`, `--helpshort`,
+  `--helpfull` and `--helpxml` exit 0 after the help (absl's own exit 1, which reads
+  as a failure to scripts and CI);
+- bad input or a failing environment (`errors.describe`) prints one `error: ...`
+  line and exits 1; a job stopped by a signal (`errors.StoppedError`) exits 128 + the
+  signal's number after its one line; a reader that went away (`| head`) ends quietly;
+- on any non-zero exit the process ends right after the atexit handlers ran, so no
+  library object torn down at interpreter exit (a `multiprocessing` pool whose peer
+  died, say) can print a traceback under that one line.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from collections.abc import Callable
 
-from absl import flags
+# Before anything imports TensorFlow: its C++ INFO lines are noise for a command line.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from trainer.errors import UserError
+from absl import app, flags, logging  # noqa: E402
+
+from trainer.errors import StoppedError, UserError, describe  # noqa: E402
 
 HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
+Rewrite = Callable[[list[str]], list[str]]
 
 
 def say(message: str) -> None:
@@ -28,7 +42,7 @@ def asks_for_help(argv: list[str]) -> bool:
                if arg.startswith("-"))
 
 
-def parse_argv(argv: list[str], rewrite: Callable[[list[str]], list[str]] | None = None,
+def parse_argv(argv: list[str], rewrite: Rewrite | None = None,
                flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
     """Parses argv into `flag_values`; exits 2 with one line on bad flags, 0 after help.
 
@@ -53,7 +67,52 @@ def parse_argv(argv: list[str], rewrite: Callable[[list[str]], list[str]] | None
         raise
 
 
-def flags_parser(rewrite: Callable[[list[str]], list[str]] | None = None
-                 ) -> Callable[[list[str]], list[str]]:
-    """`parse_argv` as the `flags_parser` argument of `absl.app.run`."""
-    return lambda argv: parse_argv(argv, rewrite)
+def run_door(argv: list[str], run: Callable[[flags.FlagValues], int | None]) -> int:
+    """Runs a door's `run` on the parsed flags; returns the exit status (see the module)."""
+    if len(argv) > 1:
+        say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
+        return 2
+    try:
+        return run(flags.FLAGS) or 0
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away; stop quietly, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except StoppedError as stop:
+        logging.warning("%s", stop)
+        return stop.exit_code
+    except Exception as err:
+        message = describe(err)
+        if message is None:
+            raise  # A bug: keep its traceback.
+        say(f"error: {message}")
+        return 1
+
+
+def finish(status: int) -> None:
+    """Ends the process with `status`.
+
+    A failure ends here, not at interpreter exit: the atexit handlers (uploads, temp
+    folders) run, the streams are flushed, and the process leaves before the
+    interpreter tears down library objects, whose finalizers may print tracebacks
+    (a collective's `multiprocessing` pool after its peer died) under the one line
+    the user needs.
+    """
+    if not status:
+        sys.exit(0)
+    atexit._run_exitfuncs()
+    logging.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def main(define_flags: Callable[[], None], run: Callable[[flags.FlagValues], int | None],
+         rewrite: Rewrite | None = None) -> None:
+    """A door's `if __name__ == "__main__"` body: define the flags, parse, run, finish."""
+    define_flags()
+    app.run(lambda argv: finish(run_door(argv, run)),
+            flags_parser=lambda argv: parse_argv(argv, rewrite))

@@ -22,6 +22,19 @@ class UserError(Exception):
     """Bad input: a flag value, a data pattern, a job directory. One-line message."""
 
 
+class StoppedError(Exception):
+    """The work was stopped on request (a signal) after saving what it had.
+
+    Entrypoints log the message and exit with `exit_code`, 128 + the signal's number
+    as shells report it (143 for SIGTERM, 130 for Ctrl-C).
+    """
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -15,15 +15,11 @@ input ends with a one-line error on stderr and exit status 1.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from trainer.errors import describe  # noqa: E402
+from trainer import cli
 
 FLAGS = flags.FLAGS
 
@@ -66,46 +62,19 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]} (see --helpshort)", file=sys.stderr)
-        sys.exit(2)
-    # Import late: --helpshort should not wait for TensorFlow.
+def run(fv: flags.FlagValues) -> None:
+    """Scores the job directory on the text the parsed flags `fv` name; prints the result."""
+    # Imported here: --helpshort should not wait for TensorFlow.
     from trainer import checkpoints, storage
     from trainer.training import evaluation
 
-    try:
-        cfg, vocab, model, pointer = checkpoints.load_job(FLAGS.job_dir, FLAGS.checkpoint)
-        paths = storage.expand_patterns(FLAGS.data)
-        result = {"job_dir": FLAGS.job_dir,
-                  "checkpoint": FLAGS.checkpoint or pointer.get("weights", ""),
-                  **evaluation.score_files(paths, cfg, vocab, model, FLAGS.batch_size)}
-    except Exception as err:
-        message = describe(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-    if FLAGS.format == "json":
-        print(json.dumps(result, indent=1, ensure_ascii=False))
-    else:
-        print(render(result))
-
-
-def _parse_argv(argv: list[str]) -> list[str]:
-    """One-line errors for bad flags; --help and --helpshort exit 0."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {str(err).splitlines()[0]} (see --helpshort)", file=sys.stderr)
-        sys.exit(2)
-    except SystemExit as stop:
-        if any(a.lstrip("-").split("=")[0] in ("help", "helpshort", "helpfull", "h", "?")
-               for a in argv[1:]):
-            sys.exit(0)
-        raise stop
+    cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    paths = storage.expand_patterns(fv.data)
+    result = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights", ""),
+              **evaluation.score_files(paths, cfg, vocab, model, fv.batch_size)}
+    print(json.dumps(result, indent=1, ensure_ascii=False) if fv.format == "json"
+          else render(result))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=_parse_argv)
+    cli.main(define_flags, run)

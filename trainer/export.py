@@ -35,10 +35,9 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from trainer import cli
-from trainer.errors import describe
 
 FLAGS = flags.FLAGS
 
@@ -73,22 +72,5 @@ def run(fv: flags.FlagValues) -> None:
     print(f"exported a SavedModel to {fv.export_dir}", file=sys.stderr)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)",
-              file=sys.stderr)
-        return 1
-    try:
-        run(FLAGS)
-    except Exception as err:
-        message = describe(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=cli.flags_parser())
+    cli.main(define_flags, run)

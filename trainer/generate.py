@@ -14,18 +14,16 @@ one-line error on stderr and exit status 1.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 from trainer import cli, storage
-from trainer.config import Config
-from trainer.data import index
-from trainer.errors import UserError, describe
+from trainer.data import excerpt
+from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
 # Chars per compiled call when stdout is not a terminal.
@@ -82,50 +80,6 @@ def read_prompt(prime: str | None, prime_file: str | None) -> str | None:
         raise UserError(f"--prime_file {prime_file} is not UTF-8 text: {err}") from err
 
 
-def data_prompt(cfg: Config, seed: int) -> tuple[str, str]:
-    """Picks a random window of the job's validation text, as the 2017 tutorial did.
-
-    The pieces come from the job's shards.json, and the window is one range read of
-    one piece. Without validation data the training text is used. Any failure to
-    reach the data (moved files, no credentials) falls back to a newline.
-
-    Args:
-      cfg: the job's config (job_dir, data patterns, seq_length, lowercase).
-      seed: picks the piece and the window.
-
-    Returns:
-      (prompt, a description of where it came from).
-    """
-    rng = random.Random(seed)
-    what = "validation" if cfg.val_data or cfg.val_fraction else "training"
-    try:
-        try:
-            record = storage.read_text(storage.join(cfg.job_dir, index.SCAN_RECORD))
-        except FileNotFoundError:
-            record = None
-        known = index.read_record(record, cfg.lowercase, cfg.piece_bytes)
-        if known:
-            corpus = index.Index(list(known.values()), histogram=None)
-            train, val = index.make_regions(corpus, 2, cfg.val_fraction)
-            regions = val or train
-            region = regions[rng.randrange(len(regions))]
-            width = min(cfg.seq_length, region.length)
-            begin = rng.randint(0, region.length - width)
-            text = index.read_chars(region, begin, width, cfg.lowercase)
-            return text, f"a random {width}-char window of the {what} text {region.path}"
-        # No corpus (a job directory from elsewhere): a random place of a data file.
-        paths = storage.expand_patterns(cfg.val_data or cfg.train_data)
-        path = paths[rng.randrange(len(paths))]
-        text = index.snippet(path, cfg.seq_length, cfg.lowercase, rng,
-                                    0.0 if cfg.val_data else cfg.val_fraction)
-        if len(text) >= 2:
-            return text, f"a random {len(text)}-char window of the {what} text {path}"
-        reason = "no shard is long enough"
-    except Exception as err:  # noqa: BLE001 - any failure means "no data reachable".
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    return "\n", f"a newline (no {what} data reachable: {reason})"
-
-
 def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
     """The whole output for --format: plain samples, or JSON with their settings."""
     if fmt == "json":
@@ -154,7 +108,7 @@ def run(fv: flags.FlagValues) -> None:
     _say(f"loaded {weights}{note} from {fv.job_dir}")
     oov = fv.oov
     if prompt is None:
-        prompt, source = data_prompt(cfg, seed)
+        prompt, source = excerpt.random_excerpt(cfg, seed)
         oov = "skip"  # Not the user's text: chars outside the vocabulary are just left out.
         _say(f"prompt: {source}:\n{prompt}")
     else:
@@ -196,25 +150,5 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        _say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
-        return 1
-    try:
-        run(FLAGS)
-    except BrokenPipeError:
-        # The reader (e.g. `| head`) went away; stop quietly, as command-line tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except Exception as err:
-        message = describe(err)
-        if message is None:
-            raise
-        _say(f"error: {message}")
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=cli.flags_parser())
+    cli.main(define_flags, run)

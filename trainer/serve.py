@@ -13,15 +13,12 @@ batching in trainer/batcher.py.
 
 from __future__ import annotations
 
-import os
 import signal
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from trainer import cli  # noqa: E402
-from trainer.errors import UserError, describe  # noqa: E402
+from trainer import cli
+from trainer.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -94,21 +91,5 @@ def run(fv: flags.FlagValues) -> None:
     cli.say(f"stopped ({', '.join(stops) or 'server exited'})")
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        cli.say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
-        return 1
-    try:
-        run(FLAGS)
-    except Exception as err:
-        message = describe(err)
-        if message is None:
-            raise
-        cli.say(f"error: {message}")
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=cli.flags_parser())
+    cli.main(define_flags, run)

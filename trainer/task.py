@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from trainer import cli, config  # noqa: E402
-from trainer.config import Config  # noqa: E402
-from trainer.errors import UserError, describe  # noqa: E402
+from trainer import cli, config
+from trainer.config import Config
+from trainer.errors import UserError
 from trainer.training import cloud
 
 
@@ -85,22 +82,20 @@ def parse_flags(argv: list[str]) -> Config:
     flag_values = flags.FlagValues()
     define_flags(flag_values)
     try:
-        flag_values(cloud.normalize_argv(expand_presets(list(argv))))
+        flag_values(rewrite_argv(list(argv)))
     except flags.Error as err:
         raise UserError(str(err).splitlines()[0]) from err
     return config_from_flags(flag_values)
 
 
-def _rewrite_argv(argv: list[str]) -> list[str]:
+def rewrite_argv(argv: list[str]) -> list[str]:
     """Presets and legacy spellings (--job-dir) -> what absl parses."""
     return cloud.normalize_argv(expand_presets(argv))
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments {argv[1:]} (see --helpshort)", file=sys.stderr)
-        sys.exit(2)
-    if not flags.FLAGS["verbosity"].present:  # -v=1 (debug) and the like win.
+def run(flag_values: flags.FlagValues) -> None:
+    """Trains per the parsed flags, printing a `done:` line with the last metrics."""
+    if not flag_values["verbosity"].present:  # -v=1 (debug) and the like win.
         logging.set_verbosity(logging.INFO)
     from trainer.training import train  # Import late: --helpshort should not wait for TensorFlow.
 
@@ -108,23 +103,11 @@ def main(argv: list[str]) -> None:
     train.tf.get_logger().setLevel("WARNING")
     logging.get_absl_handler().addFilter(
         lambda record: not record.getMessage().startswith("Sharding callback duration"))
-
-    try:
-        summary = train.train(config_from_flags(flags.FLAGS))
-    except train.PreemptedError as stop:
-        logging.warning("%s", stop)
-        sys.exit(130 if stop.signal_name == "SIGINT" else 143)
-    except Exception as err:
-        message = describe(err)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    summary = train.train(config_from_flags(flag_values))
     if summary:
         print("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in summary.items()))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=cli.flags_parser(_rewrite_argv))
+    cli.main(define_flags, run, rewrite_argv)

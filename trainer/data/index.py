@@ -286,31 +286,3 @@ def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: 
     if index.reused < total or gone:
         write(SCAN_RECORD, record(index, lowercase, piece_bytes))
     return index
-
-
-def read_chars(region: Region, begin: int, count: int, lowercase: bool) -> str:
-    """Chars [begin, begin + count) of the region, in one range read.
-
-    When they lie at the start of a plain piece only their bytes are read (at most 4
-    per char); otherwise the piece is read, which is bounded by the piece size.
-    """
-    if region.compressed or region.begin + begin > 0:
-        return read_text(region, lowercase)[begin:begin + count]
-    data = storage.read_range(region.path, region.start,
-                              min(region.stop, region.start + 4 * count + scan.LOOKAHEAD))
-    return vocabulary.decode(data, lowercase)[0][:min(count, region.length)]
-
-
-def snippet(path: str, width: int, lowercase: bool, rng, tail: float = 0.0) -> str:
-    """About `width` chars from a random place of a file (in its last `tail` fraction),
-    in one range read, for when no index of the file exists."""
-    if is_compressed(path):
-        with scan.open_compressed(path) as stream:
-            data = stream.read(4 * width + scan.LOOKAHEAD)
-    else:
-        size = storage.size(path)
-        lo = int(size * (1 - tail)) if tail else 0
-        start = rng.randint(lo, max(lo, size - 4 * width - scan.LOOKAHEAD))
-        data = storage.read_range(path, start, start + 4 * width + scan.LOOKAHEAD)
-        data = data[scan.boundary(data, 0):] if start else data
-    return vocabulary.decode(data, lowercase)[0][:width]

@@ -25,7 +25,7 @@ from absl import logging
 
 from trainer import checkpoints
 from trainer.config import Config
-from trainer.errors import UserError
+from trainer.errors import StoppedError, UserError
 from trainer.models import metrics
 from trainer.training.distribution import Agreement
 from trainer.training.optimization import WeightAverage
@@ -35,12 +35,8 @@ from trainer.training.reporting import Reporter
 READBACK_STEPS = 10
 
 
-class PreemptedError(Exception):
+class PreemptedError(StoppedError):
     """SIGTERM or Ctrl-C arrived; a resume checkpoint was saved and uploads were flushed."""
-
-    def __init__(self, message: str, signal_name: str = "SIGTERM"):
-        super().__init__(message)
-        self.signal_name = signal_name
 
 
 class TrainingDivergedError(UserError):

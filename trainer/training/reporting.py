@@ -15,7 +15,8 @@ from absl import logging
 
 from trainer import checkpoints, storage, uploads
 from trainer.config import Config
-from trainer.data.index import Region, read_chars
+from trainer.data.excerpt import read_chars
+from trainer.data.index import Region
 from trainer.data.vocabulary import Vocabulary
 from trainer.training import cloud
 from trainer.training.distribution import Placement

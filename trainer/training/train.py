@@ -1,15 +1,21 @@
-"""The training loop: one custom loop for every tf.distribute strategy.
+"""Training, in named stages: one custom loop for every tf.distribute strategy.
 
 Keras 3's `model.fit` fails under MultiWorkerMirroredStrategy, so the step is a
-`tf.function` around `strategy.run` with a GradientTape, used by the one-device,
-mirrored and multi-worker strategies alike. Around it: resume checkpoints
-(every epoch, every N steps and on SIGTERM), the best checkpoint by the
-monitored loss, TensorBoard, a sample per epoch, and background uploads. The
-epochs-of-steps loop and the job-wide stop decision are in trainer/loop.py.
+`tf.function` around `strategy.run` with a GradientTape (trainer/training/steps.py),
+used by the one-device, mirrored and multi-worker strategies alike. `train` runs
+the stages in order:
+
+  1. settle the config: precision for this machine, what to monitor;
+  2. the data: the corpus scan (split among workers), the vocabulary, the regions,
+     and how many steps a pass, an epoch and the validation take;
+  3. the model and the optimizer, built under the strategy;
+  4. checkpoints and reporting: resume, the best checkpoint, the job's agreement;
+  5. the loop (trainer/training/loop.py), then flushing uploads and the export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -22,19 +28,106 @@ from absl import logging
 from trainer import checkpoints, models, storage
 from trainer.config import Config, incompatibilities
 from trainer.data import index, lane_pipeline, window_pipeline
+from trainer.data.index import Region
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.training import distribution, evaluation, optimization, steps
-from trainer.training.loop import Loop, PreemptedError, TrainingDivergedError  # noqa: F401 - task, tests
+from trainer.training import distribution, evaluation, optimization, precision, steps
+from trainer.training.distribution import Placement
+from trainer.training.loop import Loop, PreemptedError
 from trainer.training.reporting import Reporter
 
 
-def _prepare_data(cfg: Config, job: checkpoints.JobDir, strategy, place):
+def train(cfg: Config) -> dict[str, Any]:
+    """Trains per `cfg`, resuming from the job directory when it holds a run.
+
+    Every worker of a multi-worker job resumes from the chief's checkpoint, and all
+    of them stop at the same step (see trainer/training/loop.py).
+
+    Returns:
+      A summary: best value, last epoch's metrics, steps, chars trained ({} when the
+      job directory already holds the whole run).
+
+    Raises:
+      UserError: bad data, an incompatible job directory, a diverged loss, a cluster
+        that cannot work, another worker that stopped or failed.
+      PreemptedError: SIGTERM or Ctrl-C arrived (on any worker); a resume checkpoint
+        was saved.
+    """
+    strategy, place = distribution.make_strategy(cfg)
+    try:
+        cfg = settle_config(cfg, place)
+        job = checkpoints.JobDir(cfg.job_dir, cfg.local_dir, writer=place.is_chief)
+        check_job_dir(cfg, job)
+        plan = plan_data(cfg, job, strategy, place)
+        job.write("config.json", cfg.to_json())
+        job.write("vocab.json", plan.vocab.to_json())
+        trainable = build_trainable(cfg, strategy, plan)
+        summary, best_pointer = run_loop(cfg, job, strategy, place, plan, trainable)
+    except distribution.PEER_ERRORS as err:
+        lost = distribution.lost_worker(err, place)
+        if lost is None:
+            raise
+        raise lost from err
+    if place.is_chief and cfg.model_dir and best_pointer:
+        export_best(cfg, best_pointer)
+    return summary
+
+
+# Stage 1: the config.
+
+def settle_config(cfg: Config, place: Placement) -> Config:
+    """Resolves --precision for this machine and what to monitor; logs the whole config."""
+    cfg = precision.settle(cfg)
+    if cfg.monitor.startswith("val_") and not (cfg.val_data or cfg.val_fraction):
+        logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
+        cfg = cfg.replace(monitor="loss")
+    logging.info("config:\n%s", cfg.to_json())
+    logging.info("batch %d per replica x %d replica(s) = global batch %d",
+                 cfg.batch_size, place.replicas, cfg.batch_size * place.replicas)
+    return cfg
+
+
+def check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
+    """Refuses a job directory that holds a run of another model."""
+    saved = job.read("config.json")
+    if saved is None:
+        return
+    problems = incompatibilities(Config.from_dict(json.loads(saved)).to_dict(), cfg)
+    if problems:
+        raise UserError(f"{cfg.job_dir} holds a run with an incompatible config ("
+                        f"{'; '.join(problems)}); use another --job_dir")
+
+
+# Stage 2: the data.
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """What the job reads and how many steps each part takes (the same on every worker)."""
+
+    vocab: Vocabulary
+    train_regions: list[Region]
+    val_regions: list[Region]
+    train_chars: int
+    sharding: window_pipeline.Sharding
+    pass_steps: int          # Steps of one pass over the training text.
+    steps_per_epoch: int
+    total_steps: int
+    val_steps: int           # Windowed validation: steps of val_batch windows per replica.
+    val_batch: int
+    val_lanes: int           # Carried validation: lanes per replica (0: none fits).
+    val_lane_steps: int
+
+
+def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement
+                ) -> tuple[Vocabulary, list[Region], list[Region], int]:
     """Scans the corpus (split across workers), and loads or builds the vocabulary.
 
     A resumed job (vocab.json present) reads again only the files whose fingerprint
     changed since the scan recorded in shards.json; a restart on a large bucket corpus
     then costs one metadata request per file instead of a full read.
+
+    Returns:
+      (vocabulary, training regions, validation regions, training chars).
     """
     saved = job.read("vocab.json")
     corpus = index.prepare(
@@ -49,111 +142,25 @@ def _prepare_data(cfg: Config, job: checkpoints.JobDir, strategy, place):
     return vocab, train_regions, val_regions, sum(f.chars for f in corpus.split("train"))
 
 
-def _check_jit_compile(cfg: Config) -> None:
-    """--jit_compile cannot work where the LSTMs run the cuDNN kernel: say so up front."""
-    if cfg.jit_compile and tf.config.list_logical_devices("GPU"):
-        raise UserError("--jit_compile does not work on a GPU: XLA has no kernel for the cuDNN "
-                        "LSTM (CudnnRNNV3), which is the fast path there; drop --jit_compile")
-
-
-def _check_precision(cfg: Config) -> None:
-    """mixed_bfloat16 cannot work where the LSTMs run the cuDNN kernel: say so up front."""
-    if cfg.precision == "mixed_bfloat16" and tf.config.list_logical_devices("GPU"):
-        raise UserError("--precision=mixed_bfloat16 does not work on a GPU: the cuDNN LSTM "
-                        "kernel takes float16, float32 or float64 only; use "
-                        "--precision=mixed_float16 there")
-
-
-def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU multiplies bfloat16 natively (x86 AVX512_BF16 or AMX-BF16 flags).
-
-    Elsewhere oneDNN emulates bfloat16 and mixed_bfloat16 runs slower than float32.
-    """
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            flags = {word for line in f if line.startswith("flags")
-                     for word in line.split(":", 1)[-1].split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> Config:
-    """Replaces --precision=auto with what this machine runs best (see Config.precision)."""
-    if cfg.precision != "auto":
-        return cfg
-    if tf.config.list_logical_devices("GPU"):
-        precision, why = "float32", "a GPU"
-    elif cpu_has_bfloat16(cpuinfo):
-        precision, why = "mixed_bfloat16", "CPU with bfloat16 instructions, no GPU"
-    else:
-        precision, why = "float32", "CPU without bfloat16 instructions"
-    logging.info("--precision=auto: %s (%s)", precision, why)
-    return cfg.replace(precision=precision)
-
-
-def _check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
-    saved = job.read("config.json")
-    if saved is None:
-        return
-    problems = incompatibilities(Config.from_dict(json.loads(saved)).to_dict(), cfg)
-    if problems:
-        raise UserError(f"{cfg.job_dir} holds a run with an incompatible config ("
-                        f"{'; '.join(problems)}); use another --job_dir")
-
-
-def train(cfg: Config) -> dict[str, Any]:
-    """Trains per `cfg`, resuming from the job directory when it holds a run.
-
-    Every worker of a multi-worker job resumes from the chief's checkpoint, and all
-    of them stop at the same step (see trainer/loop.py).
-
-    Returns:
-      A summary: best value, last epoch's metrics, steps, chars trained ({} when the
-      job directory already holds the whole run).
-
-    Raises:
-      UserError: bad data, an incompatible job directory, a diverged loss, a cluster
-        that cannot work, another worker that stopped or failed.
-      PreemptedError: SIGTERM or Ctrl-C arrived (on any worker); a resume checkpoint
-        was saved.
-    """
-    strategy, place = distribution.make_strategy(cfg)
-    try:
-        return _train(cfg, strategy, place)
-    except distribution.PEER_ERRORS as err:
-        lost = distribution.lost_worker(err, place)
-        if lost is None:
-            raise
-        raise lost from err
-
-
-def _train(cfg: Config, strategy: tf.distribute.Strategy,
-           place: distribution.Placement) -> dict[str, Any]:
-    _check_jit_compile(cfg)
-    cfg = resolve_precision(cfg)
-    _check_precision(cfg)
-    global_batch = cfg.batch_size * place.replicas
-    if cfg.monitor.startswith("val_") and not (cfg.val_data or cfg.val_fraction):
-        logging.warning("no validation data (--val_data or --val_fraction): monitoring loss")
-        cfg = cfg.replace(monitor="loss")
-    logging.info("config:\n%s", cfg.to_json())
-    logging.info("batch %d per replica x %d replica(s) = global batch %d",
-                 cfg.batch_size, place.replicas, global_batch)
-    job = checkpoints.JobDir(cfg.job_dir, cfg.local_dir, writer=place.is_chief)
-    _check_job_dir(cfg, job)
-    vocab, train_regions, val_regions, train_chars = _prepare_data(cfg, job, strategy, place)
+def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement) -> DataPlan:
+    """Scans the corpus and sizes the passes, epochs and validation; refuses too little text."""
+    vocab, train_regions, val_regions, train_chars = scan_corpus(cfg, job, strategy, place)
     sharding = window_pipeline.Sharding(place.worker, place.num_workers)
-    pass_steps = (lane_pipeline.lane_steps(train_regions, cfg.seq_length, cfg.batch_size
-                                            * place.replicas_per_worker, sharding)
-                  if cfg.carry_state else window_pipeline.steps_per_pass(
-        train_regions, cfg.window, cfg.shift, cfg.batch_size, place.replicas_per_worker, sharding))
-    if pass_steps < 1 and cfg.carry_state:
-        raise UserError(f"the training data is too short for {global_batch} lanes of more "
-                        f"than {cfg.seq_length} chars each (--carry_state)")
-    if pass_steps < 1:
-        raise UserError(f"the training data holds fewer windows than one global batch of "
-                        f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
+    global_batch = cfg.batch_size * place.replicas
+    lanes_per_worker = cfg.batch_size * place.replicas_per_worker
+    if cfg.carry_state:
+        pass_steps = lane_pipeline.lane_steps(train_regions, cfg.seq_length, lanes_per_worker,
+                                              sharding)
+        if pass_steps < 1:
+            raise UserError(f"the training data is too short for {global_batch} lanes of more "
+                            f"than {cfg.seq_length} chars each (--carry_state)")
+    else:
+        pass_steps = window_pipeline.steps_per_pass(train_regions, cfg.window, cfg.shift,
+                                                    cfg.batch_size, place.replicas_per_worker,
+                                                    sharding)
+        if pass_steps < 1:
+            raise UserError(f"the training data holds fewer windows than one global batch of "
+                            f"{global_batch} (seq_length {cfg.seq_length}, shift {cfg.shift})")
     crossing, windows = window_pipeline.crossing_windows(train_regions, cfg.window, cfg.shift)
     logging.info("a pass trains on %d of %d windows: %d (%.3f%%) cross a piece boundary, %d do "
                  "not fill the last global batch", pass_steps * global_batch, windows + crossing,
@@ -165,24 +172,55 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         # Every validation window is scored once: each worker's share is padded with
         # invalid rows up to the largest share, in batches no larger than needed.
         most = max(window_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
-                                                     place.num_workers))
+                                                      place.num_workers))
         if most < 1:
             raise UserError(f"the validation data holds no window of {cfg.window} chars")
         val_batch = max(1, min(cfg.batch_size, -(-most // place.replicas_per_worker)))
         val_steps = -(-most // (val_batch * place.replicas_per_worker))
         val_steps = min(val_steps, cfg.val_steps or val_steps)
-        val_lanes, val_lane_steps = _lanes_for(val_regions, cfg, val_batch, place, sharding)
-    total_steps = cfg.epochs * steps_per_epoch
-    reading = (f"{cfg.batch_size * place.replicas_per_worker} contiguous lanes per worker, "
-               "state carried" if cfg.carry_state else
+        val_lanes, val_lane_steps = _carried_validation(val_regions, cfg, place, sharding)
+    plan = DataPlan(vocab, train_regions, val_regions, train_chars, sharding, pass_steps,
+                    steps_per_epoch, cfg.epochs * steps_per_epoch, val_steps, val_batch,
+                    val_lanes, val_lane_steps)
+    reading = (f"{lanes_per_worker} contiguous lanes per worker, state carried"
+               if cfg.carry_state else
                f"windows of {cfg.window} chars every {cfg.shift} chars ('{cfg.objective}')")
     logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %s; %d "
                  "steps/epoch; %d validation steps (windowed), %d carried over %d lanes",
                  vocab.size, train_chars, len(train_regions), reading, steps_per_epoch,
                  val_steps, val_lane_steps, val_lanes * place.replicas)
-    job.write("config.json", cfg.to_json())
-    job.write("vocab.json", vocab.to_json())
+    return plan
 
+
+def _carried_validation(regions, cfg: Config, place: Placement, sharding) -> tuple[int, int]:
+    """(lanes per replica, steps) for carried validation: up to --batch_size lanes, fewer
+    when the text is too short for one step of that many; (0, 0) when none fits."""
+    batch = cfg.batch_size
+    while batch:
+        count = lane_pipeline.lane_steps(regions, cfg.seq_length,
+                                         batch * place.replicas_per_worker, sharding)
+        if count:
+            return batch, min(count, cfg.val_steps or count)
+        batch //= 2
+    return 0, 0
+
+
+# Stage 3: the model and the optimizer.
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """What the strategy holds and the resume checkpoint keeps."""
+
+    model: keras.Model
+    optimizer: keras.optimizers.Optimizer
+    time_progress: tf.Variable          # Elapsed share of --train_minutes (the schedule's).
+    progress: dict[str, tf.Variable]    # step, best, elapsed (the job's agreed clock).
+    average: optimization.WeightAverage | None
+
+
+def build_trainable(cfg: Config, strategy: tf.distribute.Strategy, plan: DataPlan
+                    ) -> Trainable:
+    """Builds the model, optimizer and progress variables under the strategy."""
     keras.mixed_precision.set_dtype_policy(cfg.precision)
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
@@ -190,65 +228,57 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
         progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
                     "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False)}
-        model = models.build_model(cfg, vocab.size)
-        optimizer, time_progress = optimization.build_optimizer(cfg, total_steps)
+        model = models.build_model(cfg, plan.vocab.size)
+        optimizer, time_progress = optimization.build_optimizer(cfg, plan.total_steps)
         optimizer.build(model.trainable_variables)
     keras.mixed_precision.set_dtype_policy("float32")
-    average = (optimization.WeightAverage(strategy, model, cfg.ema_momentum) if cfg.ema_momentum
-               else None)
-    # A checkpoint written without averages restores none: their count stays 0, and the
-    # first step starts them over from the weights.
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **progress,
-                               **({"weight_average": average} if average else {}))
-    resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
-    restored = resume.restore()
-    step = int(progress["step"].numpy())
-    if restored:
-        logging.info("resumed from %s at step %d (epoch %d)", restored["prefix"], step,
-                     step // steps_per_epoch + 1)
-    # The first collective after the setup: a worker that failed in it has exited by now.
-    agreement = distribution.Agreement(strategy, place, float(progress["elapsed"].numpy()))
-    agreement.check_same("resume step", step)
-    best = checkpoints.BestExporter(job, cfg.monitor, float(progress["best"].numpy()))
+    average = (optimization.WeightAverage(strategy, model, cfg.ema_momentum)
+               if cfg.ema_momentum else None)
     for lstm in models.lstm_layers(model):
         if not models.cudnn_eligible(lstm):
             logging.warning("%s is not eligible for the cuDNN kernel", lstm.name)
+    return Trainable(model, optimizer, time_progress, progress, average)
 
-    def dataset_fn(regions, shift, steps, shuffle, start, repeat, batch=cfg.batch_size):
-        return lambda ctx: window_pipeline.dataset(
-            regions, vocab, cfg, batch_size=batch, shift=shift, steps=steps,
-            replicas_per_worker=place.replicas_per_worker, sharding=sharding, shuffle=shuffle,
-            start_step=start, repeat=repeat)
 
-    def lanes_fn(regions, steps, start, repeat, batch=cfg.batch_size):
-        return lambda ctx: lane_pipeline.lanes_dataset(
-            regions, vocab, cfg, batch_size=batch, steps=steps,
-            replicas_per_worker=place.replicas_per_worker, sharding=sharding, start_step=start,
-            repeat=repeat, rotate=repeat and cfg.rotate_lanes,
-            reset_prob=cfg.state_reset_prob if repeat else 0.0)
+# Stage 4: checkpoints and reporting, then stage 5: the loop.
 
-    train_step = steps.train_step(cfg, strategy, model, optimizer, global_batch, average)
-    if cfg.carry_state:
-        train_iter = iter(strategy.distribute_datasets_from_function(
-            lanes_fn(train_regions, pass_steps, step, True)))
-        step_fn = steps.CarriedSteps(train_step, train_iter, strategy, model, cfg.batch_size)
-    else:
-        train_iter = iter(strategy.distribute_datasets_from_function(
-            dataset_fn(train_regions, cfg.shift, pass_steps, True, step, True)))
-        step_fn = lambda: train_step(train_iter)  # noqa: E731
-    reporter = Reporter(cfg, job, place, vocab, model, val_regions)
-    evaluator = evaluation.Evaluator(strategy, model, cfg.objective)
-    evaluate = (lambda: _evaluate(evaluator, dataset_fn(
-        val_regions, cfg.seq_length, val_steps, False, 0, False, val_batch),
-        val_lanes and lanes_fn(val_regions, val_lane_steps, 0, False, val_lanes), val_lanes)
-                ) if val_steps else dict
-    loop = Loop(cfg, steps_per_epoch, global_batch * cfg.seq_length, resume, best, reporter,
-                progress, step_fn, evaluate, model, optimizer, agreement, time_progress, average)
-    if step >= total_steps:
+def run_loop(cfg: Config, job: checkpoints.JobDir, strategy: tf.distribute.Strategy,
+             place: Placement, plan: DataPlan, trainable: Trainable
+             ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Resumes, runs the loop to the end (or a stop), and flushes what was written.
+
+    Returns:
+      (the loop's summary, the best checkpoint's pointer or None).
+    """
+    # A checkpoint written without averages restores none: their count stays 0, and the
+    # first step starts them over from the weights.
+    average = trainable.average
+    ckpt = tf.train.Checkpoint(model=trainable.model, optimizer=trainable.optimizer,
+                               **trainable.progress,
+                               **({"weight_average": average} if average else {}))
+    resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
+    restored = resume.restore()
+    step = int(trainable.progress["step"].numpy())
+    if restored:
+        logging.info("resumed from %s at step %d (epoch %d)", restored["prefix"], step,
+                     step // plan.steps_per_epoch + 1)
+    # The first collective after the setup: a worker that failed in it has exited by now.
+    agreement = distribution.Agreement(strategy, place,
+                                       float(trainable.progress["elapsed"].numpy()))
+    agreement.check_same("resume step", step)
+    best = checkpoints.BestExporter(job, cfg.monitor, float(trainable.progress["best"].numpy()))
+    reporter = Reporter(cfg, job, place, plan.vocab, trainable.model, plan.val_regions)
+    inputs = _Inputs(cfg, strategy, place, plan)
+    train_iter, step_fn = inputs.train_steps(trainable, step)
+    loop = Loop(cfg, plan.steps_per_epoch, cfg.batch_size * place.replicas * cfg.seq_length,
+                resume, best, reporter, trainable.progress, step_fn,
+                inputs.validation(trainable.model), trainable.model, trainable.optimizer,
+                agreement, trainable.time_progress, average)
+    if step >= plan.total_steps:
         logging.warning("the job directory already holds all %d epochs; raise --epochs to train "
                         "longer", cfg.epochs)
     try:
-        summary = loop.run(step, total_steps)
+        summary = loop.run(step, plan.total_steps)
     except BaseException as err:
         # Keep what was already written: flush it (briefly after a signal), then re-raise.
         timeout = (min(cfg.upload_timeout, 30.0) if isinstance(err, PreemptedError)
@@ -260,41 +290,74 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy,
     finally:
         # Stop the input pipeline now: left to the interpreter's exit, its threads wait for
         # the GIL in a numpy_function while exit's garbage collection waits for them.
-        train_iter = step_fn = loop = None  # noqa: F841 - the step closure reads this cell.
+        train_iter = step_fn = loop = inputs = None  # noqa: F841 - closures read these cells.
         gc.collect()
     reporter.close(cfg.upload_timeout)
     left = job.close(cfg.upload_timeout)
     if left:
         raise UserError("these files could not be uploaded; their local copies are kept: " +
                         ", ".join(f"{local} -> {remote}" for local, remote in left))
-    if place.is_chief and cfg.model_dir and best.pointer:
-        _export_model(cfg, best.pointer)
-    return summary
+    return summary, best.pointer
 
 
-def _lanes_for(regions, cfg: Config, batch: int, place, sharding) -> tuple[int, int]:
-    """(lanes per replica, steps) for carried validation: up to `batch` lanes, fewer
-    when the text is too short for one step of that many; (0, 0) when none fits."""
-    while batch:
-        count = lane_pipeline.lane_steps(regions, cfg.seq_length,
-                                          batch * place.replicas_per_worker, sharding)
-        if count:
-            return batch, min(count, cfg.val_steps or count)
-        batch //= 2
-    return 0, 0
+class _Inputs:
+    """The distributed datasets of the job: training windows or lanes, and validation."""
+
+    def __init__(self, cfg: Config, strategy: tf.distribute.Strategy, place: Placement,
+                 plan: DataPlan):
+        self.cfg, self.strategy, self.place, self.plan = cfg, strategy, place, plan
+
+    def _windows(self, regions, shift, steps, shuffle, start, repeat, batch):
+        cfg, place, plan = self.cfg, self.place, self.plan
+        return lambda ctx: window_pipeline.dataset(
+            regions, plan.vocab, cfg, batch_size=batch, shift=shift, steps=steps,
+            replicas_per_worker=place.replicas_per_worker, sharding=plan.sharding,
+            shuffle=shuffle, start_step=start, repeat=repeat)
+
+    def _lanes(self, regions, steps, start, repeat, batch):
+        cfg, place, plan = self.cfg, self.place, self.plan
+        return lambda ctx: lane_pipeline.lanes_dataset(
+            regions, plan.vocab, cfg, batch_size=batch, steps=steps,
+            replicas_per_worker=place.replicas_per_worker, sharding=plan.sharding,
+            start_step=start, repeat=repeat, rotate=repeat and cfg.rotate_lanes,
+            reset_prob=cfg.state_reset_prob if repeat else 0.0)
+
+    def train_steps(self, trainable: Trainable, step: int):
+        """(the training iterator, a function running one step) from `step` on."""
+        cfg, plan, strategy = self.cfg, self.plan, self.strategy
+        train_step = steps.train_step(cfg, strategy, trainable.model, trainable.optimizer,
+                                      cfg.batch_size * self.place.replicas, trainable.average)
+        if cfg.carry_state:
+            train_iter = iter(strategy.distribute_datasets_from_function(
+                self._lanes(plan.train_regions, plan.pass_steps, step, True, cfg.batch_size)))
+            return train_iter, steps.CarriedSteps(train_step, train_iter, strategy,
+                                                  trainable.model, cfg.batch_size)
+        train_iter = iter(strategy.distribute_datasets_from_function(self._windows(
+            plan.train_regions, cfg.shift, plan.pass_steps, True, step, True, cfg.batch_size)))
+        return train_iter, lambda: train_step(train_iter)
+
+    def validation(self, model: keras.Model):
+        """A function giving the validation metrics (windowed, and carried as carried_*)."""
+        cfg, plan = self.cfg, self.plan
+        if not plan.val_steps:
+            return dict
+        evaluator = evaluation.Evaluator(self.strategy, model, cfg.objective)
+        windows = self._windows(plan.val_regions, cfg.seq_length, plan.val_steps, False, 0,
+                                False, plan.val_batch)
+        lanes = plan.val_lanes and self._lanes(plan.val_regions, plan.val_lane_steps, 0, False,
+                                               plan.val_lanes)
+
+        def evaluate() -> dict[str, float]:
+            metrics = models.metrics(evaluator.windowed(windows))
+            if lanes:
+                carried = models.metrics(evaluator.carried(lanes, plan.val_lanes))
+                metrics.update({f"carried_{k}": v for k, v in carried.items()})
+            return metrics
+
+        return evaluate
 
 
-def _evaluate(evaluator: evaluation.Evaluator, windows_fn, lanes_fn, lanes: int
-              ) -> dict[str, float]:
-    """Windowed metrics (loss, ...) and carried ones (carried_loss, ...), without prefix."""
-    metrics = models.metrics(evaluator.windowed(windows_fn))
-    if lanes_fn:
-        carried = models.metrics(evaluator.carried(lanes_fn, lanes))
-        metrics.update({f"carried_{k}": v for k, v in carried.items()})
-    return metrics
-
-
-def _export_model(cfg: Config, pointer: dict[str, Any]) -> None:
+def export_best(cfg: Config, pointer: dict[str, Any]) -> None:
     """Copies what generation needs into --model_dir (Vertex AI's $AIP_MODEL_DIR)."""
     for name in pointer["files"]:
         storage.copy_file(storage.join(cfg.job_dir, name), storage.join(cfg.model_dir, name))

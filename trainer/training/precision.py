@@ -1,0 +1,69 @@
+"""Which numeric precision and compiler settings this machine can run, decided up front.
+
+`--precision=auto` becomes mixed_bfloat16 on a CPU that multiplies bfloat16 natively
+(and has no GPU), float32 elsewhere. Settings a GPU cannot run (XLA around the cuDNN
+LSTM, bfloat16 in it) are refused with one line before anything is written.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from absl import logging
+
+from trainer.config import Config
+from trainer.errors import UserError
+
+
+def has_gpu() -> bool:
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def check_jit_compile(cfg: Config) -> None:
+    """--jit_compile cannot work where the LSTMs run the cuDNN kernel: say so up front."""
+    if cfg.jit_compile and has_gpu():
+        raise UserError("--jit_compile does not work on a GPU: XLA has no kernel for the cuDNN "
+                        "LSTM (CudnnRNNV3), which is the fast path there; drop --jit_compile")
+
+
+def check_precision(cfg: Config) -> None:
+    """mixed_bfloat16 cannot work where the LSTMs run the cuDNN kernel: say so up front."""
+    if cfg.precision == "mixed_bfloat16" and has_gpu():
+        raise UserError("--precision=mixed_bfloat16 does not work on a GPU: the cuDNN LSTM "
+                        "kernel takes float16, float32 or float64 only; use "
+                        "--precision=mixed_float16 there")
+
+
+def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 AVX512_BF16 or AMX-BF16 flags).
+
+    Elsewhere oneDNN emulates bfloat16 and mixed_bfloat16 runs slower than float32.
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = {word for line in f if line.startswith("flags")
+                     for word in line.split(":", 1)[-1].split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> Config:
+    """Replaces --precision=auto with what this machine runs best (see Config.precision)."""
+    if cfg.precision != "auto":
+        return cfg
+    if has_gpu():
+        precision, why = "float32", "a GPU"
+    elif cpu_has_bfloat16(cpuinfo):
+        precision, why = "mixed_bfloat16", "CPU with bfloat16 instructions, no GPU"
+    else:
+        precision, why = "float32", "CPU without bfloat16 instructions"
+    logging.info("--precision=auto: %s (%s)", precision, why)
+    return cfg.replace(precision=precision)
+
+
+def settle(cfg: Config) -> Config:
+    """The config with --precision resolved, after refusing what this machine cannot run."""
+    check_jit_compile(cfg)
+    cfg = resolve_precision(cfg)
+    check_precision(cfg)
+    return cfg
