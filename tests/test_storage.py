@@ -111,6 +111,8 @@ def test_expand_patterns(root):
         storage.expand_patterns([b_x, missing, storage.join(root, "d")])
     with pytest.raises(UserError, match="matched no files"):
         storage.expand_patterns(storage.join(root, "a"))  # Only a folder.
+    with pytest.raises(UserError, match="matched no files"):
+        storage.expand_patterns(root)  # The root: a bucket or a folder, no file.
 
 
 def test_copy_file_all_directions(tmp_path, gcs_bucket):
@@ -206,3 +208,19 @@ def test_fingerprint_changes_when_the_content_does(root):
     with pytest.raises(FileNotFoundError):
         storage.fingerprint(storage.join(root, "missing.txt"))
 
+
+@pytest.mark.parametrize("path", ["gs://", "gs:///x.txt"])
+def test_a_gs_path_without_a_bucket_is_refused(path):
+    # Refused before any client is built, by every kind of call.
+    calls = [
+        lambda: storage.exists(path),
+        lambda: storage.read_bytes(path),
+        lambda: storage.write_bytes(path, b"x"),
+        lambda: storage.listdir(path),
+        lambda: storage.glob("gs:///*.txt"),
+        lambda: storage.expand_patterns(path),
+        lambda: storage.copy_file(path, "/tmp/never-written"),
+    ]
+    for call in calls:
+        with pytest.raises(UserError, match="no bucket name"):
+            call()
