@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
-from trainer import storage, uploads
+from trainer import storage
 from trainer.errors import UserError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,6 +111,8 @@ def test_expand_patterns(root):
         storage.expand_patterns([b_x, missing, storage.join(root, "d")])
     with pytest.raises(UserError, match="matched no files"):
         storage.expand_patterns(storage.join(root, "a"))  # Only a folder.
+    with pytest.raises(UserError, match="matched no files"):
+        storage.expand_patterns(root)  # The root: a bucket or a folder, no file.
 
 
 def test_copy_file_all_directions(tmp_path, gcs_bucket):
@@ -197,84 +197,6 @@ def test_subprocess_inherits_emulator(gcs_bucket):
     assert out.stdout.strip() == "from parent"
 
 
-def test_uploader_fifo_local(tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    done: list[str] = []
-    seen_before_pointer: list[bool] = []
-    uploader = uploads.Uploader(max_backoff=0.2)
-    # The first file does not exist yet: the item is retried and must hold up the rest.
-    late = str(src / "late.txt")
-    uploader.submit(late, str(dst / "late.txt"), on_done=lambda: done.append("late"))
-    for i in range(5):
-        storage.write_text(str(src / f"{i}.txt"), str(i))
-        uploader.submit(str(src / f"{i}.txt"), str(dst / f"{i}.txt"), lambda i=i: done.append(i))
-    uploader.submit_bytes(str(dst / "pointer.json"), b'{"step": 5}')
-    uploader.submit(
-        str(src / "0.txt"),
-        str(dst / "after.txt"),
-        on_done=lambda: seen_before_pointer.append(os.path.exists(dst / "pointer.json")),
-    )
-    time.sleep(0.5)
-    assert uploader.pending() == 8 and done == []
-    storage.write_text(late, "written late")  # Read when processed, not when submitted.
-    assert uploader.close(timeout=20) == []
-    assert done == ["late", 0, 1, 2, 3, 4]
-    assert seen_before_pointer == [True]
-    assert storage.read_text(str(dst / "late.txt")) == "written late"
-    assert storage.read_text(str(dst / "pointer.json")) == '{"step": 5}'
-    with pytest.raises(RuntimeError):
-        uploader.submit(late, str(dst / "x"))
-
-
-def test_uploader_survives_outage(tmp_path, gcs_bucket, gcs_emulator, caplog):
-    bucket = gcs_bucket()
-    files = {}
-    for i in range(3):
-        files[str(tmp_path / f"f{i}.bin")] = os.urandom(1000 + i)
-        storage.write_bytes(str(tmp_path / f"f{i}.bin"), files[str(tmp_path / f"f{i}.bin")])
-    storage.write_bytes(f"{bucket}/before.txt", b"kept")
-    uploader = uploads.Uploader(max_backoff=0.5)
-    gcs_emulator.stop()
-    try:
-        expected = []
-        for i, local in enumerate(files):
-            uploader.submit(local, f"{bucket}/out/f{i}.bin")
-            expected.append((local, f"{bucket}/out/f{i}.bin"))
-        uploader.submit_bytes(f"{bucket}/out/pointer.json", b"{}")
-        expected.append(("<2 bytes>", f"{bucket}/out/pointer.json"))
-        with caplog.at_level(logging.WARNING):
-            assert uploader.flush(timeout=2.0) == expected
-        assert uploader.pending() == 4
-        assert any("f0.bin" in r.getMessage() for r in caplog.records)
-    finally:
-        gcs_emulator.start()
-    assert uploader.flush(timeout=30) == []
-    for i, data in enumerate(files.values()):
-        assert storage.read_bytes(f"{bucket}/out/f{i}.bin") == data
-    assert storage.read_bytes(f"{bucket}/out/pointer.json") == b"{}"
-    assert storage.read_bytes(f"{bucket}/before.txt") == b"kept"  # Restart kept the data.
-    assert uploader.close(timeout=5) == []
-
-
-def test_uploader_close_is_not_blocked_by_outage(tmp_path, gcs_bucket, gcs_emulator):
-    bucket = gcs_bucket()
-    storage.write_text(str(tmp_path / "f.txt"), "f")
-    uploader = uploads.Uploader(max_backoff=30.0, name="close-test")
-    gcs_emulator.stop()
-    try:
-        uploader.submit(str(tmp_path / "f.txt"), f"{bucket}/f.txt")
-        start = time.monotonic()
-        assert uploader.close(timeout=0.5) == [(str(tmp_path / "f.txt"), f"{bucket}/f.txt")]
-        assert time.monotonic() - start < 5
-    finally:
-        gcs_emulator.start()
-    # The thread exits once its current attempt ends; it starts no new attempt.
-    deadline = time.monotonic() + 15
-    while any(t.name == "close-test" for t in threading.enumerate()):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-
-
 def test_fingerprint_changes_when_the_content_does(root):
     path = storage.join(root, "shard.txt")
     storage.write_text(path, "first version")
@@ -285,3 +207,20 @@ def test_fingerprint_changes_when_the_content_does(root):
     assert storage.fingerprint(path) != first
     with pytest.raises(FileNotFoundError):
         storage.fingerprint(storage.join(root, "missing.txt"))
+
+
+@pytest.mark.parametrize("path", ["gs://", "gs:///x.txt"])
+def test_a_gs_path_without_a_bucket_is_refused(path):
+    # Refused before any client is built, by every kind of call.
+    calls = [
+        lambda: storage.exists(path),
+        lambda: storage.read_bytes(path),
+        lambda: storage.write_bytes(path, b"x"),
+        lambda: storage.listdir(path),
+        lambda: storage.glob("gs:///*.txt"),
+        lambda: storage.expand_patterns(path),
+        lambda: storage.copy_file(path, "/tmp/never-written"),
+    ]
+    for call in calls:
+        with pytest.raises(UserError, match="no bucket name"):
+            call()

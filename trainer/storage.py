@@ -5,7 +5,8 @@ Everything in the trainer that reads or writes a file goes through this module.
 at an emulator), through the client and lookups of trainer.gcs: with
 STORAGE_EMULATOR_HOST set the client talks to that emulator anonymously,
 otherwise it uses Application Default Credentials; it is created on first gs://
-use, so local-only runs never touch cloud auth.
+use, so local-only runs never touch cloud auth. Each function parses a gs:// path
+once into a `trainer.gcs.GcsPath` and works with that value.
 
 Missing objects raise FileNotFoundError for local and gs:// paths alike. Background
 uploads (trainer.uploads) go through the functions here.
@@ -44,29 +45,35 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def _folder(path: str) -> str:
-    return path if path.endswith("/") else path + "/"
+def _has_wildcards(pattern: str) -> bool:
+    return any(c in pattern for c in _WILDCARDS)
+
+
+def _gcs_exists(path: gcs.GcsPath) -> bool:
+    """True for the bucket itself, an object, or a folder holding at least one object."""
+    if not path.name:
+        return path.bucket_ref().exists(retry=gcs.retry())
+    if path.blob().exists(retry=gcs.retry()):
+        return True
+    return any(True for _ in path.folder().list_blobs())
 
 
 def exists(path: str) -> bool:
     """Returns True if `path` is a file/object or a non-empty folder."""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         return os.path.exists(path)
-    bucket, name = gcs.split(path)
-    if not name:
-        return gcs.client().bucket(bucket).exists(retry=gcs.retry())
-    if gcs.blob(path).exists(retry=gcs.retry()):
-        return True
-    return any(True for _ in gcs.list_blobs(_folder(path)))
+    return _gcs_exists(gs)
 
 
 def read_bytes(path: str) -> bytes:
     """Returns the whole content of a file or object."""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         with open(path, "rb") as f:
             return f.read()
     try:
-        return gcs.blob(path).download_as_bytes(retry=gcs.retry())
+        return gs.blob().download_as_bytes(retry=gcs.retry())
     except gcs.not_found() as e:
         raise FileNotFoundError(path) from e
 
@@ -83,21 +90,23 @@ def read_range(path: str, start: int, stop: int) -> bytes:
     """
     if stop <= start:
         return b""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         with open(path, "rb") as f:
             f.seek(start)
             return f.read(stop - start)
     try:
-        return gcs.blob(path).download_as_bytes(start=start, end=stop - 1, retry=gcs.retry())
+        return gs.blob().download_as_bytes(start=start, end=stop - 1, retry=gcs.retry())
     except gcs.not_found() as e:
         raise FileNotFoundError(path) from e
 
 
 def open_read(path: str) -> BinaryIO:
     """A buffered binary reader over a file or object, for streaming it front to back."""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         return open(path, "rb")
-    blob = gcs.blob(path)
+    blob = gs.blob()
     try:
         blob.reload(retry=gcs.retry())
     except gcs.not_found() as e:
@@ -134,12 +143,13 @@ def write_bytes(path: str, data: bytes, retry_timeout: float | None = None) -> N
       data: the bytes.
       retry_timeout: cap on the client library's own retries (gs:// only).
     """
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         _atomic_local(path, lambda f: f.write(data))
         return
     # Explicit retry: uploads without if_generation_match are not retried by
     # default, but ours are idempotent overwrites.
-    gcs.blob(path).upload_from_string(data, retry=gcs.retry(retry_timeout))
+    gs.blob().upload_from_string(data, retry=gcs.retry(retry_timeout))
 
 
 def write_text(path: str, text: str) -> None:
@@ -150,11 +160,11 @@ def write_text(path: str, text: str) -> None:
 def stat(path: str) -> tuple[int, str]:
     """(size in bytes, version): the modification time (ns) of a local file, the
     generation of a gs:// object (every overwrite makes a new one). No content is read."""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         info = os.stat(path)
         return info.st_size, str(info.st_mtime_ns)
-    bucket, name = gcs.split(path)
-    blob = gcs.client().bucket(bucket).get_blob(name, retry=gcs.retry())
+    blob = gs.get_blob()
     if blob is None:
         raise FileNotFoundError(path)
     return int(blob.size), str(blob.generation)
@@ -172,25 +182,27 @@ def fingerprint(path: str) -> str:
 
 def delete(path: str) -> None:
     """Deletes one file or object; a missing one is not an error."""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         try:
             os.remove(path)
         except FileNotFoundError:
             pass
         return
     try:
-        gcs.blob(path).delete(retry=gcs.retry())
+        gs.blob().delete(retry=gcs.retry())
     except gcs.not_found():
         pass
 
 
 def delete_prefix(path: str) -> None:
     """Deletes a folder: a local tree or every object under `path`/."""
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         if os.path.isdir(path):
             shutil.rmtree(path)
         return
-    for blob in list(gcs.list_blobs(_folder(path))):
+    for blob in list(gs.folder().list_blobs()):
         try:
             blob.delete(retry=gcs.retry())
         except gcs.not_found():
@@ -202,13 +214,13 @@ def listdir(path: str) -> list[str]:
 
     A missing folder gives [] (for gs:// an empty folder cannot exist anyway).
     """
-    if not is_gcs(path):
+    gs = gcs.parse(path)
+    if gs is None:
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
-    folder = _folder(path)
-    _, prefix = gcs.split(folder)
-    it = gcs.list_blobs(folder, delimiter="/")
-    names = {b.name[len(prefix) :] for b in it}  # Consuming `it` fills `it.prefixes`.
-    names.update(p[len(prefix) :].rstrip("/") for p in it.prefixes)
+    folder = gs.folder()
+    it = folder.list_blobs(delimiter="/")
+    names = {b.name[len(folder.name) :] for b in it}  # Consuming `it` fills `it.prefixes`.
+    names.update(p[len(folder.name) :].rstrip("/") for p in it.prefixes)
     names.discard("")
     return sorted(names)
 
@@ -218,18 +230,14 @@ def glob(pattern: str) -> list[str]:
 
     A pattern without wildcards gives [pattern] if it exists, else [].
     """
-    if not any(c in pattern for c in _WILDCARDS):
-        return [pattern] if exists(pattern) else []
-    if not is_gcs(pattern):
+    gs = gcs.parse(pattern)
+    if not _has_wildcards(pattern):
+        found = os.path.exists(pattern) if gs is None else _gcs_exists(gs)
+        return [pattern] if found else []
+    if gs is None:
         return sorted(_glob.glob(pattern))
-    files, folders = gcs.glob(pattern)
+    files, folders = gs.glob()
     return sorted(files | folders)
-
-
-def _is_dir(path: str) -> bool:
-    if not is_gcs(path):
-        return os.path.isdir(path)
-    return not gcs.blob(path).exists(retry=gcs.retry())
 
 
 def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
@@ -250,10 +258,15 @@ def expand_patterns(patterns: str | Sequence[str]) -> list[str]:
     for pattern in (p.strip() for p in patterns):
         if not pattern:
             continue
-        if is_gcs(pattern) and any(c in pattern for c in _WILDCARDS):
-            matches = sorted(gcs.glob(pattern)[0])
+        gs = gcs.parse(pattern)
+        if gs is None:
+            matches = [m for m in glob(pattern) if not os.path.isdir(m)]
+        elif _has_wildcards(pattern):
+            matches = sorted(gs.glob()[0])
         else:
-            matches = [m for m in glob(pattern) if not _is_dir(m)]
+            # Only an object matches a plain path: a folder is no file to read.
+            is_object = bool(gs.name) and gs.blob().exists(retry=gcs.retry())
+            matches = [pattern] if is_object else []
         if not matches:
             raise UserError(f"data pattern matched no files: {pattern}")
         out.update(dict.fromkeys(matches))
@@ -268,22 +281,30 @@ def copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
       dst: where it goes; a local destination is written atomically.
       retry_timeout: cap on the client library's own retries (gs:// only).
     """
-    if not is_gcs(src) and not is_gcs(dst):
+    _copy(gcs.parse(src) or src, gcs.parse(dst) or dst, retry_timeout)
+
+
+def _copy(
+    src: str | gcs.GcsPath, dst: str | gcs.GcsPath, retry_timeout: float | None = None
+) -> None:
+    """copy_file on parsed paths: a str is a local path, a GcsPath an object."""
+    if isinstance(src, str) and isinstance(dst, str):
         with open(src, "rb") as f_in:
             _atomic_local(dst, lambda f_out: shutil.copyfileobj(f_in, f_out, _CHUNK))
         return
     retry = gcs.retry(retry_timeout)
-    if not is_gcs(src):
+    if isinstance(src, str):
         if not os.path.isfile(src):
             raise FileNotFoundError(src)
-        gcs.blob(dst).upload_from_filename(src, retry=retry)
-    elif not is_gcs(dst):
+        dst.blob().upload_from_filename(src, retry=retry)
+    elif isinstance(dst, str):
+        src_blob = src.blob()
         try:
-            _atomic_local(dst, lambda f: gcs.blob(src).download_to_file(f, retry=retry))
+            _atomic_local(dst, lambda f: src_blob.download_to_file(f, retry=retry))
         except gcs.not_found() as e:
-            raise FileNotFoundError(src) from e
+            raise FileNotFoundError(str(src)) from e
     else:
-        src_blob, dst_blob = gcs.blob(src), gcs.blob(dst)
+        src_blob, dst_blob = src.blob(), dst.blob()
         token = None
         try:
             # rewrite() may need several calls for large or cross-region objects.
@@ -292,7 +313,7 @@ def copy_file(src: str, dst: str, retry_timeout: float | None = None) -> None:
                 if token is None:
                     break
         except gcs.not_found() as e:
-            raise FileNotFoundError(src) from e
+            raise FileNotFoundError(str(src)) from e
 
 
 def upload_dir(local_dir: str, remote_dir: str) -> list[str]:
@@ -305,15 +326,16 @@ def upload_dir(local_dir: str, remote_dir: str) -> list[str]:
     Returns:
         The destination paths, in sorted walk order.
     """
+    remote = gcs.parse(remote_dir)
     out = []
     for root, dirs, files in os.walk(local_dir):
         dirs.sort()
         for name in sorted(files):
             src = os.path.join(root, name)
             rel = os.path.relpath(src, local_dir).split(os.sep)
-            dst = join(remote_dir, *rel)
-            copy_file(src, dst)
-            out.append(dst)
+            dst = os.path.join(remote_dir, *rel) if remote is None else remote.child(*rel)
+            _copy(src, dst)
+            out.append(str(dst))
     return out
 
 
