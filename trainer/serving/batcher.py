@@ -35,6 +35,7 @@ import numpy as np
 
 from trainer import checkpoints, storage
 from trainer.data.vocabulary import Vocabulary
+from trainer.errors import UserError
 from trainer.sampling.next_char import Rule, Settings, row_arrays
 from trainer.sampling.sampler import STREAM_BLOCK, Sampler, encode_prompt
 from trainer.sampling.saved_model import EXTRA_DIR
@@ -203,14 +204,22 @@ class Batcher:
         self._thread.start()
 
     def encode(self, instance: Instance) -> np.ndarray:
-        """The prompt's ids; RequestError for unknown chars with oov="error"."""
+        """The ids of a request's prompt, for `submit`.
+
+        Args:
+          instance: the checked request.
+
+        Returns:
+          The prompt's ids (`EncodedPrompt.ids`).
+
+        Raises:
+          RequestError: for unknown chars with oov="error".
+        """
         try:
-            return encode_prompt(self.backend.vocab, instance.prompt, instance.oov)
-        except RequestError:
-            raise
-        except Exception as err:  # UserError from encode_prompt.
-            raise RequestError(str(err).replace(" (drop them with --oov=skip)",
-                                                ' (send "oov": "skip" to drop them)')) from err
+            return encode_prompt(self.backend.vocab, instance.prompt, instance.oov,
+                                 hint='send "oov": "skip" to drop them').ids
+        except UserError as err:  # The server answers RequestErrors with HTTP 400.
+            raise RequestError(str(err)) from err
 
     def submit(self, ids: np.ndarray, instance: Instance,
                emit: Callable[[str | None, BaseException | None], None]) -> _Row:
@@ -236,7 +245,7 @@ class Batcher:
     def warm_up(self, settings: Sequence[Settings] = (Settings(),)) -> None:
         """Compiles the calls for every padded batch size (and each rule) before serving."""
         sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
-        prompt = encode_prompt(self.backend.vocab, "", "skip")
+        prompt = encode_prompt(self.backend.vocab, "", "skip").ids
         for rule_settings in settings:
             for size in sizes:
                 logits, states = self.backend.begin([prompt] * size)
