@@ -23,7 +23,7 @@ from serve_helpers import (
 from trainer.errors import UserError
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings
-from trainer.serving import batcher, routes
+from trainer.serving import backends, batcher, routes
 from trainer.serving.request import Limits
 
 LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
@@ -63,7 +63,7 @@ def job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(job):
-    backend = batcher.load_backend(job[0])
+    backend = backends.load_backend(job[0])
     running = Server(batcher.Batcher(backend, max_batch=8, window_ms=50, block=16))
     yield running
     running.close()
@@ -181,7 +181,7 @@ def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
     bucket = gcs_bucket()
     export_dir = f"{bucket}/models/char/1"
     saved_model.export(model, vocab, export_dir, info={"best": {"value": 1.5}})
-    backend = batcher.load_backend(export_dir)
+    backend = backends.load_backend(export_dir)
     assert backend.info["kind"] == "SavedModel" and backend.info["best"] == {"value": 1.5}
     running = Server(batcher.Batcher(backend, max_batch=4, window_ms=50, block=16))
     try:

@@ -1,6 +1,6 @@
 """The exported SavedModel: the model, its vocabulary and the sampling loop as one module.
 
-`trainer.export` is the entrypoint that writes it; `trainer.serving.batcher` loads it
+`trainer.export` is the entrypoint that writes it; `trainer.serving.backends` loads it
 (its `begin`/`advance` signatures). What the signatures take and return is
 described in trainer/export.py.
 """
