@@ -104,14 +104,14 @@ def run(job_dir: str | None, length: int, streams: int, tutorial_chars: int,
     seconds = _best_time(lambda: tutorial_loop(model, window, tutorial_chars), 1,
                          warm_up=lambda: tutorial_loop(model, window, 2))
     add("tutorial loop (predict on the 100-char window per char)", 1, tutorial_chars, seconds)
-    seconds = _best_time(lambda: sampler.generate_batch([prompt], length, settings), repeats)
+    seconds = _best_time(lambda: sampler.generate([prompt], length, settings), repeats)
     add("sampler, 1 stream, one compiled call", 1, length, seconds)
     seconds = _best_time(lambda: list(sampler.stream([prompt], length, settings)), repeats)
     add("sampler, 1 stream, 64-char blocks (as streamed)", 1, length, seconds)
     graph = Sampler(model, vocab, jit_compile=False)
     seconds = _best_time(lambda: list(graph.stream([prompt], length, settings)), repeats)
     add("sampler without XLA, 1 stream, 64-char blocks", 1, length, seconds)
-    seconds = _best_time(lambda: sampler.generate_batch([prompt] * streams, length, settings),
+    seconds = _best_time(lambda: sampler.generate([prompt] * streams, length, settings),
                          repeats)
     add(f"sampler, {streams} streams in one batch", streams, streams * length, seconds)
 

@@ -87,7 +87,7 @@ def test_same_seed_same_text_and_stream_equals_library(job, capsys):
     assert len(text) == 150
     assert run(capsys, f"--job_dir={job_dir}", "--prime=the ", "--length=150", "--seed=5")[0] \
         == text
-    assert Sampler(model, VOCAB).generate("the ", 150, temperature=0.8, seed=5) == text
+    assert Sampler(model, VOCAB).generate(["the "], 150, Settings(0.8), seed=5) == [text]
     assert run(capsys, f"--job_dir={job_dir}", "--prime=the ", "--length=150", "--seed=6")[0] \
         != text
 
@@ -122,14 +122,14 @@ def test_default_prompt_is_a_validation_window_or_a_newline(job, capsys, tmp_pat
     assert "a random 20-char window of the validation text" in err
     window = err.split("val.txt:\n", 1)[1][:20]
     assert window in TEXT
-    assert text == Sampler(job[1], VOCAB).generate(window, 20, seed=4)
+    assert [text] == Sampler(job[1], VOCAB).generate([window], 20, seed=4)
     assert "pass --seed=" in run(capsys, f"--job_dir={job[0]}", "--length=5")[1]
 
     lost = str(tmp_path / "job")
     model = make_job_dir(lost, tmp_path, seed=2, val_data=str(tmp_path / "moved/*.txt"))
     text, err = run(capsys, f"--job_dir={lost}", "--length=20", "--seed=4")
     assert "a newline (no validation data reachable" in err
-    assert text == Sampler(model, VOCAB).generate("\n", 20, seed=4)
+    assert [text] == Sampler(model, VOCAB).generate(["\n"], 20, seed=4)
 
 
 def test_json_output_file_with_settings(job, capsys, tmp_path):
@@ -142,7 +142,7 @@ def test_json_output_file_with_settings(job, capsys, tmp_path):
     assert data["prompt"] == "the" and data["seed"] == 9 and data["length"] == 25
     assert data["settings"] == {"temperature": 0.8, "top_k": 5, "top_p": 1.0, "greedy": False}
     assert [len(s) for s in data["samples"]] == [25, 25, 25]
-    assert data["samples"] == Sampler(job[1], VOCAB).generate_batch(
+    assert data["samples"] == Sampler(job[1], VOCAB).generate(
         ["the"] * 3, 25, Settings(top_k=5), seed=9)
     text, _ = run(capsys, f"--job_dir={job[0]}", "--prime=the", "--length=5", "--num_samples=2")
     assert text.count("--- sample ") == 2
@@ -156,7 +156,7 @@ def test_checkpoint_and_prime_file(job, capsys, tmp_path):
     prime.write_text("the lazy")
     args = (f"--job_dir={job[0]}", f"--prime_file={prime}", "--length=40", "--seed=1")
     text = run(capsys, *args, f"--checkpoint={name}")[0]
-    assert text == Sampler(other, VOCAB).generate("the lazy", 40, seed=1)
+    assert [text] == Sampler(other, VOCAB).generate(["the lazy"], 40, seed=1)
     assert text != run(capsys, *args)[0]
     with pytest.raises(UserError, match="does not exist"):
         run(capsys, *args, "--checkpoint=nope.weights.h5")
@@ -232,4 +232,4 @@ def test_generate_from_a_real_training_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     _, vocab, model, pointer = checkpoints.load_job(job_dir)
     assert pointer["weights"] in result.stderr
-    assert result.stdout == Sampler(model, vocab).generate("the ", 80, seed=3)
+    assert [result.stdout] == Sampler(model, vocab).generate(["the "], 80, seed=3)

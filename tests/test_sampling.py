@@ -12,6 +12,7 @@ from trainer.config import Config
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
 from trainer.sampling import next_char
+from trainer.sampling.next_char import Rule, row_arrays
 from trainer.sampling.sampler import Sampler, Settings, encode_prompt, start_id
 
 VOCAB = Vocabulary(list("\n .,;!?abcdefghijklmnopqrstuvwxyzABC"))
@@ -46,15 +47,31 @@ def _full_model_probs(model: keras.Model, ids: np.ndarray) -> np.ndarray:
     return tf.nn.softmax(logits).numpy()
 
 
+def _draws(sampler: Sampler, encoded: list[np.ndarray], settings: Settings, seed: int,
+           blocks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, the logits each was drawn from) through `begin`, then `advance` per block."""
+    logits, states = sampler.begin(encoded)
+    seeds = np.arange(seed, seed + len(encoded), dtype=np.int64)
+    arrays, rule = row_arrays([settings] * len(encoded)), Rule.for_rows([settings])
+    ids, seen, done = [], [], 0
+    for n in blocks:
+        step0 = np.full(len(encoded), done, np.int32)
+        out = sampler.advance(logits, states, n, step0, seeds, arrays, rule, keep_logits=True)
+        ids.append(out[0])
+        seen.append(out[3])
+        logits, states, done = out[1], out[2], done + n
+    return np.concatenate(ids, axis=1), np.concatenate(seen, axis=1)
+
+
 def test_carried_state_matches_full_model_at_every_step(model, sampler):
     prompts = ["the cat sat", "", "a?", "on the mat, then"]
-    encoded = [encode_prompt(VOCAB, p) for p in prompts]
+    encoded = [encode_prompt(VOCAB, p).ids for p in prompts]
     length = 40
-    parts = list(sampler.sample_ids(encoded, length, Settings(temperature=1.0), seed=3,
-                                    block=16, keep_logits=True))
-    ids = np.concatenate([p[0] for p in parts], axis=1)
-    logits = np.concatenate([p[1] for p in parts], axis=1)
+    ids, logits = _draws(sampler, encoded, Settings(temperature=1.0), 3, [16, 16, 8])
     assert ids.shape == logits.shape[:2] == (len(prompts), length)
+    # The stepping interface draws what `generate` draws for the same seeds.
+    assert [VOCAB.decode(row.tolist()) for row in ids] == sampler.generate(
+        prompts, length, Settings(temperature=1.0), seed=3)
     for row, prompt in enumerate(encoded):
         # An empty prompt is fed as the start char.
         prompt = prompt if len(prompt) else np.array([start_id(VOCAB)])
@@ -64,10 +81,10 @@ def test_carried_state_matches_full_model_at_every_step(model, sampler):
 
 
 def test_same_seed_same_text_and_blocks_continue_one_stream(sampler):
-    text = sampler.generate("the ", 60, temperature=1.0, seed=7)
+    (text,) = sampler.generate(["the "], 60, Settings(1.0), seed=7)
     assert len(text) == 60
-    assert sampler.generate("the ", 60, temperature=1.0, seed=7) == text
-    assert sampler.generate("the ", 60, temperature=1.0, seed=8) != text
+    assert sampler.generate(["the "], 60, Settings(1.0), seed=7) == [text]
+    assert sampler.generate(["the "], 60, Settings(1.0), seed=8) != [text]
     streamed = "".join(p[0] for p in sampler.stream(["the "], 60, Settings(1.0), seed=7,
                                                     block=7))
     assert streamed == text
@@ -75,19 +92,19 @@ def test_same_seed_same_text_and_blocks_continue_one_stream(sampler):
 
 def test_top_k_1_and_zero_temperature_equal_greedy(sampler):
     prompts = ["the cat", "b"]
-    greedy = sampler.generate_batch(prompts, 50, Settings(greedy=True))
-    assert sampler.generate_batch(prompts, 50, Settings(temperature=0.0), seed=1) == greedy
-    assert sampler.generate_batch(prompts, 50, Settings(temperature=1e-4), seed=2) == greedy
-    assert sampler.generate_batch(prompts, 50, Settings(1.5, top_k=1), seed=3) == greedy
-    assert sampler.generate_batch(prompts, 50, Settings(1.5, top_p=1e-6), seed=4) == greedy
-    assert sampler.generate_batch(prompts, 50, Settings(1.5), seed=4) != greedy
+    greedy = sampler.generate(prompts, 50, Settings(greedy=True))
+    assert sampler.generate(prompts, 50, Settings(temperature=0.0), seed=1) == greedy
+    assert sampler.generate(prompts, 50, Settings(temperature=1e-4), seed=2) == greedy
+    assert sampler.generate(prompts, 50, Settings(1.5, top_k=1), seed=3) == greedy
+    assert sampler.generate(prompts, 50, Settings(1.5, top_p=1e-6), seed=4) == greedy
+    assert sampler.generate(prompts, 50, Settings(1.5), seed=4) != greedy
 
 
 @pytest.mark.parametrize("settings,allowed", [(Settings(2.0, top_k=3), 3),
                                               (Settings(1.0, top_p=0.5), None)])
 def test_draws_stay_inside_the_filtered_set(sampler, settings, allowed):
-    encoded = [encode_prompt(VOCAB, "abc")] * 8
-    (ids, logits), = sampler.sample_ids(encoded, 30, settings, seed=5, keep_logits=True)
+    encoded = [encode_prompt(VOCAB, "abc").ids] * 8
+    ids, logits = _draws(sampler, encoded, settings, 5, [30])
     order = np.argsort(-logits, axis=-1)
     rank = np.take_along_axis(np.argsort(order, axis=-1), ids[..., None], axis=-1)[..., 0]
     if allowed is None:  # top_p: every char ranked above the drawn one held < p of the mass.
@@ -105,48 +122,56 @@ def test_oov_id_is_never_drawn(model):
     bias = dense.bias.numpy()
     try:
         dense.bias.assign(np.where(np.arange(VOCAB.size) == OOV_ID, 100.0, bias))
-        text = Sampler(model, VOCAB).generate("abc", 40, temperature=3.0, seed=1)
+        (text,) = Sampler(model, VOCAB).generate(["abc"], 40, Settings(3.0), seed=1)
     finally:
         dense.bias.assign(bias)
     assert "\ufffd" not in text and len(text) == 40
 
 
 def test_length_zero_and_empty_prompt(sampler):
-    assert sampler.generate("abc", 0) == ""
-    assert sampler.generate_batch(["a", ""], 0) == ["", ""]
+    assert sampler.generate(["abc"], 0) == [""]
+    assert sampler.generate(["a", ""], 0) == ["", ""]
     assert list(sampler.stream(["abc"], 0)) == []
     # An empty prompt starts from a newline.
-    assert sampler.generate("", 30, seed=2) == sampler.generate("\n", 30, seed=2)
-    assert len(sampler.generate("", 30, seed=2)) == 30
+    assert sampler.generate([""], 30, seed=2) == sampler.generate(["\n"], 30, seed=2)
+    assert len(sampler.generate([""], 30, seed=2)[0]) == 30
 
 
 def test_batch_rows_equal_rows_generated_alone(sampler):
     prompts = ["the long prompt here", "ab", ""]
-    batch = sampler.generate_batch(prompts, 25, Settings(greedy=True))
-    assert batch == [sampler.generate_batch([p], 25, Settings(greedy=True))[0] for p in prompts]
+    batch = sampler.generate(prompts, 25, Settings(greedy=True))
+    assert batch == [sampler.generate([p], 25, Settings(greedy=True))[0] for p in prompts]
 
 
 def test_encode_prompt_oov_error_names_the_chars_and_skip_drops_them():
-    with pytest.raises(UserError, match=r"2 character\(s\).*'#'.*'é'") as err:
+    with pytest.raises(UserError, match=r"2 character\(s\).*'#'.*'é'.*--oov=skip") as err:
         encode_prompt(VOCAB, "ab#cé#")
     assert "\n" not in str(err.value)
-    np.testing.assert_array_equal(encode_prompt(VOCAB, "ab#cé#", oov="skip"),
-                                  VOCAB.encode("abc"))
+    with pytest.raises(UserError, match=r"'#' \(send oov=skip\)"):
+        encode_prompt(VOCAB, "ab#c", hint="send oov=skip")
+    skipped = encode_prompt(VOCAB, "ab#cé#", oov="skip")
+    np.testing.assert_array_equal(skipped.ids, VOCAB.encode("abc"))
+    assert skipped.skipped == ["#", "é"]
     with pytest.raises(UserError, match="oov"):
         encode_prompt(VOCAB, "abc", oov="replace")
-    lower = Vocabulary(list("abc "), lowercase=True)
-    np.testing.assert_array_equal(encode_prompt(lower, "AbC"), lower.encode("abc"))
+    # Normalised as the training text: lowercased for a lowercase vocabulary, and
+    # "\r\n" is a newline (its "\r" is neither an error nor skipped).
+    lower = Vocabulary(list("abc \n"), lowercase=True)
+    prompt = encode_prompt(lower, "AbC\r\na")
+    np.testing.assert_array_equal(prompt.ids, lower.encode("abc\na"))
+    assert prompt.skipped == []
+    assert encode_prompt(lower, "").ids.shape == (0,)
 
 
 def test_sampler_sees_the_current_weights(model):
     sampler = Sampler(model, VOCAB)
-    before = sampler.generate("abc", 30, seed=1)
+    before = sampler.generate(["abc"], 30, seed=1)
     weights = model.get_weights()
     try:
         model.set_weights(_model(seed=2).get_weights())
-        after = sampler.generate("abc", 30, seed=1)
+        after = sampler.generate(["abc"], 30, seed=1)
         assert after != before
-        assert after == Sampler(model, VOCAB).generate("abc", 30, seed=1)
+        assert after == Sampler(model, VOCAB).generate(["abc"], 30, seed=1)
     finally:
         model.set_weights(weights)
 
@@ -173,8 +198,8 @@ def test_cudnn_eligible_weights_load_into_a_non_cudnn_model(tmp_path, monkeypatc
     ids = VOCAB.encode("the cat sat on the mat")[None].astype(np.int32)
     np.testing.assert_allclose(loaded(ids).numpy(), trained(ids).numpy(), atol=1e-5)
     settings = Settings(temperature=0.9, top_k=5)
-    assert (Sampler(loaded, VOCAB).generate_batch(["the"], 40, settings, seed=9)
-            == Sampler(trained, VOCAB).generate_batch(["the"], 40, settings, seed=9))
+    assert (Sampler(loaded, VOCAB).generate(["the"], 40, settings, seed=9)
+            == Sampler(trained, VOCAB).generate(["the"], 40, settings, seed=9))
 
 
 def test_settings_validate():
@@ -191,22 +216,23 @@ def test_rows_keep_their_own_seed_and_settings_in_a_batch(sampler):
     prompts = ["the cat", "", "on the mat, then", "b"]
     rows = [Settings(1.0), Settings(0.7, top_k=5), Settings(1.2, top_p=0.8), Settings(greedy=True)]
     seeds = [11, 3, 3, 2**40 + 7]
-    batch = sampler.generate_batch(prompts, 30, rows, seeds)
-    alone = [sampler.generate_batch([p], 30, s, [seed])[0]
+    batch = sampler.generate(prompts, 30, rows, seeds)
+    alone = [sampler.generate([p], 30, s, [seed])[0]
              for p, s, seed in zip(prompts, rows, seeds)]
     assert batch == alone
     assert len(set(batch)) == len(batch)
     # One int seed gives the rows seed, seed + 1, ...: same prompts, different texts.
-    same = sampler.generate_batch(["the "] * 3, 30, Settings(1.0), seed=20)
-    assert same == [sampler.generate("the ", 30, temperature=1.0, seed=20 + i) for i in range(3)]
+    same = sampler.generate(["the "] * 3, 30, Settings(1.0), seed=20)
+    assert same == [sampler.generate(["the "], 30, Settings(1.0), seed=20 + i)[0]
+                    for i in range(3)]
     assert len(set(same)) == 3
 
 
 def test_xla_and_graph_loops_give_the_same_text(model):
     compiled, graph = Sampler(model, VOCAB), Sampler(model, VOCAB, jit_compile=False)
     for settings in (Settings(1.0), Settings(0.9, top_k=4, top_p=0.9), Settings(greedy=True)):
-        assert (compiled.generate_batch(["the", "a b"], 40, settings, seed=5)
-                == graph.generate_batch(["the", "a b"], 40, settings, seed=5))
+        assert (compiled.generate(["the", "a b"], 40, settings, seed=5)
+                == graph.generate(["the", "a b"], 40, settings, seed=5))
 
 
 def _lowbias32(x: np.ndarray) -> np.ndarray:
@@ -262,9 +288,9 @@ def test_draws_follow_the_softmax():
 def test_large_batches_leave_xla_and_give_the_same_text(model, monkeypatch):
     sampler = Sampler(model, VOCAB)
     assert sampler.uses_xla(4) and not Sampler(model, VOCAB, jit_compile=False).uses_xla(4)
-    small = sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5), seed=2)
+    small = sampler.generate(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5), seed=2)
     # The same rows past the threshold run on the graph executor: the same text.
     monkeypatch.setattr("trainer.sampling.sampler.XLA_MAX_ROW_UNITS", 24 * 4)
     assert not sampler.uses_xla(4)
-    assert sampler.generate_batch(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5),
-                                  seed=2) == small
+    assert sampler.generate(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5),
+                            seed=2) == small

@@ -23,7 +23,7 @@ from serve_helpers import (
 from trainer.errors import UserError
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings
-from trainer.serving import batcher
+from trainer.serving import backends, batcher, routes
 from trainer.serving.request import Limits
 
 LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
@@ -32,10 +32,10 @@ LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
 class Server:
     """A uvicorn server in a thread of this process, on a loopback port."""
 
-    def __init__(self, batcher: batcher.Batcher, **routes: str):
-        self.batcher = batcher
+    def __init__(self, running: batcher.Batcher, **paths: str):
+        self.batcher = running
         self.port = free_port()
-        app = routes.create_app(batcher, LIMITS, seed=0, **routes)
+        app = routes.create_app(running, LIMITS, seed=0, **paths)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -63,7 +63,7 @@ def job(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(job):
-    backend = batcher.load_backend(job[0])
+    backend = backends.load_backend(job[0])
     running = Server(batcher.Batcher(backend, max_batch=8, window_ms=50, block=16))
     yield running
     running.close()
@@ -97,12 +97,12 @@ def test_predict_equals_the_sampler(server, sampler):
     out = _predict(server, instances)
     settings = [Settings(0.9), Settings(top_k=3), Settings(greedy=True)]
     for got, inst, s in zip(out, instances, settings):
-        want = sampler.generate_batch([inst["prompt"]], inst["length"], s, [got["seed"]])[0]
+        want = sampler.generate([inst["prompt"]], inst["length"], s, [got["seed"]])[0]
         assert got["text"] == want and len(got["text"]) == inst["length"]
     assert out[0]["seed"] == 3 and out[0]["temperature"] == 0.9 and out[2]["greedy"]
     # Vertex AI's "parameters" give defaults; a bare string is a prompt.
     (plain,) = _predict(server, ["the "], parameters={"length": 12, "seed": 8})
-    assert plain["text"] == sampler.generate("the ", 12, seed=8)
+    assert [plain["text"]] == sampler.generate(["the "], 12, seed=8)
 
 
 def test_stream_sends_blocks_that_add_up_to_the_prediction(server):
@@ -130,7 +130,7 @@ def test_concurrent_requests_share_calls_and_keep_their_text(server, sampler):
     before = len(server.batcher.rows_per_call)
     with ThreadPoolExecutor(len(jobs)) as pool:
         results = list(pool.map(lambda j: _predict(server, [j[0]])[0]["text"], jobs))
-    alone = [sampler.generate_batch([j["prompt"]], j["length"], st, [j["seed"]])[0]
+    alone = [sampler.generate([j["prompt"]], j["length"], st, [j["seed"]])[0]
              for j, st in jobs]
     assert results == alone
     assert max(server.batcher.rows_per_call[before:]) > 1
@@ -181,7 +181,7 @@ def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
     bucket = gcs_bucket()
     export_dir = f"{bucket}/models/char/1"
     saved_model.export(model, vocab, export_dir, info={"best": {"value": 1.5}})
-    backend = batcher.load_backend(export_dir)
+    backend = backends.load_backend(export_dir)
     assert backend.info["kind"] == "SavedModel" and backend.info["best"] == {"value": 1.5}
     running = Server(batcher.Batcher(backend, max_batch=4, window_ms=50, block=16))
     try:
@@ -189,8 +189,8 @@ def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
                      {"prompt": "xy", "length": 21, "seed": 5, "greedy": True}]
         with ThreadPoolExecutor(2) as pool:
             out = list(pool.map(lambda i: _predict(running, [i])[0]["text"], instances))
-        assert out == [sampler.generate_batch(["the cat"], 40, Settings(top_p=0.8), [3])[0],
-                       sampler.generate_batch(["xy"], 21, Settings(greedy=True), [5])[0]]
+        assert out == [sampler.generate(["the cat"], 40, Settings(top_p=0.8), [3])[0],
+                       sampler.generate(["xy"], 21, Settings(greedy=True), [5])[0]]
     finally:
         running.close()
 

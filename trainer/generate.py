@@ -95,7 +95,7 @@ def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
     # Imported here so that --help and flag errors never wait for TensorFlow.
     from trainer import checkpoints
-    from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings
+    from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings, encode_prompt
 
     settings = Settings(temperature=fv.temperature, top_k=fv.top_k,
                                  top_p=fv.top_p, greedy=fv.greedy).validate()
@@ -113,7 +113,7 @@ def run(fv: flags.FlagValues) -> None:
         _say(f"prompt: {source}:\n{prompt}")
     else:
         source = "--prime_file" if fv.prime_file is not None else "--prime"
-        missing = vocab.missing(prompt.lower() if vocab.lowercase else prompt)
+        missing = encode_prompt(vocab, prompt, "skip").skipped
         if missing and oov == "skip":
             _say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
                  + ", ".join(repr(c) for c in missing[:20]))
@@ -133,7 +133,7 @@ def run(fv: flags.FlagValues) -> None:
         if sys.stdout.isatty():
             sys.stdout.write("\n")  # Only for the shell prompt's sake; pipes get the text as is.
         return
-    samples = sampler.generate_batch(prompts, fv.length, settings, seed, oov)
+    samples = sampler.generate(prompts, fv.length, settings, seed, oov)
     details = {"job_dir": fv.job_dir, "checkpoint": weights, "prompt": prompt,
                "prompt_source": source, "length": fv.length, "seed": seed, "oov": oov,
                "settings": {"temperature": settings.temperature, "top_k": settings.top_k,

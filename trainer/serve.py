@@ -63,12 +63,12 @@ def run(fv: flags.FlagValues) -> None:
     except ImportError as err:
         raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
                         "'char-lstm-trainer[serve]'") from err
-    from trainer.serving import batcher
+    from trainer.serving import backends, batcher
     from trainer.serving.request import Limits
 
     endpoint = batcher.vertex_endpoint(fv.model_dir, fv.port)
     cli.say(f"loading {endpoint.model_dir}")
-    backend = batcher.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
+    backend = backends.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
     batcher = batcher.Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
     if fv.warm_up:
         cli.say(f"compiling for batches of up to {fv.max_batch} rows")

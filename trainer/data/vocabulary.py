@@ -53,11 +53,26 @@ def decode(data: bytes, lowercase: bool = False) -> tuple[str, int]:
     """
     _local.invalid = 0
     text = data.decode("utf-8", errors="trainer_count_invalid")
-    if "\r" in text:
+    return normalise(text, lowercase), _local.invalid
+
+
+def normalise(text: str, lowercase: bool = False) -> str:
+    """Normalises decoded text as the training text is: `\\r\\n` -> `\\n`, then lowercase.
+
+    Prompts go through this too, so the model sees them as it saw its training text.
+
+    Args:
+      text: decoded text.
+      lowercase: lowercase it (the vocabulary's `lowercase` setting).
+
+    Returns:
+      The normalised text.
+    """
+    if "\r" in text:  # Skips a copy of a large shard that has no carriage return.
         text = text.replace("\r\n", "\n")
     if lowercase:
         text = text.lower()
-    return text, _local.invalid
+    return text
 
 
 def code_points(text: str) -> Iterable[np.ndarray]:

@@ -7,8 +7,12 @@ inside one `tf.function`, compiled with XLA by default (it fuses the per-char
 ops, which otherwise cost more than the arithmetic of a small LSTM), so a block
 of characters is one call from Python.
 
-The Sampler holds references to the model's layers, not copies, so it always
-samples from the current weights (the training job calls it between epochs).
+The Sampler has one way in for a stream (`stream`, the new text block by block)
+and one for a batch (`generate`, the whole texts). `begin` and `advance` are the
+stepping interface under both, which the server's backends drive themselves to
+let requests join and leave a running batch. The Sampler holds references to
+the model's layers, not copies, so it always samples from the current weights
+(the training job calls it between epochs).
 
 Every row has its own seed and settings (see `trainer.sampling.next_char`): the draw for a
 row's step t depends only on (row seed, t), so the same seed, prompt and
@@ -26,18 +30,19 @@ model needs one input before it predicts anything.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer import models
-from trainer.data.vocabulary import OOV_ID, Vocabulary
+from trainer.data.vocabulary import OOV_ID, Vocabulary, normalise
 from trainer.errors import UserError
 from trainer.sampling.next_char import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
 
-__all__ = ["OOV_MODES", "STREAM_BLOCK", "Sampler", "Settings", "encode_prompt", "pad_prompts",
-           "start_id"]
+__all__ = ["OOV_MODES", "STREAM_BLOCK", "EncodedPrompt", "Sampler", "Settings", "check_oov",
+           "encode_prompt", "pad_prompts", "start_id"]
 
 OOV_MODES = ("error", "skip")
 # Characters per compiled call when streaming: small enough to show progress,
@@ -51,46 +56,81 @@ SAMPLE = Rule()
 XLA_MAX_ROW_UNITS = 32_768
 
 
-def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error") -> np.ndarray:
+class EncodedPrompt(NamedTuple):
+    """A prompt as the model takes it."""
+
+    # int32 ids, none of them the out-of-vocabulary id; empty for an empty prompt.
+    ids: np.ndarray
+    # The distinct characters the vocabulary lacks, in code-point order (left out).
+    skipped: list[str]
+
+
+def check_oov(oov: str) -> str:
+    """Checks an `oov` mode: what to do with prompt characters the vocabulary lacks.
+
+    Args:
+      oov: "error" (refuse the prompt) or "skip" (leave them out).
+
+    Returns:
+      `oov`.
+
+    Raises:
+      UserError: for any other value.
+    """
+    if oov not in OOV_MODES:
+        raise UserError(f"oov must be one of {', '.join(OOV_MODES)}, got {oov!r}")
+    return oov
+
+
+def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error",
+                  hint: str = "drop them with --oov=skip") -> EncodedPrompt:
     """Turns prompt text into ids, normalised as the training text was.
+
+    Every prompt in Python goes through here (the generate and serve entrypoints,
+    the training job's samples); the exported SavedModel repeats it in graph ops.
 
     Args:
       vocab: the model's vocabulary; its `lowercase` setting is applied first.
       text: the prompt.
       oov: "error" raises on characters the vocabulary lacks, "skip" drops them.
+      hint: how the caller's user drops them, for the error message.
 
     Returns:
-      An int32 array of ids, none of them the out-of-vocabulary id.
+      The ids and the characters left out.
 
     Raises:
       UserError: for unknown characters with oov="error", or a bad `oov`.
     """
-    if oov not in OOV_MODES:
-        raise UserError(f"oov must be one of {', '.join(OOV_MODES)}, got {oov!r}")
-    text = text.replace("\r\n", "\n")
-    if vocab.lowercase:
-        text = text.lower()
+    check_oov(oov)
+    text = normalise(text, vocab.lowercase)
     missing = vocab.missing(text)
     if missing and oov == "error":
         shown = ", ".join(repr(c) for c in missing[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise UserError(f"the prompt has {len(missing)} character(s) the model's vocabulary "
-                        f"lacks: {shown}{more} (drop them with --oov=skip)")
+                        f"lacks: {shown}{more} ({hint})")
     ids = vocab.encode(text).astype(np.int32)
-    return ids[ids != OOV_ID]
+    return EncodedPrompt(ids[ids != OOV_ID], missing)
 
 
 def start_id(vocab: Vocabulary) -> int:
-    """The id fed for an empty prompt: a newline's, or the OOV id when there is no newline."""
+    """The id fed for an empty prompt, since the model needs one input to predict from.
+
+    Args:
+      vocab: the model's vocabulary.
+
+    Returns:
+      A newline's id, or the out-of-vocabulary id when the vocabulary has no newline.
+    """
     return int(vocab.encode("\n")[0])
 
 
 def pad_prompts(vocab: Vocabulary, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads encoded prompts into one batch.
+    """Left-pads encoded prompts into one batch; an empty prompt becomes `start_id`.
 
     Args:
       vocab: gives the id that stands in for an empty prompt.
-      prompts: id arrays, one per row.
+      prompts: id arrays (`EncodedPrompt.ids`), one per row.
 
     Returns:
       (ids, mask), both (batch, longest); mask is False on the padding.
@@ -134,11 +174,12 @@ class Sampler:
         self._steps = tf.function(self.steps, reduce_retracing=True)
         self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
 
-    # --- graph building blocks (also used inside the exported SavedModel) ---
+    # --- Compiled internals. Public only because trainer.sampling.saved_model builds
+    # its signatures from them; everything else goes through the methods below them. ---
 
     def feed(self, ids: tf.Tensor, mask: tf.Tensor | None = None
              ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        """Runs left-padded prompts through the model once, one LSTM step per char.
+        """Internal: runs left-padded prompts through the model once, one LSTM step per char.
 
         The prompt goes through the same cell steps as the sampling loop rather
         than through the LSTM layers: a layer may pick the cuDNN kernel on a GPU,
@@ -184,7 +225,7 @@ class Sampler:
     def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int | tf.Tensor,
               step0: tf.Tensor, seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
               top_p: tf.Tensor, rule: Rule = SAMPLE, keep_logits: bool = False) -> tuple:
-        """Draws `n` chars per row, one LSTM step per char, in a `tf.while_loop`.
+        """Internal: draws `n` chars per row, one LSTM step per char, in a `tf.while_loop`.
 
         Args:
           logits: (batch, vocab) logits for the first char to draw.
@@ -194,7 +235,7 @@ class Sampler:
           step0: (batch,) int32, each row's index of its first step here (the draw
             of a row's step t depends on (row seed, t), so blocks continue one stream).
           seeds: (batch,) int64 row seeds.
-          temperature, top_k, top_p: (batch,) per-row settings (see `choice.choose`).
+          temperature, top_k, top_p: (batch,) per-row settings (see `next_char.choose`).
           rule: which parts of the choice run.
           keep_logits: also return the masked logits each char was drawn from.
 
@@ -231,23 +272,97 @@ class Sampler:
 
     # --- Python API ---
 
+    def stream(self, prompts: Sequence[str], length: int,
+               settings: Settings | Sequence[Settings] | None = None,
+               seed: int | Sequence[int] = 0, oov: str = "error", block: int = STREAM_BLOCK
+               ) -> Iterator[list[str]]:
+        """Generates `length` new chars per prompt, yielding them `block` chars at a time.
+
+        The prompts themselves are not repeated. The blocks of a row add up to what
+        `generate` returns for the same arguments: the block size never changes the text.
+
+        Args:
+          prompts: prompt texts, one per row; each may be empty (see `start_id`).
+          length: chars to generate per row.
+          settings: the choice rule, for every row or one per row; default `Settings()`.
+          seed: one seed per row, or an int: rows get seed, seed + 1, ... The same
+            seed, prompt and settings give the same text, alone or in any batch.
+          oov: what to do with prompt characters the vocabulary lacks ("error"/"skip").
+          block: chars per compiled call; 0 generates everything in one call.
+
+        Yields:
+          A list with one string per row for each block; nothing when length is 0.
+
+        Raises:
+          UserError: for prompt characters the vocabulary lacks with oov="error".
+        """
+        encoded = [encode_prompt(self.vocab, p, oov).ids for p in prompts]
+        for ids in self._draw(encoded, length, settings or Settings(), seed, block):
+            yield [self.vocab.decode(row.tolist()) for row in ids]
+
+    def generate(self, prompts: Sequence[str], length: int,
+                 settings: Settings | Sequence[Settings] | None = None,
+                 seed: int | Sequence[int] = 0, oov: str = "error") -> list[str]:
+        """Generates `length` new chars per prompt in one compiled call.
+
+        Args:
+          prompts, length, settings, seed, oov: as for `stream`.
+
+        Returns:
+          The new text of each row (the prompt not included).
+
+        Raises:
+          UserError: for prompt characters the vocabulary lacks with oov="error".
+        """
+        texts = [""] * len(prompts)
+        for parts in self.stream(prompts, length, settings, seed, oov, block=0):
+            texts = [t + p for t, p in zip(texts, parts, strict=True)]
+        return texts
+
     def uses_xla(self, batch: int) -> bool:
-        """Whether a batch of this many rows runs the XLA-compiled loop."""
+        """Whether a batch of this many rows runs the XLA-compiled loop.
+
+        Args:
+          batch: rows in the call.
+
+        Returns:
+          True when `jit_compile` is set and the rows x units stay under XLA_MAX_ROW_UNITS.
+        """
         units = max(layer.cell.units for layer in self.lstms)
         return self.jit_compile and batch * units < XLA_MAX_ROW_UNITS
 
+    # --- The stepping interface under `stream` and `generate`. The server's backends
+    # drive it themselves, since their rows join and leave between calls. ---
+
     def begin(self, prompts: Sequence[np.ndarray]) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        """Feeds encoded prompts (see `encode_prompt`); returns (logits, states) to draw from."""
+        """Feeds encoded prompts: the first step of the stepping interface.
+
+        Args:
+          prompts: id arrays (`EncodedPrompt.ids`), one per row; lengths may differ.
+
+        Returns:
+          (logits for each row's first char, the carried states), for `advance`.
+        """
         ids, mask = pad_prompts(self.vocab, prompts)
         return self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))
 
     def advance(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int,
                 step0: np.ndarray, seeds: np.ndarray, rows: dict[str, np.ndarray], rule: Rule,
                 keep_logits: bool = False) -> tuple:
-        """One compiled call of `steps` on NumPy per-row arrays (see `choice.row_arrays`).
+        """Draws `n` more chars per row in one compiled call: the stepping interface's step.
+
+        Args:
+          logits, states: from `begin` or the previous `advance`.
+          n: chars to draw per row.
+          step0: (batch,) each row's count of chars drawn so far.
+          seeds: (batch,) int64 row seeds (see `next_char.row_seeds`).
+          rows: per-row settings as arrays (see `next_char.row_arrays`).
+          rule: which parts of the choice run (`Rule.for_rows` of the rows' settings).
+          keep_logits: also return the logits each char was drawn from, which lets
+            the draws be checked against the model.
 
         Returns:
-          (ids (batch, n) NumPy, logits, states, logits of each draw or None).
+          (ids (batch, n) NumPy, logits, states, (batch, n, vocab) NumPy logits or None).
         """
         xla = self.uses_xla(len(step0))
         out = (self._steps_xla if xla else self._steps)(
@@ -256,23 +371,10 @@ class Sampler:
             rule=rule, keep_logits=keep_logits)
         return out[0].numpy(), out[1], out[2], out[3].numpy() if keep_logits else None
 
-    def sample_ids(self, prompts: Sequence[np.ndarray], length: int,
-                   settings: Settings | Sequence[Settings], seed: int | Sequence[int] = 0,
-                   block: int = 0, keep_logits: bool = False
-                   ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        """Generates ids for a batch of encoded prompts, yielding them block by block.
-
-        Args:
-          prompts: id arrays (see `encode_prompt`), one per row; lengths may differ.
-          length: chars to generate per row.
-          settings: the choice rule, for every row or one per row.
-          seed: one seed per row, or an int: rows get seed, seed + 1, ...
-          block: chars per compiled call; 0 generates everything in one call.
-          keep_logits: also yield the (batch, n, vocab) logits each char was drawn from.
-
-        Yields:
-          (ids (batch, n), logits or None) per block; nothing when length is 0.
-        """
+    def _draw(self, prompts: Sequence[np.ndarray], length: int,
+              settings: Settings | Sequence[Settings], seed: int | Sequence[int], block: int
+              ) -> Iterator[np.ndarray]:
+        """Yields the (batch, n) ids of each block of `block` chars (all at once for 0)."""
         rows = [settings] * len(prompts) if isinstance(settings, Settings) else list(settings)
         if len(rows) != len(prompts):
             raise ValueError(f"{len(rows)} settings for {len(prompts)} prompts")
@@ -287,58 +389,8 @@ class Sampler:
             # Under XLA every distinct n compiles anew: the last, shorter block
             # runs at full size and is cut instead.
             width = block if self.uses_xla(len(prompts)) and block > 0 else n
-            ids, logits, states, seen = self.advance(
+            ids, logits, states, _ = self.advance(
                 logits, states, width, np.full(len(prompts), done, np.int32), seeds, arrays,
-                rule, keep_logits)
-            yield ids[:, :n], None if seen is None else seen[:, :n]
+                rule)
+            yield ids[:, :n]
             done += n
-
-    def stream(self, prompts: Sequence[str], length: int,
-               settings: Settings | Sequence[Settings] | None = None,
-               seed: int | Sequence[int] = 0, oov: str = "error", block: int = STREAM_BLOCK
-               ) -> Iterator[list[str]]:
-        """Yields the new text of every row, `block` chars at a time.
-
-        Args:
-          prompts: prompt texts, one per row.
-          length: chars to generate per row.
-          settings: the choice rule (one, or one per row); default `Settings()`.
-          seed: per-row seeds or one int (see `sample_ids`).
-          oov: what to do with prompt characters the vocabulary lacks ("error"/"skip").
-          block: chars per compiled call.
-
-        Yields:
-          A list with one string per row for each block.
-        """
-        encoded = [encode_prompt(self.vocab, p, oov) for p in prompts]
-        for ids, _ in self.sample_ids(encoded, length, settings or Settings(), seed, block):
-            yield [self.vocab.decode(row.tolist()) for row in ids]
-
-    def generate_batch(self, prompts: Sequence[str], length: int,
-                       settings: Settings | Sequence[Settings] | None = None,
-                       seed: int | Sequence[int] = 0, oov: str = "error") -> list[str]:
-        """Returns `length` new chars for each prompt, generated in one compiled call."""
-        texts = [""] * len(prompts)
-        for parts in self.stream(prompts, length, settings, seed, oov, block=0):
-            texts = [t + p for t, p in zip(texts, parts, strict=True)]
-        return texts
-
-    def generate(self, prime: str, length: int, temperature: float = 0.8, seed: int = 0,
-                 **options) -> str:
-        """Returns `length` new chars following `prime` (the prompt is not included).
-
-        Args:
-          prime: prompt text; may be empty.
-          length: chars to generate.
-          temperature: see `Settings`.
-          seed: same seed -> same text.
-          **options: top_k, top_p, greedy (see `Settings`) and oov ("error"/"skip").
-
-        Returns:
-          The generated text.
-        """
-        # "skip" by default: the training job primes its per-epoch sample with
-        # validation text, which may hold chars the training vocabulary lacks.
-        oov = options.pop("oov", "skip")
-        settings = Settings(temperature=temperature, **options)
-        return self.generate_batch([prime], length, settings, seed, oov)[0]

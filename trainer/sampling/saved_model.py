@@ -1,6 +1,6 @@
 """The exported SavedModel: the model, its vocabulary and the sampling loop as one module.
 
-`trainer.export` is the entrypoint that writes it; `trainer.serving.batcher` loads it
+`trainer.export` is the entrypoint that writes it; `trainer.serving.backends` loads it
 (its `begin`/`advance` signatures). What the signatures take and return is
 described in trainer/export.py.
 """
@@ -114,7 +114,12 @@ class CharGenerator(tf.Module):
         return {"generated": text}
 
     def _encode(self, prompts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """Prompt strings -> left-padded (ids, mask), as `pad_prompts` builds them."""
+        """Prompt strings -> left-padded (ids, mask), as `pad_prompts` builds them.
+
+        This repeats `encode_prompt` (with oov="skip") and `pad_prompts` in graph
+        ops rather than calling them: a server of the SavedModel runs the graph
+        alone, without this package's Python. The tests check that both agree.
+        """
         text = tf.strings.regex_replace(prompts, "\r\n", "\n")
         if self._lowercase:
             text = tf.strings.lower(text, encoding="utf-8")

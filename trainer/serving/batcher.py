@@ -1,18 +1,13 @@
-"""Serving a model: loading it, and batching concurrent requests into shared sampling calls.
+"""Batching concurrent requests into shared sampling calls on one model.
 
-Two kinds of model folder (local or gs://) can be served:
-  - a job directory (config.json, vocab.json, best.json + weights): sampled by
-    `trainer.sampling.Sampler`, its step loop compiled with XLA;
-  - a SavedModel from `trainer.export`: its `begin`/`advance` signatures run the
-    same sampling graph (without XLA), its assets.extra/ gives the vocabulary.
-
-Batching is continuous: one worker thread owns the model and holds every row
-being generated. A request that arrives while it is idle waits a short window
-(`window_ms`) for others to join it; one that arrives while rows are running
-joins them at the next block boundary. Each call draws `block` chars for all
-rows at once, and every row keeps its own seed, step count and settings
-(`trainer.sampling.next_char`), so its text is the same as if it had run alone. A row
-leaves the batch as soon as its length is reached.
+Batching is continuous: one worker thread owns the model (a
+`trainer.serving.backends.Backend`) and holds every row being generated. A
+request that arrives while it is idle waits a short window (`window_ms`) for
+others to join it; one that arrives while rows are running joins them at the
+next block boundary. Each call draws `block` chars for all rows at once, and
+every row keeps its own seed, step count and settings
+(`trainer.sampling.next_char`), so its text is the same as if it had run alone.
+A row leaves the batch as soon as its length is reached.
 
 Under XLA every batch size compiles separately, so the rows are padded up to
 the next power of two (at most log2(max_batch) + 1 programs, compiled when
@@ -22,132 +17,21 @@ first needed or in `warm_up`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
-from trainer import checkpoints, storage
-from trainer.data.vocabulary import Vocabulary
+from trainer.errors import UserError
 from trainer.sampling.next_char import Rule, Settings, row_arrays
-from trainer.sampling.sampler import STREAM_BLOCK, Sampler, encode_prompt
-from trainer.sampling.saved_model import EXTRA_DIR
+from trainer.sampling.sampler import STREAM_BLOCK, encode_prompt
+from trainer.serving.backends import Backend
 from trainer.serving.request import Instance, RequestError
-
-
-class Backend:
-    """The model seen by the batcher: encode prompts, begin rows, advance them."""
-
-    vocab: Vocabulary
-    info: dict[str, Any]
-    pad_batches = False
-
-    def begin(self, prompts: Sequence[np.ndarray]) -> tuple[Any, tuple]:
-        raise NotImplementedError
-
-    def advance(self, logits: Any, states: tuple, n: int, step0: np.ndarray, seeds: np.ndarray,
-                rows: dict[str, np.ndarray], rule: Rule) -> tuple[np.ndarray, Any, tuple]:
-        raise NotImplementedError
-
-
-class SamplerBackend(Backend):
-    """A Keras model from a job directory, sampled by `Sampler`."""
-
-    def __init__(self, sampler: Sampler, info: dict[str, Any]):
-        self.sampler, self.vocab, self.info = sampler, sampler.vocab, info
-        self.pad_batches = sampler.jit_compile
-
-    def begin(self, prompts):
-        return self.sampler.begin(prompts)
-
-    def advance(self, logits, states, n, step0, seeds, rows, rule):
-        ids, logits, states, _ = self.sampler.advance(logits, states, n, step0, seeds, rows, rule)
-        return ids, logits, states
-
-
-class SavedModelBackend(Backend):
-    """An exported SavedModel, through its `begin` and `advance` signatures."""
-
-    def __init__(self, loaded: Any, vocab: Vocabulary, info: dict[str, Any]):
-        import tensorflow as tf
-
-        self._tf = tf
-        self._begin = loaded.signatures["begin"]
-        self._advance = loaded.signatures["advance"]
-        self._loaded = loaded  # Keeps the variables alive.
-        self.vocab, self.info = vocab, info
-
-    def begin(self, prompts):
-        tf = self._tf
-        # The graph encodes text itself; the ids were checked against vocab.json already.
-        texts = [self.vocab.decode(p.tolist()) if len(p) else "" for p in prompts]
-        out = self._begin(prompts=tf.constant(texts, tf.string))
-        return out["logits"], (out["states"],)
-
-    def advance(self, logits, states, n, step0, seeds, rows, rule):
-        tf = self._tf
-        out = self._advance(logits=logits, states=states[0], n=tf.constant(n, tf.int32),
-                            steps=tf.constant(step0, tf.int32), seeds=tf.constant(seeds, tf.int64),
-                            **{k: tf.constant(v) for k, v in rows.items()})
-        return out["ids"].numpy(), out["logits"], (out["states"],)
-
-
-def _job_info(path: str, cfg: Any, pointer: dict[str, Any]) -> dict[str, Any]:
-    return {"name": os.path.basename(path.rstrip("/")) or path, "path": path, "kind": "job dir",
-            "checkpoint": pointer.get("weights"),
-            "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
-            "config": json.loads(cfg.to_json())}
-
-
-def _download(remote: str, local: str) -> None:
-    """Copies a gs:// folder tree (a SavedModel) to a local folder through `storage`."""
-    for name in storage.listdir(remote):
-        path = storage.join(remote, name)
-        children = storage.listdir(path)
-        if children:
-            _download(path, os.path.join(local, name))
-        else:
-            storage.copy_file(path, os.path.join(local, name))
-
-
-def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = True) -> Backend:
-    """Loads a job directory or an exported SavedModel (local or gs://) for serving.
-
-    Raises:
-      UserError: when `path` is neither, or cannot be read.
-    """
-    path = path.rstrip("/")
-    if not storage.exists(storage.join(path, "saved_model.pb")):
-        cfg, vocab, model, pointer = checkpoints.load_job(path, checkpoint)
-        return SamplerBackend(Sampler(model, vocab, jit_compile=jit_compile),
-                              _job_info(path, cfg, pointer))
-    import tensorflow as tf
-
-    local = path
-    if storage.is_gcs(path):
-        local = tempfile.mkdtemp(prefix="char-lstm-savedmodel-")
-        _download(path, local)
-    try:
-        vocab = Vocabulary.load(os.path.join(local, EXTRA_DIR, "vocab.json"))
-        with open(os.path.join(local, EXTRA_DIR, "model.json"), encoding="utf-8") as f:
-            model_info = json.load(f)
-    except FileNotFoundError as err:
-        raise RequestError(f"{path} is a SavedModel without {EXTRA_DIR}/vocab.json and "
-                           "model.json; export it again with this version's trainer.export"
-                           ) from err
-    loaded = tf.saved_model.load(local)
-    if "advance" not in loaded.signatures:
-        raise RequestError(f"{path} has no 'advance' signature; export it again")
-    info = {"name": os.path.basename(path), "path": path, "kind": "SavedModel",
-            "checkpoint": model_info.get("checkpoint"), "best": model_info.get("best", {}),
-            "config": model_info.get("config", {})}
-    return SavedModelBackend(loaded, vocab, info)
 
 
 @dataclasses.dataclass
@@ -169,14 +53,10 @@ class _Row:
 
 
 def _concat(parts: Sequence[Any]) -> Any:
-    import tensorflow as tf
-
     return tf.concat(list(parts), axis=0)
 
 
 def _take(tensor: Any, index: np.ndarray) -> Any:
-    import tensorflow as tf
-
     return tf.gather(tensor, tf.constant(index, tf.int32))
 
 
@@ -203,18 +83,31 @@ class Batcher:
         self._thread.start()
 
     def encode(self, instance: Instance) -> np.ndarray:
-        """The prompt's ids; RequestError for unknown chars with oov="error"."""
+        """The ids of a request's prompt, for `submit`.
+
+        Args:
+          instance: the checked request.
+
+        Returns:
+          The prompt's ids (`EncodedPrompt.ids`).
+
+        Raises:
+          RequestError: for unknown chars with oov="error".
+        """
         try:
-            return encode_prompt(self.backend.vocab, instance.prompt, instance.oov)
-        except RequestError:
-            raise
-        except Exception as err:  # UserError from encode_prompt.
-            raise RequestError(str(err).replace(" (drop them with --oov=skip)",
-                                                ' (send "oov": "skip" to drop them)')) from err
+            return encode_prompt(self.backend.vocab, instance.prompt, instance.oov,
+                                 hint='send "oov": "skip" to drop them').ids
+        except UserError as err:  # The server answers RequestErrors with HTTP 400.
+            raise RequestError(str(err)) from err
 
     def submit(self, ids: np.ndarray, instance: Instance,
                emit: Callable[[str | None, BaseException | None], None]) -> _Row:
         """Queues one row; `emit(text, None)` per block, then `emit(None, None)` (or an error).
+
+        Args:
+          ids: the prompt's ids, from `encode`.
+          instance: the request's length, seed and settings.
+          emit: called on the worker thread with each block's text, or an error.
 
         Returns:
           The row; setting its `cancelled` drops it at the next block.
@@ -229,14 +122,22 @@ class Batcher:
         return row
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stops the worker; rows still running end with an error."""
+        """Stops the worker; rows still running end with an error.
+
+        Args:
+          timeout: seconds to wait for the worker's current call to end.
+        """
         self._stop.set()
         self._thread.join(timeout)
 
     def warm_up(self, settings: Sequence[Settings] = (Settings(),)) -> None:
-        """Compiles the calls for every padded batch size (and each rule) before serving."""
+        """Compiles the calls for every padded batch size (and each rule) before serving.
+
+        Args:
+          settings: one per rule to compile (`Rule.for_rows` of each).
+        """
         sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
-        prompt = encode_prompt(self.backend.vocab, "", "skip")
+        prompt = encode_prompt(self.backend.vocab, "", "skip").ids
         for rule_settings in settings:
             for size in sizes:
                 logits, states = self.backend.begin([prompt] * size)

@@ -18,9 +18,9 @@ from typing import Any
 
 from trainer.errors import UserError
 from trainer.sampling.next_char import Settings
+from trainer.sampling.sampler import check_oov
 
 FIELDS = ("prompt", "length", "temperature", "top_k", "top_p", "greedy", "seed", "oov")
-OOV_MODES = ("error", "skip")
 # Seeds are int64 in the graph; the hash uses all 64 bits.
 MAX_SEED = 2**63 - 1
 
@@ -110,9 +110,10 @@ def parse_instance(raw: Any, defaults: dict[str, Any], limits: Limits,
         raise RequestError(str(err)) from err
     seed = fields.get("seed")
     seed = rng.randrange(2**31) if seed is None else _number("seed", seed, int, 0, MAX_SEED)
-    oov = fields.get("oov", "error")
-    if oov not in OOV_MODES:
-        raise RequestError(f"oov must be one of {', '.join(OOV_MODES)}, got {oov!r}")
+    try:
+        oov = check_oov(fields.get("oov", "error"))
+    except UserError as err:
+        raise RequestError(str(err)) from err
     return Instance(prompt, length, settings, seed, oov)
 
 

@@ -52,12 +52,14 @@ class Reporter:
         """A sample from the current weights (empty when --sample_length=0)."""
         if not self.cfg.sample_length:
             return ""
-        from trainer.sampling.sampler import Sampler  # Import late: generation is optional here.
+        from trainer.sampling.sampler import Sampler, Settings  # Late: sampling is optional.
 
         if self.sampler is None:
             self.sampler = Sampler(self.model, self.vocab)
-        return self.sampler.generate(self.prime, self.cfg.sample_length,
-                                     temperature=self.cfg.sample_temperature, seed=self.cfg.seed)
+        # The prime is validation text, which may hold chars the training vocabulary lacks.
+        return self.sampler.generate([self.prime], self.cfg.sample_length,
+                                     Settings(temperature=self.cfg.sample_temperature),
+                                     self.cfg.seed, oov="skip")[0]
 
     def epoch_end(self, epoch: int, step: int, metrics: dict[str, float], improved: bool,
                   best: float, optimizer: keras.optimizers.Optimizer) -> None:

@@ -1,0 +1,164 @@
+"""Loading a model to serve, behind one stepping interface (`Backend`).
+
+Two kinds of model folder (local or gs://) can be served:
+  - a job directory (config.json, vocab.json, best.json + weights): sampled by
+    `trainer.sampling.sampler.Sampler`, its step loop compiled with XLA;
+  - a SavedModel from `trainer.export`: its `begin`/`advance` signatures run the
+    same sampling graph (without XLA), its assets.extra/ gives the vocabulary.
+
+Both give the same text for the same prompt, seed and settings, so the batcher
+(`trainer.serving.batcher`) never needs to know which one it drives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import checkpoints, storage
+from trainer.data.vocabulary import Vocabulary
+from trainer.errors import UserError
+from trainer.sampling.next_char import Rule
+from trainer.sampling.sampler import Sampler
+from trainer.sampling.saved_model import EXTRA_DIR
+
+
+class Backend:
+    """The model as the batcher sees it: begin rows, then advance them a block at a time.
+
+    Attributes:
+      vocab: the model's vocabulary (prompts are checked and encoded with it).
+      info: what /info tells about the model (name, path, kind, checkpoint, best, config).
+      pad_batches: whether every batch size compiles apart, so batches are worth
+        padding to a few sizes.
+    """
+
+    vocab: Vocabulary
+    info: dict[str, Any]
+    pad_batches = False
+
+    def begin(self, prompts: Sequence[np.ndarray]) -> tuple[Any, tuple]:
+        """Feeds encoded prompts.
+
+        Args:
+          prompts: id arrays (`EncodedPrompt.ids`), one per row.
+
+        Returns:
+          (logits, states): (batch, ...) tensors whose rows the batcher may gather
+          and concatenate.
+        """
+        raise NotImplementedError
+
+    def advance(self, logits: Any, states: tuple, n: int, step0: np.ndarray, seeds: np.ndarray,
+                rows: dict[str, np.ndarray], rule: Rule) -> tuple[np.ndarray, Any, tuple]:
+        """Draws `n` more chars per row (arguments as for `Sampler.advance`).
+
+        Returns:
+          (ids (batch, n) NumPy, logits, states).
+        """
+        raise NotImplementedError
+
+
+class SamplerBackend(Backend):
+    """A Keras model from a job directory, stepped through `Sampler.begin`/`advance`."""
+
+    def __init__(self, sampler: Sampler, info: dict[str, Any]):
+        """Serves `sampler`'s model, described by `info`."""
+        self.sampler, self.vocab, self.info = sampler, sampler.vocab, info
+        # Under XLA every batch size compiles apart.
+        self.pad_batches = sampler.jit_compile
+
+    def begin(self, prompts):
+        return self.sampler.begin(prompts)
+
+    def advance(self, logits, states, n, step0, seeds, rows, rule):
+        ids, logits, states, _ = self.sampler.advance(logits, states, n, step0, seeds, rows, rule)
+        return ids, logits, states
+
+
+class SavedModelBackend(Backend):
+    """An exported SavedModel, through its `begin` and `advance` signatures."""
+
+    def __init__(self, loaded: Any, vocab: Vocabulary, info: dict[str, Any]):
+        """Serves `loaded` (from `tf.saved_model.load`), whose vocabulary is `vocab`."""
+        self._begin = loaded.signatures["begin"]
+        self._advance = loaded.signatures["advance"]
+        self._loaded = loaded  # Keeps the variables alive.
+        self.vocab, self.info = vocab, info
+
+    def begin(self, prompts):
+        # The graph encodes text itself; the ids were checked against vocab.json already.
+        texts = [self.vocab.decode(p.tolist()) if len(p) else "" for p in prompts]
+        out = self._begin(prompts=tf.constant(texts, tf.string))
+        return out["logits"], (out["states"],)
+
+    def advance(self, logits, states, n, step0, seeds, rows, rule):
+        out = self._advance(logits=logits, states=states[0], n=tf.constant(n, tf.int32),
+                            steps=tf.constant(step0, tf.int32), seeds=tf.constant(seeds, tf.int64),
+                            **{k: tf.constant(v) for k, v in rows.items()})
+        return out["ids"].numpy(), out["logits"], (out["states"],)
+
+
+def _job_info(path: str, cfg: Any, pointer: dict[str, Any]) -> dict[str, Any]:
+    return {"name": os.path.basename(path.rstrip("/")) or path, "path": path, "kind": "job dir",
+            "checkpoint": pointer.get("weights"),
+            "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
+            "config": json.loads(cfg.to_json())}
+
+
+def _download(remote: str, local: str) -> None:
+    """Copies a gs:// folder tree (a SavedModel) to a local folder through `storage`."""
+    for name in storage.listdir(remote):
+        path = storage.join(remote, name)
+        children = storage.listdir(path)
+        if children:
+            _download(path, os.path.join(local, name))
+        else:
+            storage.copy_file(path, os.path.join(local, name))
+
+
+def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = True) -> Backend:
+    """Loads a job directory or an exported SavedModel (local or gs://) for serving.
+
+    Args:
+      path: the job directory or the SavedModel's folder.
+      checkpoint: for a job directory, a weights file to serve instead of the best one.
+      jit_compile: for a job directory, compile the sampling loop with XLA.
+
+    Returns:
+      The backend for the batcher.
+
+    Raises:
+      UserError: when `path` is neither, or cannot be read.
+    """
+    path = path.rstrip("/")
+    if not storage.exists(storage.join(path, "saved_model.pb")):
+        cfg, vocab, model, pointer = checkpoints.load_job(path, checkpoint)
+        return SamplerBackend(Sampler(model, vocab, jit_compile=jit_compile),
+                              _job_info(path, cfg, pointer))
+    local = path
+    if storage.is_gcs(path):
+        # tf.saved_model.load reads local files; `storage` is the one module for buckets.
+        local = tempfile.mkdtemp(prefix="char-lstm-savedmodel-")
+        _download(path, local)
+    try:
+        vocab = Vocabulary.load(os.path.join(local, EXTRA_DIR, "vocab.json"))
+        with open(os.path.join(local, EXTRA_DIR, "model.json"), encoding="utf-8") as f:
+            model_info = json.load(f)
+    except FileNotFoundError as err:
+        raise UserError(f"{path} is a SavedModel without {EXTRA_DIR}/vocab.json and "
+                        "model.json; export it again with this version's trainer.export"
+                        ) from err
+    loaded = tf.saved_model.load(local)
+    if "advance" not in loaded.signatures:
+        raise UserError(f"{path} has no 'advance' signature; export it again")
+    info = {"name": os.path.basename(path), "path": path, "kind": "SavedModel",
+            "checkpoint": model_info.get("checkpoint"), "best": model_info.get("best", {}),
+            "config": model_info.get("config", {})}
+    return SavedModelBackend(loaded, vocab, info)
