@@ -52,7 +52,7 @@ STREAM_BLOCK = 64
 SAMPLE = Rule()
 # XLA fuses the per-char ops that dominate small steps, but its CPU matmuls lose once a
 # step is arithmetic-bound: measured 0.83x the graph executor at 64 rows x 512 units,
-# 1.24x at 64 x 256 and 1.2-3.2x below (BENCHMARKS.md). Larger batches run without it.
+# 1.24x at 64 x 256 and 1.2-3.2x below (BENCHMARKS-history.md). Larger batches run without it.
 XLA_MAX_ROW_UNITS = 32_768
 
 
