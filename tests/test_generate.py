@@ -12,7 +12,7 @@ import keras
 import pytest
 from absl import flags
 
-from trainer import checkpoints, generate, models, storage
+from trainer import checkpoints, cli, generate, models, storage
 from trainer.config import Config
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
@@ -201,8 +201,7 @@ def test_main_reports_bad_input_in_one_line(job, capsys, monkeypatch):
     values = flags.FlagValues()
     generate.define_flags(values)
     values(["generate", f"--job_dir={job[0]}", "--prime=Xy", "--length=5"])
-    monkeypatch.setattr(generate, "FLAGS", values)
-    assert generate.main(["generate"]) == 1
+    assert cli.run_door(["generate"], generate.run, values) == 1
     out = capsys.readouterr()
     assert out.out == "" and "Traceback" not in out.err
     assert out.err.splitlines()[-1] == ("error: the prompt has 1 character(s) the model's "

@@ -23,7 +23,7 @@ from serve_helpers import (
 from trainer.errors import UserError
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings
-from trainer.serving import backends, batcher, routes
+from trainer.serving import backends, batcher, endpoint, routes
 from trainer.serving.request import Limits
 
 LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
@@ -166,14 +166,14 @@ def test_bad_requests_get_400_with_one_line(server, body, message):
 def test_vertex_environment_names_the_port_routes_and_model():
     env = {"AIP_HTTP_PORT": "9001", "AIP_HEALTH_ROUTE": "/v1/health",
            "AIP_PREDICT_ROUTE": "v1/models/m:predict", "AIP_STORAGE_URI": "gs://b/model"}
-    assert batcher.vertex_endpoint(None, None, env) == batcher.Endpoint(
+    assert endpoint.vertex_endpoint(None, None, env) == endpoint.Endpoint(
         "gs://b/model", 9001, "/v1/health", "/v1/models/m:predict")
-    assert batcher.vertex_endpoint("runs/x", 7, {}) == batcher.Endpoint(
+    assert endpoint.vertex_endpoint("runs/x", 7, {}) == endpoint.Endpoint(
         "runs/x", 7, "/health", "/predict")
     with pytest.raises(UserError, match="AIP_STORAGE_URI"):
-        batcher.vertex_endpoint(None, None, {})
+        endpoint.vertex_endpoint(None, None, {})
     with pytest.raises(UserError, match="port number"):
-        batcher.vertex_endpoint("x", None, {"AIP_HTTP_PORT": "http"})
+        endpoint.vertex_endpoint("x", None, {"AIP_HTTP_PORT": "http"})
 
 
 def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):

@@ -67,13 +67,20 @@ def parse_argv(argv: list[str], rewrite: Rewrite | None = None,
         raise
 
 
-def run_door(argv: list[str], run: Callable[[flags.FlagValues], int | None]) -> int:
-    """Runs a door's `run` on the parsed flags; returns the exit status (see the module)."""
+def run_door(argv: list[str], run: Callable[[flags.FlagValues], int | None],
+             flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    """Runs a door's `run` on the parsed `flag_values`; returns the exit status.
+
+    Args:
+      argv: what absl left of the command line (argv[0] first); more is an error.
+      run: the door's work; returns None or an exit status.
+      flag_values: the parsed flags handed to `run`.
+    """
     if len(argv) > 1:
         say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
         return 2
     try:
-        return run(flags.FLAGS) or 0
+        return run(flag_values) or 0
     except BrokenPipeError:
         # The reader (e.g. `| head`) went away; stop quietly, as command-line tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

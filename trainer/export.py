@@ -39,10 +39,8 @@ from absl import flags
 
 from trainer import cli
 
-FLAGS = flags.FLAGS
 
-
-def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this entrypoint's flags on `flag_values`."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("job_dir", None, "Job directory written by trainer.task (local or "

@@ -25,12 +25,11 @@ from trainer import cli, storage
 from trainer.data import excerpt
 from trainer.errors import UserError
 
-FLAGS = flags.FLAGS
 # Chars per compiled call when stdout is not a terminal.
 _PIPE_BLOCK = 512
 
 
-def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this entrypoint's flags on `flag_values` (library code takes arguments)."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("job_dir", None, "Job directory written by trainer.task (local or "

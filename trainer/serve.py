@@ -7,8 +7,8 @@ Then open http://localhost:8080/ or POST {"instances": [{"prompt": "ROMEO:",
 "length": 200}]} to /predict. In a Vertex AI endpoint the port, the routes and the
 model folder come from AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and
 AIP_STORAGE_URI. SIGTERM stops it cleanly: no new connections, running requests
-finish (up to --shutdown_seconds), exit status 0. The routes are in trainer/routes.py,
-batching in trainer/batcher.py.
+finish (up to --shutdown_seconds), exit status 0. The routes are in
+trainer/serving/routes.py, batching in trainer/serving/batcher.py.
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from absl import flags
 from trainer import cli
 from trainer.errors import UserError
 
-FLAGS = flags.FLAGS
 
-
-def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this entrypoint's flags on `flag_values`."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("model_dir", None, "A job directory of trainer.task or a SavedModel "
@@ -63,19 +61,21 @@ def run(fv: flags.FlagValues) -> None:
     except ImportError as err:
         raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
                         "'char-lstm-trainer[serve]'") from err
-    from trainer.serving import backends, batcher
+    from trainer.serving import backends
+    from trainer.serving.batcher import Batcher
+    from trainer.serving.endpoint import vertex_endpoint
     from trainer.serving.request import Limits
 
-    endpoint = batcher.vertex_endpoint(fv.model_dir, fv.port)
+    endpoint = vertex_endpoint(fv.model_dir, fv.port)
     cli.say(f"loading {endpoint.model_dir}")
     backend = backends.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
-    batcher = batcher.Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
+    batcher = Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
     if fv.warm_up:
         cli.say(f"compiling for batches of up to {fv.max_batch} rows")
         batcher.warm_up()
     limits = Limits(max_length=fv.max_length, max_instances=fv.max_instances)
     application = routes.create_app(batcher, limits, endpoint.health_route,
-                                 endpoint.predict_route, fv.seed)
+                                    endpoint.predict_route, fv.seed)
     cli.say(f"serving {backend.info['name']} on http://{fv.host}:{endpoint.port}/ "
             f"(health {endpoint.health_route}, predict {endpoint.predict_route})")
     stops: list[str] = []

@@ -1,0 +1,54 @@
+"""Where the server listens and which routes it answers, after Vertex AI's environment.
+
+A Vertex AI endpoint runs the serving container with AIP_HTTP_PORT, AIP_HEALTH_ROUTE,
+AIP_PREDICT_ROUTE and, for a model uploaded with an artifact URI, AIP_STORAGE_URI (a
+gs:// copy of it); the flags win over them, and defaults fill the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from trainer.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """Where the server listens and what it serves, after Vertex AI's environment."""
+
+    model_dir: str
+    port: int
+    health_route: str
+    predict_route: str
+
+
+def vertex_endpoint(model_dir: str | None, port: int | None,
+                    environ: dict[str, str] | None = None) -> Endpoint:
+    """Fills what the flags left open from Vertex AI's AIP_* variables, then defaults.
+
+    Vertex AI sets AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and, for a
+    model uploaded with an artifact URI, AIP_STORAGE_URI (a gs:// copy of it).
+
+    Raises:
+      UserError: without a model folder from either, or with a bad port.
+    """
+    env = os.environ if environ is None else environ
+    model_dir = model_dir or env.get("AIP_STORAGE_URI")
+    if not model_dir:
+        raise UserError("no model: pass --model_dir (a job directory or an exported "
+                        "SavedModel) or set AIP_STORAGE_URI")
+    raw_port = port if port is not None else env.get("AIP_HTTP_PORT", "8080")
+    try:
+        port = int(raw_port)
+    except ValueError as err:
+        raise UserError(f"AIP_HTTP_PORT must be a port number, got {raw_port!r}") from err
+    if not 0 <= port < 65536:
+        raise UserError(f"the port must be in [0, 65535], got {port}")
+
+    def route(name: str, default: str) -> str:
+        value = env.get(name) or default
+        return value if value.startswith("/") else "/" + value
+
+    return Endpoint(model_dir, port, route("AIP_HEALTH_ROUTE", "/health"),
+                    route("AIP_PREDICT_ROUTE", "/predict"))
