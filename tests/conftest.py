@@ -137,7 +137,7 @@ def gcs_bucket(gcs_emulator: Emulator) -> Callable[[str | None], str]:
     return make
 
 
-# The tiny corpus of tests/test_train.py and tests/test_steps.py (test_train.tiny's data).
+# The tiny corpus of the training tests (the data of training_jobs.tiny).
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the fog. ", "we see the sea. ",
              "to be or not to be. "]
 

@@ -64,7 +64,7 @@ def test_an_old_job_dir_resumes_at_its_step(job, caplog):
 def test_an_old_job_dir_serves_the_same_text(job):
     port = free_port()
     proc = start_server([f"--model_dir={job}", f"--port={port}", "--host=127.0.0.1",
-                         "--max_batch=1", "--no_warm_up", "--no_jit_compile"])
+                         "--max_batch=1", "--nowarm_up", "--nojit_compile"])
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/health")
         status, body = request(f"http://127.0.0.1:{port}/predict", {"instances": [

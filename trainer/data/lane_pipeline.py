@@ -4,7 +4,7 @@ The regions of a split (`trainer.data.index`), end to end, form one text, cut
 into equal lanes; each batch row follows one lane, seq_length chars per step, so
 an LSTM's state carried out of one step is the state at the start of the row's
 next step (truncated backpropagation through time, as char-rnn trains). Lanes walk
-the same pieces the windowed pipeline reads (`input_pipeline.load_region_ids`),
+the same pieces the windowed pipeline reads (`window_pipeline.load_region_ids`),
 holding only the regions the current step touches.
 """
 

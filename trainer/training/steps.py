@@ -5,7 +5,7 @@ for the one-device, mirrored and multi-worker strategies, and returns the
 [loss sum, correct, count] of the global batch. The carried step also takes and
 returns every replica's (h, c) per layer (a PerReplica value under several
 replicas); row r of replica k reads the same lane at every step
-(`lane_io.lanes_dataset`), so each row's state is the one its lane left. With an
+(`lane_pipeline.lanes_dataset`), so each row's state is the one its lane left. With an
 average, each step updates it after the optimizer's update, outside `strategy.run`.
 """
 

@@ -10,11 +10,9 @@ import json
 import logging
 import math
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
+from training_jobs import flags_of, free_port, metrics, read_json, start_task, tiny
 
 from trainer import checkpoints, storage
 from trainer.config import Config
@@ -22,43 +20,22 @@ from trainer.data import index
 from trainer.errors import UserError
 from trainer.training import distribution, loop, precision, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny(corpus: str, job_dir, **overrides) -> Config:
-    values = dict(train_data=corpus, val_fraction=0.1, job_dir=str(job_dir), num_layers=1,
-                  rnn_units=32, embedding_dim=16, dropout=0.0, batch_size=16, seq_length=32,
-                  learning_rate=0.01, warmup_steps=0, epochs=2, sample_length=20,
-                  checkpoint_every_steps=0)
-    values.update(overrides)
-    return Config(**values).validate()
-
-
-def _json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def metrics(job_dir) -> list[dict]:
-    with open(os.path.join(job_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
 
 def test_tiny_run_learns_and_writes_a_usable_job_dir(corpus, tmp_path):
     summary = train.train(tiny(corpus, tmp_path, epochs=3))
     history = metrics(tmp_path)
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert all(math.isfinite(h["loss"]) for h in history)
-    vocab_size = len(_json(tmp_path / "vocab.json")["chars"]) + 1
+    vocab_size = len(read_json(tmp_path / "vocab.json")["chars"]) + 1
     # From ln(vocab) at the start, the loss at least halves on this repetitive text.
     assert history[-1]["val_loss"] < 0.5 * math.log(vocab_size)
     assert history[-1]["val_loss"] < history[0]["val_loss"]
-    best = _json(tmp_path / "best.json")
+    best = read_json(tmp_path / "best.json")
     assert best["value"] == pytest.approx(min(h["val_loss"] for h in history))
     assert best["weights"] == checkpoints.weights_name(best["epoch"], best["value"])
     for name, record in best["files"].items():
         assert storage.md5_file(str(tmp_path / name)) == record["md5"]
-    assert Config.from_dict(_json(tmp_path / "config.json")).rnn_units == 32
+    assert Config.from_dict(read_json(tmp_path / "config.json")).rnn_units == 32
     assert os.path.exists(tmp_path / "ckpt" / "latest.json")
     assert os.listdir(tmp_path / "logs")  # TensorBoard events.
     assert summary["step"] == history[-1]["step"]
@@ -81,13 +58,13 @@ def test_resume_continues_where_it_stopped_with_the_optimizer_state(corpus, tmp_
 
 def test_a_restart_never_replaces_a_better_best(corpus, tmp_path, caplog):
     train.train(tiny(corpus, tmp_path, epochs=1))
-    pointer = _json(tmp_path / "best.json")
+    pointer = read_json(tmp_path / "best.json")
     pointer["value"] = 0.001  # Pretend the run already holds a far better checkpoint.
     (tmp_path / "best.json").write_text(json.dumps(pointer))
     # On absl's logger itself: flag parsing elsewhere in the suite may have raised its level.
     caplog.set_level(logging.INFO, logger="absl")
     train.train(tiny(corpus, tmp_path, epochs=2))
-    after = _json(tmp_path / "best.json")
+    after = read_json(tmp_path / "best.json")
     assert after["weights"] == pointer["weights"] and after["value"] == 0.001
     history = metrics(tmp_path)
     assert [h["improved"] for h in history] == [True, False]
@@ -113,23 +90,13 @@ def test_too_big_a_batch_for_the_data_is_refused(corpus, tmp_path):
         train.train(tiny(corpus, tmp_path, batch_size=4096))
 
 
-def _task(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": REPO, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def _flags(cfg: Config) -> list[str]:
-    return [f"--{k}={v}" for k, v in cfg.to_dict().items() if v != "" and k != "model_dir"]
-
-
 def test_mirrored_over_two_cpus_matches_one_device(corpus, tmp_path):
     # A clipnorm this small clips every step, and must clip the same gradient (the global
     # batch's) whether one device or two replicas compute it.
     base = tiny(corpus, tmp_path, clipnorm=0.05, epochs=1)
-    one = _task(_flags(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
+    one = start_task(flags_of(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
                                     strategy="one_device")))
-    two = _task(_flags(base.replace(job_dir=str(tmp_path / "two"), batch_size=8,
+    two = start_task(flags_of(base.replace(job_dir=str(tmp_path / "two"), batch_size=8,
                                     strategy="mirrored", logical_cpus=2)))
     for proc in (one, two):
         out, _ = proc.communicate(timeout=300)
@@ -141,19 +108,13 @@ def test_mirrored_over_two_cpus_matches_one_device(corpus, tmp_path):
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_train_together_and_only_the_chief_writes(corpus, tmp_path):
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     procs = []
     for worker in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": worker}})
         cfg = tiny(corpus, tmp_path / f"job-{worker}", batch_size=8, epochs=1)
-        procs.append(_task(_flags(cfg), env={"TF_CONFIG": tf_config}))
+        procs.append(start_task(flags_of(cfg), env={"TF_CONFIG": tf_config}))
     outs = []
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
@@ -173,7 +134,7 @@ def test_xla_trains_under_mirrored_and_is_refused_on_a_gpu(corpus, tmp_path, mon
     # logical CPU tried to reach replica 1's variables on the other.
     cfg = tiny(corpus, tmp_path, epochs=1, jit_compile=True, clipnorm=0.05, strategy="mirrored",
                logical_cpus=2, batch_size=8)
-    proc = _task(_flags(cfg))
+    proc = start_task(flags_of(cfg))
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "2 replica(s)" in out
@@ -194,7 +155,7 @@ def test_xla_and_mixed_precision_steps_train(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda *args: True)
     summary = train.train(tiny(corpus, tmp_path / "bf16", epochs=1, precision="auto"))
     assert math.isfinite(summary["loss"]) and summary["step"] > 0
-    assert _json(tmp_path / "bf16" / "config.json")["precision"] == "mixed_bfloat16"
+    assert read_json(tmp_path / "bf16" / "config.json")["precision"] == "mixed_bfloat16"
 
 
 
@@ -222,7 +183,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
 
     names, chars, regions = prepare()
     assert names == ["part-0.txt", "part-1.txt", "part-2.txt", "part-3.txt"]
-    recorded = _json(tmp_path / "job" / index.SCAN_RECORD)["files"]
+    recorded = read_json(tmp_path / "job" / index.SCAN_RECORD)["files"]
     assert sum(p[2] for s in recorded for p in s["pieces"]) == chars
 
     # Resumed, nothing changed: no shard is read, and the data is described the same.
@@ -238,7 +199,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
                  if s["path"].endswith("part-3.txt"))
     os.remove(folder / "part-3.txt")
     assert prepare()[:2] == ([], chars_now - part3)
-    paths = [s["path"] for s in _json(tmp_path / "job" / index.SCAN_RECORD)["files"]]
+    paths = [s["path"] for s in read_json(tmp_path / "job" / index.SCAN_RECORD)["files"]]
     assert len(paths) == 3 and not any(p.endswith("part-3.txt") for p in paths)
     # A different --lowercase changes what a scan counts: nothing recorded is reused.
     cfg = cfg.replace(lowercase=True)
@@ -253,15 +214,15 @@ def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp
     # One step at a negligible rate: the weights stay the same everywhere, dropout as shipped.
     base = tiny(corpus, tmp_path, val_fraction=0.0, val_data=str(val), epochs=1,
                 steps_per_epoch=1, learning_rate=1e-12, dropout=0.2, sample_length=0)
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
-    runs = {"one": _task(_flags(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    runs = {"one": start_task(flags_of(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
                                              strategy="one_device"))),
-            "mirrored": _task(_flags(base.replace(job_dir=str(tmp_path / "mirrored"),
+            "mirrored": start_task(flags_of(base.replace(job_dir=str(tmp_path / "mirrored"),
                                                   batch_size=8, strategy="mirrored",
                                                   logical_cpus=2)))}
     for worker in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": worker}})
-        runs[f"worker{worker}"] = _task(_flags(base.replace(
+        runs[f"worker{worker}"] = start_task(flags_of(base.replace(
             job_dir=str(tmp_path / f"worker{worker}"), batch_size=8)),
             env={"TF_CONFIG": tf_config})
     try:
