@@ -17,7 +17,7 @@ help:
 	@echo "make train  fetch the corpus, train --preset=$(PRESET) into $(JOB_DIR), print a sample"
 	@echo "make test   run the tests (creates .venv first if needed)"
 	@echo "make data   fetch the Shakespeare corpus into $(DATA_DIR)"
-	@echo "make bench  run the benchmarks"
+	@echo "make bench  fetch the corpus, run the benchmarks (results in bench/results/)"
 	@echo "make lint   ruff check"
 	@echo "make venv   create .venv and install the package with its test extras"
 	@echo "make clean  remove build outputs and caches (keeps .venv, data/, runs/)"
@@ -47,8 +47,8 @@ train: venv data
 test: venv
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
 
-bench: venv
-	$(PY) -m bench.run
+bench: venv data
+	$(PY) -m bench.run --corpus=$(DATA_DIR)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -1,24 +1,38 @@
 """Benchmarks, run together by `make bench` (python -m bench.run) or one by one.
 
 The few things every benchmark shares live here: how the machine and its load
-are described next to each figure, synthetic corpora (random text with
-English-like character frequencies, as 10 MB shards), how a markdown table is
-printed, and how a result is written. Importing this package stays cheap (no TensorFlow), so a
-benchmark's --help answers at once.
+are described next to each figure, the --corpus a benchmark trains on, synthetic
+corpora (random text with English-like character frequencies, as 10 MB shards),
+how a markdown table is printed, how a result is written, and how a benchmark
+fails (one `error:` line and exit status 1 when a figure it must produce could
+not be measured; no result is written then). Importing this package stays cheap
+(no TensorFlow), so a benchmark's --help answers at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import glob
 import json
+import math
 import os
 import platform
+import signal
 import statistics
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-# The corpus the quality and throughput benchmarks read by default, relative to the repo.
-DEFAULT_CORPUS = "../shared/data/tinyshakespeare.txt"
+# The corpus `make data` writes (the Makefile's DATA_DIR), relative to the repository root,
+# where `python -m bench.NAME` runs.
+DEFAULT_CORPUS = "data/shakespeare"
+CORPUS_HINT = ("run `make data`, or pass --corpus=PATH (a folder with train/*.txt and "
+               "val/*.txt, or one text file)")
+# nanoGPT's shakespeare_char split of a single text file: the first 90% of the characters
+# train, the rest validate.
+TRAIN_SHARE = 0.9
 RESULTS_DIR = "bench/results"
 # Synthetic corpora are written as shards of this many bytes.
 SHARD_BYTES = 10 * 1000 * 1000
@@ -102,6 +116,7 @@ def write_corpus(folder: str, total_bytes: int, seed: int = 0,
 
 
 def median(values: Sequence[float]) -> float:
+    """The median of `values`; NaN (not measured) when there are none."""
     return statistics.median(values) if values else float("nan")
 
 
@@ -157,3 +172,139 @@ def peak_rss_mb() -> float:
     exec, so a child started by a big parent would report the parent's peak.
     """
     return _status_mb("VmHWM")
+
+
+class BenchError(Exception):
+    """A figure the benchmark must produce could not be measured; shown as one line."""
+
+
+def first_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for a one-line error."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+
+
+@contextlib.contextmanager
+def measuring(what: str) -> Iterator[None]:
+    """Turns any failure inside the block into a BenchError that names `what`.
+
+    The traceback is logged at -v=1 (debug), so the default output stays one line.
+    """
+    try:
+        yield
+    except BenchError:
+        raise
+    except Exception as err:
+        from absl import logging
+
+        logging.debug("%s failed", what, exc_info=True)
+        raise BenchError(f"{what} failed: {first_line(err)}") from err
+
+
+def is_figure(value: Any) -> bool:
+    """Whether `value` is a measured number: an int or a finite float (not None, not NaN)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def require(figures: Mapping[str, Any]) -> None:
+    """Raises BenchError naming every figure of `figures` that is missing or NaN."""
+    missing = [name for name, value in figures.items() if not is_figure(value)]
+    if missing:
+        raise BenchError(f"not measured: {', '.join(missing)}")
+
+
+def run_main(main: Callable[[list[str]], int | None]) -> None:
+    """`absl.app.run(main)` for a benchmark.
+
+    A BenchError or the trainer's UserError becomes one `error: ...` line on stderr
+    and exit status 1. SIGTERM becomes SystemExit, so the `finally` and `with` blocks
+    that stop a benchmark's servers and workers (started in sessions of their own,
+    out of reach of a signal to this process's group) run before it exits.
+    """
+    from absl import app
+
+    from trainer.errors import UserError
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    def wrapped(argv: list[str]) -> int | None:
+        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            return main(argv)
+        except (BenchError, UserError) as err:
+            print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr, flush=True)
+            return 1
+
+    app.run(wrapped)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The text a benchmark trains on: file patterns of its two parts and a description."""
+
+    train: str
+    val: str
+    description: str
+
+
+def check_corpus(path: str) -> tuple[list[str], list[str]] | None:
+    """Checks a --corpus value without reading it.
+
+    Args:
+      path: a folder with train/*.txt and val/*.txt shards, or one text file.
+
+    Returns:
+      The folder's (train, val) shard paths, or None for a single file.
+
+    Raises:
+      BenchError: there is no such corpus (the message tells how to get one).
+    """
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        shards = [sorted(glob.glob(os.path.join(path, part, "*.txt"))) for part in ("train", "val")]
+        if all(shards):
+            return shards[0], shards[1]
+        raise BenchError(f"{path} holds no train/*.txt and val/*.txt shards: {CORPUS_HINT}")
+    raise BenchError(f"no corpus at {path}: {CORPUS_HINT}")
+
+
+def corpus(path: str, folder: str) -> Corpus:
+    """The --corpus flag's text as train and validation patterns.
+
+    Args:
+      path: a folder with train/*.txt and val/*.txt shards (what `make data` writes), or
+        one text file, split by characters as nanoGPT's shakespeare_char does: the first
+        90% train, the rest validate (how the published figures used tinyshakespeare.txt).
+      folder: where the two parts of a single file are written, as train/train.txt and
+        val/val.txt.
+
+    Returns:
+      The patterns of the two parts, with a description for the result.
+
+    Raises:
+      BenchError: there is no such corpus.
+    """
+    shards = check_corpus(path)
+    if shards is not None:
+        train, val = shards
+        size = [sum(os.path.getsize(p) for p in part) for part in shards]
+        return Corpus(os.path.join(path, "train", "*.txt"), os.path.join(path, "val", "*.txt"),
+                      f"{path} ({len(train)} train shard(s), {size[0]:,} bytes; {len(val)} val "
+                      f"shard(s), {size[1]:,} bytes)")
+    from trainer import storage
+    from trainer.data import vocabulary
+
+    # Decoded as the job decodes a shard, so the cut falls on a character, never inside one.
+    text, _ = vocabulary.decode(storage.read_bytes(path))
+    cut = int(len(text) * TRAIN_SHARE)
+    patterns = []
+    for part, chars in (("train", text[:cut]), ("val", text[cut:])):
+        os.makedirs(os.path.join(folder, part), exist_ok=True)
+        with open(os.path.join(folder, part, f"{part}.txt"), "w", encoding="utf-8") as f:
+            f.write(chars)
+        patterns.append(f.name)
+    return Corpus(patterns[0], patterns[1], f"{path} split 90/10 by characters ({cut:,} train, "
+                  f"{len(text) - cut:,} val chars)")

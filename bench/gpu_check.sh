@@ -9,10 +9,6 @@
 # has no network: if TensorFlow is missing, install it from wheels carried with
 # the working tree first, e.g.
 #   python3 -m pip install --no-index --find-links=wheels/ -e .
-# Where $PYTHON has no TensorFlow but has PyTorch and Keras (the GPU machines lent to
-# this project's sessions), it runs `KERAS_BACKEND=torch python -m bench.gpu_keras_torch`
-# instead: the job's model and recipe on Keras's torch backend (BENCHMARKS.md, "GPU"):
-# cuDNN path and throughput, plus quality with CORPUS and QUALITY_MINUTES.
 # Writes every figure to $OUT (the device tool's output folder) or, without it,
 # to bench/results/gpu/:
 #   1. cudnn.json      whether the LSTM step runs the cuDNN kernel: CudnnRNN ops
@@ -48,17 +44,7 @@ log() { echo "[gpu_check $(( $(date +%s) - started ))s] $*" >&2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT_DIR/nvidia_smi.csv" 2>&1 \
   || log "nvidia-smi not available"
 if ! "$PYTHON" -c "import tensorflow" 2>/dev/null; then
-  # No TensorFlow (as on the GPU machines lent to this project): time what does not need it.
-  if SMOKE_ARGS="" && "$PYTHON" -c "import torch, keras" 2>/dev/null; then
-    [ "$SMOKE" = 1 ] && SMOKE_ARGS="--smoke"
-    log "no TensorFlow for $PYTHON; PyTorch and Keras are there: the job's model on Keras/torch"
-    KERAS_BACKEND=torch "$PYTHON" -m bench.gpu_keras_torch --out="$OUT_DIR" \
-      ${CORPUS:+--corpus="$CORPUS"} --minutes="${QUALITY_MINUTES:-0}" \
-      $([ -z "$CORPUS" ] || [ "${QUALITY_MINUTES:-0}" = 0 ] && echo --parts=cudnn,throughput) \
-      $SMOKE_ARGS
-    exit $?
-  fi
-  echo "error: $PYTHON can import neither TensorFlow nor PyTorch+Keras; install one first" >&2
+  echo "error: $PYTHON cannot import TensorFlow; install it first (see above)" >&2
   exit 1
 fi
 "$PYTHON" -c "import tensorflow as tf; print(tf.__version__, tf.config.list_physical_devices('GPU'), tf.sysconfig.get_build_info().get('cudnn_version'))" \

@@ -1,23 +1,31 @@
 """Benchmark: validation loss reached within a wall-clock budget, against two anchors.
 
-    python -m bench.quality [--corpus=../shared/data/tinyshakespeare.txt] \
-        [--presets=quality] [--minutes=3] [--out=bench/results/quality.json] \
-        [--plot=bench/results/quality.png]
+    python -m bench.quality [--corpus=data/shakespeare] [--presets=quality] [--minutes=3] \
+        [--out=bench/results/quality.json] [--plot=bench/results/quality.png]
 
-The corpus is split as nanoGPT's shakespeare_char does it: the first 90% of the
-characters train, the last 10% validate. The two parts are written as two
-shards in a temporary folder and each preset trains on them through the job
-itself (`python -m trainer.task --preset=NAME --train_data=... --val_data=...
---train_minutes=MINUTES`), in a subprocess. Reported, in nats/char and
-bits/char: the job's `val_carried_loss` (the validation text read as a few
-contiguous lanes with the LSTM state carried from chunk to chunk, as the
-model is used to generate) and its `val_loss` (100-char windows, each read
-from a zero state) beside it; the chars trained on; and a plot of both
-against wall-clock from each job's metrics.jsonl.
+--corpus is a folder with train/*.txt and val/*.txt shards (the default is the one
+`make data` writes: whole works held out for validation) or one text file, split
+as nanoGPT's shakespeare_char splits it: the first 90% of the characters train,
+the last 10% validate (the published figures: --corpus=PATH/tinyshakespeare.txt).
+Without a corpus the benchmark stops at once with one line saying to run
+`make data` or pass --corpus.
 
-Anchors on this split: a Witten-Bell interpolated 5-gram character model,
-1.6688 nats/char; nanoGPT's 10.7M-parameter transformer, 1.4697 (about 3
-minutes on an A100).
+Each preset trains on the two parts through the job itself (`python -m
+trainer.task --preset=NAME --train_data=... --val_data=... --train_minutes=MINUTES`),
+in a subprocess. Reported, in nats/char and bits/char: the job's
+`val_carried_loss` (the validation text read as a few contiguous lanes with the
+LSTM state carried from chunk to chunk, as the model is used to generate) and
+its `val_loss` (100-char windows, each read from a zero state) beside it; the
+chars trained on; and a plot of both against wall-clock from each job's
+metrics.jsonl.
+
+Anchors, on tinyshakespeare.txt's 90/10 split only (other corpora are not
+comparable with them): a Witten-Bell interpolated 5-gram character model, 1.6688
+nats/char; nanoGPT's 10.7M-parameter transformer, 1.4697 (about 3 minutes on an
+A100).
+
+A preset whose job fails, or reports no validation loss, stops the benchmark with
+one `error:` line and exit status 1, and no result is written.
 """
 
 from __future__ import annotations
@@ -33,28 +41,12 @@ import tempfile
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 import bench
 
 FLAGS = flags.FLAGS
 ANCHORS = {"Witten-Bell 5-gram": 1.6688, "nanoGPT 10.7M transformer": 1.4697}
-
-
-def split_corpus(path: str, folder: str) -> tuple[str, str, dict[str, int]]:
-    """Writes the first 90% of the chars to train.txt and the rest to val.txt."""
-    from trainer import storage
-    from trainer.data import vocabulary
-
-    text, _ = vocabulary.decode(storage.read_bytes(path))
-    cut = int(len(text) * 0.9)
-    paths = []
-    for name, part in (("train", text[:cut]), ("val", text[cut:])):
-        paths.append(os.path.join(folder, name, f"{name}.txt"))
-        os.makedirs(os.path.dirname(paths[-1]), exist_ok=True)
-        with open(paths[-1], "w", encoding="utf-8") as f:
-            f.write(part)
-    return paths[0], paths[1], {"train_chars": cut, "val_chars": len(text) - cut}
 
 
 def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float,
@@ -65,6 +57,8 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
                f"--train_minutes={minutes:g}", *extra]
     load, start = bench.load(), time.time()
     with open(f"{job_dir}.log", "w", encoding="utf-8") as log:
+        # Stopping the benchmark (SIGTERM: SystemExit) kills the job too: call() kills its
+        # child when the wait is interrupted.
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT,
                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     record: dict[str, Any] = {"preset": preset, "extra_flags": extra, "minutes": minutes,
@@ -97,6 +91,22 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
     record["chars_trained"] = last["step"] * cfg["batch_size"] * cfg["seq_length"]
     record["sample"] = _last_sample(f"{job_dir}.log")
     return record
+
+
+def figures(run: dict[str, Any]) -> dict[str, Any]:
+    """Every figure one preset's run must hold, by name (carried loss when the job has it)."""
+    name = run.get("label") or run["preset"]
+    names = ["final_val_loss", "best_val_loss", "train_sec", "chars_trained"]
+    if "final_val_carried_loss" in run:
+        names.append("final_val_carried_loss")
+    return {f"{name} {n}": run.get(n) for n in names}
+
+
+def failure(run: dict[str, Any]) -> str:
+    """One line on a failed job: its exit status and its last log line (its error)."""
+    last = (run.get("error", "").strip().splitlines() or ["no output"])[-1]
+    return (f"--preset={run['preset']} exited {run['exit_code']}: {last[:300]} (--keep_jobs=DIR "
+            "keeps its log)")
 
 
 def _last_sample(log_path: str) -> str:
@@ -149,16 +159,12 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    """The result as a markdown table, with its setup above it and the anchors below."""
     m = result["machine"]
     lines = [f"quality on {m['cpu']} ({m['cores']} cores, {len(m.get('gpus', []))} GPU), "
-             f"corpus {result['corpus']} split 90/10 ({result['split']['train_chars']:,} / "
-             f"{result['split']['val_chars']:,} chars)\n"]
+             f"corpus {result['corpus']}\n"]
     rows = []
     for run in result["runs"]:
-        if "error" in run:
-            rows.append([run.get("label") or run["preset"], run["minutes"], "failed", "", "", "",
-                         "", "", "", "", ""])
-            continue
         carried = run.get("final_val_carried_loss", run["final_val_loss"])
         beats = [name for name, v in ANCHORS.items() if carried < v]
         rows.append([run.get("label") or run["preset"], run["minutes"], run["train_sec"] / 60,
@@ -183,7 +189,9 @@ def _fmt(value: float | None) -> str:
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("corpus", bench.DEFAULT_CORPUS, "Text file to split 90/10.")
+    """Defines this benchmark's flags."""
+    flags.DEFINE_string("corpus", bench.DEFAULT_CORPUS, "A folder with train/*.txt and "
+                        "val/*.txt shards, or one text file to split 90/10 by characters.")
     flags.DEFINE_list("presets", ["quality"], "Presets from configs/ to train, one after "
                       "another.")
     flags.DEFINE_float("minutes", 3.0, "Training budget per preset (--train_minutes); 15 "
@@ -198,26 +206,27 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Trains each preset, prints the table, writes the JSON and the plot."""
     del argv
-    if not os.path.isfile(FLAGS.corpus):
-        print(f"error: corpus {FLAGS.corpus} not found (pass --corpus=PATH)", file=sys.stderr)
-        return 1
+    bench.check_corpus(FLAGS.corpus)
     folder = tempfile.mkdtemp(prefix="bench-quality-")
     jobs = FLAGS.keep_jobs or folder
     os.makedirs(jobs, exist_ok=True)
     result: dict[str, Any] = {"benchmark": "quality", "machine": bench.machine(),
                               "corpus": FLAGS.corpus, "anchors": ANCHORS, "runs": []}
     try:
-        train, val, result["split"] = split_corpus(FLAGS.corpus, folder)
+        text = bench.corpus(FLAGS.corpus, folder)
+        result["corpus"] = text.description
         for preset in FLAGS.presets:
             job_dir = os.path.join(jobs, f"{FLAGS.label or preset}-{time.strftime('%H%M%S')}")
             print(f"training --preset={preset} for {FLAGS.minutes:g} minutes ...",
                   file=sys.stderr, flush=True)
-            run = train_preset(preset, train, val, job_dir, FLAGS.minutes, FLAGS.flag)
+            run = train_preset(preset, text.train, text.val, job_dir, FLAGS.minutes, FLAGS.flag)
             run["label"] = FLAGS.label if len(FLAGS.presets) == 1 else None
-            result["runs"].append(run)
             if "error" in run:
-                print(f"--preset={preset} failed:\n{run['error']}", file=sys.stderr)
+                raise bench.BenchError(failure(run))
+            bench.require(figures(run))
+            result["runs"].append(run)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(markdown(result))
@@ -227,13 +236,13 @@ def main(argv: list[str]) -> int:
         for path in FLAGS.also_plot:
             with open(path, encoding="utf-8") as f:
                 runs += json.load(f)["runs"]
-        plot(runs, FLAGS.plot, f"tinyshakespeare 90/10, {result['machine']['cpu']}, "
+        plot(runs, FLAGS.plot, f"{result['corpus']}\n{result['machine']['cpu']}, "
              f"{result['machine']['cores']} cores")
         print(f"wrote {FLAGS.plot}", file=sys.stderr)
     print(f"wrote {FLAGS.out}", file=sys.stderr)
-    return 1 if any("error" in r for r in result["runs"]) else 0
+    return 0
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    bench.run_main(main)

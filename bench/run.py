@@ -1,14 +1,17 @@
 """Runs every benchmark, each in its own subprocess, and prints their tables.
 
-    python -m bench.run [--quick] [--long] [--corpus=../shared/data/tinyshakespeare.txt]
+    python -m bench.run [--quick] [--long] [--corpus=data/shakespeare] [--out_dir=bench/results]
 
-`make bench` runs this. In order: training throughput (its default-model
-figure feeds the next one), the input pipeline, the multi-worker stop (SIGTERM to one
-of 2 loopback workers), generation (`bench/generate.py`, when present), the server
-under load (`bench/serve_load.py`) and quality with a short budget (3 minutes; 15 with
---long, the real quality run; 1 with --quick; skipped without the corpus). Each writes its
-JSON under --out_dir; each one's log (progress, TensorFlow noise) goes to
-<out_dir>/logs/NAME.log.
+`make bench` runs this (after `make data`). In order: training throughput (its
+default-model figure feeds the next one), the input pipeline, the multi-worker stop
+(SIGTERM to one of 2 loopback workers), generation, the server under load and quality
+with a short budget (3 minutes; 15 with --long, the real quality run; 1 with --quick).
+Throughput and quality train on --corpus: a folder with train/*.txt and val/*.txt shards
+(the default is the one `make data` writes) or one text file, split 90/10 by characters
+(--corpus=PATH/tinyshakespeare.txt reproduces the published figures). Without it nothing
+runs: one line says to run `make data` or pass --corpus. Each benchmark writes its JSON
+under --out_dir; each one's log (progress, TensorFlow noise) goes to
+<out_dir>/logs/NAME.log. The exit status is 1 when any benchmark failed.
 --quick skips the 1 GB RSS corpus and the tutorial's 4.4 GB numpy windows and
 measures one round; --long measures more rounds and steps.
 """
@@ -22,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
 import bench
 
@@ -41,20 +44,15 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
     pipeline = ["bench.input_pipeline", f"--out={out_dir}/input_pipeline.json"]
     if quick:
         pipeline += ["--rss_mb=10mb", "--tutorial_chars=0", "--rounds=3"]
-    steps = [("train_throughput", throughput), ("input_pipeline", pipeline),
-             ("multi_worker_stop", ["bench.multi_worker_stop", f"--rounds={1 if quick else 3}",
-                                    f"--out={out_dir}/multi_worker_stop.json"])]
-    if os.path.exists(os.path.join(os.path.dirname(__file__), "generate.py")):
-        steps.append(("generate", ["bench.generate", f"--out={out_dir}/generate.json"]))
-    steps.append(("serve_load", ["bench.serve_load", f"--out={out_dir}/serve_load.json"]
-                  + (["--min_requests=16"] if quick else [])))
-    if os.path.isfile(corpus):
-        steps.append(("quality", ["bench.quality", f"--corpus={corpus}", f"--minutes={minutes}",
-                                  f"--out={out_dir}/quality_{minutes}min.json",
-                                  f"--plot={out_dir}/quality_{minutes}min.png"]))
-    else:
-        print(f"quality skipped: no corpus at {corpus} (pass --corpus=PATH)", file=sys.stderr)
-    return steps
+    return [("train_throughput", throughput), ("input_pipeline", pipeline),
+            ("multi_worker_stop", ["bench.multi_worker_stop", f"--rounds={1 if quick else 3}",
+                                   f"--out={out_dir}/multi_worker_stop.json"]),
+            ("generate", ["bench.generate", f"--out={out_dir}/generate.json"]),
+            ("serve_load", ["bench.serve_load", f"--out={out_dir}/serve_load.json"]
+             + (["--min_requests=16"] if quick else [])),
+            ("quality", ["bench.quality", f"--corpus={corpus}", f"--minutes={minutes}",
+                         f"--out={out_dir}/quality_{minutes}min.json",
+                         f"--plot={out_dir}/quality_{minutes}min.png"])]
 
 
 def default_model_windows_per_sec(path: str) -> float | None:
@@ -84,12 +82,16 @@ def run_one(name: str, args: list[str], log_dir: str) -> dict[str, Any]:
     print(out.stdout, flush=True)
     seconds = time.time() - start
     if out.returncode:
-        print(f"{name} FAILED (exit {out.returncode}); see {log}", flush=True)
+        with open(log, encoding="utf-8", errors="replace") as f:
+            last = (f.read().strip().splitlines() or [""])[-1]  # A benchmark's `error:` line.
+        print(f"{name} FAILED (exit {out.returncode}): {last}; see {log}", flush=True)
     return {"name": name, "exit_code": out.returncode, "seconds": seconds}
 
 
 def main(argv: list[str]) -> int:
+    """Runs every benchmark of `plan`; exit status 1 when any of them failed."""
     del argv
+    bench.check_corpus(FLAGS.corpus)  # Before anything runs: no half-finished set of results.
     out_dir = FLAGS.out_dir
     log_dir = os.path.join(out_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
@@ -108,13 +110,16 @@ def main(argv: list[str]) -> int:
 
 
 def define_flags() -> None:
+    """Defines the flags of the whole run."""
     flags.DEFINE_bool("quick", False, "One round, no 1 GB corpus or tutorial arrays, 1-minute "
                       "quality run.")
     flags.DEFINE_bool("long", False, "More rounds and steps; the 15-minute quality run.")
-    flags.DEFINE_string("corpus", bench.DEFAULT_CORPUS, "Corpus for throughput and quality.")
+    flags.DEFINE_string("corpus", bench.DEFAULT_CORPUS, "Corpus for throughput and quality: "
+                        "a folder with train/*.txt and val/*.txt, or one text file (split "
+                        "90/10 by characters).")
     flags.DEFINE_string("out_dir", bench.RESULTS_DIR, "Where results and logs go.")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    bench.run_main(main)

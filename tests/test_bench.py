@@ -1,49 +1,219 @@
-"""The GPU tooling's round trip, run on this CPU with Keras's TensorFlow backend.
+"""Smoke tests of the benchmarks: each one at a tiny size, through its own command line.
 
-bench.gpu_keras_torch trains the job's model outside the job (on a GPU machine it
-uses the torch backend) and bench.gpu_import must load what it saved into the job's
-TensorFlow model, score it the same, and write a job directory trainer.generate reads.
+Every benchmark runs as `python -m bench.NAME` in a subprocess (its flags, its
+measurements, the check of its figures, the JSON it writes and its exit status) on
+a tiny corpus written here, never the network; a figure missing from the JSON, or
+NaN, fails the test. Each run has a timeout, after which the benchmark gets SIGTERM
+(it stops the servers and workers it started) and then its process group SIGKILL.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 
-from trainer import checkpoints
+import pytest
+from cluster import write_corpus
+
+import bench
+from bench import run as bench_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300  # Seconds one benchmark may take on a loaded 2-core machine.
 
 
-def _run(*args: str, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": REPO, **env})
+def run_bench(module: str, *args: str, cwd: str = REPO,
+              timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """`python -m module args...`; SIGTERM, then SIGKILL to its group, past `timeout`."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        pytest.fail(f"python -m {module} ran past {timeout:g} s")
+    finally:
+        try:  # Whatever it left in its own group goes too.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def measured(result: subprocess.CompletedProcess, path) -> dict:
+    """The JSON of a run that must have succeeded."""
     assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
-def test_gpu_tooling_round_trip(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"line {i}: the cat sat on the mat, we see the sea.\n"
-                              for i in range(2500)))
-    out = tmp_path / "out"
-    _run("bench.gpu_keras_torch", f"--corpus={corpus}", f"--out={out}", "--smoke",
-         "--parts=quality", KERAS_BACKEND="tensorflow")
-    with open(out / "results.json") as f:
-        results = json.load(f)
-    run = results["quality"]["gpu preset"]
-    assert run["passes_run"] == 2 and run["val_loss"] < 3.5  # Learned something (ln 66 = 4.2).
-    assert run["weight_files"] == ["best.part0.npz"]
-    _run("bench.gpu_import", f"--results={out}/results.json", f"--weights={out}/best.part*.npz",
-         f"--corpus={corpus}", f"--job_dir={tmp_path}/job", f"--out={tmp_path}/import.json",
-         "--tolerance=1e-4")
-    with open(tmp_path / "import.json") as f:
-        assert json.load(f)["abs_difference"] <= 1e-4
-    cfg, vocab, model, pointer = checkpoints.load_job(str(tmp_path / "job"))
-    assert (cfg.num_layers, cfg.rnn_units) == (run["config"]["num_layers"],
-                                               run["config"]["rnn_units"])
-    # The job dir's best value is TensorFlow's score; the run's is rounded to 4 places.
-    assert abs(pointer["value"] - run["val_loss"]) <= 1e-4 + 5e-5
+def assert_figures(figures: dict) -> None:
+    """Every value is a number and none is NaN or infinite."""
+    missing = {name: value for name, value in figures.items()
+               if isinstance(value, bool) or not isinstance(value, int | float)
+               or not math.isfinite(value)}
+    assert figures and not missing, f"not measured: {missing}"
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """The `error:` line a failed run ends with (exit status 1, no traceback)."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr, \
+        result.stderr[-3000:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> str:
+    """About 25 KB of text in one file (the single-file form of --corpus)."""
+    return glob.glob(write_corpus(str(tmp_path_factory.mktemp("text")), 1, 6000))[0]
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory) -> str:
+    """train/*.txt and val/*.txt shards (the form `make data` writes)."""
+    folder = str(tmp_path_factory.mktemp("shards"))
+    write_corpus(os.path.join(folder, "train"), 2)
+    write_corpus(os.path.join(folder, "val"), 1)
+    return folder
+
+
+def test_corpus_is_a_shard_folder_or_one_file_split_90_10(text_file, shard_folder, tmp_path):
+    shards = bench.corpus(shard_folder, str(tmp_path / "unused"))
+    assert shards.train == os.path.join(shard_folder, "train", "*.txt")
+    assert shards.val == os.path.join(shard_folder, "val", "*.txt")
+    assert "2 train shard(s)" in shards.description
+    assert not (tmp_path / "unused").exists()
+
+    split = bench.corpus(text_file, str(tmp_path / "split"))
+    with open(text_file, encoding="utf-8") as f:
+        text = f.read()
+    with open(split.train, encoding="utf-8") as f, open(split.val, encoding="utf-8") as g:
+        train, val = f.read(), g.read()
+    assert train + val == text and len(train) == int(len(text) * 0.9)
+
+    with pytest.raises(bench.BenchError, match="run `make data`, or pass --corpus"):
+        bench.corpus(str(tmp_path / "missing"), str(tmp_path / "x"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(bench.BenchError, match="no train/\\*.txt and val/\\*.txt"):
+        bench.check_corpus(str(tmp_path / "empty"))
+
+
+def test_require_names_every_figure_that_is_missing_or_nan():
+    bench.require({"chars/s": 1.5, "steps": 3})
+    with pytest.raises(bench.BenchError, match="not measured: ratio, baseline, flag$"):
+        bench.require({"chars/s": 1.5, "ratio": float("nan"), "baseline": None, "flag": True})
+
+
+@pytest.mark.parametrize("module", ["bench.train_throughput", "bench.quality", "bench.run"])
+def test_without_a_corpus_a_benchmark_says_make_data_in_one_line(module, tmp_path):
+    # Run outside the repository: the default, data/shakespeare, is not there.
+    line = one_error_line(run_bench(module, cwd=str(tmp_path), timeout=60))
+    assert "no corpus at data/shakespeare: run `make data`, or pass --corpus" in line
+
+
+def test_a_figure_that_cannot_be_measured_fails_in_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "job").mkdir()
+    out = tmp_path / "generate.json"
+    line = one_error_line(run_bench("bench.generate", f"--job_dir={tmp_path}/job",
+                                    f"--out={out}"))
+    assert line.startswith("error: generation failed: ")
+    assert not out.exists()
+
+
+def test_plan_runs_every_benchmark_on_the_corpus():
+    steps = dict(bench_run.plan("out", quick=True, long=False, corpus="data/x"))
+    assert list(steps) == ["train_throughput", "input_pipeline", "multi_worker_stop",
+                           "generate", "serve_load", "quality"]
+    assert "--corpus=data/x" in steps["train_throughput"]
+    assert "--corpus=data/x" in steps["quality"]
+
+
+def test_train_throughput(text_file, tmp_path):
+    out = tmp_path / "train.json"
+    result = measured(run_bench("bench.train_throughput", f"--corpus={text_file}",
+                                "--models=1x32", "--steps=2", "--rounds=1", f"--out={out}"), out)
+    assert {(v["path"], v["xla"]) for v in result["variants"]} == {
+        ("ours", False), ("keras fit", False), ("ours", True), ("keras fit", True)}
+    figures = {f"{v['path']} xla={v['xla']}": v["chars_per_sec"] for v in result["variants"]}
+    figures.update({f"ratio xla={r['xla']}": r["median"] for r in result["ratios"]})
+    figures.update({o["objective"]: o["targets_per_sec"] for o in result["objectives"]})
+    assert len(result["ratios"]) == 2 and len(result["objectives"]) == 2
+    assert_figures(figures)
+    assert "split 90/10" in result["corpus"]
+
+
+def test_input_pipeline(tmp_path):
+    out = tmp_path / "pipeline.json"
+    result = measured(run_bench(
+        "bench.input_pipeline", "--speed_mb=1", "--rounds=1", "--flat_map_batches=2",
+        "--rss_mb=1mb", "--rss_repeats=1", "--tutorial_chars=3000",
+        "--train_windows_per_sec=100", f"--tmp_dir={tmp_path}", f"--out={out}"), out)
+    speed = result["speed"]
+    assert len(speed["median_windows_per_sec"]) == 3
+    figures = dict(speed["median_windows_per_sec"])
+    figures.update({"ours / (a)": speed["ours_vs_frame"],
+                    "ours / training": result["ours_vs_training"],
+                    "fewest pieces": speed["single_file_mixing"]["fewest_per_batch"],
+                    "tutorial peak RSS": result["tutorial"]["peak_rss_mb"]})
+    assert [row["layout"] for row in result["memory"]] == ["1mb"]
+    figures.update({f"{k} 1mb": result["memory"][0][k]
+                    for k in ("peak_rss_mb", "scan_mb_per_sec", "windows_per_sec")})
+    assert_figures(figures)
+
+
+def test_generate(tmp_path):
+    out = tmp_path / "generate.json"
+    result = measured(run_bench(
+        "bench.generate", f"--job_dir={REPO}/tests/fixtures/job_0_1_0", "--length=16",
+        "--streams=2", "--tutorial_chars=2", "--repeats=1", f"--out={out}"), out)
+    assert len(result["rows"]) == 5
+    assert_figures({r["name"]: r["chars_per_sec"] for r in result["rows"]})
+    assert_figures({f"{r['name']} x": r["speedup"] for r in result["rows"]})
+
+
+def test_quality(shard_folder, tmp_path):
+    out, png = tmp_path / "quality.json", tmp_path / "quality.png"
+    result = measured(run_bench(
+        "bench.quality", f"--corpus={shard_folder}", "--presets=tiny", "--minutes=0.5",
+        "--flag=--epochs=1", "--flag=--steps_per_epoch=5", f"--out={out}", f"--plot={png}"), out)
+    (run,) = result["runs"]
+    assert_figures({k: run[k] for k in ("final_val_loss", "best_val_loss", "final_val_bpc",
+                                        "train_sec", "chars_trained")})
+    assert run["chars_trained"] == 5 * 16 * 32  # Steps x the tiny preset's batch x window.
+    assert png.stat().st_size > 0
+
+
+def test_serve_load(tmp_path):
+    out = tmp_path / "serve.json"
+    result = measured(run_bench("bench.serve_load", "--clients=1,2", "--min_requests=2",
+                                "--length=8", f"--out={out}"), out)
+    assert [(r["batching"], r["clients"]) for r in result["rows"]] == [
+        ("on", 1), ("on", 2), ("off", 1), ("off", 2)]
+    for row in result["rows"]:
+        assert row["requests"] == max(2, -(-2 // row["clients"])) * row["clients"]
+        assert_figures({k: row[k] for k in ("requests_per_sec", "p50_ms", "p99_ms")})
+
+
+def test_multi_worker_stop(tmp_path):
+    out = tmp_path / "stop.json"
+    result = measured(run_bench("bench.multi_worker_stop", "--rounds=1", "--workers=2",
+                                "--timeout=200", f"--out={out}"), out)
+    (round_,) = result["rounds"]
+    assert_figures({"exit s": round_["exit_sec"], "median": result["median_exit_sec"]})
+    for name in ("stopped_at", "resumed_at", "steps_lost"):
+        assert len(round_[name]) == 2
+        assert_figures({f"{name} {i}": v for i, v in enumerate(round_[name])})

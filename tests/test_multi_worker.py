@@ -19,9 +19,8 @@ import time
 
 import pytest
 import tensorflow as tf
+from cluster import REPO, LocalCluster, job_args, latest_step, write_corpus
 
-from bench.local_cluster import REPO, LocalCluster
-from bench.multi_worker_stop import job_args, latest_step, write_corpus
 from trainer import storage
 from trainer.training import distribution
 

@@ -1,9 +1,11 @@
 """A multi-worker job on this machine: `trainer.task` processes with TF_CONFIG on loopback.
 
-Used by bench/multi_worker_stop.py and tests/test_multi_worker.py. Each worker runs in
-its own process group (so a signal can go to one worker alone) with its output in a
-log file; leaving the `with` block kills every group that is still alive, whatever
-happened inside it.
+The harness of tests/test_multi_worker.py, also run by bench/multi_worker_stop.py
+(`from tests.cluster import ...`, from the repository root). Each worker runs in its own
+process group (so a signal can go to one worker alone) with its output in a log file;
+leaving the `with` block kills every group that is still alive, whatever happened
+inside it. Also here: the small corpus, the workers' flags and the resume step that
+both read.
 """
 
 from __future__ import annotations
@@ -18,6 +20,33 @@ import time
 from collections.abc import Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "we", "see", "the", "sea", "while",
+         "dogs", "run", "in", "fog"]
+
+
+def write_corpus(folder: str, shards: int = 4, words: int = 1500) -> str:
+    """Small repetitive shards; returns their glob pattern."""
+    os.makedirs(folder, exist_ok=True)
+    for i in range(shards):
+        with open(os.path.join(folder, f"part-{i}.txt"), "w") as f:
+            f.write(" ".join(WORDS[(i * 7 + j * j) % len(WORDS)] for j in range(words)) + "\n")
+    return os.path.join(folder, "*.txt")
+
+
+def job_args(train_data: str, job_dir: str, *extra: str) -> list[str]:
+    """The flags of every worker: tiny preset, dropout 0.2 as the specs, step checkpoints."""
+    return ["--preset=tiny", "--dropout=0.2", f"--train_data={train_data}", "--val_fraction=0.1",
+            f"--job_dir={job_dir}", "--epochs=2", "--rnn_units=64", "--batch_size=8",
+            "--checkpoint_every_steps=10", "--sample_length=0", *extra]
+
+
+def latest_step(job_dir: str) -> int:
+    """The newest resume checkpoint's step in a local job dir (0 when none)."""
+    try:
+        with open(os.path.join(job_dir, "ckpt", "latest.json")) as f:
+            return json.load(f)["checkpoints"][0]["step"]
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0
 
 
 def free_ports(n: int) -> list[int]:
