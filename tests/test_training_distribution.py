@@ -154,7 +154,7 @@ def test_a_worker_that_fails_before_training_stops_the_job_with_one_line_each(co
 
 
 def test_a_cluster_that_cannot_work_stops_before_training_with_one_line(corpus, tmp_path):
-    # The other cases of a TF_CONFIG that cannot work: tests/test_cloud.py.
+    # The other cases of a TF_CONFIG that cannot work: tests/test_training_cloud.py.
     tf_config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
                  "task": {"type": "worker", "index": 0}}
     env = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
@@ -168,6 +168,29 @@ def test_a_cluster_that_cannot_work_stops_before_training_with_one_line(corpus, 
         "describes a cluster of 2 workers" in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert not os.path.exists(tmp_path / "job")  # Nothing was written: it stopped up front.
+
+
+def test_a_killed_peer_ends_the_survivor_with_one_line_and_no_traceback(corpus, tmp_path):
+    # A worker that dies mid-training (SIGKILL: no chance to say so) must not leave the
+    # other hanging, nor printing tracebacks from library teardown after its one line.
+    job = str(tmp_path / "job")
+    with LocalCluster(job_args(corpus, job, "--epochs=100"), str(tmp_path / "run"),
+                      env=_env(tmp_path)) as cluster:
+        deadline = time.monotonic() + TIMEOUT
+        while latest_step(job) < 10:
+            assert None in cluster.poll(), cluster.log(0)[-3000:]
+            assert time.monotonic() < deadline, cluster.log(0)[-3000:]
+            time.sleep(0.05)
+        killed = time.monotonic()
+        cluster.signal(1, signal.SIGKILL)
+        codes = cluster.wait(TIMEOUT)
+        took = cluster.ended[0] - killed
+        log = cluster.log(0)
+    assert codes[0] == 1 and took < 90, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another worker of this job stopped or failed" in errors[0], (
+        log[-3000:])
+    assert "Traceback" not in log and "Exception ignored" not in log, log[-3000:]
 
 
 def test_a_lost_peer_becomes_one_line_only_in_a_multi_worker_job():
