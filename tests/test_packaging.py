@@ -381,6 +381,6 @@ def test_sdist_installs_into_a_clean_virtualenv(scratch):
     assert location.startswith(str(venv)) and shipped == presets
     flags_presets = [p[:-len(".flags")] for p in presets if p.endswith(".flags")]
     if flags_presets:
-        found = run("-c", "from trainer.task import preset_path; "
+        found = run("-c", "from trainer.config import preset_path; "
                           f"print(preset_path({flags_presets[0]!r}))")
         assert found.returncode == 0 and found.stdout.strip().startswith(str(venv)), found.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 from trainer.errors import UserError
@@ -247,3 +248,36 @@ def incompatibilities(old: dict[str, Any], new: Config) -> list[str]:
     """Names the model fields where a saved config differs from `new`."""
     return [f"{k}: job directory has {old[k]!r}, this run asks for {getattr(new, k)!r}"
             for k in MODEL_FIELDS if k in old and old[k] != getattr(new, k)]
+
+
+def preset_path(name: str) -> str:
+    """Finds configs/NAME.flags: in the working directory, the repo, or the installed package."""
+    from importlib import resources
+
+    candidates = [os.path.join("configs", f"{name}.flags"),
+                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", f"{name}.flags")]
+    try:
+        candidates.append(str(resources.files("trainer.configs") / f"{name}.flags"))
+    except ModuleNotFoundError:
+        pass
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"unknown preset {name!r}: no configs/{name}.flags")
+
+
+def expand_presets(argv: list[str]) -> list[str]:
+    """Rewrites --preset=NAME (or --preset NAME) into --flagfile=PATH in place."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--preset", "-preset") and i + 1 < len(argv):
+            out.append(f"--flagfile={preset_path(argv[i + 1])}")
+            i += 2
+            continue
+        if arg.startswith(("--preset=", "-preset=")):
+            arg = f"--flagfile={preset_path(arg.split('=', 1)[1])}"
+        out.append(arg)
+        i += 1
+    return out

@@ -13,17 +13,14 @@ one-line error on stderr and exit status 1.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-from collections.abc import Sequence
-from typing import Any
 
 from absl import flags
 
 from trainer import cli, storage
 from trainer.data import excerpt
-from trainer.errors import UserError
+from trainer.sampling import samples
 
 # Chars per compiled call when stdout is not a terminal.
 _PIPE_BLOCK = 512
@@ -65,59 +62,34 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.mark_flag_as_required("job_dir", flag_values)
 
 
-def read_prompt(prime: str | None, prime_file: str | None) -> str | None:
-    """The user's prompt from --prime or --prime_file; None when neither is given."""
-    if prime is not None and prime_file is not None:
-        raise UserError("give either --prime or --prime_file, not both")
-    if prime_file is None:
-        return prime
-    try:
-        return storage.read_text(prime_file)
-    except FileNotFoundError as err:
-        raise UserError(f"--prime_file {prime_file} does not exist") from err
-    except UnicodeDecodeError as err:
-        raise UserError(f"--prime_file {prime_file} is not UTF-8 text: {err}") from err
-
-
-def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
-    """The whole output for --format: plain samples, or JSON with their settings."""
-    if fmt == "json":
-        return json.dumps({**details, "samples": list(samples)}, ensure_ascii=False,
-                          indent=1) + "\n"
-    if len(samples) == 1:
-        return samples[0]
-    return "".join(f"--- sample {i + 1}/{len(samples)} ---\n{s}\n"
-                   for i, s in enumerate(samples))
-
-
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
     # Imported here so that --help and flag errors never wait for TensorFlow.
     from trainer import checkpoints
     from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings, encode_prompt
 
-    settings = Settings(temperature=fv.temperature, top_k=fv.top_k,
-                                 top_p=fv.top_p, greedy=fv.greedy).validate()
-    prompt = read_prompt(fv.prime, fv.prime_file)
+    settings = Settings(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p,
+                        greedy=fv.greedy).validate()
+    prompt = samples.read_prompt(fv.prime, fv.prime_file)
     seed = fv.seed if fv.seed is not None else random.SystemRandom().randrange(2**31)
     cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     weights = fv.checkpoint or pointer.get("weights", "?")
     note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"
             if {"epoch", "monitor", "value"} <= pointer.keys() else "")
-    _say(f"loaded {weights}{note} from {fv.job_dir}")
+    cli.say(f"loaded {weights}{note} from {fv.job_dir}")
     oov = fv.oov
     if prompt is None:
         prompt, source = excerpt.random_excerpt(cfg, seed)
         oov = "skip"  # Not the user's text: chars outside the vocabulary are just left out.
-        _say(f"prompt: {source}:\n{prompt}")
+        cli.say(f"prompt: {source}:\n{prompt}")
     else:
         source = "--prime_file" if fv.prime_file is not None else "--prime"
         missing = encode_prompt(vocab, prompt, "skip").skipped
         if missing and oov == "skip":
-            _say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
+            cli.say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
                  + ", ".join(repr(c) for c in missing[:20]))
     if fv.seed is None:
-        _say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
+        cli.say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
 
     sampler = Sampler(model, vocab)
     prompts = [prompt] * fv.num_samples
@@ -132,21 +104,17 @@ def run(fv: flags.FlagValues) -> None:
         if sys.stdout.isatty():
             sys.stdout.write("\n")  # Only for the shell prompt's sake; pipes get the text as is.
         return
-    samples = sampler.generate(prompts, fv.length, settings, seed, oov)
+    texts = sampler.generate(prompts, fv.length, settings, seed, oov)
     details = {"job_dir": fv.job_dir, "checkpoint": weights, "prompt": prompt,
                "prompt_source": source, "length": fv.length, "seed": seed, "oov": oov,
                "settings": {"temperature": settings.temperature, "top_k": settings.top_k,
                             "top_p": settings.top_p, "greedy": settings.is_greedy}}
-    text = render(samples, fv.format, details)
+    text = samples.render(texts, fv.format, details)
     if fv.output is None:
         sys.stdout.write(text)
     else:
         storage.write_text(fv.output, text)
-        _say(f"wrote {len(samples)} sample(s) to {fv.output}")
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+        cli.say(f"wrote {len(texts)} sample(s) to {fv.output}")
 
 
 if __name__ == "__main__":

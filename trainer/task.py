@@ -9,7 +9,6 @@ legacy AI Platform passes its jobDir.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from absl import flags, logging
 
@@ -38,39 +37,6 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "same as --flagfile=configs/NAME.flags.", flag_values=flag_values)
 
 
-def preset_path(name: str) -> str:
-    """Finds configs/NAME.flags: in the working directory, the repo, or the installed package."""
-    from importlib import resources
-
-    candidates = [os.path.join("configs", f"{name}.flags"),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", f"{name}.flags")]
-    try:
-        candidates.append(str(resources.files("trainer.configs") / f"{name}.flags"))
-    except ModuleNotFoundError:
-        pass
-    for path in candidates:
-        if os.path.isfile(path):
-            return path
-    raise UserError(f"unknown preset {name!r}: no configs/{name}.flags")
-
-
-def expand_presets(argv: list[str]) -> list[str]:
-    """Rewrites --preset=NAME (or --preset NAME) into --flagfile=PATH in place."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("--preset", "-preset") and i + 1 < len(argv):
-            out.append(f"--flagfile={preset_path(argv[i + 1])}")
-            i += 2
-            continue
-        if arg.startswith(("--preset=", "-preset=")):
-            arg = f"--flagfile={preset_path(arg.split('=', 1)[1])}"
-        out.append(arg)
-        i += 1
-    return out
-
-
 def config_from_flags(flag_values: flags.FlagValues) -> Config:
     """Builds and validates the Config, filling outputs from the cloud service's env vars."""
     cfg = Config(**{f.name: flag_values[f.name].value for f in dataclasses.fields(Config)})
@@ -90,7 +56,7 @@ def parse_flags(argv: list[str]) -> Config:
 
 def rewrite_argv(argv: list[str]) -> list[str]:
     """Presets and legacy spellings (--job-dir) -> what absl parses."""
-    return cloud.normalize_argv(expand_presets(argv))
+    return cloud.normalize_argv(config.expand_presets(argv))
 
 
 def run(flag_values: flags.FlagValues) -> None:
