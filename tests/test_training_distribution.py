@@ -107,10 +107,10 @@ def test_sigterm_to_the_non_chief_stops_both_at_one_step_and_every_worker_resume
 
 def test_staggered_start_with_train_minutes_stops_every_worker_at_one_step(corpus, tmp_path):
     job = str(tmp_path / "job")
-    args = job_args(corpus, job, "--epochs=100", "--train_minutes=0.15")
-    codes, logs = _run(args, tmp_path, "first", delays=[0, 8])
+    args = job_args(corpus, job, "--epochs=100", "--train_minutes=0.1")
+    codes, logs = _run(args, tmp_path, "first", delays=[0, 5])
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    reached = [_step(r"--train_minutes=0.15 reached at step (\d+)", log) for log in logs]
+    reached = [_step(r"--train_minutes=0.1 reached at step (\d+)", log) for log in logs]
     assert reached[0] == reached[1] == latest_step(job)
     assert _done(logs[0]) == _done(logs[1])
     # The clock is the job's, kept in the checkpoint: the rerun finds the time used up.
@@ -118,7 +118,7 @@ def test_staggered_start_with_train_minutes_stops_every_worker_at_one_step(corpu
     assert codes == [0, 0], logs[0][-3000:]
     for log in logs:
         assert f"resumed from ckpt/ckpt-{reached[0]} at step {reached[0]}" in log
-        assert "already used its --train_minutes=0.15" in log
+        assert "already used its --train_minutes=0.1" in log
 
 
 def test_every_worker_resumes_from_a_bucket(gcs_bucket, corpus, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,10 +213,23 @@ def test_training_rides_out_a_bucket_outage(gcs_emulator, gcs_bucket, shards, tm
     assert len(storage.read_text(f"{job}/metrics.jsonl").splitlines()) == epochs
 
 
-def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
-    job = str(tmp_path / "job")
+@pytest.fixture(scope="module")
+def one_epoch(shards, tmp_path_factory) -> str:
+    """A finished one-epoch job with resume checkpoints every 10 steps (copied by tests)."""
+    job = str(tmp_path_factory.mktemp("one_epoch") / "job")
+    result = _run(_args(f"{shards}/*.txt", job, "--epochs=1", "--checkpoint_every_steps=10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return job
+
+
+def _copy_of(job: str, tmp_path) -> str:
+    shutil.copytree(job, tmp_path / "job")
+    return str(tmp_path / "job")
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shards, one_epoch, tmp_path):
+    job = _copy_of(one_epoch, tmp_path)
     args = _args(f"{shards}/*.txt", job, "--epochs=1", "--checkpoint_every_steps=10")
-    assert _run(args).returncode == 0
     entries = json.loads(_read(os.path.join(job, "ckpt", "latest.json")))["checkpoints"]
     newest, older = entries[0], entries[1]
     data = [n for n in newest["files"] if ".data-" in n][0]
@@ -228,10 +242,9 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(shards, tmp_path)
     assert f"resumed from {older['prefix']} at step {older['step']}" in result.stderr
 
 
-def test_no_intact_checkpoint_stops_with_one_clear_line(shards, tmp_path):
-    job = str(tmp_path / "job")
+def test_no_intact_checkpoint_stops_with_one_clear_line(shards, one_epoch, tmp_path):
+    job = _copy_of(one_epoch, tmp_path)
     args = _args(f"{shards}/*.txt", job, "--epochs=1")
-    assert _run(args).returncode == 0
     for path in glob.glob(os.path.join(job, "ckpt", "*.data-*")):
         with open(path, "wb") as f:
             f.write(b"garbage")

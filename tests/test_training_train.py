@@ -108,27 +108,6 @@ def test_mirrored_over_two_cpus_matches_one_device(corpus, tmp_path):
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
-def test_two_workers_train_together_and_only_the_chief_writes(corpus, tmp_path):
-    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    procs = []
-    for worker in range(2):
-        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": worker}})
-        cfg = tiny(corpus, tmp_path / f"job-{worker}", batch_size=8, epochs=1)
-        procs.append(start_task(flags_of(cfg), env={"TF_CONFIG": tf_config}))
-    outs = []
-    for proc in procs:
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out[-3000:]
-        outs.append(out)
-    assert "multi_worker: 2 replica(s) on 2 worker(s)" in outs[0]
-    done = [line for out in outs for line in out.splitlines() if line.startswith("done:")]
-    assert len(done) == 2 and done[0].split("chars_per_sec")[0] == done[1].split(
-        "chars_per_sec")[0]  # Same step count and losses on both workers.
-    assert os.path.exists(tmp_path / "job-0" / "best.json")
-    assert os.path.exists(tmp_path / "job-0" / "ckpt" / "latest.json")
-    assert not os.path.exists(tmp_path / "job-1")  # The non-chief wrote nothing.
-
-
 def test_xla_trains_under_mirrored_and_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
     # Compiling the optimizer update too used to fail here: a compiled cluster on one
     # logical CPU tried to reach replica 1's variables on the other.
@@ -206,7 +185,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     assert len(prepare()[0]) == 3
 
 
-def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp_path):
+def test_one_device_mirrored_and_two_workers_agree_and_only_the_chief_writes(corpus, tmp_path):
     """Every validation window is scored once, however many workers and however uneven
     their shares: 37 windows split 18/19 between two workers, padded to equal steps."""
     val = tmp_path / "val.txt"
@@ -225,10 +204,11 @@ def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp
         runs[f"worker{worker}"] = start_task(flags_of(base.replace(
             job_dir=str(tmp_path / f"worker{worker}"), batch_size=8)),
             env={"TF_CONFIG": tf_config})
+    outs = {}
     try:
         for name, proc in runs.items():
-            out, _ = proc.communicate(timeout=400)
-            assert proc.returncode == 0, f"{name}: {out[-3000:]}"
+            outs[name], _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0, f"{name}: {outs[name][-3000:]}"
     finally:
         for proc in runs.values():
             proc.kill()
@@ -236,6 +216,15 @@ def test_val_loss_is_the_same_on_one_device_mirrored_and_two_workers(corpus, tmp
                                                                           "worker0")}
     assert losses["mirrored"] == pytest.approx(losses["one"], abs=1e-4)
     assert losses["worker0"] == pytest.approx(losses["one"], abs=1e-4)
+    # The two workers trained together, and only the chief wrote the job dir.
+    assert "multi_worker: 2 replica(s) on 2 worker(s)" in outs["worker0"]
+    done = [line for name in ("worker0", "worker1") for line in outs[name].splitlines()
+            if line.startswith("done:")]
+    assert len(done) == 2 and done[0].split("chars_per_sec")[0] == done[1].split(
+        "chars_per_sec")[0]  # Same step count and losses on both workers.
+    assert os.path.exists(tmp_path / "worker0" / "best.json")
+    assert os.path.exists(tmp_path / "worker0" / "ckpt" / "latest.json")
+    assert not os.path.exists(tmp_path / "worker1")  # The non-chief wrote nothing.
 
 
 def test_bfloat16_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
