@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from typing import Any
 
 import keras
 import numpy as np
 
-from trainer import storage
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 from trainer.sampling import step_model
@@ -130,12 +127,6 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
                  "inputs": ["ids", *names], "outputs": ["logits"] + [f"{n}_out" for n in names],
                  "units": weights.units, "vocab_size": vocab.size,
                  "checked_relative_difference": difference}
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, MODEL_FILE), "wb") as f:
-            f.write(onnx_bytes)
-        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-            f.write(vocab.to_json())
-        with open(os.path.join(tmp, "model.json"), "w", encoding="utf-8") as f:
-            json.dump(described, f, indent=1)
-        storage.upload_dir(tmp, export_dir)
+    step_model.write_folder({MODEL_FILE: onnx_bytes, "vocab.json": vocab.to_json(),
+                             "model.json": json.dumps(described, indent=1)}, export_dir)
     return export_dir

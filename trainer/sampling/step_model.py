@@ -11,18 +11,21 @@ weights in Keras's own layout and repeat the LSTMCell arithmetic:
 
 with the embedding row of the input id as the first layer's x, each layer's h'
 as the next layer's x, and `h' @ logits_kernel + logits_bias` as the logits.
-Dropout is off at inference, so it has no place here.
+Dropout is off at inference, so it has no place here. `write_folder` writes
+either export's files.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import models
+from trainer import models, storage
 
 
 class LayerWeights(NamedTuple):
@@ -132,3 +135,22 @@ def keras_step(model: keras.Model, ids: np.ndarray, states: list[np.ndarray]
         new_states += [np.asarray(h, np.float32), np.asarray(c, np.float32)]
     logits = model.get_layer("logits")(x)
     return np.asarray(logits, np.float32), new_states
+
+
+def write_folder(files: dict[str, str | bytes], export_dir: str) -> None:
+    """Writes named files into `export_dir` (local or gs://).
+
+    They are written locally and uploaded as files rather than as strings: Cloud
+    Storage then gives each object the content type its extension implies
+    (text/html for index.html), which a bucket website serves it with.
+
+    Args:
+      files: file name -> contents; text is written as UTF-8.
+      export_dir: the destination folder.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, contents in files.items():
+            data = contents.encode("utf-8") if isinstance(contents, str) else contents
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        storage.upload_dir(tmp, export_dir)

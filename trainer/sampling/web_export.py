@@ -20,15 +20,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from importlib import resources
 from typing import Any
 
 import keras
 import numpy as np
 
-from trainer import storage
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.sampling import step_model
 from trainer.serving import page
@@ -103,12 +100,12 @@ def index_html() -> str:
 
 def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
            info: dict[str, Any] | None = None) -> str:
-    """Writes the static folder to `export_dir` (local or gs://).
+    """Writes the static folder (index.html, the runtime, model.js, vocab.json).
 
     Args:
-      model: a trained model from `models.build_model`.
-      vocab: its vocabulary.
-      export_dir: an empty or missing folder (see `trainer.export`).
+      model: the trained model whose weights model.js carries.
+      vocab: the vocabulary the page encodes prompts with.
+      export_dir: where the folder goes (local or gs://); `trainer.export` empties it.
       info: what the page shows about the model (name, config, best).
 
     Returns:
@@ -118,9 +115,5 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
     runtime = resources.files("trainer.sampling").joinpath("web", RUNTIME).read_text("utf-8")
     files = {"index.html": index_html(), RUNTIME: runtime,
              MODEL_SCRIPT: f"window.CHAR_MODEL = {spec};\n", "vocab.json": vocab.to_json()}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, text in files.items():
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        storage.upload_dir(tmp, export_dir)
+    step_model.write_folder(files, export_dir)
     return export_dir
