@@ -25,6 +25,7 @@
  * step, char). The same seed therefore draws from the same numbers as
  * `trainer.generate --seed`; the texts agree unless two candidates are within the
  * rounding that separates this float64 arithmetic from TensorFlow's float32.
+ * Seeds are integers from 0 to 2^53 - 1, the integers a JavaScript number holds.
  *
  * window.charModel is the API (and what the tests drive): newState(), step(id,
  * state) -> logits (id 0 set to -Infinity), encode(text, skip) -> {ids, missing},
@@ -202,7 +203,8 @@
       return logits;
     }
 
-    // Prompt text -> {ids, missing}, normalised as the training text was.
+    // Prompt text -> {ids, missing}, normalised as the training text was. (toLowerCase
+    // and Python's str.lower differ for a few letters, such as the dotted capital I.)
     encode(text, skip) {
       text = text.replace(/\r\n/g, "\n");
       if (this.lowercase) text = text.toLowerCase();
