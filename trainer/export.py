@@ -63,7 +63,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("checkpoint", None, "Weights file to export instead of the best one: "
                         "a file name inside --job_dir or a full path.", **fv)
     flags.DEFINE_integer("max_length", 10_000, "Largest number of characters one request "
-                         "may generate; longer requests are cut to it.", lower_bound=0, **fv)
+                         "to the SavedModel may generate; longer requests are cut to it.",
+                         lower_bound=0, **fv)
     flags.DEFINE_boolean("overwrite", False, "Replace what --export_dir already holds.", **fv)
     flags.mark_flags_as_required(["job_dir", "export_dir"], flag_values)
 
