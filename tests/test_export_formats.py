@@ -4,7 +4,8 @@ One tiny model (2 x LSTM(16)) is exported once in each format for the module;
 the page runs in one headless Chromium session (Debian's chromium and
 chromium-driver; the page tests skip without them), opened from a file:// URL.
 Probabilities are compared with the Keras model run over the whole text, and
-greedy (and seeded) text with `Sampler`, which `trainer.generate` prints.
+greedy (and seeded) text with `Sampler`, which `trainer.generate` prints. A
+web export to the storage emulator checks the objects' content types.
 """
 
 from __future__ import annotations
@@ -205,3 +206,19 @@ def test_bad_format_and_a_non_empty_export_dir_fail_in_one_line(exported, tmp_pa
     _run_export("--format=web", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
                 "--overwrite")
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir))
+
+
+def test_web_export_to_a_bucket_serves_as_a_website(exported, gcs_bucket):
+    from trainer import gcs, storage
+
+    _, job_dir, web_dir, _ = exported
+    target = f"{gcs_bucket()}/site"
+    _run_export("--format=web", f"--job_dir={job_dir}", f"--export_dir={target}")
+    assert storage.listdir(target) == sorted(os.listdir(web_dir))
+    # Uploaded as files, so each object has the type a bucket website must serve it with.
+    types = {}
+    for name in ("index.html", "model.js"):
+        blob = gcs.parse(f"{target}/{name}").blob()
+        blob.reload()
+        types[name] = blob.content_type
+    assert types["index.html"] == "text/html" and "javascript" in types["model.js"], types
