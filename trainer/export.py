@@ -1,6 +1,14 @@
-"""Exports a trained job directory as a SavedModel for TF Serving and Vertex AI prediction.
+"""Exports a trained job directory: a SavedModel (the default), a web page, or ONNX.
 
     python -m trainer.export --job_dir=runs/shakespeare --export_dir=runs/shakespeare/export/1
+    python -m trainer.export --format=web --job_dir=runs/shakespeare --export_dir=runs/web
+    python -m trainer.export --format=onnx --job_dir=runs/shakespeare --export_dir=runs/onnx
+
+--format=web writes a static folder whose index.html generates text in the
+browser with no server (trainer/sampling/web_export.py); --format=onnx writes a
+single-step ONNX model and the vocabulary (trainer/sampling/onnx_export.py).
+Either wants an empty or missing --export_dir, or --overwrite. The rest of this
+describes the SavedModel.
 
 The SavedModel carries the vocabulary and the whole sampling loop, so a server
 needs nothing else. TF Serving expects a numbered version folder (the `/1` above);
@@ -39,35 +47,51 @@ from absl import flags
 
 from trainer import cli
 
+FORMATS = ["saved_model", "web", "onnx"]
+
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Defines this entrypoint's flags on `flag_values`."""
     fv = {"flag_values": flag_values}
     flags.DEFINE_string("job_dir", None, "Job directory written by trainer.task (local or "
                         "gs://) whose best weights are exported.", **fv)
-    flags.DEFINE_string("export_dir", None, "Folder (local or gs://) to write the SavedModel "
-                        "to; for TF Serving, a numbered version folder such as .../1.", **fv)
+    flags.DEFINE_enum("format", "saved_model", FORMATS, "saved_model: for TF Serving and "
+                      "Vertex AI; web: a static page that runs the model in the browser; "
+                      "onnx: one model step for any ONNX runtime.", **fv)
+    flags.DEFINE_string("export_dir", None, "Folder (local or gs://) to write to; for TF "
+                        "Serving, a numbered version folder such as .../1.", **fv)
     flags.DEFINE_string("checkpoint", None, "Weights file to export instead of the best one: "
                         "a file name inside --job_dir or a full path.", **fv)
     flags.DEFINE_integer("max_length", 10_000, "Largest number of characters one request "
-                         "may generate; longer requests are cut to it.", lower_bound=0, **fv)
-    flags.DEFINE_boolean("overwrite", False, "Replace a SavedModel already in --export_dir.",
-                         **fv)
+                         "to the SavedModel may generate; longer requests are cut to it.",
+                         lower_bound=0, **fv)
+    flags.DEFINE_boolean("overwrite", False, "Replace what --export_dir already holds.", **fv)
     flags.mark_flags_as_required(["job_dir", "export_dir"], flag_values)
 
 
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
     # Imported here: --help should not wait for TensorFlow.
-    from trainer import checkpoints
-    from trainer.sampling import saved_model
+    from trainer import checkpoints, storage
+    from trainer.errors import UserError
+    from trainer.sampling import onnx_export, saved_model, web_export
 
+    if fv.format != "saved_model" and not fv.overwrite and storage.listdir(fv.export_dir):
+        raise UserError(f"{fv.export_dir} is not empty; pass --overwrite to replace what it "
+                        "holds, or choose a new folder")
     cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
             "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
             "config": json.loads(cfg.to_json())}
-    saved_model.export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite, info)
-    print(f"exported a SavedModel to {fv.export_dir}", file=sys.stderr)
+    if fv.format == "saved_model":
+        saved_model.export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite, info)
+    else:
+        # Cleared only now, once the job has loaded: a bad --job_dir leaves the folder as it was.
+        storage.delete_prefix(fv.export_dir)
+        name = fv.job_dir.rstrip("/").rsplit("/", 1)[-1]
+        writer = web_export if fv.format == "web" else onnx_export
+        writer.export(model, vocab, fv.export_dir, {"name": name, **info})
+    print(f"exported {fv.format} to {fv.export_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

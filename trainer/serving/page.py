@@ -4,15 +4,12 @@ Plain HTML and JavaScript with no external files (the server may have no
 Internet). The script reads /info for the model's description and POSTs to
 /stream, reading the server-sent events from the response body as they arrive
 (EventSource cannot POST).
+
+The style and the form are shared with the page that `trainer.export --format=web`
+writes, so the two look and read alike.
 """
 
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>char-lstm</title>
-<style>
+STYLE = """
   body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; padding: 0 1em;
          color: #222; }
   h1 { font-size: 1.4em; margin-bottom: .2em; }
@@ -26,12 +23,9 @@ PAGE = """<!doctype html>
   #prompt-echo { color: #888; }
   #status { color: #555; font-size: .9em; margin: .5em 0; }
   .error { color: #b00; }
-</style>
-</head>
-<body>
-<h1>Character-level LSTM</h1>
-<div id="model">loading the model's description...</div>
-<form id="form" novalidate>
+"""
+
+FORM = """<form id="form" novalidate>
   <textarea id="prompt" name="prompt" placeholder="A prompt to continue">ROMEO:</textarea>
   <fieldset>
     <label>length <input type="number" id="length" min="0" value="500"></label>
@@ -47,7 +41,20 @@ PAGE = """<!doctype html>
 </form>
 <div id="status"></div>
 <div id="output"><span id="prompt-echo"></span><span id="text"></span></div>
-<script>
+"""
+
+PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>char-lstm</title>
+<style>""" + STYLE + """</style>
+</head>
+<body>
+<h1>Character-level LSTM</h1>
+<div id="model">loading the model's description...</div>
+""" + FORM + """<script>
 const $ = (id) => document.getElementById(id);
 
 fetch("/info").then((r) => r.json()).then((info) => {

@@ -1,0 +1,119 @@
+"""The web export: a static folder whose page generates text in the browser, with no server.
+
+    python -m trainer.export --format=web --job_dir=runs/shakespeare --export_dir=runs/web
+
+writes
+  index.html    the page: the served page's prompt box and look
+  charmodel.js  the runtime: the LSTM in plain JavaScript, the sampling, the form
+  model.js      the weights and the vocabulary, as `window.CHAR_MODEL = {...};`
+  vocab.json    the vocabulary, for tools other than the page
+
+The weights travel in a script rather than a JSON file because Chromium refuses
+fetch() of local files to a page opened from disk; a <script> tag may load a
+file beside the page. The format of model.js and the step's math are described
+at the top of charmodel.js. The page's Content-Security-Policy lets it run its
+own two scripts and its one inline style block, and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from importlib import resources
+from typing import Any
+
+import keras
+import numpy as np
+
+from trainer.data.vocabulary import OOV_ID, Vocabulary
+from trainer.sampling import step_model
+from trainer.serving import page
+
+FORMAT, VERSION = "char-lstm-web", 1
+RUNTIME = "charmodel.js"
+MODEL_SCRIPT = "model.js"
+
+_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{policy}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>char-lstm</title>
+<style>{style}</style>
+</head>
+<body>
+<h1>Character-level LSTM</h1>
+<div id="model">loading the model...</div>
+{form}<script src="{model_script}"></script>
+<script src="{runtime}"></script>
+</body>
+</html>
+"""
+
+
+def content_security_policy() -> str:
+    """The page's policy: its own script files and its inline style block, nothing more."""
+    digest = base64.b64encode(hashlib.sha256(page.STYLE.encode()).digest()).decode()
+    return ("default-src 'none'; script-src 'self'; "
+            f"style-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'")
+
+
+def _tensor(array: np.ndarray) -> dict[str, Any]:
+    """An array as model.js stores it: its shape and base64 little-endian float32 values."""
+    data = np.ascontiguousarray(array, "<f4").tobytes()
+    return {"shape": list(array.shape), "data": base64.b64encode(data).decode("ascii")}
+
+
+def model_spec(model: keras.Model, vocab: Vocabulary, info: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """What model.js assigns to window.CHAR_MODEL (the format is in charmodel.js).
+
+    Args:
+      model: a trained model from `models.build_model`.
+      vocab: its vocabulary.
+      info: what the page shows about the model: name, config, best.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    weights = step_model.step_weights(model)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "vocab": {"chars": list(vocab.chars), "lowercase": vocab.lowercase, "oov_id": OOV_ID},
+        "info": info or {},
+        "embedding": _tensor(weights.embedding),
+        "lstms": [{"kernel": _tensor(layer.kernel),
+                   "recurrent_kernel": _tensor(layer.recurrent_kernel),
+                   "bias": _tensor(layer.bias)} for layer in weights.lstms],
+        "logits": {"kernel": _tensor(weights.logits_kernel),
+                   "bias": _tensor(weights.logits_bias)},
+    }
+
+
+def index_html() -> str:
+    """The page: the served page's style and form, the policy, and the two scripts."""
+    return _HTML.format(policy=content_security_policy(), style=page.STYLE, form=page.FORM,
+                        model_script=MODEL_SCRIPT, runtime=RUNTIME)
+
+
+def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
+           info: dict[str, Any] | None = None) -> str:
+    """Writes the static folder (index.html, the runtime, model.js, vocab.json).
+
+    Args:
+      model: the trained model whose weights model.js carries.
+      vocab: the vocabulary the page encodes prompts with.
+      export_dir: where the folder goes (local or gs://); `trainer.export` empties it.
+      info: what the page shows about the model (name, config, best).
+
+    Returns:
+      `export_dir`.
+    """
+    spec = json.dumps(model_spec(model, vocab, info), separators=(",", ":"))
+    runtime = resources.files("trainer.sampling").joinpath("web", RUNTIME).read_text("utf-8")
+    files = {"index.html": index_html(), RUNTIME: runtime,
+             MODEL_SCRIPT: f"window.CHAR_MODEL = {spec};\n", "vocab.json": vocab.to_json()}
+    step_model.write_folder(files, export_dir)
+    return export_dir
