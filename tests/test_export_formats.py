@@ -23,6 +23,7 @@ from serve_helpers import ROOT, VOCAB, make_job_dir
 
 from trainer import export
 from trainer.errors import UserError
+from trainer.sampling import onnx_export
 from trainer.sampling.sampler import Sampler, Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -190,7 +191,8 @@ def test_page_generates_from_disk_through_its_prompt_box(exported, page):
     assert [e for e in page.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
-def test_bad_format_and_a_non_empty_export_dir_fail_in_one_line(exported, tmp_path):
+def test_bad_format_and_a_non_empty_export_dir_fail_in_one_line(exported, tmp_path,
+                                                                monkeypatch):
     _, job_dir, web_dir, _ = exported
     result = subprocess.run(
         [sys.executable, "-m", "trainer.export", "--format=tflite", f"--job_dir={job_dir}",
@@ -205,6 +207,15 @@ def test_bad_format_and_a_non_empty_export_dir_fail_in_one_line(exported, tmp_pa
         _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path}")
     _run_export("--format=web", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
                 "--overwrite")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir))
+    # An overwrite that fails before its files are written leaves the old export whole.
+    def fail(*args):
+        raise UserError("the converted model does not match")
+
+    monkeypatch.setattr(onnx_export, "check", fail)
+    with pytest.raises(UserError, match="does not match"):
+        _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
+                    "--overwrite")
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir))
 
 

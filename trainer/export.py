@@ -86,8 +86,7 @@ def run(fv: flags.FlagValues) -> None:
     if fv.format == "saved_model":
         saved_model.export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite, info)
     else:
-        # Cleared only now, once the job has loaded: a bad --job_dir leaves the folder as it was.
-        storage.delete_prefix(fv.export_dir)
+        # What the folder held goes only once the new files are written (step_model.write_folder).
         name = fv.job_dir.rstrip("/").rsplit("/", 1)[-1]
         writer = web_export if fv.format == "web" else onnx_export
         writer.export(model, vocab, fv.export_dir, {"name": name, **info})

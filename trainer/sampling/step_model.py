@@ -144,13 +144,21 @@ def write_folder(files: dict[str, str | bytes], export_dir: str) -> None:
     Storage then gives each object the content type its extension implies
     (text/html for index.html), which a bucket website serves it with.
 
+    What the folder held before (an export being replaced with --overwrite) is removed
+    only after every new file is in place, so a failure midway loses nothing.
+
     Args:
       files: file name -> contents; text is written as UTF-8.
       export_dir: the destination folder.
     """
+    before = set(storage.listdir(export_dir))
     with tempfile.TemporaryDirectory() as tmp:
         for name, contents in files.items():
             data = contents.encode("utf-8") if isinstance(contents, str) else contents
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
         storage.upload_dir(tmp, export_dir)
+    for stale in sorted(before - set(files)):
+        path = storage.join(export_dir, stale)
+        storage.delete_prefix(path)
+        storage.delete(path)
