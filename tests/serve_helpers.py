@@ -43,12 +43,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(url: str, body: bytes | dict | None = None, timeout: float = 60.0
-            ) -> tuple[int, bytes]:
-    """(status, body) of a GET (no body) or POST; HTTP errors are returned, not raised."""
+def request(url: str, body: bytes | dict | None = None, timeout: float = 60.0,
+            headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET (no body) or a JSON POST; HTTP errors are returned, not raised."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
+    sent = {"Content-Type": "application/json", **(headers or {})} if data is not None else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=sent),
+                                    timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
