@@ -25,6 +25,10 @@ _OPENAI_ERROR = {"type": "object", "required": ["error"], "properties": {"error"
     "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
+# One server-sent event: its `data` is a JSON object, or [DONE] at the end of OpenAI's.
+_EVENT = {"type": "object", "properties": {"event": {"type": "string"},
+                                            "data": {"type": "string"}}, "required": ["data"]}
+
 
 class Settings(BaseModel):
     """What an instance may set (Vertex AI routes; `parameters` too)."""
@@ -88,5 +92,5 @@ def responses(*statuses: int, stream: bool = False, openai: bool = False
                  "content": {"application/json": {"schema": schema}}} for status in statuses}
     if stream:
         out[200] = {"description": "the result, or server-sent events when streamed",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+                    "content": {"text/event-stream": {"schema": _EVENT}}}
     return out
