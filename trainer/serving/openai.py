@@ -68,7 +68,7 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 
 def _choice_seed(seed: Any, index: int) -> Any:
-    if seed is None or isinstance(seed, bool) or not isinstance(seed, int):
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, int) or seed > MAX_SEED:
         return seed  # Checked (or drawn) by parse_instance.
     return (seed + index) % (MAX_SEED + 1)
 
