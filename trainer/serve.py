@@ -51,6 +51,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("max_queue_chars", 100_000, "Most characters waiting or running "
                          "rows may still owe; past them, 429. 0: no bound.", lower_bound=0,
                          **fv)
+    flags.DEFINE_float("load_seconds", 300, "Most seconds to load the model (a bucket that "
+                       "fails is otherwise retried for minutes); 0: no bound.", lower_bound=0,
+                       **fv)
     flags.DEFINE_string("openai_prefix", "/openai/v1", "A second prefix for the OpenAI "
                         "routes, beside /v1 (KServe's); empty: /v1 only.", **fv)
     flags.DEFINE_integer("port", None, "Port to listen on; default: $AIP_HTTP_PORT, else 8080.",
@@ -90,7 +93,8 @@ def run(fv: flags.FlagValues) -> None:
 
     endpoint = vertex_endpoint(fv.model_dir, fv.port)
     cli.say(f"loading {endpoint.model_dir}")
-    backend = backends.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
+    backend = backends.load_within(fv.load_seconds, endpoint.model_dir, fv.checkpoint,
+                                   fv.jit_compile)
     batcher = Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block,
                       fv.max_queue_rows, fv.max_queue_chars)
     if fv.warm_up:
