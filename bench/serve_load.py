@@ -160,15 +160,21 @@ def serve_and_measure(job_dir: str, batching: bool, levels: list[int], length: i
             each = max(2, -(-min_requests // clients))
             row = load_level(f"{base}/predict", clients, each, length)
             row["batching"] = "on" if batching else "off"
-            if row["errors"] or row["requests"] != clients * each:
-                raise bench.BenchError(
-                    f"batching {row['batching']}, {clients} clients: {row['requests']} of "
-                    f"{clients * each} requests answered; first error: "
-                    f"{(row['errors'] or ['none'])[0]}")
-            rows.append(row)
-            print(f"batching {row['batching']}, {clients} clients: "
-                  f"{row['requests_per_sec']:.1f} req/s", file=sys.stderr, flush=True)
+            rows.append(_checked(row, row["requests"] != clients * each,
+                                 f"batching {row['batching']}, {clients} clients",
+                                 f"{row['requests']} of {clients * each} requests answered",
+                                 f"{row['requests_per_sec']:.1f} req/s"))
         return rows
+
+
+def _checked(row: dict[str, Any], short: bool, label: str, answered: str,
+             figure: str) -> dict[str, Any]:
+    """`row` once printed; BenchError if it is `short` or has errors."""
+    if row["errors"] or short:
+        raise bench.BenchError(f"{label}: {answered}; first error: "
+                               f"{(row['errors'] or ['none'])[0]}")
+    print(f"{label}: {figure}", file=sys.stderr, flush=True)
+    return row
 
 
 def open_loop(url: str, rate: float, seconds: float, length: int) -> dict[str, Any]:
@@ -203,6 +209,8 @@ def open_loop(url: str, rate: float, seconds: float, length: int) -> dict[str, A
     refused = sum(status in (429, 503) for status, _ in outcomes)
     return {"offered_per_sec": rate, "requests": count, "admitted": len(admitted),
             "refused_share": refused / count,
+            "share_429": sum(status == 429 for status, _ in outcomes) / count,
+            "share_503": sum(status == 503 for status, _ in outcomes) / count,
             "errors": [s for s, _ in outcomes if s not in (200, 429, 503)][:3],
             "p50_ms": 1000 * _quantile(admitted, 0.50), "p99_ms": 1000 * _quantile(admitted, 0.99)}
 
@@ -212,23 +220,25 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def overload(job_dir: str, max_batch: int, capacity: float, length: int) -> list[dict[str, Any]]:
-    """Open-loop load at --overload_factor x `capacity`, admission control on and off."""
+    """Open-loop load at --overload_factor x `capacity`, admission control on and off.
+
+    On: the server's defaults (--max_connections=100) with --max_queue_rows set to
+    --overload_queue_rows; off: neither bound.
+    """
     rows = []
     for admission in (True, False):
         queue = FLAGS.overload_queue_rows if admission else 0
+        # Off: no queue bound and no connection limit (uvicorn's 503s are admission too).
+        connections = [] if admission else ["--max_connections=1000000"]
         with _serving(job_dir, f"--max_batch={max_batch}", f"--max_queue_rows={queue}",
-                      "--max_queue_chars=0") as base:
+                      "--max_queue_chars=0", *connections) as base:
             load_level(f"{base}/predict", 2, 2, length)
             row = open_loop(f"{base}/predict", FLAGS.overload_factor * capacity,
                             FLAGS.overload_seconds, length)
         row.update(admission="on" if admission else "off", queue_rows=queue)
-        if row["errors"] or not row["admitted"]:
-            raise bench.BenchError(f"overload, admission {row['admission']}: "
-                                   f"{row['admitted']} admitted; first error: "
-                                   f"{(row['errors'] or ['none'])[0]}")
-        rows.append(row)
-        print(f"overload, admission {row['admission']}: {row['refused_share']:.0%} refused, "
-              f"p99 {row['p99_ms']:.0f} ms", file=sys.stderr, flush=True)
+        rows.append(_checked(row, not row["admitted"], f"overload, admission {row['admission']}",
+                             f"{row['admitted']} admitted",
+                             f"{row['refused_share']:.0%} refused, p99 {row['p99_ms']:.0f} ms"))
     return rows
 
 
@@ -253,14 +263,15 @@ def markdown(result: dict[str, Any]) -> str:
             f"{result['machine']['cpu']} ({result['machine']['cores']} cores), "
             f"load {result['machine'].get('load')}\n\n")
     over = [(r["admission"], r["queue_rows"] or "none", f"{r['offered_per_sec']:.1f}",
-             r["requests"], f"{100 * r['refused_share']:.0f}%", r["p50_ms"], r["p99_ms"])
+             r["requests"], f"{100 * r['refused_share']:.0f}%", f"{100 * r['share_429']:.0f}%",
+             f"{100 * r['share_503']:.0f}%", r["p50_ms"], r["p99_ms"])
             for r in result["overload"]]
     return (head + bench.table(("batching", "clients", "requests", "req/s", "chars/s",
                                 "p50 ms", "p99 ms"), rows)
             + f"\nOverload: {result['overload_factor']:g} x capacity for "
               f"{result['overload_seconds']:g} s, batching on; latency of admitted requests\n\n"
             + bench.table(("admission", "queue rows", "offered req/s", "requests", "refused",
-                           "p50 ms", "p99 ms"), over))
+                           "429", "503", "p50 ms", "p99 ms"), over))
 
 
 def define_flags() -> None:

@@ -75,6 +75,12 @@ class LiveServer:
         self.batcher.close()
 
 
+def module_job(folder: Path) -> tuple[str, keras.Model]:
+    """A job directory in `folder` (a module's temp folder), and its model."""
+    job_dir = str(folder / "job")
+    return job_dir, make_job_dir(job_dir, str(folder / "staging"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

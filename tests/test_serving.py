@@ -12,7 +12,7 @@ from serve_helpers import (
     VOCAB,
     LiveServer,
     free_port,
-    make_job_dir,
+    module_job,
     request,
     start_server,
     stop,
@@ -27,9 +27,7 @@ from trainer.serving import backends, batcher, endpoint
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
-    job_dir = str(work / "job")
-    return job_dir, make_job_dir(job_dir, str(work / "staging"))
+    return module_job(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

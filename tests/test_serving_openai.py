@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from serve_helpers import VOCAB, LiveServer, make_job_dir, request
+from serve_helpers import VOCAB, LiveServer, module_job, request
 
 from trainer.sampling.sampler import Sampler, Settings
 from trainer.serving import backends, batcher
@@ -17,9 +17,7 @@ openai = pytest.importorskip("openai", reason="openai is in the test extra")
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    work = tmp_path_factory.mktemp("openai")
-    job_dir = str(work / "job")
-    return job_dir, make_job_dir(job_dir, str(work / "staging"))
+    return module_job(tmp_path_factory.mktemp("openai"))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from trainer.serving import schemas
+from trainer.serving import schemas, transport
 from trainer.serving.batcher import Batcher
 from trainer.serving.request import (
     MAX_SEED,
@@ -37,16 +37,6 @@ from trainer.serving.request import (
     RequestError,
     decode_json,
     parse_instance,
-)
-from trainer.serving.transport import (
-    DeadlineError,
-    Timing,
-    admit,
-    public_message,
-    read_body,
-    status_of,
-    to_queue,
-    watch,
 )
 
 PREFIXES = ("/v1", "/openai/v1")
@@ -187,7 +177,7 @@ def _usage(instances: Sequence[Instance], produced: int, n: int) -> dict[str, in
             "total_tokens": prompt + produced}
 
 
-def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: Timing,
+def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport.Timing,
                rng: random.Random, model: str, prefixes: Sequence[str] = PREFIXES) -> None:
     """Adds OpenAI's routes under each prefix.
 
@@ -203,9 +193,11 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: Timing,
 
     async def completions(request: Request) -> Any:
         data, instances, stops, n = parse_completion(
-            await read_body(request, limits.max_body_bytes, timing.body_seconds), limits, rng)
+            await transport.read_body(request, limits.max_body_bytes, timing.body_seconds),
+            limits, rng)
         blocks: asyncio.Queue = asyncio.Queue()
-        rows = admit(batcher, instances, [to_queue(blocks, i) for i in range(len(instances))])
+        rows = transport.admit(batcher, instances,
+                               [transport.to_queue(blocks, i) for i in range(len(instances))])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model}
         if data.get("stream"):
@@ -224,7 +216,7 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: Timing,
                 reasons[index] = reason or reasons[index]
             return texts, reasons
 
-        texts, reasons = await watch(request, rows, collect(), timing.deadline_seconds)
+        texts, reasons = await transport.watch(request, rows, collect(), timing.deadline_seconds)
         choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices,
@@ -263,8 +255,8 @@ async def _stream(blocks: asyncio.Queue, rows: Sequence[Any], instances: Sequenc
             yield _frame({**head, "choices": [], "usage": _usage(instances, produced, n)})
     except Exception as err:  # noqa: BLE001 - the client hears of it in the stream's own way.
         if isinstance(err, TimeoutError):
-            err = DeadlineError(f"the request ran past its deadline of {deadline:g} s")
-        yield _frame(error_body(status_of(err), public_message(err)))
+            err = transport.DeadlineError(f"the request ran past its deadline of {deadline:g} s")
+        yield _frame(error_body(transport.status_of(err), transport.public_message(err)))
     finally:
         for row in rows:  # A client that left stops its rows at the next block.
             row.cancelled = True
