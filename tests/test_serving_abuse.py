@@ -233,6 +233,9 @@ def test_a_request_past_its_deadline_gets_503(server):
         code, body = request(server.url("/predict"), {"instances": [{"length": 300}]})
         assert code == 503 and "deadline" in _one_line_error(code, body)
         assert time.monotonic() - start < 3.5
+        code, body = request(server.url("/stream"), {"length": 300})
+        assert code == 200 and body.decode().split("\n\n")[-2].startswith("event: error")
+        assert "deadline" in body.decode().split("\n\n")[-2]
     finally:
         server.backend.delay = 0.0
 

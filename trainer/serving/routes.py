@@ -164,15 +164,19 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
 
         async def events():
             try:
-                while True:
-                    _, text, err = await blocks.get()
-                    if err is not None:
-                        yield _event({"error": public_message(err)}, "error")
-                        return
-                    if text is None:
-                        yield _event(instance.describe(), "done")
-                        return
-                    yield _event({"text": text})
+                async with asyncio.timeout(timing.deadline_seconds or None):
+                    while True:
+                        _, text, err = await blocks.get()
+                        if err is not None:
+                            yield _event({"error": public_message(err)}, "error")
+                            return
+                        if text is None:
+                            yield _event(instance.describe(), "done")
+                            return
+                        yield _event({"text": text})
+            except TimeoutError:
+                yield _event({"error": "the request ran past its deadline of "
+                                       f"{timing.deadline_seconds:g} s"}, "error")
             finally:
                 row.cancelled = True  # A client that left stops its row at the next block.
 
