@@ -46,6 +46,12 @@ _TYPES = {400: "invalid_request_error", 408: "invalid_request_error",
           429: "rate_limit_error", 503: "server_error"}
 
 
+def prefixes(extra: str) -> tuple[str, ...]:
+    """/v1 and `extra` (e.g. KServe's /openai/v1; empty or "/": /v1 alone)."""
+    extra = "/" + extra.strip("/")
+    return ("/v1",) if extra in ("/", "/v1") else ("/v1", extra)
+
+
 def is_openai_path(path: str, prefixes: Sequence[str]) -> bool:
     """Whether `path` is one of OpenAI's routes (their errors take OpenAI's shape)."""
     return any(path == p or path.startswith(p + "/") for p in prefixes)
