@@ -61,7 +61,7 @@ def server(tmp_path_factory):
                                          max_rows=8, max_chars=2400),
                          network={"head_seconds": SECONDS, "keep_alive_seconds": 1,
                                   "max_connections": 40},
-                         timing=Timing(body_seconds=SECONDS, deadline_seconds=2.0))
+                         timing=Timing(body_seconds=SECONDS, deadline_seconds=1.0))
     running.backend = backend
     yield running
     running.close()
