@@ -47,18 +47,41 @@ _TYPES = {400: "invalid_request_error", 408: "invalid_request_error",
 
 
 def prefixes(extra: str) -> tuple[str, ...]:
-    """/v1 and `extra` (e.g. KServe's /openai/v1; empty or "/": /v1 alone)."""
+    """Where the routes go.
+
+    Args:
+      extra: a second prefix, e.g. KServe's /openai/v1; empty or "/": none.
+
+    Returns:
+      /v1, then `extra` if given.
+    """
     extra = "/" + extra.strip("/")
     return ("/v1",) if extra in ("/", "/v1") else ("/v1", extra)
 
 
 def is_openai_path(path: str, prefixes: Sequence[str]) -> bool:
-    """Whether `path` is one of OpenAI's routes (their errors take OpenAI's shape)."""
+    """Whether `path` is one of OpenAI's routes (their errors take OpenAI's shape).
+
+    Args:
+      path: the request's path.
+      prefixes: where the routes are.
+
+    Returns:
+      True under one of `prefixes`.
+    """
     return any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 def error_body(status: int, message: str) -> dict[str, Any]:
-    """OpenAI's error object for an HTTP status."""
+    """OpenAI's error object for an HTTP status.
+
+    Args:
+      status: the HTTP status.
+      message: the one-line message.
+
+    Returns:
+      {"error": {"message", "type", "param", "code"}}.
+    """
     return {"error": {"message": message, "type": _TYPES.get(status, "server_error"),
                       "param": None, "code": None}}
 
@@ -83,6 +106,14 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     """A completion request -> (the request, one instance per choice, the stop strings, n).
 
     Choices are ordered prompt by prompt, `n` for each, as OpenAI numbers them.
+
+    Args:
+      body: the request body.
+      limits: the server's limits.
+      rng: draws the seeds of choices without one.
+
+    Returns:
+      (the decoded request, the instances, the non-empty stop strings, n).
 
     Raises:
       RequestError: naming the first bad field.

@@ -69,7 +69,14 @@ class CompletionRequest(BaseModel):
 
 
 def body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` that documents a route's JSON body as `model`."""
+    """`openapi_extra` that documents a route's JSON body as `model`.
+
+    Args:
+      model: the body's shape.
+
+    Returns:
+      The route decorator's `openapi_extra`.
+    """
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema()}}}}
 

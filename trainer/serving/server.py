@@ -27,12 +27,26 @@ MAX_HEAD_BYTES = 16 * 1024
 
 
 def default_host(environ: dict[str, str]) -> str:
-    """Loopback, except under Vertex AI (AIP_HTTP_PORT set), whose proxy needs 0.0.0.0."""
+    """Where to listen without --host.
+
+    Args:
+      environ: the environment.
+
+    Returns:
+      Loopback, except under Vertex AI (AIP_HTTP_PORT set), whose proxy needs 0.0.0.0.
+    """
     return "0.0.0.0" if environ.get("AIP_HTTP_PORT") else "127.0.0.1"
 
 
 def default_allowed_hosts(host: str) -> list[str]:
-    """Loopback names for a loopback server, else any Host (a proxy or Vertex AI fronts it)."""
+    """The Host headers answered without --allowed_hosts.
+
+    Args:
+      host: the address listened on.
+
+    Returns:
+      Loopback names for a loopback server, else any Host (a proxy or Vertex AI fronts it).
+    """
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -98,7 +112,15 @@ class Network:
 
 
 def config(app: Any, network: Network) -> uvicorn.Config:
-    """uvicorn's configuration for `app` behind `network`'s Host check and limits."""
+    """uvicorn's configuration for `app` behind `network`'s Host check and limits.
+
+    Args:
+      app: the ASGI application.
+      network: the address and the limits.
+
+    Returns:
+      The configuration (`uvicorn.Server(config).run()` serves it).
+    """
     allowed = list(network.allowed_hosts or default_allowed_hosts(network.host))
     protocol = type("Protocol", (HeadTimeoutProtocol,), {"head_seconds": network.head_seconds})
     return uvicorn.Config(TrustedHostMiddleware(app, allowed_hosts=allowed), host=network.host,
@@ -110,5 +132,10 @@ def config(app: Any, network: Network) -> uvicorn.Config:
 
 
 def serve(app: Any, network: Network) -> None:
-    """Runs `app` until SIGTERM/SIGINT, within `network`'s limits."""
+    """Runs `app` until SIGTERM/SIGINT, within `network`'s limits.
+
+    Args:
+      app: the ASGI application.
+      network: the address and the limits.
+    """
     uvicorn.Server(config(app, network)).run()

@@ -58,7 +58,14 @@ class Timing:
 
 
 def public_message(err: BaseException) -> str:
-    """What a client is told about `err`: our own messages, never internal exception text."""
+    """What a client is told about `err`: our own messages, never internal exception text.
+
+    Args:
+      err: what went wrong.
+
+    Returns:
+      One line of at most MAX_MESSAGE chars (and an ellipsis).
+    """
     if isinstance(err, (UserError, UnavailableError)):
         text = " ".join(str(err).split())
         return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + "..."
@@ -66,7 +73,14 @@ def public_message(err: BaseException) -> str:
 
 
 def status_of(err: BaseException) -> int:
-    """The HTTP status that answers `err`."""
+    """The HTTP status that answers `err`.
+
+    Args:
+      err: what went wrong.
+
+    Returns:
+      415, 408, 400, 429, 503, or 500 for anything else.
+    """
     for kind, status in ((MediaTypeError, 415), (SlowBodyError, 408), (RequestError, 400),
                          (OverloadedError, 429), (UnavailableError, 503)):
         if isinstance(err, kind):
@@ -76,6 +90,14 @@ def status_of(err: BaseException) -> int:
 
 async def read_body(request: Request, limit: int, seconds: float) -> bytes:
     """The JSON body of a POST, within `limit` bytes and `seconds`.
+
+    Args:
+      request: the request.
+      limit: most bytes.
+      seconds: most seconds to receive it all.
+
+    Returns:
+      The body.
 
     Raises:
       MediaTypeError: the Content-Type is not application/json (a browser sends
@@ -106,7 +128,15 @@ async def read_body(request: Request, limit: int, seconds: float) -> bytes:
 
 def admit(batcher: Batcher, instances: Sequence[Instance],
           emits: Sequence[Callable[[str | None, BaseException | None], None]]) -> list[Any]:
-    """Encodes, admits and submits rows (all checked before any runs); returns the rows.
+    """Encodes, admits and submits rows (all checked before any runs).
+
+    Args:
+      batcher: runs the model.
+      instances: the request's rows.
+      emits: where each row's blocks go (`to_queue`).
+
+    Returns:
+      The submitted rows (set `cancelled` to stop one).
 
     Raises:
       RequestError: a prompt the vocabulary cannot encode.
@@ -120,7 +150,15 @@ def admit(batcher: Batcher, instances: Sequence[Instance],
 
 def to_queue(blocks: asyncio.Queue, tag: Any = None
              ) -> Callable[[str | None, BaseException | None], None]:
-    """An `emit` for `Batcher.submit` that puts (tag, text, error) on `blocks` from any thread."""
+    """An `emit` for `Batcher.submit` that puts (tag, text, error) on `blocks` from any thread.
+
+    Args:
+      blocks: the queue, read on this event loop.
+      tag: what tells the rows apart on a shared queue (OpenAI's choice index).
+
+    Returns:
+      The callable.
+    """
     loop = asyncio.get_running_loop()
     return lambda text, err: loop.call_soon_threadsafe(blocks.put_nowait, (tag, text, err))
 
@@ -128,6 +166,15 @@ def to_queue(blocks: asyncio.Queue, tag: Any = None
 async def watch(request: Request, rows: Sequence[Any], work: Awaitable[Any],
                 deadline_seconds: float) -> Any:
     """Awaits `work` while its client stays and its deadline holds; the rows stop otherwise.
+
+    Args:
+      request: whose client is watched.
+      rows: the rows `work` waits for; cancelled on the way out, whatever happened.
+      work: what produces the answer from the rows.
+      deadline_seconds: most seconds; 0: none.
+
+    Returns:
+      What `work` returned.
 
     Raises:
       ClientGoneError: the client closed its connection.
