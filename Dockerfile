@@ -52,10 +52,12 @@ WORKDIR /home/trainer
 
 # Vertex AI sets AIP_HTTP_PORT (8080 unless the model's containerSpec.ports says
 # otherwise), AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and AIP_STORAGE_URI; the server
-# reads them, so the model needs no arguments there.
+# reads them, so the model needs no arguments there. Outside a container the server
+# listens on loopback by default; here it must take connections from outside the
+# container's network namespace, so the entry point says 0.0.0.0 itself.
 FROM runtime AS serve
 EXPOSE 8080
-ENTRYPOINT ["python", "-m", "trainer.serve"]
+ENTRYPOINT ["python", "-m", "trainer.serve", "--host=0.0.0.0"]
 
 FROM runtime AS train
 ENTRYPOINT ["python", "-m", "trainer.task"]

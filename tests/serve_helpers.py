@@ -1,4 +1,4 @@
-"""Shared by the serving tests: a small job directory, a free port, a server subprocess."""
+"""Shared by the serving tests: a job directory, a free port, servers in and out of process."""
 
 from __future__ import annotations
 
@@ -7,16 +7,20 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import keras
+import uvicorn
 
 from trainer import checkpoints, models
 from trainer.config import Config
 from trainer.data.vocabulary import Vocabulary
+from trainer.serving import routes, server
+from trainer.serving.request import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = Vocabulary(list("\n .,:;!?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"))
@@ -37,18 +41,60 @@ def make_job_dir(path: str, staging: str, seed: int = 1) -> keras.Model:
     return model
 
 
+LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
+
+
+class LiveServer:
+    """The application under uvicorn in a thread of this process, on a loopback port.
+
+    Args:
+      running: the batcher (closed with the server).
+      network: keyword arguments of `trainer.serving.server.Network` (limits, timeouts).
+      app: keyword arguments of `routes.create_app` (limits, routes, timing).
+    """
+
+    def __init__(self, running, network: dict | None = None, **app):
+        self.batcher = running
+        self.port = free_port()
+        application = routes.create_app(running, **{"limits": LIMITS, "seed": 0, **app})
+        self.server = uvicorn.Server(server.config(
+            application, server.Network("127.0.0.1", self.port, **(network or {}))))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise AssertionError("the server did not start")
+            self.thread.join(0.05)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.batcher.close()
+
+
+def module_job(folder: Path) -> tuple[str, keras.Model]:
+    """A job directory in `folder` (a module's temp folder), and its model."""
+    job_dir = str(folder / "job")
+    return job_dir, make_job_dir(job_dir, str(folder / "staging"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def request(url: str, body: bytes | dict | None = None, timeout: float = 60.0
-            ) -> tuple[int, bytes]:
-    """(status, body) of a GET (no body) or POST; HTTP errors are returned, not raised."""
+def request(url: str, body: bytes | dict | None = None, timeout: float = 60.0,
+            headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET (no body) or a JSON POST; HTTP errors are returned, not raised."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
+    sent = {"Content-Type": "application/json", **(headers or {})} if data is not None else {}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=sent),
+                                    timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()

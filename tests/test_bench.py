@@ -200,12 +200,18 @@ def test_quality(shard_folder, tmp_path):
 def test_serve_load(tmp_path):
     out = tmp_path / "serve.json"
     result = measured(run_bench("bench.serve_load", "--clients=1,2", "--min_requests=2",
-                                "--length=8", f"--out={out}"), out)
+                                "--length=8", "--overload_seconds=1",
+                                "--overload_queue_rows=2", f"--out={out}"), out)
     assert [(r["batching"], r["clients"]) for r in result["rows"]] == [
         ("on", 1), ("on", 2), ("off", 1), ("off", 2)]
     for row in result["rows"]:
         assert row["requests"] == max(2, -(-2 // row["clients"])) * row["clients"]
         assert_figures({k: row[k] for k in ("requests_per_sec", "p50_ms", "p99_ms")})
+    assert [r["admission"] for r in result["overload"]] == ["on", "off"]
+    for row in result["overload"]:
+        assert 0 <= row["refused_share"] < 1 and row["admitted"] > 0
+        assert_figures({k: row[k] for k in ("p50_ms", "p99_ms")})
+    assert result["overload"][1]["refused_share"] == 0
 
 
 def test_multi_worker_stop(tmp_path):

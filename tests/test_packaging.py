@@ -169,7 +169,8 @@ def test_dockerfile_agrees_with_the_repo():
         user = [args for word, args in steps if word == "USER"]
         assert user and user[-1].split(":")[0] not in ("root", "0")
     assert entrypoints == {"train": ["python", "-m", "trainer.task"],
-                           "serve": ["python", "-m", "trainer.serve"]}
+                           # Outside a container the server binds loopback by default.
+                           "serve": ["python", "-m", "trainer.serve", "--host=0.0.0.0"]}
     # Vertex AI's default AIP_HTTP_PORT, the server's default port.
     assert ("EXPOSE", "8080") in named["serve"]
     ignored = (REPO / ".dockerignore").read_text().split()

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import uvicorn
 from serve_helpers import (
     ROOT,
     VOCAB,
+    LiveServer,
     free_port,
-    make_job_dir,
+    module_job,
     request,
     start_server,
     stop,
@@ -23,48 +22,18 @@ from serve_helpers import (
 from trainer.errors import UserError
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings
-from trainer.serving import backends, batcher, endpoint, routes
-from trainer.serving.request import Limits
-
-LIMITS = Limits(max_length=300, max_instances=8, max_body_bytes=20_000)
-
-
-class Server:
-    """A uvicorn server in a thread of this process, on a loopback port."""
-
-    def __init__(self, running: batcher.Batcher, **paths: str):
-        self.batcher = running
-        self.port = free_port()
-        app = routes.create_app(running, LIMITS, seed=0, **paths)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise AssertionError("the server did not start")
-            self.thread.join(0.05)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.batcher.close()
+from trainer.serving import backends, batcher, endpoint
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    work = tmp_path_factory.mktemp("serve")
-    job_dir = str(work / "job")
-    return job_dir, make_job_dir(job_dir, str(work / "staging"))
+    return module_job(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
 def server(job):
     backend = backends.load_backend(job[0])
-    running = Server(batcher.Batcher(backend, max_batch=8, window_ms=50, block=16))
+    running = LiveServer(batcher.Batcher(backend, max_batch=8, window_ms=50, block=16))
     yield running
     running.close()
 
@@ -183,7 +152,7 @@ def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
     saved_model.export(model, vocab, export_dir, info={"best": {"value": 1.5}})
     backend = backends.load_backend(export_dir)
     assert backend.info["kind"] == "SavedModel" and backend.info["best"] == {"value": 1.5}
-    running = Server(batcher.Batcher(backend, max_batch=4, window_ms=50, block=16))
+    running = LiveServer(batcher.Batcher(backend, max_batch=4, window_ms=50, block=16))
     try:
         instances = [{"prompt": "the cat", "length": 40, "seed": 3, "top_p": 0.8},
                      {"prompt": "xy", "length": 21, "seed": 5, "greedy": True}]

@@ -283,7 +283,7 @@ def load_job(job_dir: str, checkpoint: str | None = None
     """
     try:
         return _load_job(job_dir, checkpoint)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"could not load a model from {job_dir}: "
                         f"{type(err).__name__}: {err}") from err
 
@@ -304,7 +304,13 @@ def _load_job(job_dir: str, checkpoint: str | None
             raise UserError(f"{job_dir} has no best checkpoint yet ({BEST} is missing)") from err
         except ValueError as err:
             raise UserError(f"{storage.join(job_dir, BEST)} is corrupt: {err}") from err
-        checkpoint = storage.join(job_dir, pointer["weights"])
+        name = pointer.get("weights") if isinstance(pointer, dict) else None
+        # A hand-edited pointer must not make a server open files outside its job dir.
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name
+                or "\\" in name):
+            raise UserError(f"{storage.join(job_dir, BEST)} must name a weights file inside "
+                            f"the job directory, got {str(name)[:80]!r}")
+        checkpoint = storage.join(job_dir, name)
     elif "/" not in checkpoint:
         checkpoint = storage.join(job_dir, checkpoint)
     model = models.build_model(cfg, vocab.size)

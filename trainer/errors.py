@@ -57,6 +57,8 @@ def environment_message(err: BaseException) -> str | None:
     api = sys.modules.get("google.api_core.exceptions")
     if api is not None and isinstance(err, api.GoogleAPICallError):
         return f"Cloud Storage refused a request: {_first_line(err)}"
+    if api is not None and isinstance(err, api.RetryError):
+        return f"Cloud Storage did not answer in time: {_first_line(err)[:200]}"
     return None
 
 

@@ -3,16 +3,19 @@
     python -m trainer.serve --model_dir=runs/shakespeare            # a job directory
     python -m trainer.serve --model_dir=gs://bucket/models/char/1   # or an exported SavedModel
 
-Then open http://localhost:8080/ or POST {"instances": [{"prompt": "ROMEO:",
-"length": 200}]} to /predict. In a Vertex AI endpoint the port, the routes and the
+Then open http://localhost:8080/, POST {"instances": [{"prompt": "ROMEO:",
+"length": 200}]} to /predict, or use any OpenAI client on http://localhost:8080/v1
+(max_tokens counts characters). It listens on loopback unless --host says
+otherwise (the image and Vertex AI: 0.0.0.0). In a Vertex AI endpoint the port, the routes and the
 model folder come from AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and
 AIP_STORAGE_URI. SIGTERM stops it cleanly: no new connections, running requests
 finish (up to --shutdown_seconds), exit status 0. The routes are in
-trainer/serving/routes.py, batching in trainer/serving/batcher.py.
+trainer/serving/routes.py and openai.py, batching in batcher.py, limits in server.py.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 
 from absl import flags
@@ -28,8 +31,31 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "of trainer.export, local or gs://; default: $AIP_STORAGE_URI.", **fv)
     flags.DEFINE_string("checkpoint", None, "For a job directory: a weights file to serve "
                         "instead of the best one.", **fv)
-    flags.DEFINE_string("host", "0.0.0.0", "Address to listen on (Vertex AI needs 0.0.0.0).",
-                        **fv)
+    flags.DEFINE_string("host", None, "Address to listen on; default: 127.0.0.1, or 0.0.0.0 "
+                        "where AIP_HTTP_PORT is set (Vertex AI).", **fv)
+    flags.DEFINE_list("allowed_hosts", None, "Host headers answered (400 otherwise), e.g. "
+                      "'example.com,*.example.com'; default: localhost,127.0.0.1 on loopback, "
+                      "any elsewhere.", **fv)
+    flags.DEFINE_integer("max_connections", 100, "Connections and requests at once; past "
+                         "them, 503.", lower_bound=1, **fv)
+    flags.DEFINE_integer("keep_alive_seconds", 5, "How long an idle connection stays open.",
+                         lower_bound=1, **fv)
+    flags.DEFINE_float("head_seconds", 10, "How long a client may take to send a request's "
+                       "headers.", lower_bound=0.1, **fv)
+    flags.DEFINE_float("body_seconds", 30, "How long a client may take to send a body (408).",
+                       lower_bound=0.1, **fv)
+    flags.DEFINE_float("deadline_seconds", 300, "Most seconds from a request's body to its "
+                       "last character (503 after it); 0: none.", lower_bound=0, **fv)
+    flags.DEFINE_integer("max_queue_rows", 256, "Most rows waiting or running; past them, "
+                         "429 with Retry-After. 0: no bound.", lower_bound=0, **fv)
+    flags.DEFINE_integer("max_queue_chars", 100_000, "Most characters waiting or running "
+                         "rows may still owe; past them, 429. 0: no bound.", lower_bound=0,
+                         **fv)
+    flags.DEFINE_float("load_seconds", 300, "Most seconds to load the model (a bucket that "
+                       "fails is otherwise retried for minutes); 0: no bound.", lower_bound=0,
+                       **fv)
+    flags.DEFINE_string("openai_prefix", "/openai/v1", "A second prefix for the OpenAI "
+                        "routes, beside /v1 (KServe's); empty: /v1 only.", **fv)
     flags.DEFINE_integer("port", None, "Port to listen on; default: $AIP_HTTP_PORT, else 8080.",
                          lower_bound=0, upper_bound=65535, **fv)
     flags.DEFINE_integer("max_batch", 32, "Most rows (instances) in one sampling call; 1 "
@@ -55,9 +81,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(fv: flags.FlagValues) -> None:
     """Loads the model and serves it until SIGTERM/SIGINT."""
     try:  # Imported here so that --help never waits for the server stack.
-        import uvicorn
-
-        from trainer.serving import routes
+        from trainer.serving import openai, routes, server
     except ImportError as err:
         raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
                         "'char-lstm-trainer[serve]'") from err
@@ -65,18 +89,26 @@ def run(fv: flags.FlagValues) -> None:
     from trainer.serving.batcher import Batcher
     from trainer.serving.endpoint import vertex_endpoint
     from trainer.serving.request import Limits
+    from trainer.serving.transport import Timing
 
     endpoint = vertex_endpoint(fv.model_dir, fv.port)
     cli.say(f"loading {endpoint.model_dir}")
-    backend = backends.load_backend(endpoint.model_dir, fv.checkpoint, fv.jit_compile)
-    batcher = Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block)
+    backend = backends.load_within(fv.load_seconds, endpoint.model_dir, fv.checkpoint,
+                                   fv.jit_compile)
+    batcher = Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block,
+                      fv.max_queue_rows, fv.max_queue_chars)
     if fv.warm_up:
         cli.say(f"compiling for batches of up to {fv.max_batch} rows")
         batcher.warm_up()
     limits = Limits(max_length=fv.max_length, max_instances=fv.max_instances)
     application = routes.create_app(batcher, limits, endpoint.health_route,
-                                    endpoint.predict_route, fv.seed)
-    cli.say(f"serving {backend.info['name']} on http://{fv.host}:{endpoint.port}/ "
+                                    endpoint.predict_route, fv.seed,
+                                    Timing(fv.body_seconds, fv.deadline_seconds),
+                                    openai.prefixes(fv.openai_prefix))
+    network = server.Network(fv.host or server.default_host(os.environ), endpoint.port,
+                             fv.allowed_hosts, fv.max_connections, fv.keep_alive_seconds,
+                             fv.head_seconds, fv.shutdown_seconds)
+    cli.say(f"serving {backend.info['name']} on http://{network.host}:{endpoint.port}/ "
             f"(health {endpoint.health_route}, predict {endpoint.predict_route})")
     stops: list[str] = []
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again
@@ -84,8 +116,7 @@ def run(fv: flags.FlagValues) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stops.append(signal.Signals(number).name))
     try:
-        uvicorn.run(application, host=fv.host, port=endpoint.port, log_level="warning",
-                    timeout_graceful_shutdown=fv.shutdown_seconds)
+        server.serve(application, network)
     finally:
         batcher.close()
     cli.say(f"stopped ({', '.join(stops) or 'server exited'})")

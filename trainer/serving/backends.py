@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,15 +113,65 @@ def _job_info(path: str, cfg: Any, pointer: dict[str, Any]) -> dict[str, Any]:
             "config": json.loads(cfg.to_json())}
 
 
+def _safe_name(name: str, folder: str) -> str:
+    """`name` if it is one plain path component; a bucket may hold `..` or `a\\b` names."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or name != os.path.basename(name):
+        raise UserError(f"{folder} holds an object named {name[:80]!r}, which would land "
+                        "outside the download folder; refusing to load it")
+    return name
+
+
 def _download(remote: str, local: str) -> None:
     """Copies a gs:// folder tree (a SavedModel) to a local folder through `storage`."""
     for name in storage.listdir(remote):
         path = storage.join(remote, name)
+        target = os.path.join(local, _safe_name(name, remote))
         children = storage.listdir(path)
         if children:
-            _download(path, os.path.join(local, name))
+            _download(path, target)
         else:
-            storage.copy_file(path, os.path.join(local, name))
+            storage.copy_file(path, target)
+
+
+def load_within(seconds: float, path: str, checkpoint: str | None = None,
+                jit_compile: bool = True) -> Backend:
+    """`load_backend`, or one UserError if it has not finished within `seconds`.
+
+    A bucket that answers 5xx is retried by the storage library for minutes; the
+    server should say so and stop instead. The loading thread is abandoned (it is a
+    daemon: the process exits without it).
+
+    Args:
+      seconds: the bound; 0: none.
+      path: as for `load_backend`.
+      checkpoint: as for `load_backend`.
+      jit_compile: as for `load_backend`.
+
+    Returns:
+      The backend.
+
+    Raises:
+      UserError: past the bound, or as `load_backend` raises.
+    """
+    if not seconds:
+        return load_backend(path, checkpoint, jit_compile)
+    result: list[Any] = []
+
+    def load() -> None:
+        try:
+            result.append(load_backend(path, checkpoint, jit_compile))
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread.
+            result.append(err)
+
+    thread = threading.Thread(target=load, name="load-model", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not result:
+        raise UserError(f"could not load {path} within {seconds:g} s (--load_seconds); "
+                        "is its storage reachable?")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = True) -> Backend:
@@ -142,11 +193,15 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
         cfg, vocab, model, pointer = checkpoints.load_job(path, checkpoint)
         return SamplerBackend(Sampler(model, vocab, jit_compile=jit_compile),
                               _job_info(path, cfg, pointer))
-    local = path
-    if storage.is_gcs(path):
-        # tf.saved_model.load reads local files; `storage` is the one module for buckets.
-        local = tempfile.mkdtemp(prefix="char-lstm-savedmodel-")
+    if not storage.is_gcs(path):
+        return _load_saved_model(path, path)
+    # tf.saved_model.load reads local files; `storage` is the one module for buckets.
+    with tempfile.TemporaryDirectory(prefix="char-lstm-savedmodel-") as local:
         _download(path, local)
+        return _load_saved_model(path, local)
+
+
+def _load_saved_model(path: str, local: str) -> SavedModelBackend:
     try:
         vocab = Vocabulary.load(os.path.join(local, EXTRA_DIR, "vocab.json"))
         with open(os.path.join(local, EXTRA_DIR, "model.json"), encoding="utf-8") as f:
@@ -155,10 +210,14 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
         raise UserError(f"{path} is a SavedModel without {EXTRA_DIR}/vocab.json and "
                         "model.json; export it again with this version's trainer.export"
                         ) from err
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: {EXTRA_DIR}/vocab.json or model.json is malformed "
+                        f"({type(err).__name__})") from err
     loaded = tf.saved_model.load(local)
     if "advance" not in loaded.signatures:
         raise UserError(f"{path} has no 'advance' signature; export it again")
+    checkpoint = model_info.get("checkpoint")
     info = {"name": os.path.basename(path), "path": path, "kind": "SavedModel",
-            "checkpoint": model_info.get("checkpoint"), "best": model_info.get("best", {}),
-            "config": model_info.get("config", {})}
+            "checkpoint": os.path.basename(checkpoint) if isinstance(checkpoint, str) else None,
+            "best": model_info.get("best", {}), "config": model_info.get("config", {})}
     return SavedModelBackend(loaded, vocab, info)

@@ -12,11 +12,17 @@ A row leaves the batch as soon as its length is reached.
 Under XLA every batch size compiles separately, so the rows are padded up to
 the next power of two (at most log2(max_batch) + 1 programs, compiled when
 first needed or in `warm_up`).
+
+Admission is bounded: `reserve` refuses (`OverloadedError`, HTTP 429) a request whose
+rows or characters would take the rows and characters waiting or running past
+`max_rows` / `max_chars`, so a backlog never grows without bound and a refused
+client learns at once instead of waiting behind it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -40,15 +46,31 @@ class _Row:
     ids: np.ndarray
     instance: Instance
     emit: Callable[[str | None, BaseException | None], None]
+    # Gives the row's share of the admission budget back, once.
+    release: Callable[[], None] = lambda: None
     done: int = 0
-    # Set by the client's side (a stream whose reader went away); the row then leaves.
+    # Set by the client's side (a client that went away); the row then leaves.
     cancelled: bool = False
 
     def send(self, text: str | None, error: BaseException | None = None) -> None:
+        if text is None:
+            self.end()
         try:
             self.emit(text, error)
         except RuntimeError:  # The receiving event loop is closed: nobody is listening.
             self.cancelled = True
+
+    def end(self) -> None:
+        release, self.release = self.release, lambda: None
+        release()
+
+
+class UnavailableError(RuntimeError):
+    """The server cannot take this request now (HTTP 503, or 429 for `OverloadedError`)."""
+
+
+class OverloadedError(UnavailableError):
+    """The admission budget is spent: HTTP 429 with Retry-After."""
 
 
 def _concat(parts: Sequence[Any]) -> Any:
@@ -68,18 +90,64 @@ class Batcher:
         after another).
       window_ms: how long an idle worker waits for more requests before it starts.
       block: chars per call; new requests join, and streams receive text, per block.
+      max_rows: most rows admitted (waiting or running) at once; 0: no bound.
+      max_chars: most characters admitted rows may still owe at once; 0: no bound.
     """
 
     def __init__(self, backend: Backend, max_batch: int = 32, window_ms: float = 5.0,
-                 block: int = STREAM_BLOCK):
+                 block: int = STREAM_BLOCK, max_rows: int = 0, max_chars: int = 0):
         self.backend, self.max_batch, self.window, self.block = (
             backend, max(1, max_batch), window_ms / 1000.0, block)
+        self.max_rows, self.max_chars = max_rows, max_chars
+        self._admitted = [0, 0]  # Rows, chars; under _lock (event loop and worker).
+        self._lock = threading.Lock()
         self._pending: queue.Queue[_Row] = queue.Queue()
         self._stop = threading.Event()
         self.calls = 0  # Sampling calls made, for tests and the benchmark.
         self.rows_per_call: list[int] = []
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it ends only on `close` or a bug)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the admission budget is spent (new requests get 429)."""
+        rows, chars = self._admitted
+        return bool(self.max_rows and rows >= self.max_rows
+                    or self.max_chars and chars >= self.max_chars)
+
+    def reserve(self, instances: Sequence[Instance]) -> list[Callable[[], None]]:
+        """Admits a request's rows, all or none, before they are submitted.
+
+        A request alone is always admitted, however large: the limits on one
+        request (`Limits`) bound it.
+
+        Args:
+          instances: the request's rows.
+
+        Returns:
+          One release per row, for `submit`.
+
+        Raises:
+          OverloadedError: when the rows would pass `max_rows` or `max_chars`.
+        """
+        rows, chars = len(instances), sum(i.length for i in instances)
+        with self._lock:
+            held_rows, held_chars = self._admitted
+            if held_rows and (self.max_rows and held_rows + rows > self.max_rows
+                              or self.max_chars and held_chars + chars > self.max_chars):
+                raise OverloadedError(f"the server is busy ({held_rows} rows, {held_chars} chars "
+                                 "queued or running); retry later")
+            self._admitted = [held_rows + rows, held_chars + chars]
+        return [functools.partial(self._release, i.length) for i in instances]
+
+    def _release(self, chars: int) -> None:
+        with self._lock:
+            self._admitted = [self._admitted[0] - 1, self._admitted[1] - chars]
 
     def encode(self, instance: Instance) -> np.ndarray:
         """The ids of a request's prompt, for `submit`.
@@ -100,20 +168,22 @@ class Batcher:
             raise RequestError(str(err)) from err
 
     def submit(self, ids: np.ndarray, instance: Instance,
-               emit: Callable[[str | None, BaseException | None], None]) -> _Row:
+               emit: Callable[[str | None, BaseException | None], None],
+               release: Callable[[], None] = lambda: None) -> _Row:
         """Queues one row; `emit(text, None)` per block, then `emit(None, None)` (or an error).
 
         Args:
           ids: the prompt's ids, from `encode`.
           instance: the request's length, seed and settings.
           emit: called on the worker thread with each block's text, or an error.
+          release: from `reserve`, called once when the row ends or leaves.
 
         Returns:
           The row; setting its `cancelled` drops it at the next block.
         """
-        row = _Row(ids, instance, emit)
+        row = _Row(ids, instance, emit, release)
         if self._stop.is_set():
-            row.send(None, RuntimeError("the server is shutting down"))
+            row.send(None, UnavailableError("the server is shutting down"))
         elif instance.length == 0:
             row.send(None)
         else:
@@ -169,6 +239,12 @@ class Batcher:
                     new.append(self._pending.get_nowait())
                 except queue.Empty:
                     break
+            for row in new:  # Clients that left while their rows waited.
+                if row.cancelled:
+                    row.end()
+            new = [row for row in new if not row.cancelled]
+            if not rows and not new:
+                continue
             try:
                 if new:
                     new_logits, new_states = self.backend.begin([r.ids for r in new])
@@ -183,7 +259,7 @@ class Batcher:
                 for row in rows + new:
                     row.send(None, err)
                 rows, logits, states = [], None, None
-        stopping = RuntimeError("the server is shutting down")
+        stopping = UnavailableError("the server is shutting down")
         for row in rows:
             row.send(None, stopping)
         while not self._pending.empty():
@@ -215,7 +291,9 @@ class Batcher:
             row.send(self.backend.vocab.decode(ids[i, :take].tolist()))
             if row.done >= row.instance.length:
                 row.send(None)
-            elif not row.cancelled:
+            elif row.cancelled:
+                row.end()
+            else:
                 keep.append(i)
         if len(keep) == size:
             return rows, new_logits, new_states

@@ -59,12 +59,19 @@ class Instance:
 
 def _number(name: str, value: Any, kind: type, low: float, high: float) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{name} must be a number, got {json.dumps(value)[:40]}")
-    if kind is int and (not float(value).is_integer()):
+        raise RequestError(f"{name} must be a number, got {_short(value)}")
+    # Bounds first: float() of a 400-digit integer overflows, and its text is long.
+    if isinstance(value, float) and not math.isfinite(value) or not low <= value <= high:
+        raise RequestError(f"{name} must be in [{low:g}, {high:g}], got {_short(value)}")
+    if kind is int and not float(value).is_integer():
         raise RequestError(f"{name} must be a whole number, got {value}")
-    if not math.isfinite(value) or not low <= value <= high:
-        raise RequestError(f"{name} must be in [{low:g}, {high:g}], got {value}")
     return kind(value)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """`value` as JSON, cut to `limit` chars: error texts stay short whatever was sent."""
+    text = json.dumps(value) if isinstance(value, (int, float)) else repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_instance(raw: Any, defaults: dict[str, Any], limits: Limits,
@@ -87,7 +94,7 @@ def parse_instance(raw: Any, defaults: dict[str, Any], limits: Limits,
     fields = {**defaults, **raw}
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RequestError(f"unknown field {unknown[0]!r}; known: {', '.join(FIELDS)}")
+        raise RequestError(f"unknown field {_short(unknown[0])}; known: {', '.join(FIELDS)}")
     prompt = fields.get("prompt", "")
     if not isinstance(prompt, str):
         raise RequestError("prompt must be a string")
@@ -124,7 +131,10 @@ def decode_json(body: bytes) -> Any:
     except UnicodeDecodeError as err:
         raise RequestError(f"the body is not UTF-8: {err.reason} at byte {err.start}") from err
     except ValueError as err:
-        raise RequestError(f"the body is not valid JSON: {str(err).splitlines()[0]}") from err
+        raise RequestError(f"the body is not valid JSON: {str(err).splitlines()[0][:80]}"
+                           ) from err
+    except RecursionError as err:
+        raise RequestError("the body's JSON is nested too deeply") from err
 
 
 def parse_predict(body: bytes, limits: Limits, rng: random.Random) -> list[Instance]:
@@ -135,7 +145,7 @@ def parse_predict(body: bytes, limits: Limits, rng: random.Random) -> list[Insta
     instances, defaults = data["instances"], data.get("parameters") or {}
     unknown = sorted(set(data) - {"instances", "parameters"})
     if unknown:
-        raise RequestError(f"unknown top-level field {unknown[0]!r}")
+        raise RequestError(f"unknown top-level field {_short(unknown[0])}")
     if not isinstance(instances, list) or not instances:
         raise RequestError('"instances" must be a non-empty list')
     if len(instances) > limits.max_instances:

@@ -1,15 +1,24 @@
 """The HTTP side of `trainer.serve`: routes, JSON errors and server-sent events (FastAPI).
 
 Routes (the first two named by Vertex AI's AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE):
-  GET  /health    200 {"status": "ready", ...} once the model is loaded
+  GET  /health    200 {"status": "ready", ...}; 503 when the batcher has stopped or
+                  its queue is full
   POST /predict   {"instances": [...], "parameters": {...}} -> {"predictions": [...]}
   POST /stream    one instance -> text/event-stream: `data: {"text": ...}` per block,
                   then `event: done` with the settings (or `event: error`)
   GET  /info      the model's name, config, best checkpoint and the request limits
   GET  /          a page to try the model in a browser
+  /v1/...         OpenAI's completions API (`trainer.serving.openai`), also under
+                  a second prefix (KServe's /openai/v1)
 
-Every refused request gets HTTP 400 and a one-line `{"error": "..."}`; a failure
-inside the server gets 500 with the same shape. Nothing a client sends stops it.
+Every refused request gets a 4xx and a one-line `{"error": "..."}` (OpenAI's
+shape on its routes): 400 bad input, 408 a body too slow, 415 a body not sent as
+application/json, 429 the queue is full (with Retry-After); 503 past the
+request's deadline or while stopping. A failure inside the server gets 500
+without internal details (the log has them). Nothing a client sends stops it.
+Two answers come from below the application, in plain text: a foreign Host
+header (400, starlette's TrustedHostMiddleware) and connections past the limit
+(503, uvicorn); see `trainer.serving.server`.
 """
 
 from __future__ import annotations
@@ -21,51 +30,32 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from trainer.serving import page
-from trainer.serving.batcher import Batcher
-from trainer.serving.request import (
-    Instance,
-    Limits,
-    RequestError,
-    parse_predict,
-    parse_stream,
+from trainer.serving import openai, page, schemas
+from trainer.serving.batcher import Batcher, UnavailableError
+from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
+from trainer.serving.transport import (
+    LOG,
+    ClientGoneError,
+    Timing,
+    admit,
+    public_message,
+    read_body,
+    status_of,
+    to_queue,
+    watch,
 )
 
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (RequestError) as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"the body has {declared} bytes, over the limit of {limit}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError(f"the body has over {limit} bytes, the limit")
-    return bytes(body)
-
-
-def _subscribe(batcher: Batcher, instance: Instance, ids: Any) -> tuple[asyncio.Queue, Any]:
-    """Submits one row; its blocks arrive on the returned queue as (text, error) pairs."""
-    loop = asyncio.get_running_loop()
-    blocks: asyncio.Queue = asyncio.Queue()
-    row = batcher.submit(ids, instance,
-                         lambda text, err: loop.call_soon_threadsafe(blocks.put_nowait,
-                                                                     (text, err)))
-    return blocks, row
+# Seconds a refused client is asked to wait (429, 503): about one long request.
+RETRY_AFTER = "2"
 
 
 async def _collect(blocks: asyncio.Queue) -> str:
     parts = []
     while True:
-        text, err = await blocks.get()
+        _, text, err = await blocks.get()
         if err is not None:
             raise err
         if text is None:
@@ -79,81 +69,117 @@ def _event(data: dict[str, Any], kind: str | None = None) -> str:
 
 
 def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str = "/health",
-               predict_route: str = "/predict", seed: int | None = None) -> FastAPI:
+               predict_route: str = "/predict", seed: int | None = None,
+               timing: Timing | None = None,
+               openai_prefixes: tuple[str, ...] = openai.PREFIXES) -> FastAPI:
     """The FastAPI application over a running `Batcher`.
 
     Args:
       batcher: runs the model.
       limits: what one request may ask for.
-      health_route, predict_route: Vertex AI's AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE.
+      health_route: Vertex AI's AIP_HEALTH_ROUTE.
+      predict_route: Vertex AI's AIP_PREDICT_ROUTE.
       seed: seeds the draw of seeds for instances that give none (tests); None: fresh.
+      timing: how long a body and a request may take.
+      openai_prefixes: where OpenAI's routes are served (each gets all of them).
+
+    Returns:
+      The application, its OpenAPI schema at /openapi.json.
     """
-    limits = limits or Limits()
-    app = FastAPI(title="char-lstm", docs_url=None, redoc_url=None, openapi_url=None)
+    limits, timing = limits or Limits(), timing or Timing()
+    app = FastAPI(title="char-lstm", docs_url=None, redoc_url=None)
     rng = random.Random(seed)
-    info = {**batcher.backend.info, "vocab_size": batcher.backend.vocab.size,
+    # No file system or bucket paths: a client has no use for them.
+    info = {**{k: v for k, v in batcher.backend.info.items() if k != "path"},
+            "vocab_size": batcher.backend.vocab.size,
             "limits": {"max_length": limits.max_length,
                        "max_prompt_chars": limits.max_prompt_chars,
                        "max_instances": limits.max_instances,
                        "max_body_bytes": limits.max_body_bytes},
             "routes": {"health": health_route, "predict": predict_route, "stream": "/stream"}}
 
-    @app.exception_handler(RequestError)
-    async def refused(request: Request, err: RequestError) -> JSONResponse:
-        return _error(400, str(err))
+    def error(request: Request, status: int, message: str) -> JSONResponse:
+        retry = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
+        if openai.is_openai_path(request.url.path, openai_prefixes):
+            return JSONResponse(openai.error_body(status, message), status, headers=retry)
+        return JSONResponse({"error": message}, status, headers=retry)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, err: Exception) -> Response:
+        status = status_of(err)
+        if status == 500:
+            LOG.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return error(request, status, public_message(err))
+
+    # Registered by class too, so that they are answered without the traceback that the
+    # catch-all handler's path logs.
+    for kind in (RequestError, UnavailableError):
+        app.add_exception_handler(kind, failed)
+
+    @app.exception_handler(ClientGoneError)
+    async def gone(request: Request, err: ClientGoneError) -> Response:
+        LOG.warning("%s %s: %s", request.method, request.url.path, err)
+        return Response(status_code=400)  # Nobody reads it.
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
-        return _error(err.status_code, err.detail)
+        return error(request, err.status_code, " ".join(str(err.detail).split())[:300])
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        return _error(400, f"bad request: {err.errors()[0].get('msg', err)}")
+        return error(request, 400, "bad request")
 
-    @app.exception_handler(Exception)
-    async def failed(request: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(err).__name__}: {err}")
-
-    @app.get(health_route)
-    async def health() -> dict[str, Any]:
-        return {"status": "ready", "model": info["name"]}
+    @app.get(health_route, responses=schemas.responses(503))
+    async def health() -> JSONResponse:
+        problem = ("the batcher has stopped" if not batcher.alive
+                   else "the queue is full" if batcher.saturated else None)
+        if problem:
+            return JSONResponse({"error": problem}, 503, headers={"Retry-After": RETRY_AFTER})
+        return JSONResponse({"status": "ready", "model": info["name"]})
 
     @app.get("/info")
     async def describe() -> dict[str, Any]:
         return info
 
     @app.get("/", response_class=HTMLResponse)
-    async def index() -> str:
-        return page.PAGE
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page.PAGE, headers=page.HEADERS)
 
-    @app.post(predict_route)
+    @app.post(predict_route, openapi_extra=schemas.body(schemas.PredictRequest),
+              responses=schemas.responses(400, 408, 415, 429, 503))
     async def predict(request: Request) -> dict[str, Any]:
-        found = parse_predict(await read_body(request, limits.max_body_bytes),
-                                        limits, rng)
-        encoded = [batcher.encode(instance) for instance in found]  # All checked first.
-        queues = [_subscribe(batcher, instance, ids)[0]
-                  for instance, ids in zip(found, encoded)]
-        texts = await asyncio.gather(*(_collect(q) for q in queues))
+        found = parse_predict(
+            await read_body(request, limits.max_body_bytes, timing.body_seconds), limits, rng)
+        queues = [asyncio.Queue() for _ in found]
+        rows = admit(batcher, found, [to_queue(q) for q in queues])
+        texts = await watch(request, rows, asyncio.gather(*(_collect(q) for q in queues)),
+                            timing.deadline_seconds)
         return {"predictions": [{"text": text, **instance.describe()}
                                 for text, instance in zip(texts, found)]}
 
-    @app.post("/stream")
+    @app.post("/stream", openapi_extra=schemas.body(schemas.StreamRequest),
+              responses=schemas.responses(400, 408, 415, 429, 503, stream=True))
     async def stream(request: Request) -> StreamingResponse:
-        instance = parse_stream(await read_body(request, limits.max_body_bytes),
-                                          limits, rng)
-        blocks, row = _subscribe(batcher, instance, batcher.encode(instance))
+        instance = parse_stream(
+            await read_body(request, limits.max_body_bytes, timing.body_seconds), limits, rng)
+        blocks: asyncio.Queue = asyncio.Queue()
+        (row,) = admit(batcher, [instance], [to_queue(blocks)])
 
         async def events():
             try:
-                while True:
-                    text, err = await blocks.get()
-                    if err is not None:
-                        yield _event({"error": f"{type(err).__name__}: {err}"}, "error")
-                        return
-                    if text is None:
-                        yield _event(instance.describe(), "done")
-                        return
-                    yield _event({"text": text})
+                async with asyncio.timeout(timing.deadline_seconds or None):
+                    while True:
+                        _, text, err = await blocks.get()
+                        if err is not None:
+                            yield _event({"error": public_message(err)}, "error")
+                            return
+                        if text is None:
+                            yield _event(instance.describe(), "done")
+                            return
+                        yield _event({"text": text})
+            except TimeoutError:
+                yield _event({"error": "the request ran past its deadline of "
+                                       f"{timing.deadline_seconds:g} s"}, "error")
             finally:
                 row.cancelled = True  # A client that left stops its row at the next block.
 
@@ -161,4 +187,5 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
+    openai.add_routes(app, batcher, limits, timing, rng, info["name"], openai_prefixes)
     return app

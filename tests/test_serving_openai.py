@@ -1,0 +1,136 @@
+"""OpenAI's completions API on trainer.serve, through the official `openai` client, and a
+Schemathesis run from the server's own OpenAPI schema."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from serve_helpers import VOCAB, LiveServer, module_job, request
+
+from trainer.sampling.sampler import Sampler, Settings
+from trainer.serving import backends, batcher
+from trainer.serving.openai import StopScanner
+
+openai = pytest.importorskip("openai", reason="openai is in the test extra")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    return module_job(tmp_path_factory.mktemp("openai"))
+
+
+@pytest.fixture(scope="module")
+def server(job):
+    running = LiveServer(batcher.Batcher(backends.load_backend(job[0]), max_batch=8,
+                                         window_ms=20, block=16))
+    yield running
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def sampler(job):
+    return Sampler(job[1], VOCAB)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="EMPTY", max_retries=0,
+                         timeout=60)
+
+
+def test_models_and_a_completion_equal_the_sampler(client, sampler):
+    assert [m.id for m in client.models.list().data] == ["job"]
+    out = client.completions.create(model="job", prompt="the cat", max_tokens=40, seed=3,
+                                    temperature=0.9, extra_body={"colour": "ignored"})
+    (choice,) = out.choices
+    assert choice.text == sampler.generate(["the cat"], 40, Settings(0.9), [3])[0]
+    assert choice.finish_reason == "length" and out.object == "text_completion"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (7, 40)
+    greedy = client.completions.create(model="job", prompt="ab", max_tokens=20, temperature=0)
+    assert greedy.choices[0].text == sampler.generate(["ab"], 20, Settings(greedy=True))[0]
+
+
+def test_prompts_times_n_choices_and_the_stream_adds_up(client, sampler):
+    out = client.completions.create(model="job", prompt=["the ", "a"], n=2, max_tokens=30,
+                                    seed=10, top_p=0.8)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    want = [sampler.generate([p], 30, Settings(1.0, top_p=0.8), [10 + i])[0]
+            for i, p in enumerate(["the ", "the ", "a", "a"])]
+    assert [c.text for c in out.choices] == want
+    chunks = list(client.completions.create(model="job", prompt=["the ", "a"], n=2,
+                                            max_tokens=30, seed=10, top_p=0.8, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = [""] * 4
+    for chunk in chunks[:-1]:
+        for c in chunk.choices:
+            texts[c.index] += c.text
+    assert texts == want and chunks[-1].usage.completion_tokens == 120
+
+
+def test_stop_ends_the_text_before_it_streamed_and_not(client, sampler):
+    full = sampler.generate(["the "], 80, Settings(), [5])[0]
+    stop = full[30:33]
+    cut = full[:full.index(stop)]
+    out = client.completions.create(model="job", prompt="the ", max_tokens=80, seed=5,
+                                    temperature=0.8, stop=[stop, "\u00a7never"])
+    assert (out.choices[0].text, out.choices[0].finish_reason) == (cut, "stop")
+    chunks = list(client.completions.create(model="job", prompt="the ", max_tokens=80,
+                                            seed=5, temperature=0.8, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == cut
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    scanner = StopScanner(["xyz"])
+    assert scanner.feed("abx") == ("a", False) and scanner.feed("yz!") == ("b", True)
+
+
+def test_errors_in_openai_shape(client, server):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="job", prompt="a", max_tokens=301)
+    with pytest.raises(openai.BadRequestError, match="stop takes up to 4"):
+        client.completions.create(model="job", prompt="a", stop=list("abcde"))
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model="job", messages=[{"role": "user",
+                                                                "content": "hi"}])
+    status, body = request(server.url("/v1/completions"), {"prompt": "a#", "max_tokens": 3})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error" and "'#'" in error[
+        "message"]
+
+
+def test_kserve_prefix(server, sampler):
+    other = openai.OpenAI(base_url=server.url("/openai/v1"), api_key="EMPTY", max_retries=0)
+    out = other.completions.create(model="job", prompt="to be", max_tokens=12, seed=2)
+    assert out.choices[0].text == sampler.generate(["to be"], 12, Settings(1.0), [2])[0]
+
+
+def test_schemathesis_finds_no_5xx_and_answers_conform(server):
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extra")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import checks
+    from schemathesis.specs.openapi import checks as openapi_checks
+
+    schema = schemathesis.openapi.from_url(server.url("/openapi.json"))
+    run = [checks.not_a_server_error, openapi_checks.status_code_conformance,
+           openapi_checks.content_type_conformance, openapi_checks.response_schema_conformance]
+    tried = 0
+    for found in schema.get_all_operations():
+        operation = found.ok()
+        # Valid requests, then requests that break the schema (where one can: a route
+        # without parameters or a body has no invalid request).
+        for mode in schemathesis.GenerationMode:
+
+            @settings(max_examples=8, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(case=operation.as_strategy(mode))
+            def fuzz(case):
+                case.call_and_validate(base_url=server.url(""), checks=run, timeout=60)
+
+            try:
+                fuzz()
+            except Unsatisfiable:
+                assert mode == schemathesis.GenerationMode.NEGATIVE
+                continue
+            tried += 1
+    assert tried >= 15
+    assert request(server.url("/health"))[0] == 200
