@@ -15,7 +15,7 @@ import time
 import pytest
 from serve_helpers import LiveServer, make_job_dir, request
 
-from trainer.serving import backends, batcher, openai
+from trainer.serving import backends, batcher, completions
 from trainer.serving.server import default_allowed_hosts, default_host
 from trainer.serving.transport import Timing
 
@@ -261,5 +261,5 @@ def test_defaults_bind_loopback_outside_vertex_and_check_hosts_there():
     assert default_host({"AIP_HTTP_PORT": "8080"}) == "0.0.0.0"
     assert default_allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1"]
     assert default_allowed_hosts("0.0.0.0") == ["*"]
-    assert openai.prefixes("/openai/v1/") == ("/v1", "/openai/v1")
-    assert openai.prefixes("") == ("/v1",)
+    assert completions.prefixes("/openai/v1/") == ("/v1", "/openai/v1")
+    assert completions.prefixes("") == ("/v1",)

@@ -10,7 +10,7 @@ from serve_helpers import VOCAB, LiveServer, module_job, request
 
 from trainer.sampling.sampler import Sampler, Settings
 from trainer.serving import backends, batcher
-from trainer.serving.openai import StopScanner
+from trainer.serving.completions import StopScanner
 
 openai = pytest.importorskip("openai", reason="openai is in the test extra")
 

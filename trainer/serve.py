@@ -81,7 +81,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(fv: flags.FlagValues) -> None:
     """Loads the model and serves it until SIGTERM/SIGINT."""
     try:  # Imported here so that --help never waits for the server stack.
-        from trainer.serving import openai, routes, server
+        from trainer.serving import completions, routes, server
     except ImportError as err:
         raise UserError(f"the server needs FastAPI and uvicorn ({err}): pip install "
                         "'char-lstm-trainer[serve]'") from err
@@ -104,7 +104,7 @@ def run(fv: flags.FlagValues) -> None:
     application = routes.create_app(batcher, limits, endpoint.health_route,
                                     endpoint.predict_route, fv.seed,
                                     Timing(fv.body_seconds, fv.deadline_seconds),
-                                    openai.prefixes(fv.openai_prefix))
+                                    completions.prefixes(fv.openai_prefix))
     network = server.Network(fv.host or server.default_host(os.environ), endpoint.port,
                              fv.allowed_hosts, fv.max_connections, fv.keep_alive_seconds,
                              fv.head_seconds, fv.shutdown_seconds)

@@ -8,7 +8,7 @@ Routes (the first two named by Vertex AI's AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE)
                   then `event: done` with the settings (or `event: error`)
   GET  /info      the model's name, config, best checkpoint and the request limits
   GET  /          a page to try the model in a browser
-  /v1/...         OpenAI's completions API (`trainer.serving.openai`), also under
+  /v1/...         OpenAI's completions API (`trainer.serving.completions`), also under
                   a second prefix (KServe's /openai/v1)
 
 Every refused request gets a 4xx and a one-line `{"error": "..."}` (OpenAI's
@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from trainer.serving import openai, page, schemas
+from trainer.serving import completions, page, schemas
 from trainer.serving.batcher import Batcher, UnavailableError
 from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
 from trainer.serving.transport import (
@@ -71,7 +71,7 @@ def _event(data: dict[str, Any], kind: str | None = None) -> str:
 def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str = "/health",
                predict_route: str = "/predict", seed: int | None = None,
                timing: Timing | None = None,
-               openai_prefixes: tuple[str, ...] = openai.PREFIXES) -> FastAPI:
+               openai_prefixes: tuple[str, ...] = completions.PREFIXES) -> FastAPI:
     """The FastAPI application over a running `Batcher`.
 
     Args:
@@ -100,8 +100,8 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
 
     def error(request: Request, status: int, message: str) -> JSONResponse:
         retry = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
-        if openai.is_openai_path(request.url.path, openai_prefixes):
-            return JSONResponse(openai.error_body(status, message), status, headers=retry)
+        if completions.is_openai_path(request.url.path, openai_prefixes):
+            return JSONResponse(completions.error_body(status, message), status, headers=retry)
         return JSONResponse({"error": message}, status, headers=retry)
 
     @app.exception_handler(Exception)
@@ -187,5 +187,5 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
 
-    openai.add_routes(app, batcher, limits, timing, rng, info["name"], openai_prefixes)
+    completions.add_routes(app, batcher, limits, timing, rng, info["name"], openai_prefixes)
     return app
