@@ -109,13 +109,12 @@ def config_json(cfg: Config, job: checkpoints.JobDir, base: Base | None,
     """
     values = cfg.to_dict()
     if base is not None:
-        record = {"job_dir": base.job_dir, "weights": base.pointer["weights"],
-                  "md5": base.pointer.get("files", {}).get(base.pointer["weights"], {})
-                  .get("md5"), "epoch": base.pointer.get("epoch"),
-                  "step": base.pointer.get("step"), "monitor": base.pointer.get("monitor"),
-                  "value": base.pointer.get("value"),
-                  "base_vocab_size": base.vocab.size, "added_chars": vocab.size - base.vocab.size}
-        values[RECORD] = record
+        pointer, weights = base.pointer, base.pointer["weights"]
+        values[RECORD] = {
+            "job_dir": base.job_dir, "weights": weights,
+            "md5": pointer.get("files", {}).get(weights, {}).get("md5"),
+            **{k: pointer.get(k) for k in ("epoch", "step", "monitor", "value")},
+            "base_vocab_size": base.vocab.size, "added_chars": vocab.size - base.vocab.size}
     else:
         saved = job.read("config.json")
         kept = json.loads(saved).get(RECORD) if saved else None
