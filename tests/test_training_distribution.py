@@ -220,3 +220,9 @@ def test_early_stopping_is_one_decision_for_every_worker(corpus, tmp_path):
     assert _done(logs[0]) == _done(logs[1])
     with open(os.path.join(job, "metrics.jsonl")) as f:
         assert [json.loads(line)["improved"] for line in f] == [True, False, False]
+    # The count came back with the chief's checkpoint: the same command trains no further.
+    codes, logs = _run(args, tmp_path, "rerun")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for log in logs:
+        assert "resumed from ckpt/ckpt-6 at step 6" in log and "the job stopped early" in log
+    assert latest_step(job) == 6
