@@ -364,3 +364,15 @@ def test_init_from_another_architecture_names_the_field(base_job, corpus, tmp_pa
     assert "\n" not in str(err.value)
     with pytest.raises(UserError, match="is not a job directory"):
         train.train(tiny(corpus, tmp_path / "job", init_from=str(tmp_path / "nothing")))
+
+
+def test_init_from_a_base_in_a_bucket(base_job, corpus, gcs_bucket, tmp_path):
+    bucket = gcs_bucket()
+    pointer = read_json(os.path.join(base_job, checkpoints.BEST))
+    for name in ("config.json", "vocab.json", checkpoints.BEST, pointer["weights"]):
+        storage.copy_file(os.path.join(base_job, name), storage.join(bucket, "base", name))
+    cfg = tiny(corpus, tmp_path, epochs=1, steps_per_epoch=1, sample_length=0,
+               init_from=f"{bucket}/base")
+    train.train(cfg)
+    record = read_json(tmp_path / "config.json")[init_from.RECORD]
+    assert record["job_dir"] == f"{bucket}/base" and record["weights"] == pointer["weights"]
