@@ -45,6 +45,10 @@ class Base:
 def load_base(cfg: Config, job: checkpoints.JobDir) -> Base | None:
     """Reads the --init_from job's config, vocabulary and best pointer and checks them.
 
+    Args:
+      cfg: this run's config (init_from, job_dir and the model fields are read).
+      job: this run's job directory.
+
     Returns:
       The base, or None without --init_from or when the job directory already holds
       resume checkpoints (the job resumes from its own).
@@ -81,6 +85,14 @@ def load_base(cfg: Config, job: checkpoints.JobDir) -> Base | None:
 def vocabulary(cfg: Config, base: Base, counts: collections.Counter) -> Vocabulary:
     """The base's vocabulary, extended by this training text's new characters.
 
+    Args:
+      cfg: init_new_chars is read.
+      base: from `load_base`.
+      counts: the characters of this job's training text and how often each occurs.
+
+    Returns:
+      The vocabulary of the job, logged with how many characters were added.
+
     Raises:
       UserError: with --init_new_chars=refuse, when the text has characters the base
         vocabulary lacks (the line names a few).
@@ -106,6 +118,15 @@ def config_json(cfg: Config, job: checkpoints.JobDir, base: Base | None,
     A job that starts from the base records the base's job directory, the weights file
     best.json named and its md5, and how many characters were added. A resumed job
     keeps the record its first run wrote.
+
+    Args:
+      cfg: this run's config.
+      job: this run's job directory (its saved config.json is read for the record).
+      base: from `load_base`; None for a resumed or an ordinary job.
+      vocab: the job's vocabulary.
+
+    Returns:
+      The JSON text, as `Config.to_json` writes it plus the record.
     """
     values = cfg.to_dict()
     if base is not None:
@@ -129,6 +150,11 @@ def load_weights(model: keras.Model, base: Base, vocab: Vocabulary) -> None:
     Each weight is copied into the leading corner of the model's: all of it, except for
     the embedding's and the output layer's rows of the added ids, which keep the values
     the fresh model was initialised with.
+
+    Args:
+      model: built under the job's strategy for `vocab`; every replica's copy is assigned.
+      base: from `load_base`.
+      vocab: the job's vocabulary, the base's with any added characters after it.
 
     Raises:
       UserError: the base's weights cannot be loaded, its best checkpoint changed since
