@@ -86,3 +86,19 @@ def test_load_rejects_a_corrupt_vocab_file(tmp_path):
     path = _write(tmp_path, "vocab.json", b"{not json")
     with pytest.raises(UserError, match="not a valid vocabulary"):
         Vocabulary.load(path)
+
+
+def test_extended_keeps_every_old_id_and_adds_new_chars_after_them():
+    base = Vocabulary.from_counts(vocabulary.count_chars("the cat"))
+    new = base.extended(vocabulary.count_chars("Zebra ate the cat!"))
+    assert new.chars[:len(base.chars)] == base.chars  # Old ids keep their characters.
+    assert new.chars[len(base.chars):] == ("!", "Z", "b", "r")  # Code-point order after them.
+    assert list(new.encode("the cat")) == list(base.encode("the cat"))
+    assert new.decode(new.encode("Zebra!")) == "Zebra!" and OOV_ID not in new.encode("Zebra!")
+    assert Vocabulary.from_json(new.to_json()) == new  # Its order survives vocab.json.
+    assert base.extended(vocabulary.count_chars("cat")) == base
+    # 255 chars fill uint8's ids (with OOV); one more widens the dtype, ids unchanged.
+    wide = Vocabulary([chr(0x100 + i) for i in range(255)])
+    assert wide.dtype == np.uint8
+    wider = wide.extended(vocabulary.count_chars("a"))
+    assert wider.dtype == np.uint16 and wider.encode("a\u0100").tolist() == [256, 1]

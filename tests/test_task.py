@@ -47,7 +47,7 @@ def test_every_field_carries_its_own_help_and_enums_their_choices():
     assert helps["adam_beta1"] != helps["adam_beta2"]
     assert config.field_choices()["precision"] == config.PRECISIONS
     assert set(config.field_choices()) == {"objective", "strategy", "precision", "lr_schedule",
-                                           "monitor"}
+                                           "monitor", "init_new_chars"}
     flag_values = flags.FlagValues()
     task.define_flags(flag_values)
     assert flag_values["monitor"].help.endswith(helps["monitor"])
@@ -55,6 +55,8 @@ def test_every_field_carries_its_own_help_and_enums_their_choices():
     assert tuple(flag_values["precision"].parser.enum_values) == config.PRECISIONS
     with pytest.raises(UserError, match="--lr_schedule must be one of cosine, constant"):
         Config(train_data="x", job_dir="y", lr_schedule="linear").validate()
+    with pytest.raises(UserError, match="--early_stopping_patience must be >= 0, got -1"):
+        Config(train_data="x", job_dir="y", early_stopping_patience=-1).validate()
 
 
 def test_presets_load_and_later_flags_override_them():

@@ -203,3 +203,26 @@ def test_a_lost_peer_becomes_one_line_only_in_a_multi_worker_job():
     assert "unhealthy" in str(lost)
     assert distribution.lost_worker(err, distribution.Placement(1, 0, True, 2)) is None
     assert distribution.lost_worker(ValueError("x"), distribution.Placement(2, 0, True, 2)) is None
+
+
+def test_early_stopping_is_one_decision_for_every_worker(corpus, tmp_path):
+    # A rate too small to move a float32 weight: every validation after the first ties,
+    # and the chief's count of them, agreed with the clock, stops both workers.
+    job = str(tmp_path / "job")
+    args = job_args(corpus, job, "--epochs=20", "--steps_per_epoch=2", "--val_steps=1",
+                    "--learning_rate=1e-12", "--lr_schedule=constant",
+                    "--early_stopping_patience=2")
+    codes, logs = _run(args, tmp_path, "first")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    stopped = [_step(r"early stopping: 2 validation\(s\) without an improvement of val_loss "
+                     r"\(best [0-9.]+\); the job stops at step (\d+)", log) for log in logs]
+    assert stopped[0] == stopped[1] == latest_step(job) == 6
+    assert _done(logs[0]) == _done(logs[1])
+    with open(os.path.join(job, "metrics.jsonl")) as f:
+        assert [json.loads(line)["improved"] for line in f] == [True, False, False]
+    # The count came back with the chief's checkpoint: the same command trains no further.
+    codes, logs = _run(args, tmp_path, "rerun")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for log in logs:
+        assert "resumed from ckpt/ckpt-6 at step 6" in log and "the job stopped early" in log
+    assert latest_step(job) == 6

@@ -16,8 +16,10 @@ import sys
 import time
 
 import pytest
+from training_jobs import metrics, tiny
 
 from trainer import storage
+from trainer.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "we", "see", "the", "sea", "while",
@@ -278,3 +280,22 @@ def test_files_still_unuploaded_at_the_end_are_named_with_their_local_copies(
     assert len(error) == 1 and "could not be uploaded" in error[0]
     local = error[0].split("kept: ")[1].split(" -> ")[0]
     assert local.startswith(str(stage)) and os.path.exists(local)
+
+
+def test_early_stopping_stops_after_the_patience_and_a_rerun_stays_stopped(
+        shards, tmp_path, caplog):
+    # A rate too small to move a float32 weight: every validation after the first ties.
+    cfg = tiny(os.path.join(shards, "*.txt"), tmp_path, epochs=10, steps_per_epoch=2,
+               learning_rate=1e-12, lr_schedule="constant", sample_length=0, val_steps=1,
+               early_stopping_patience=2)
+    caplog.set_level("INFO", logger="absl")
+    summary = train.train(cfg)
+    assert [h["improved"] for h in metrics(tmp_path)] == [True, False, False]
+    assert summary["step"] == 6 == _latest_step(str(tmp_path))
+    assert any("early stopping: 2 validation(s) without an improvement of val_loss" in
+               r.getMessage() and "stops at step 6" in r.getMessage() for r in caplog.records)
+    # The count is in the checkpoint: the same command does not train further.
+    caplog.clear()
+    assert train.train(cfg) == {}
+    assert len(metrics(tmp_path)) == 3 and _latest_step(str(tmp_path)) == 6
+    assert any("the job stopped early" in r.getMessage() for r in caplog.records)

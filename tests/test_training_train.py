@@ -10,15 +10,18 @@ import json
 import logging
 import math
 import os
+import shutil
 
+import keras
 import pytest
+import tensorflow as tf
 from training_jobs import flags_of, free_port, metrics, read_json, start_task, tiny
 
-from trainer import checkpoints, storage
+from trainer import checkpoints, models, storage
 from trainer.config import Config
-from trainer.data import index
+from trainer.data import index, vocabulary
 from trainer.errors import UserError
-from trainer.training import distribution, loop, precision, train
+from trainer.training import distribution, init_from, loop, precision, train
 
 
 def test_tiny_run_learns_and_writes_a_usable_job_dir(corpus, tmp_path):
@@ -259,3 +262,106 @@ def test_auto_precision_follows_the_cpu_flags(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(precision.tf.config, "list_logical_devices",
                         lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
     assert precision.resolve_precision(auto, zen4).precision == "float32"  # cuDNN: no bfloat16.
+
+
+@pytest.fixture(scope="module")
+def base_job(corpus, tmp_path_factory) -> str:
+    """A few steps of a tiny job, the base that the fine-tuning tests start from."""
+    job = tmp_path_factory.mktemp("base")
+    train.train(tiny(corpus, job, epochs=1, steps_per_epoch=4, sample_length=0))
+    return str(job)
+
+
+def _text(tmp_path, name: str, text: str) -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+def test_fine_tuning_starts_from_the_base_weights(base_job, tmp_path):
+    # Every 32-char window of this text is the same, so any batch's loss is that window's.
+    window = "the cat " * 5
+    data = _text(tmp_path, "cat.txt", "the cat " * 200)
+    cfg = tiny(data, tmp_path / "tuned", epochs=1, steps_per_epoch=1, sample_length=0,
+               init_from=base_job)
+    train.train(cfg)
+    _, base_vocab, base_model, pointer = checkpoints.load_job(base_job)
+    ids = base_vocab.encode(window[:33]).astype("int32")
+    logits = base_model(ids[None, :-1])
+    expected = float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+        ids[None, 1:], logits, from_logits=True)))
+    assert metrics(tmp_path / "tuned")[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    # The base's vocabulary as it is (its chars this text lacks included), nothing added.
+    assert read_json(tmp_path / "tuned" / "vocab.json")["chars"] == list(base_vocab.chars)
+    record = read_json(tmp_path / "tuned" / "config.json")[init_from.RECORD]
+    assert record["job_dir"] == base_job and record["weights"] == pointer["weights"]
+    assert record["added_chars"] == 0
+
+
+def test_new_chars_get_fresh_rows_and_a_resumed_fine_tuning_job_keeps_its_own(
+        base_job, corpus, tmp_path, caplog):
+    data = _text(tmp_path, "zoo.txt", "Zebras ate the cat! " * 100)
+    cfg = tiny(data, tmp_path / "tuned", epochs=1, steps_per_epoch=2, sample_length=0,
+               init_from=base_job)
+    # The rows the job gets: the base's for old ids, a fresh model's for the added ones.
+    base = init_from.load_base(cfg, checkpoints.JobDir(cfg.job_dir))
+    vocab = init_from.vocabulary(cfg, base, vocabulary.count_chars("Zebras ate the cat! "))
+    added = vocab.chars[len(base.vocab.chars):]
+    assert vocab.chars[:len(base.vocab.chars)] == base.vocab.chars and added == ("!", "Z")
+    model = models.build_model(cfg, vocab.size)
+    fresh = [w.numpy() for w in model.weights]
+    init_from.load_weights(model, base, vocab)
+    _, _, base_model, _ = checkpoints.load_job(base_job)
+    old = base.vocab.size
+    for name, new, was, src in zip([w.path for w in model.weights],
+                                   [w.numpy() for w in model.weights], fresh,
+                                   [w.numpy() for w in base_model.weights], strict=True):
+        corner = tuple(slice(0, n) for n in src.shape)
+        assert (new[corner] == src).all(), name
+        if new.shape != src.shape:
+            rows = (slice(None), slice(old, None)) if "logits/kernel" in name else slice(old, None)
+            assert (new[rows] == was[rows]).all(), name
+
+    caplog.set_level(logging.INFO, logger="absl")
+    train.train(cfg)
+    saved = read_json(tmp_path / "tuned" / "vocab.json")["chars"]
+    assert tuple(saved) == vocab.chars
+    record = read_json(tmp_path / "tuned" / "config.json")[init_from.RECORD]
+    assert record["added_chars"] == 2
+    assert any("2 character(s) of this text added" in r.getMessage() for r in caplog.records)
+    # A resume reads its own checkpoint, vocabulary and record, not the base (gone now).
+    shutil.move(base_job, base_job + "-moved")
+    try:
+        caplog.clear()
+        summary = train.train(cfg.replace(epochs=2))
+    finally:
+        shutil.move(base_job + "-moved", base_job)
+    assert any("resumed from ckpt/ckpt-2 at step 2" in r.getMessage() for r in caplog.records)
+    assert not any("started from" in r.getMessage() for r in caplog.records)
+    assert summary["step"] == 4 and [h["epoch"] for h in metrics(tmp_path / "tuned")] == [1, 2]
+    assert read_json(tmp_path / "tuned" / "vocab.json")["chars"] == saved
+    assert read_json(tmp_path / "tuned" / "config.json")[init_from.RECORD] == record
+    # --init_new_chars=refuse: one line instead.
+    with pytest.raises(UserError, match=r"2 character\(s\) .* lacks \('!Z'\)") as err:
+        train.train(cfg.replace(job_dir=str(tmp_path / "refused"), init_new_chars="refuse"))
+    assert "\n" not in str(err.value)
+
+
+def test_init_from_another_architecture_names_the_field(base_job, corpus, tmp_path):
+    with pytest.raises(UserError, match=r"--init_from=.* holds another model \(rnn_units: "
+                                        r"job directory has 32, this run asks for 48\)") as err:
+        train.train(tiny(corpus, tmp_path / "job", rnn_units=48, init_from=base_job))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="is not a job directory"):
+        train.train(tiny(corpus, tmp_path / "job", init_from=str(tmp_path / "nothing")))
+
+
+def test_init_from_a_base_in_a_bucket(base_job, corpus, gcs_bucket, tmp_path):
+    bucket = gcs_bucket()
+    pointer = read_json(os.path.join(base_job, checkpoints.BEST))
+    for name in ("config.json", "vocab.json", checkpoints.BEST, pointer["weights"]):
+        storage.copy_file(os.path.join(base_job, name), storage.join(bucket, "base", name))
+    cfg = tiny(corpus, tmp_path, epochs=1, steps_per_epoch=1, sample_length=0,
+               init_from=f"{bucket}/base")
+    train.train(cfg)
+    record = read_json(tmp_path / "config.json")[init_from.RECORD]
+    assert record["job_dir"] == f"{bucket}/base" and record["weights"] == pointer["weights"]

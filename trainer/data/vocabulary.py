@@ -6,7 +6,9 @@ character counts that `trainer.data.index` gathers while it scans the corpus.
 
 Ids: 0 is reserved for out-of-vocabulary characters (chars seen only in
 validation data or in a prompt); the training chars take ids 1..N in code-point
-order, so the same counts always give the same ids.
+order, so the same counts always give the same ids. A fine-tuned job's vocabulary
+(`extended`) keeps its base's ids and gives the chars the base lacks the ids after
+them, again in code-point order: ids are then in code-point order within each part.
 """
 
 from __future__ import annotations
@@ -133,6 +135,23 @@ class Vocabulary:
     def from_counts(cls, counts: collections.Counter, lowercase: bool = False) -> Vocabulary:
         chars = sorted(counts, key=ord)
         return cls(chars, [counts[c] for c in chars], lowercase)
+
+    def extended(self, counts: collections.Counter) -> Vocabulary:
+        """This vocabulary with the characters of `counts` it lacks added after its own.
+
+        Every id of this vocabulary keeps its character, so weights trained with it
+        keep their meaning; the counts become those of `counts` (0 for a character it
+        lacks). The id dtype may widen (e.g. past 255 ids).
+
+        Args:
+          counts: the characters of a new training text and how often each occurs.
+
+        Returns:
+          The extended vocabulary (equal to this one when nothing is new).
+        """
+        new = sorted((c for c in counts if c not in self._ids), key=ord)
+        chars = self.chars + tuple(new)
+        return Vocabulary(chars, [counts.get(c, 0) for c in chars], self.lowercase)
 
     @property
     def size(self) -> int:

@@ -8,6 +8,12 @@ steps, at checkpoints and at epoch ends; the same steps on every worker). All
 workers read the same sum, so all save one resume checkpoint at the same step and
 leave together; the chief's clock is the job's clock, and it is kept in the
 checkpoint (`progress["elapsed"]`), so a resumed job continues it.
+
+Early stopping (`--early_stopping_patience`) is decided the same way: the chief
+counts the validations since its best checkpoint last improved, that count goes
+through the same all-reduce to every worker and into the checkpoint
+(`progress["stale"]`), and every worker stops at the same epoch's end once it
+reaches the patience. A rerun restores the count and does not train further.
 """
 
 from __future__ import annotations
@@ -102,19 +108,30 @@ class Loop:
         self.averaged = average.applied if average else contextlib.nullcontext
         self.elapsed = float(progress["elapsed"].numpy())
         self.stop_by: str | None = None
+        self.stale = int(progress["stale"].numpy())
 
     def out_of_time(self) -> bool:
         """True once the agreed job clock passed --train_minutes."""
         limit = self.cfg.train_minutes
         return bool(limit) and self.elapsed > 60 * limit
 
+    def stopped_early(self) -> bool:
+        """True once the agreed count of validations without improvement reached the
+        patience (--early_stopping_patience; never when it is 0)."""
+        patience = self.cfg.early_stopping_patience
+        return bool(patience) and self.stale >= patience
+
     def agree(self, stop: StopSignal) -> None:
-        """One collective: any worker's signal, and the chief's clock, for every worker."""
+        """One collective: any worker's signal, and the chief's clock and count of
+        validations without improvement, for every worker."""
         chief = self.agreement.place.is_chief
         sums = self.agreement.sum([stop.received == "SIGTERM", stop.received == "SIGINT",
-                                   self.agreement.elapsed() if chief else 0.0])
+                                   self.agreement.elapsed() if chief else 0.0,
+                                   self.stale if chief else 0])
         self.elapsed = float(sums[2])
         self.progress["elapsed"].assign(self.elapsed)
+        self.stale = int(sums[3])
+        self.progress["stale"].assign(self.stale)
         if self.time_progress is not None and self.cfg.train_minutes:
             self.time_progress.assign(min(1.0, self.elapsed / (60 * self.cfg.train_minutes)))
         self.stop_by = "SIGTERM" if sums[0] else ("SIGINT" if sums[1] else None)
@@ -138,6 +155,17 @@ class Loop:
             while step < total_steps:
                 if self.stop_by:
                     self._stop(stop, step, step // self.steps_per_epoch)
+                if self.stopped_early():
+                    if summary:  # Decided at this run's last epoch end.
+                        logging.info("early stopping: %d validation(s) without an improvement "
+                                     "of %s (best %.4f); the job stops at step %d",
+                                     self.stale, self.cfg.monitor, self.best.best, step)
+                    else:
+                        logging.warning("the job stopped early (%d validations without an "
+                                        "improvement of %s, --early_stopping_patience=%d); "
+                                        "raise the patience to train further", self.stale,
+                                        self.cfg.monitor, self.cfg.early_stopping_patience)
+                    break
                 if self.out_of_time():
                     if summary:  # Reached at an epoch's end.
                         self._log_time_limit(step)
@@ -160,6 +188,8 @@ class Loop:
                     epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
                     improved = self.best.maybe_export(self.model, epoch + 1, step,
                                                       epoch_metrics[self.cfg.monitor])
+                    # The chief's count is the job's: the next agreement hands it on.
+                    self.stale = 0 if improved else self.stale + 1
                     self.progress["best"].assign(self.best.best)
                     self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved,
                                             self.best.best, self.optimizer)

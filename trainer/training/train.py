@@ -31,7 +31,7 @@ from trainer.data import index, lane_pipeline, window_pipeline
 from trainer.data.index import Region
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.training import distribution, evaluation, optimization, precision, steps
+from trainer.training import distribution, evaluation, init_from, optimization, precision, steps
 from trainer.training.distribution import Placement
 from trainer.training.loop import Loop, PreemptedError
 from trainer.training.reporting import Reporter
@@ -58,11 +58,12 @@ def train(cfg: Config) -> dict[str, Any]:
         cfg = settle_config(cfg, place)
         job = checkpoints.JobDir(cfg.job_dir, cfg.local_dir, writer=place.is_chief)
         check_job_dir(cfg, job)
-        plan = plan_data(cfg, job, strategy, place)
-        job.write("config.json", cfg.to_json())
+        base = init_from.load_base(cfg, job)
+        plan = plan_data(cfg, job, strategy, place, base)
+        job.write("config.json", init_from.config_json(cfg, job, base, plan.vocab))
         job.write("vocab.json", plan.vocab.to_json())
         trainable = build_trainable(cfg, strategy, plan)
-        summary, best_pointer = run_loop(cfg, job, strategy, place, plan, trainable)
+        summary, best_pointer = run_loop(cfg, job, strategy, place, plan, trainable, base)
     except distribution.PEER_ERRORS as err:
         lost = distribution.lost_worker(err, place)
         if lost is None:
@@ -118,9 +119,13 @@ class DataPlan:
     val_lane_steps: int
 
 
-def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement
+def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
+                base: init_from.Base | None = None
                 ) -> tuple[Vocabulary, list[Region], list[Region], int]:
     """Scans the corpus (split across workers), and loads or builds the vocabulary.
+
+    A new fine-tuning job (`base`) takes the base's vocabulary, extended by the
+    characters of this training text that it lacks.
 
     A resumed job (vocab.json present) reads again only the files whose fingerprint
     changed since the scan recorded in shards.json; a restart on a large bucket corpus
@@ -136,15 +141,21 @@ def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement
         lowercase=cfg.lowercase, piece_bytes=cfg.piece_bytes, read=job.read, write=job.write,
         reuse=saved is not None, worker=place.worker, num_workers=place.num_workers,
         combine=distribution.sum_over_workers(strategy, place))
-    vocab = (Vocabulary.from_json(saved) if saved
-             else Vocabulary.from_counts(corpus.counts, cfg.lowercase))
+    if saved:
+        vocab = Vocabulary.from_json(saved)
+    elif base:
+        vocab = init_from.vocabulary(cfg, base, corpus.counts)
+    else:
+        vocab = Vocabulary.from_counts(corpus.counts, cfg.lowercase)
     train_regions, val_regions = index.make_regions(corpus, cfg.window, cfg.val_fraction)
     return vocab, train_regions, val_regions, sum(f.chars for f in corpus.split("train"))
 
 
-def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement) -> DataPlan:
+def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
+              base: init_from.Base | None = None) -> DataPlan:
     """Scans the corpus and sizes the passes, epochs and validation; refuses too little text."""
-    vocab, train_regions, val_regions, train_chars = scan_corpus(cfg, job, strategy, place)
+    vocab, train_regions, val_regions, train_chars = scan_corpus(cfg, job, strategy, place,
+                                                                 base)
     sharding = window_pipeline.Sharding(place.worker, place.num_workers)
     global_batch = cfg.batch_size * place.replicas
     lanes_per_worker = cfg.batch_size * place.replicas_per_worker
@@ -214,7 +225,7 @@ class Trainable:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     time_progress: tf.Variable          # Elapsed share of --train_minutes (the schedule's).
-    progress: dict[str, tf.Variable]    # step, best, elapsed (the job's agreed clock).
+    progress: dict[str, tf.Variable]    # step, best, elapsed (the job's agreed clock), stale.
     average: optimization.WeightAverage | None
 
 
@@ -224,10 +235,12 @@ def build_trainable(cfg: Config, strategy: tf.distribute.Strategy, plan: DataPla
     keras.mixed_precision.set_dtype_policy(cfg.precision)
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
-        # elapsed: the job's agreed seconds so far (the chief's clock), set by the loop.
+        # elapsed: the job's agreed seconds so far (the chief's clock), set by the loop;
+        # stale: validations since the last improvement (--early_stopping_patience).
         progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
-                    "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False)}
+                    "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False),
+                    "stale": tf.Variable(0, dtype=tf.int64, trainable=False)}
         model = models.build_model(cfg, plan.vocab.size)
         optimizer, time_progress = optimization.build_optimizer(cfg, plan.total_steps)
         optimizer.build(model.trainable_variables)
@@ -243,9 +256,11 @@ def build_trainable(cfg: Config, strategy: tf.distribute.Strategy, plan: DataPla
 # Stage 4: checkpoints and reporting, then stage 5: the loop.
 
 def run_loop(cfg: Config, job: checkpoints.JobDir, strategy: tf.distribute.Strategy,
-             place: Placement, plan: DataPlan, trainable: Trainable
+             place: Placement, plan: DataPlan, trainable: Trainable,
+             base: init_from.Base | None = None
              ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Resumes, runs the loop to the end (or a stop), and flushes what was written.
+    """Resumes (or starts from `base`'s weights), runs the loop to the end (or a stop),
+    and flushes what was written.
 
     Returns:
       (the loop's summary, the best checkpoint's pointer or None).
@@ -258,6 +273,8 @@ def run_loop(cfg: Config, job: checkpoints.JobDir, strategy: tf.distribute.Strat
                                **({"weight_average": average} if average else {}))
     resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
     restored = resume.restore()
+    if base and not restored:
+        init_from.load_weights(trainable.model, base, plan.vocab)
     step = int(trainable.progress["step"].numpy())
     if restored:
         logging.info("resumed from %s at step %d (epoch %d)", restored["prefix"], step,
