@@ -5,6 +5,7 @@ of about a second so that the slow-client cases take about that long."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import resource
@@ -16,7 +17,7 @@ import pytest
 from serve_helpers import LiveServer, make_job_dir, request
 
 from trainer.serving import backends, batcher, completions
-from trainer.serving.server import default_allowed_hosts, default_host
+from trainer.serving.server import Loading, default_allowed_hosts, default_host
 from trainer.serving.transport import Timing
 
 SECONDS = 1.0  # The test server's head and body timeouts.
@@ -142,7 +143,10 @@ def test_foreign_host_is_refused_and_info_names_no_paths(server):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n")
         answer = _closed_within(sock, 3)[1]
-    assert answer.startswith(b"HTTP/1.1 400 ") and answer.endswith(b"Invalid host header")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"content-type: application/json" in head.lower()
+    assert "--allowed_hosts" in _one_line_error(400, body)
     info = json.loads(request(server.url("/info"))[1])
     assert "path" not in info and "/" not in str(info.get("checkpoint"))
     assert not any(str(v).startswith(("/", "gs://")) for v in info.values())
@@ -263,3 +267,31 @@ def test_defaults_bind_loopback_outside_vertex_and_check_hosts_there():
     assert default_allowed_hosts("0.0.0.0") == ["*"]
     assert completions.prefixes("/openai/v1/") == ("/v1", "/openai/v1")
     assert completions.prefixes("") == ("/v1",)
+
+
+def test_while_the_model_loads_every_request_gets_503_with_retry_after():
+    loading = Loading()
+
+    def call(path: str) -> list[dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+        asyncio.run(loading(scope, receive, send))
+        return sent
+
+    for path in ("/health", "/predict", "/v1/completions"):
+        start, body = call(path)
+        assert start["status"] == 503 and (b"retry-after", b"5") in start["headers"]
+        assert "loading" in _one_line_error(503, body["body"])
+
+    async def loaded(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    loading.app = loaded  # What serve() hands over once the model is ready.
+    assert call("/health")[0]["status"] == 200

@@ -92,33 +92,39 @@ def run(fv: flags.FlagValues) -> None:
     from trainer.serving.transport import Timing
 
     endpoint = vertex_endpoint(fv.model_dir, fv.port)
-    cli.say(f"loading {endpoint.model_dir}")
-    backend = backends.load_within(fv.load_seconds, endpoint.model_dir, fv.checkpoint,
-                                   fv.jit_compile)
-    batcher = Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block,
-                      fv.max_queue_rows, fv.max_queue_chars)
-    if fv.warm_up:
-        cli.say(f"compiling for batches of up to {fv.max_batch} rows")
-        batcher.warm_up()
-    limits = Limits(max_length=fv.max_length, max_instances=fv.max_instances)
-    application = routes.create_app(batcher, limits, endpoint.health_route,
-                                    endpoint.predict_route, fv.seed,
-                                    Timing(fv.body_seconds, fv.deadline_seconds),
-                                    completions.prefixes(fv.openai_prefix))
     network = server.Network(fv.host or server.default_host(os.environ), endpoint.port,
                              fv.allowed_hosts, fv.max_connections, fv.keep_alive_seconds,
                              fv.head_seconds, fv.shutdown_seconds)
-    cli.say(f"serving {backend.info['name']} on http://{network.host}:{endpoint.port}/ "
-            f"(health {endpoint.health_route}, predict {endpoint.predict_route})")
+    batchers: list[Batcher] = []
+
+    def load():  # In a thread, while every request gets 503 (server.Loading).
+        backend = backends.load_within(fv.load_seconds, endpoint.model_dir, fv.checkpoint,
+                                       fv.jit_compile)
+        batchers.append(Batcher(backend, fv.max_batch, fv.batch_window_ms, fv.block,
+                                fv.max_queue_rows, fv.max_queue_chars))
+        if fv.warm_up:
+            cli.say(f"compiling for batches of up to {fv.max_batch} rows")
+            batchers[0].warm_up()
+        cli.say(f"ready: serving {backend.info['name']}")
+        limits = Limits(max_length=fv.max_length, max_instances=fv.max_instances)
+        return routes.create_app(batchers[0], limits,
+                                 endpoint.health_route, endpoint.predict_route, fv.seed,
+                                 Timing(fv.body_seconds, fv.deadline_seconds),
+                                 completions.prefixes(fv.openai_prefix))
+
+    cli.say(f"loading {endpoint.model_dir}; listening on http://{network.host}:"
+            f"{endpoint.port}/ (health {endpoint.health_route}, predict "
+            f"{endpoint.predict_route}: 503 until the model is ready)")
     stops: list[str] = []
     # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again
     # under the handlers it found: these note it, so the process exits 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: stops.append(signal.Signals(number).name))
     try:
-        server.serve(application, network)
+        server.serve(server.Loading(), network, load)
     finally:
-        batcher.close()
+        for batcher in batchers:
+            batcher.close()
     cli.say(f"stopped ({', '.join(stops) or 'server exited'})")
 
 

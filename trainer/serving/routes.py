@@ -16,9 +16,10 @@ shape on its routes): 400 bad input, 408 a body too slow, 415 a body not sent as
 application/json, 429 the queue is full (with Retry-After); 503 past the
 request's deadline or while stopping. A failure inside the server gets 500
 without internal details (the log has them). Nothing a client sends stops it.
-Two answers come from below the application, in plain text: a foreign Host
-header (400, starlette's TrustedHostMiddleware) and connections past the limit
-(503, uvicorn); see `trainer.serving.server`.
+Below the application (`trainer.serving.server`): a foreign Host header gets a
+one-line JSON 400 (starlette's TrustedHostMiddleware decides), every request gets
+503 with Retry-After while the model loads, and connections past the limit get
+uvicorn's own 503, in plain text.
 """
 
 from __future__ import annotations

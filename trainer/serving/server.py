@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,69 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 LOOPBACK_NAMES = ("localhost", "127.0.0.1")
 # Largest request head h11 buffers (uvicorn's default, said here so it stays bounded).
 MAX_HEAD_BYTES = 16 * 1024
+# Seconds a client is asked to wait while the model loads.
+LOADING_RETRY_AFTER = 5
+_HOST_ALLOWED = "trainer.host_allowed"
+
+
+async def _answer(send, status: int, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+                  ) -> None:
+    """One-line JSON answer, as every refusal of this server is."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Loading:
+    """The application while the model loads: 503 with Retry-After to every request
+    (the health route included, so a load balancer waits), then the loaded one.
+
+    The server listens from the start, so a health check during a long load (a big
+    model from a bucket, XLA compiling every batch size) reads "not ready" rather
+    than "connection refused".
+    """
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.app is not None:
+            await self.app(scope, receive, send)
+        elif scope["type"] == "http":
+            await _answer(send, 503, "the model is still loading; retry shortly",
+                          [(b"retry-after", str(LOADING_RETRY_AFTER).encode())])
+
+
+class HostAllowList:
+    """starlette's `TrustedHostMiddleware`, whose refusal of a foreign Host is answered in
+    one-line JSON like every other refusal here (it answers in plain text itself)."""
+
+    def __init__(self, app: Any, allowed_hosts: Sequence[str]):
+        self.app = app
+        self.checker = TrustedHostMiddleware(self._allowed, allowed_hosts=list(allowed_hosts))
+
+    async def _allowed(self, scope, receive, send) -> None:
+        scope[_HOST_ALLOWED] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.checker(scope, receive, send)
+            return
+        refused = False
+
+        async def guarded(message) -> None:
+            nonlocal refused
+            if scope.get(_HOST_ALLOWED):
+                await send(message)
+            elif not refused:  # The checker's plain-text answer is replaced, then dropped.
+                refused = True
+                await _answer(send, 400, "this server does not answer for that Host header "
+                                         "(see --allowed_hosts)")
+
+        await self.checker(scope, receive, guarded)
 
 
 def default_host(environ: dict[str, str]) -> str:
@@ -123,7 +188,7 @@ def config(app: Any, network: Network) -> uvicorn.Config:
     """
     allowed = list(network.allowed_hosts or default_allowed_hosts(network.host))
     protocol = type("Protocol", (HeadTimeoutProtocol,), {"head_seconds": network.head_seconds})
-    return uvicorn.Config(TrustedHostMiddleware(app, allowed_hosts=allowed), host=network.host,
+    return uvicorn.Config(HostAllowList(app, allowed), host=network.host,
                           port=network.port, log_level="warning", http=protocol,
                           limit_concurrency=network.max_connections,
                           timeout_keep_alive=network.keep_alive_seconds,
@@ -131,11 +196,27 @@ def config(app: Any, network: Network) -> uvicorn.Config:
                           timeout_graceful_shutdown=network.shutdown_seconds)
 
 
-def serve(app: Any, network: Network) -> None:
+def serve(app: Any, network: Network, load: Any = None) -> None:
     """Runs `app` until SIGTERM/SIGINT, within `network`'s limits.
 
     Args:
-      app: the ASGI application.
+      app: the ASGI application, or a `Loading` whose application `load` provides.
       network: the address and the limits.
+      load: with a `Loading` app: a function that loads the model and returns the
+        application; it runs in a thread while the server answers 503. If it raises,
+        the server stops and the error is raised here.
     """
-    uvicorn.Server(config(app, network)).run()
+    server = uvicorn.Server(config(app, network))
+    failure: list[BaseException] = []
+    if load is not None:
+        def loader() -> None:
+            try:
+                app.app = load()
+            except BaseException as err:  # noqa: BLE001 - raised again in the caller.
+                failure.append(err)
+                server.should_exit = True
+
+        threading.Thread(target=loader, name="load-model", daemon=True).start()
+    server.run()
+    if failure:
+        raise failure[0]
