@@ -44,8 +44,12 @@ train: venv data
 	  --val_data='$(DATA_DIR)/val/*.txt' --job_dir=$(JOB_DIR)
 	$(PY) -m trainer.generate --job_dir=$(JOB_DIR) --length=500
 
+# Two pytest workers, a test file each at a time: much of the suite waits on processes it
+# started (training jobs, servers, a bucket emulator), so two files overlap well even on
+# two cores. TEST_WORKERS=0 runs the files one after another.
+TEST_WORKERS ?= 2
 test: venv
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q tests
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: venv data
 	$(PY) -m bench.run --corpus=$(DATA_DIR)

