@@ -1,16 +1,13 @@
-"""Serves a trained model over HTTP: Vertex AI's custom-container contract and a page.
+"""Serves a trained model over HTTP: Vertex AI's contract, OpenAI's completions API, a page.
 
     python -m trainer.serve --model_dir=runs/shakespeare            # a job directory
     python -m trainer.serve --model_dir=gs://bucket/models/char/1   # or an exported SavedModel
 
-Then open http://localhost:8080/, POST {"instances": [{"prompt": "ROMEO:",
-"length": 200}]} to /predict, or use any OpenAI client on http://localhost:8080/v1
-(max_tokens counts characters). It listens on loopback unless --host says
-otherwise (the image and Vertex AI: 0.0.0.0). In a Vertex AI endpoint the port, the routes and the
-model folder come from AIP_HTTP_PORT, AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE and
-AIP_STORAGE_URI. SIGTERM stops it cleanly: no new connections, running requests
-finish (up to --shutdown_seconds), exit status 0. The routes are in
-trainer/serving/routes.py and openai.py, batching in batcher.py, limits in server.py.
+Then open http://localhost:8080/, POST {"instances": [{"prompt": "ROMEO:"}]} to /predict,
+or point any OpenAI client at http://localhost:8080/v1 (max_tokens counts characters).
+Loopback unless --host says otherwise; under Vertex AI the AIP_* variables give the port,
+routes and model (trainer/serving/endpoint.py). SIGTERM drains and exits 0. The parts:
+trainer/serving/ (routes, completions, batcher, backends, server).
 """
 
 from __future__ import annotations
