@@ -14,16 +14,12 @@ one-line error on stderr and exit status 1.
 from __future__ import annotations
 
 import random
-import sys
 
 from absl import flags
 
-from trainer import cli, storage
+from trainer import cli
 from trainer.data import excerpt
 from trainer.sampling import samples
-
-# Chars per compiled call when stdout is not a terminal.
-_PIPE_BLOCK = 512
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -87,35 +83,24 @@ def run(fv: flags.FlagValues) -> None:
         missing = encode_prompt(vocab, prompt, "skip").skipped
         if missing and oov == "skip":
             cli.say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
-                 + ", ".join(repr(c) for c in missing[:20]))
+                    + ", ".join(repr(c) for c in missing[:20]))
     if fv.seed is None:
         cli.say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
 
     sampler = Sampler(model, vocab)
     prompts = [prompt] * fv.num_samples
-    streaming = fv.num_samples == 1 and fv.format == "text" and fv.output is None
-    if streaming:
-        # A person watching gets text every 64 chars; a pipe or file gets larger blocks,
-        # which spend less time in Python between compiled calls (same text either way).
-        block = STREAM_BLOCK if sys.stdout.isatty() else _PIPE_BLOCK
-        for parts in sampler.stream(prompts, fv.length, settings, seed, oov, block=block):
-            sys.stdout.write(parts[0])
-            sys.stdout.flush()
-        if sys.stdout.isatty():
-            sys.stdout.write("\n")  # Only for the shell prompt's sake; pipes get the text as is.
+    if fv.num_samples == 1 and fv.format == "text" and fv.output is None:
+        samples.stream_to_stdout(sampler.stream(prompts, fv.length, settings, seed, oov,
+                                                block=samples.stdout_block(STREAM_BLOCK)))
         return
     texts = sampler.generate(prompts, fv.length, settings, seed, oov)
     details = {"job_dir": fv.job_dir, "checkpoint": weights, "prompt": prompt,
                "prompt_source": source, "length": fv.length, "seed": seed, "oov": oov,
                "settings": {"temperature": settings.temperature, "top_k": settings.top_k,
                             "top_p": settings.top_p, "greedy": settings.is_greedy}}
-    text = samples.render(texts, fv.format, details)
-    if fv.output is None:
-        sys.stdout.write(text)
-    else:
-        storage.write_text(fv.output, text)
+    samples.write(texts, fv.format, details, fv.output)
+    if fv.output is not None:
         cli.say(f"wrote {len(texts)} sample(s) to {fv.output}")
-
 
 if __name__ == "__main__":
     cli.main(define_flags, run)

@@ -4,11 +4,16 @@ local or gs://) and the samples, rendered as plain text or as JSON with their se
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from trainer import storage
 from trainer.errors import UserError
+
+# Chars per compiled call when stdout is not a terminal: larger blocks spend less time in
+# Python between compiled calls (the text is the same either way).
+PIPE_BLOCK = 512
 
 
 def read_prompt(prime: str | None, prime_file: str | None) -> str | None:
@@ -34,3 +39,31 @@ def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
         return samples[0]
     return "".join(f"--- sample {i + 1}/{len(samples)} ---\n{s}\n"
                    for i, s in enumerate(samples))
+
+
+def stdout_block(watched_block: int) -> int:
+    """Chars per compiled call when streaming to stdout: `watched_block` for a person at a
+    terminal (text shows up as it comes), PIPE_BLOCK for a pipe or a file."""
+    return watched_block if sys.stdout.isatty() else PIPE_BLOCK
+
+
+def stream_to_stdout(blocks: Iterable[Sequence[str]]) -> None:
+    """Writes the first row of each block to stdout as it arrives.
+
+    Args:
+      blocks: what `Sampler.stream` yields (one text per row, per block).
+    """
+    for parts in blocks:
+        sys.stdout.write(parts[0])
+        sys.stdout.flush()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")  # Only for the shell prompt's sake; pipes get the text as is.
+
+
+def write(texts: Sequence[str], fmt: str, details: dict[str, Any], output: str | None) -> None:
+    """Renders the samples (see `render`) to stdout, or to `output` (local or gs://)."""
+    text = render(texts, fmt, details)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        storage.write_text(output, text)
