@@ -32,10 +32,12 @@ def test_keeps_the_two_poems_and_holds_out_paradise_regained(tmp_path):
 
     cmd = [sys.executable, "-m", "trainer.corpus", "--corpus=milton", f"--out={out}",
            f"--archive={path}", f"--sha256={sha}"]
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False,
+                         timeout=120)
     assert again.returncode == 0, again.stderr
     assert "already holds the Milton corpus" in again.stdout
     bad = subprocess.run(cmd[:-1] + ["--sha256=" + "1" * 64, f"--out={tmp_path / 'bad'}"],
-                         cwd=REPO, capture_output=True, text=True, check=False)
+                         cwd=REPO, capture_output=True, text=True, check=False,
+                         timeout=120)
     assert bad.returncode == 1 and "checksum mismatch" in bad.stderr
     assert not (tmp_path / "bad").exists()

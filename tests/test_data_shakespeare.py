@@ -165,14 +165,17 @@ def test_command_line(archive, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "trainer.corpus", f"--out={out}", f"--archive={path}",
            f"--sha256={sha}", "--val_works=othello"]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False,
+                         timeout=120)
     assert first.returncode == 0, first.stderr
     assert "now holds" in first.stdout and "val    1 shards" in first.stdout
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False,
+                         timeout=120)
     assert second.returncode == 0 and "already holds" in second.stdout
 
     bad = subprocess.run(cmd[:-2] + [f"--out={tmp_path / 'bad'}", "--sha256=" + "1" * 64],
-                         cwd=REPO, capture_output=True, text=True, check=False)
+                         cwd=REPO, capture_output=True, text=True, check=False,
+                         timeout=120)
     assert bad.returncode == 1
     assert bad.stderr.strip().count("\n") == 0 and "checksum mismatch" in bad.stderr
     assert not (tmp_path / "bad").exists()

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from serve_helpers import make_job_dir, start_server
+from serve_helpers import make_job_dir, start_server, stop
 
 from trainer import storage
 from trainer.errors import UserError
@@ -62,6 +62,7 @@ class _Failing(http.server.BaseHTTPRequestHandler):
 def test_a_dead_bucket_gives_one_line_within_the_bound():
     dead = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
     threading.Thread(target=dead.serve_forever, daemon=True).start()
+    proc = None
     try:
         start = time.monotonic()
         proc = start_server(["--model_dir=gs://dead/model", "--load_seconds=2"],
@@ -72,4 +73,6 @@ def test_a_dead_bucket_gives_one_line_within_the_bound():
         assert "within 2 s" in lines[-1] or "Cloud Storage" in lines[-1], err[-2000:]
         assert time.monotonic() - start < 60
     finally:
+        if proc is not None:
+            stop(proc)  # Past the timeout: the server's whole group goes.
         dead.shutdown()
