@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "numpy",
     "google-cloud-storage",
     "absl-py",
+    # --tokenizer=bpe: byte-level BPE, trained and applied by the Rust library.
+    "tokenizers>=0.20,<1",
 ]
 
 # `python -m trainer.serve`: FastAPI routes on the uvicorn server (the stack of Vertex AI's

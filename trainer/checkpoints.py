@@ -40,6 +40,7 @@ from absl import logging
 
 from trainer import models, storage, uploads
 from trainer.config import Config
+from trainer.data import tokenization
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 
@@ -255,7 +256,8 @@ class BestExporter:
         model.save_weights(self.job.local_path(name))
         self.job.publish(name)
         files = {n: file_record(self.job.local_path(n))
-                 for n in (name, "config.json", "vocab.json")}
+                 for n in (name, "config.json", "vocab.json", tokenization.FILE)
+                 if n == name or os.path.exists(self.job.local_path(n))}
         history = ([name] + (self.pointer or {}).get("history", []))
         stale = [n for n in history[IMPROVEMENTS_KEPT:] if n != name]
         self.pointer = {"epoch": epoch, "step": step, "monitor": self.monitor, "value": value,
@@ -267,15 +269,17 @@ class BestExporter:
 
 
 def load_job(job_dir: str, checkpoint: str | None = None
-             ) -> tuple[Config, Vocabulary, keras.Model, dict[str, Any]]:
-    """Loads config, vocabulary and weights from a job directory, for inference.
+             ) -> tuple[Config, tokenization.Tokenizer, keras.Model, dict[str, Any]]:
+    """Loads config, tokenizer and weights from a job directory, for inference.
 
     Args:
       job_dir: a job directory (local or gs://) written by the training job.
       checkpoint: a weights file name or path; default: the one best.json names.
 
     Returns:
-      (config, vocabulary, model with the weights loaded, the best pointer or {}).
+      (config, the tokenizer the config names (the `Vocabulary` of vocab.json for
+      char, the default of a config without one), model with the weights loaded, the
+      best pointer or {}).
 
     Raises:
       UserError: not a job directory, no best checkpoint yet, or unreadable files (a
@@ -289,13 +293,21 @@ def load_job(job_dir: str, checkpoint: str | None = None
 
 
 def _load_job(job_dir: str, checkpoint: str | None
-              ) -> tuple[Config, Vocabulary, keras.Model, dict[str, Any]]:
+              ) -> tuple[Config, tokenization.Tokenizer, keras.Model, dict[str, Any]]:
     job_dir = job_dir.rstrip("/")
     try:
         cfg = Config.from_dict(json.loads(storage.read_text(storage.join(job_dir, "config.json"))))
         vocab = Vocabulary.load(storage.join(job_dir, "vocab.json"))
     except FileNotFoundError as err:
         raise UserError(f"{job_dir} is not a job directory: {err}") from err
+
+    def read(name: str) -> str | None:
+        try:
+            return storage.read_text(storage.join(job_dir, name))
+        except FileNotFoundError:
+            return None
+
+    vocab = tokenization.load(cfg.tokenizer, vocab, read, job_dir)
     pointer: dict[str, Any] = {}
     if checkpoint is None:
         try:

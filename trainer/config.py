@@ -21,10 +21,12 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
 LR_SCHEDULES = ("cosine", "constant")
 MONITORS = ("val_loss", "val_carried_loss", "loss")
 NEW_CHARS = ("add", "refuse")
+TOKENIZERS = ("char", "word", "bpe")
 
 # Fields that fix the shape or meaning of the weights: a job directory written with
 # other values cannot be resumed or extended with these.
-MODEL_FIELDS = ("embedding_dim", "rnn_units", "num_layers", "lowercase", "objective", "seq_length")
+MODEL_FIELDS = ("embedding_dim", "rnn_units", "num_layers", "lowercase", "objective", "seq_length",
+                "tokenizer", "max_vocab")
 
 
 def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -45,7 +47,17 @@ class Config:
         0.0, "Without --val_data: hold out this tail fraction of every shard for validation.")
     lowercase: bool = option(
         False, "Lowercase all text before building the vocabulary, as the 2017 tutorial did.")
-    seq_length: int = option(100, "Characters the model reads per window.")
+    tokenizer: str = option(
+        "char", "What the model reads and writes: 'char' (one id per character), 'word' "
+        "(words, punctuation and whitespace runs, --max_vocab of them; unknown words are "
+        "spelled out), or 'bpe' (byte-level BPE subwords learned from the training text, "
+        "--max_vocab of them). Losses are also reported per character of the text.",
+        choices=TOKENIZERS)
+    max_vocab: int = option(
+        4096, "With --tokenizer=word or bpe: ids in the vocabulary, special ids included "
+        "(word: every training character plus the most frequent words; bpe: the 256 bytes "
+        "plus merges).")
+    seq_length: int = option(100, "Tokens the model reads per window (characters for char).")
     window_shift: int = option(
         0, "Chars between window starts; 0 = seq_length for 'sequence', 1 for 'last'.")
     objective: str = option(
@@ -187,7 +199,7 @@ class Config:
 
     def validate(self) -> Config:
         """Raises UserError naming the first bad value; returns self."""
-        positive = ("seq_length", "batch_size", "epochs", "embedding_dim", "rnn_units",
+        positive = ("seq_length", "max_vocab", "batch_size", "epochs", "embedding_dim", "rnn_units",
                     "num_layers", "shard_cycle", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -261,6 +273,8 @@ def field_choices() -> dict[str, tuple[str, ...]]:
 
 def incompatibilities(old: dict[str, Any], new: Config) -> list[str]:
     """Names the model fields where a saved config differs from `new`."""
+    if old.get("tokenizer", "char") == "char" == new.tokenizer:
+        old = {k: v for k, v in old.items() if k != "max_vocab"}  # Unused by chars.
     return [f"{k}: job directory has {old[k]!r}, this run asks for {getattr(new, k)!r}"
             for k in MODEL_FIELDS if k in old and old[k] != getattr(new, k)]
 

@@ -105,15 +105,23 @@ def run_with_state(model: keras.Model, ids: tf.Tensor, states: tuple[tf.Tensor, 
 
 
 def metrics(totals: np.ndarray) -> dict[str, float]:
-    """loss (nats/char), accuracy and bpc (bits/char) from [loss sum, correct, count]."""
-    loss_sum, correct, count = totals
+    """Per-token loss and accuracy, and nats and bits per character of the text, from
+    [loss sum, correct, tokens, chars] (`loss_sums`; chars = tokens when absent).
+
+    For the char tokenizer a token is a character: loss == nats_per_char.
+    """
+    loss_sum, correct, count = totals[:3]
+    chars = totals[3] if len(totals) > 3 else count
     loss = loss_sum / max(count, 1)
-    return {"loss": loss, "accuracy": correct / max(count, 1), "bpc": loss / math.log(2)}
+    per_char = loss_sum / max(chars, 1)
+    return {"loss": loss, "accuracy": correct / max(count, 1), "nats_per_char": per_char,
+            "bpc": per_char / math.log(2)}
 
 
 def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
-              skip_oov: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
-    """Per-target losses and the stacked [loss sum, correct, count] of a batch.
+              skip_oov: bool = False, token_chars: np.ndarray | None = None
+              ) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-target losses and the stacked [loss sum, correct, count, chars] of a batch.
 
     Args:
       y: target ids, (batch, time), or (batch,) for the 'last' objective.
@@ -122,9 +130,11 @@ def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
       skip_oov: leave out targets that are the out-of-vocabulary id (text
         characters the model never saw); they are not counted either. Targets
         below 0 (evaluation padding) are always left out.
+      token_chars: characters of the text each id covers (`Tokenizer.token_chars`),
+        so a token's loss is spread over its characters; None: one per token.
 
     Returns:
-      (losses shaped like y, [loss sum, correct, count] float32).
+      (losses shaped like y, [loss sum, correct, count, chars] float32).
     """
     if objective == "last":
         logits = logits[:, -1]
@@ -136,5 +146,8 @@ def loss_sums(y: tf.Tensor, logits: tf.Tensor, objective: str = "sequence",
     y = tf.maximum(y, 0)
     losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True) * weight
     correct = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y), tf.float32)
-    return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * weight),
-                             tf.reduce_sum(weight)])
+    count = tf.reduce_sum(weight)
+    chars = (count if token_chars is None
+             else tf.reduce_sum(tf.gather(tf.constant(token_chars, tf.float32), y) * weight))
+    return losses, tf.stack([tf.reduce_sum(losses), tf.reduce_sum(correct * weight), count,
+                             chars])

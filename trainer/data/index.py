@@ -11,6 +11,11 @@ The scan (`trainer.data.scan`) reads each byte once per job, split evenly among
 the workers; `shards.json` in the job directory records what it found, so a
 restart re-reads only files whose fingerprint (size and version) changed.
 
+With a word or bpe tokenizer (`trainer.data.tokenization`), `count_tokens` then
+tokenizes every piece once (each piece whole, by one worker) and records its
+length in tokens: regions, windows and lanes count tokens, and a token never spans
+two pieces. A word job's scan also counts the words its vocabulary is built from.
+
 `make_regions` turns the index into the spans that windows are cut from; windows
 that would cross a piece boundary are dropped, and the log says how many.
 """
@@ -29,6 +34,7 @@ from absl import logging
 
 from trainer import storage
 from trainer.data import scan
+from trainer.data import tokenization
 from trainer.data import vocabulary
 from trainer.errors import UserError
 
@@ -54,10 +60,19 @@ class FileInfo:
     pieces: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     invalid_bytes: int = 0
     nul_chars: int = 0
+    # Tokens per piece and spelled-out words, by the tokenizer with this fingerprint
+    # ("" and None for characters).
+    tokens: list[int] | None = None
+    unknown_words: int = 0
+    tokenized: str = ""
 
     @property
     def chars(self) -> int:
         return sum(p[2] for p in self.pieces)
+
+    def lengths(self) -> list[int]:
+        """Each piece's length in the job's tokens: tokens if counted, else chars."""
+        return self.tokens if self.tokens is not None else [p[2] for p in self.pieces]
 
 
 @dataclasses.dataclass
@@ -69,6 +84,8 @@ class Index:
     histogram: np.ndarray
     reused: int = 0
     bytes_read: int = 0  # By this worker.
+    # Word counts over the training files this scan read (a word job's new vocabulary).
+    words: collections.Counter | None = None
 
     def split(self, name: str) -> list[FileInfo]:
         return [f for f in self.files if f.split == name]
@@ -80,10 +97,11 @@ class Index:
 
 @dataclasses.dataclass(frozen=True)
 class Region:
-    """Chars [begin, end) of one piece, the span windows are cut from.
+    """Tokens [begin, end) of one piece (chars, for the char tokenizer), the span
+    windows are cut from.
 
     `start`/`stop` are the piece's bytes in its file; `offset` is the number of
-    chars of the file before the piece.
+    tokens of the file before the piece.
     """
 
     path: str
@@ -102,7 +120,7 @@ class Region:
 def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
          piece_bytes: int, known: dict[str, FileInfo] | None = None, worker: int = 0,
          num_workers: int = 1, combine: scan.Combine = scan.alone,
-         threads: int = 0) -> Index:
+         threads: int = 0, keep_words: int = 0) -> Index:
     """Cuts the files into pieces and counts their characters, each byte read once.
 
     Args:
@@ -115,6 +133,7 @@ def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bo
       worker, num_workers: this process's share of the pieces to scan.
       combine: sums an array over all workers (every worker calls it the same times).
       threads: reading threads on this machine; 0 = one per CPU (at least 4).
+      keep_words: count words too (`scan.scan_files`); 0 = do not.
 
     Returns:
       The whole index, the same on every worker.
@@ -132,15 +151,62 @@ def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bo
             files.append(FileInfo(path, split, stamp, is_compressed(path)))
             todo.append(files[-1])
             sizes.append(size)
-    scanned, histogram, bytes_read = scan.scan_files(
+    scanned, histogram, bytes_read, words = scan.scan_files(
         [f.path for f in todo], sizes, [f.compressed for f in todo],
         [f.split == "train" for f in todo], lowercase=lowercase, piece_bytes=piece_bytes,
         worker=worker, num_workers=num_workers, combine=combine,
-        threads=threads or scan.default_threads())
+        threads=threads or scan.default_threads(), keep_words=keep_words)
     for info, result in zip(todo, scanned, strict=True):
         info.pieces, info.invalid_bytes, info.nul_chars = result.pieces, result.invalid, result.nul
     _warn_about(todo)
-    return Index(files, histogram, len(files) - len(todo), bytes_read)
+    return Index(files, histogram, len(files) - len(todo), bytes_read, words)
+
+
+def count_tokens(index: Index, tok, *, worker: int = 0, num_workers: int = 1,
+                 combine: scan.Combine = scan.alone, threads: int = 0) -> bool:
+    """Records every piece's length in `tok`'s tokens (word and bpe tokenizers).
+
+    Each piece is read and tokenized whole by one worker (a .gz file's pieces by one
+    worker, in order); one sum over the workers gives everyone every count. Files
+    already counted by this tokenizer (same fingerprint) are not read again.
+
+    Returns:
+      Whether anything was counted (the record then needs writing).
+    """
+    if tokenization.kind_of(tok) == "char":
+        return False
+    mark = tok.fingerprint
+    todo = [f for f in index.files if f.tokenized != mark or f.tokens is None]
+    if not todo:
+        return False
+    sizes = np.array([max(sum(p[1] - p[0] for p in f.pieces), 1) for f in todo], np.int64)
+    owners = (np.concatenate([[0], np.cumsum(sizes)[:-1]]) * num_workers
+              // max(int(sizes.sum()), 1))
+    at = np.concatenate([[0], np.cumsum([len(f.pieces) + 1 for f in todo])]).astype(np.int64)
+
+    def run(f: int) -> np.ndarray:
+        info, out = todo[f], np.zeros(len(todo[f].pieces) + 1)
+        stream = scan.open_compressed(info.path) if info.compressed else None
+        try:
+            for k, (start, stop, chars) in enumerate(info.pieces):
+                region = Region(info.path, start, stop, 0, chars, 0, info.compressed)
+                ids = tok.encode(read_piece(region, tok.lowercase, stream))
+                out[k], out[-1] = len(ids), out[-1] + tokenization.unknown_ids(tok, ids)
+        finally:
+            if stream is not None:
+                stream.close()
+        return out
+
+    mine = [f for f in range(len(todo)) if owners[f] == worker]
+    counts = np.zeros(int(at[-1]))
+    with concurrent.futures.ThreadPoolExecutor(threads or scan.default_threads()) as pool:
+        for f, out in zip(mine, pool.map(run, mine), strict=True):
+            counts[at[f]:at[f + 1]] = out
+    counts = combine(counts).astype(np.int64)
+    for f, info in enumerate(todo):
+        info.tokens = counts[at[f]:at[f + 1] - 1].tolist()
+        info.unknown_words, info.tokenized = int(counts[at[f + 1] - 1]), mark
+    return True
 
 
 def _warn_about(files: Sequence[FileInfo]) -> None:
@@ -197,9 +263,10 @@ def make_regions(index: Index, window: int, val_fraction: float = 0.0
     """
     train, val = [], []
     for info in index.split("train"):
-        cut = info.chars - int(info.chars * val_fraction)
+        total = sum(info.lengths())
+        cut = total - int(total * val_fraction)
         offset = 0
-        for start, stop, chars in info.pieces:
+        for (start, stop, _), chars in zip(info.pieces, info.lengths(), strict=True):
             mid = min(max(cut - offset, 0), chars)
             if mid:
                 train.append(Region(info.path, start, stop, 0, mid, offset, info.compressed))
@@ -208,19 +275,25 @@ def make_regions(index: Index, window: int, val_fraction: float = 0.0
             offset += chars
     for info in index.split("val"):
         offset = 0
-        for start, stop, chars in info.pieces:
+        for (start, stop, _), chars in zip(info.pieces, info.lengths(), strict=True):
             val.append(Region(info.path, start, stop, 0, chars, offset, info.compressed))
             offset += chars
     files = index.split("train")
     train = _keep_long_enough(train, files, window, "training")
     if not train:
-        raise UserError(f"no training shard holds one window of {window} chars "
-                        f"({len(files)} shard(s), {sum(f.chars for f in files)} chars in all)")
+        raise UserError(f"no training shard holds one window of {window} {_unit(files)} "
+                        f"({len(files)} shard(s), {sum(sum(f.lengths()) for f in files)} "
+                        f"{_unit(files)} in all)")
     if index.split("val") or val_fraction:
         val = _keep_long_enough(val, index.split("val") or files, window, "validation")
         if not val:
-            raise UserError(f"no validation shard holds one window of {window} chars")
+            raise UserError(f"no validation shard holds one window of {window} "
+                            f"{_unit(index.files)}")
     return train, val
+
+
+def _unit(files: Sequence[FileInfo]) -> str:
+    return "tokens" if any(f.tokens is not None for f in files) else "chars"
 
 
 def _keep_long_enough(regions: list[Region], files: Sequence[FileInfo], window: int,
@@ -230,13 +303,36 @@ def _keep_long_enough(regions: list[Region], files: Sequence[FileInfo], window: 
         per_file[r.path] += r.length
     short = [f.path for f in files if 0 < per_file[f.path] < window]
     if short:
-        logging.warning("skipping %d %s shard(s) shorter than one window of %d chars, e.g. %s",
-                        len(short), what, window, short[0])
+        logging.warning("skipping %d %s shard(s) shorter than one window of %d %s, e.g. %s",
+                        len(short), what, window, _unit(files), short[0])
     return [r for r in regions if r.length >= window]
 
 
+def sample_pieces(index: Index, budget: int) -> list[Region]:
+    """Whole training pieces of at most `budget` bytes in all, spread evenly over the
+    corpus (every piece when they fit), in corpus order."""
+    pieces = [Region(f.path, start, stop, 0, chars, 0, f.compressed)
+              for f in index.split("train") for start, stop, chars in f.pieces if chars]
+    total = sum(r.stop - r.start for r in pieces)
+    if total <= budget:
+        return pieces
+    every = total / budget
+    chosen, due, seen = [], 0.0, 0
+    for r in pieces:
+        if seen >= due:
+            chosen.append(r)
+            due += (r.stop - r.start) * every
+        seen += r.stop - r.start
+    return chosen
+
+
 def read_text(region: Region, lowercase: bool, stream=None) -> str:
-    """The region's text: one range read of its piece (or the next bytes of `stream`)."""
+    """A char region's text: one range read of its piece (or the next bytes of `stream`)."""
+    return read_piece(region, lowercase, stream)[region.begin:region.end]
+
+
+def read_piece(region: Region, lowercase: bool, stream=None) -> str:
+    """The text of the region's whole piece: one range read (or the next bytes of `stream`)."""
     if region.compressed:
         if stream is None:
             with scan.open_compressed(region.path) as own:
@@ -249,27 +345,33 @@ def read_text(region: Region, lowercase: bool, stream=None) -> str:
     else:
         data = storage.read_range(region.path, region.start, region.stop)
     text, _ = vocabulary.decode(data, lowercase)
-    return text[region.begin:region.end]
+    return text
 
 
 def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
             piece_bytes: int, read: Callable[[str], str | None],
             write: Callable[[str, str], None], reuse: bool, worker: int = 0,
-            num_workers: int = 1, combine: scan.Combine = scan.alone) -> Index:
+            num_workers: int = 1, combine: scan.Combine = scan.alone, keep_words: int = 0,
+            tokenizer_for: Callable[[Index], object] | None = None) -> tuple[Index, object]:
     """Scans the corpus, re-reading only what changed since the job directory's record.
 
     Args:
-      train_paths, val_paths, lowercase, piece_bytes, worker, num_workers, combine: see `build`.
+      train_paths, val_paths, lowercase, piece_bytes, worker, num_workers, combine,
+        keep_words: see `build`.
       read, write: read and write a file of the job directory by name.
       reuse: trust the record (a resumed job, whose vocabulary is fixed already).
+      tokenizer_for: gives the job's tokenizer once the scan is done (the index in
+        hand); its pieces are then counted in tokens (`count_tokens`). None: no
+        tokenizer (chars).
 
     Returns:
-      The index; the record is rewritten when anything changed.
+      (the index, the tokenizer or None); the record is rewritten when anything changed.
     """
     known = read_record(read(SCAN_RECORD), lowercase, piece_bytes) if reuse else {}
     began = time.monotonic()
     index = build(train_paths, val_paths, lowercase=lowercase, piece_bytes=piece_bytes,
-                 known=known, worker=worker, num_workers=num_workers, combine=combine)
+                 known=known, worker=worker, num_workers=num_workers, combine=combine,
+                 keep_words=keep_words)
     total = len(index.files)
     gone = set(known) - {f.path for f in index.files}
     if index.reused:
@@ -283,6 +385,12 @@ def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: 
         logging.warning("%d shard(s) changed, appeared or disappeared since the last scan; the "
                         "data order of this resumed run differs from an unbroken one",
                         total - index.reused + len(gone))
-    if index.reused < total or gone:
+    tok = tokenizer_for(index) if tokenizer_for else None
+    began = time.monotonic()
+    counted = tok is not None and count_tokens(index, tok, worker=worker,
+                                               num_workers=num_workers, combine=combine)
+    if counted:
+        logging.info("counted the tokens of every piece in %.1f s", time.monotonic() - began)
+    if index.reused < total or gone or counted:
         write(SCAN_RECORD, record(index, lowercase, piece_bytes))
-    return index
+    return index, tok

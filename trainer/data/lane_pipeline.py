@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import vocabulary
+from trainer.data import tokenization
 from trainer.config import Config
 from trainer.data.index import Region
 from trainer.errors import UserError
@@ -65,7 +65,7 @@ class _LaneReader:
     through the same region share one copy of it.
     """
 
-    def __init__(self, regions: Sequence[Region], vocab: vocabulary.Vocabulary,
+    def __init__(self, regions: Sequence[Region], vocab: tokenization.Tokenizer,
                  lowercase: bool):
         self.regions, self.vocab, self.lowercase = regions, vocab, lowercase
         self.bounds = np.cumsum([0] + [r.length for r in regions])
@@ -97,7 +97,7 @@ class _LaneReader:
         self.held, self.used = self.used, {}
 
 
-def lanes_dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config, *,
+def lanes_dataset(regions: Sequence[Region], vocab: tokenization.Tokenizer, cfg: Config, *,
                   batch_size: int, steps: int, replicas_per_worker: int = 1,
                   sharding: Sharding = Sharding(), start_step: int = 0,  # noqa: B008 - frozen
                   repeat: bool = True, rotate: bool = False,

@@ -3,13 +3,15 @@ each byte read once per job, split evenly among the workers.
 
 The bytes of all files to scan are laid end to end and every worker takes an equal
 contiguous share, cut into byte ranges at piece boundaries (and at the share's
-ends), read by one range read each and by several threads at once. Every cut,
+ends; a scan that counts words gives each piece whole to the worker whose share
+holds its first byte, since words do not add up across a cut), read by one range read each and by several threads at once. Every cut,
 nominal or at a share's end, moves forward to the next UTF-8 character start (and
 past the `\\n` of a `\\r\\n`) by the same rule on the same bytes, so the worker on
 each side of it agrees where it falls, and the parts of a piece add up to exactly
 the piece. A `.gz` file is one stream, scanned whole by the worker whose share
 holds its first byte. Two sums across the workers (`combine`) then give every
-worker the same pieces and the same character histogram.
+worker the same pieces and the same character histogram (and, when counting
+words, `tokenization.exchange_words` the same word counts).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import gzip
+import collections
 import math
 import os
 import zlib
@@ -25,7 +28,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from trainer import storage
-from trainer.data import vocabulary
+from trainer.data import tokenization, vocabulary
 from trainer.errors import UserError
 
 # UTF-8 puts at most 3 continuation bytes after a lead byte: a cut moves at most that far.
@@ -60,29 +63,33 @@ class Part:
     histogram: np.ndarray
     invalid: int
     nul: int
+    words: collections.Counter | None = None
 
 
-def measure(data: bytes, start: int, lowercase: bool) -> Part:
+def measure(data: bytes, start: int, lowercase: bool, words: bool = False) -> Part:
     text, invalid = vocabulary.decode(data, lowercase)
     histogram = vocabulary.char_histogram(text)
     return Part(start, start + len(data), len(text), histogram, invalid,
-                int(histogram[0]) if len(histogram) else 0)
+                int(histogram[0]) if len(histogram) else 0,
+                tokenization.count_words(text) if words else None)
 
 
-def _read_part(path: str, size: int, lo: int, hi: int, lowercase: bool) -> Part:
+def _read_part(path: str, size: int, lo: int, hi: int, lowercase: bool,
+               words: bool = False) -> Part:
     """Reads nominal bytes [lo, hi) of a plain file, with both ends moved to a cut."""
     first, last = max(0, lo - 1), min(size, hi + LOOKAHEAD)
     data = storage.read_range(path, first, last)
     start = 0 if lo == 0 else first + boundary(data, lo - first)
     stop = size if hi >= size else first + boundary(data, hi - first)
-    return measure(data[start - first:stop - first], start, lowercase)
+    return measure(data[start - first:stop - first], start, lowercase, words)
 
 
 def open_compressed(path: str) -> gzip.GzipFile:
     return gzip.GzipFile(fileobj=storage.open_read(path), mode="rb")
 
 
-def _read_gzip(path: str, piece_bytes: int, lowercase: bool) -> list[Part]:
+def _read_gzip(path: str, piece_bytes: int, lowercase: bool, words: bool = False
+               ) -> list[Part]:
     """Streams a .gz file once, cutting its decompressed bytes into pieces."""
     pieces, buffer, position = [], b"", 0
     try:
@@ -93,7 +100,7 @@ def _read_gzip(path: str, piece_bytes: int, lowercase: bool) -> list[Part]:
                 if not buffer:
                     break
                 cut = len(buffer) if not more else boundary(buffer, min(piece_bytes, len(buffer)))
-                pieces.append(measure(buffer[:cut], position, lowercase))
+                pieces.append(measure(buffer[:cut], position, lowercase, words))
                 position, buffer = position + cut, buffer[cut:]
     except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"{path} is not a readable gzip file: {err}") from err
@@ -111,8 +118,8 @@ class Scanned:
 
 def scan_files(paths: Sequence[str], sizes: Sequence[int], compressed: Sequence[bool],
                counted: Sequence[bool], *, lowercase: bool, piece_bytes: int, worker: int,
-               num_workers: int, combine: Combine, threads: int
-               ) -> tuple[list[Scanned], np.ndarray, int]:
+               num_workers: int, combine: Combine, threads: int, keep_words: int = 0
+               ) -> tuple[list[Scanned], np.ndarray, int, collections.Counter | None]:
     """Scans this worker's share of the files' bytes and combines all workers' results.
 
     Args:
@@ -120,12 +127,17 @@ def scan_files(paths: Sequence[str], sizes: Sequence[int], compressed: Sequence[
       counted: whether a file's chars go into the histogram (training files).
       worker, num_workers, combine: this worker's place; a sum over all workers.
       threads: reading threads on this machine.
+      keep_words: also count the words (`tokenization.WORD_RULE`) of the counted files,
+        each piece whole by one worker, and combine every worker's `keep_words` most
+        frequent (`tokenization.exchange_words`); 0 = no word counts.
 
     Returns:
-      (every file's pieces, the histogram of the counted files, bytes this worker read).
+      (every file's pieces, the histogram of the counted files, bytes this worker read,
+      the combined word counts or None).
     """
+    words = keep_words > 0
     if not paths:  # Nothing changed since the record (every worker sees the same files).
-        return [], np.zeros(0, np.int64), 0
+        return [], np.zeros(0, np.int64), 0, (collections.Counter() if words else None)
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     total = int(offsets[-1])
     lo, hi = total * worker // num_workers, total * (worker + 1) // num_workers
@@ -141,6 +153,10 @@ def scan_files(paths: Sequence[str], sizes: Sequence[int], compressed: Sequence[
             continue
         for k in range(nominal[f]):
             edges = (k * piece_bytes, min((k + 1) * piece_bytes, sizes[f]))
+            if words:  # Whole pieces: the worker whose share holds the piece's first byte.
+                if lo <= base + edges[0] < hi:
+                    jobs.append((f, k) + edges)
+                continue
             a = _snap(max(edges[0], lo - base), edges)
             b = _snap(min(edges[1], hi - base), edges)
             if a < b:
@@ -148,9 +164,10 @@ def scan_files(paths: Sequence[str], sizes: Sequence[int], compressed: Sequence[
 
     def run(job) -> list[Part]:
         f, k, a, b = job
+        counting = words and counted[f]
         if k < 0:
-            return _read_gzip(paths[f], piece_bytes, lowercase)
-        return [_read_part(paths[f], sizes[f], a, b, lowercase)]
+            return _read_gzip(paths[f], piece_bytes, lowercase, counting)
+        return [_read_part(paths[f], sizes[f], a, b, lowercase, counting)]
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(run, jobs))
@@ -188,7 +205,14 @@ def scan_files(paths: Sequence[str], sizes: Sequence[int], compressed: Sequence[
         pieces = second[3 * at[f]:3 * at[f + 1]].astype(np.int64).reshape(-1, 3)
         scanned.append(Scanned([tuple(int(v) for v in p) for p in pieces],
                                int(second[rows + 2 * f]), int(second[rows + 2 * f + 1])))
-    return scanned, second[stats_at:].astype(np.int64), bytes_read
+    found = None
+    if words:
+        mine = collections.Counter()
+        for parts in results:
+            for part in parts:
+                mine.update(part.words or {})
+        found = tokenization.exchange_words(mine, keep_words, worker, num_workers, combine)
+    return scanned, second[stats_at:].astype(np.int64), bytes_read, found
 
 
 def _snap(cut: int, edges: tuple[int, int]) -> int:

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from trainer.data import index
 from trainer.data import scan
-from trainer.data import vocabulary
+from trainer.data import tokenization
 from trainer.config import Config
 from trainer.data.index import Region
 
@@ -46,7 +46,7 @@ IGNORE = -1
 
 
 def num_windows(length: int, window: int, shift: int) -> int:
-    """Windows of `window` chars at stride `shift` inside `length` chars."""
+    """Windows of `window` tokens at stride `shift` inside `length` tokens."""
     return max(0, (length - window) // shift + 1)
 
 
@@ -59,10 +59,11 @@ def crossing_windows(regions: Sequence[Region], window: int, shift: int) -> tupl
     return max(0, sum(num_windows(n, window, shift) for n in whole.values()) - kept), kept
 
 
-def load_region_ids(region: Region, vocab: vocabulary.Vocabulary, lowercase: bool,
+def load_region_ids(region: Region, tok: tokenization.Tokenizer, lowercase: bool,
                     stream=None) -> np.ndarray:
-    """The ids of the region's chars: one range read (or the next bytes of a .gz stream)."""
-    return vocab.encode(index.read_text(region, lowercase, stream))
+    """The ids of the region's tokens: one range read (or the next bytes of a .gz stream)
+    of its piece, tokenized whole (as `index.count_tokens` counted it)."""
+    return tok.encode(index.read_piece(region, lowercase, stream))[region.begin:region.end]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +208,7 @@ def plan(counts: Sequence[int], units: Sequence[Sequence[int]], rows: int, cycle
 class _Windows:
     """Reads regions and gathers the windows a plan names; holds a few regions at a time."""
 
-    def __init__(self, regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config,
+    def __init__(self, regions: Sequence[Region], vocab: tokenization.Tokenizer, cfg: Config,
                  shift: int, shuffle: bool, keep: int):
         self.regions, self.vocab, self.cfg = regions, vocab, cfg
         self.shift, self.shuffle, self.keep = shift, shuffle, keep
@@ -252,7 +253,7 @@ class _Windows:
         self._orders.clear()
 
 
-def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config, *,
+def dataset(regions: Sequence[Region], vocab: tokenization.Tokenizer, cfg: Config, *,
             batch_size: int, shift: int, steps: int, replicas_per_worker: int = 1,
             sharding: Sharding = Sharding(), shuffle: bool = True, start_step: int = 0,
             repeat: bool = True) -> tf.data.Dataset:
@@ -260,7 +261,7 @@ def dataset(regions: Sequence[Region], vocab: vocabulary.Vocabulary, cfg: Config
 
     Args:
       regions: all regions of the split (every worker passes the same list).
-      vocab: the vocabulary that encodes the text.
+      vocab: the tokenizer that encodes the text (a `Vocabulary` for chars).
       cfg: seq_length, objective, seed, shard_cycle and lowercase are read.
       batch_size: windows per element (the per-replica batch).
       shift: stride between window starts.

@@ -40,18 +40,20 @@ class Evaluator:
       model: a model from `models.build_model`.
       objective: the job's objective; carried scoring is always 'sequence'.
       skip_oov: leave out-of-vocabulary targets out of the scores.
+      token_chars: characters each id covers (`Tokenizer.token_chars`); None: one.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
-                 objective: str = "sequence", skip_oov: bool = False):
+                 objective: str = "sequence", skip_oov: bool = False, token_chars=None):
         self.strategy, self.model = strategy, model
 
         def windowed(x, y):
-            return models.loss_sums(y, model(x, training=False), objective, skip_oov)[1]
+            return models.loss_sums(y, model(x, training=False), objective, skip_oov,
+                                    token_chars)[1]
 
         def carried(x, y, states):
             logits, states = models.run_with_state(model, x, states, training=False)
-            return models.loss_sums(y, logits, "sequence", skip_oov)[1], states
+            return models.loss_sums(y, logits, "sequence", skip_oov, token_chars)[1], states
 
         @tf.function
         def windowed_step(x, y):
@@ -65,22 +67,22 @@ class Evaluator:
         self.windowed_step, self.carried_step = windowed_step, carried_step
 
     def windowed(self, dataset_fn: Callable) -> np.ndarray:
-        """[loss sum, correct, count] over the windows of `dataset_fn` (one pass of an
+        """[loss sum, correct, count, chars] over the windows of `dataset_fn` (one pass of an
         window_pipeline.dataset per worker)."""
-        totals = np.zeros(3)
+        totals = np.zeros(4)
         for x, y in self.strategy.distribute_datasets_from_function(dataset_fn):
             totals += self.windowed_step(x, y).numpy()
         return totals
 
     def carried(self, dataset_fn: Callable, batch_size: int) -> np.ndarray:
-        """[loss sum, correct, count] over the lanes of `dataset_fn`.
+        """[loss sum, correct, count, chars] over the lanes of `dataset_fn`.
 
         Args:
           dataset_fn: gives one pass (repeat=False) of an lane_pipeline.lanes_dataset
             per worker, `batch_size` lanes per replica.
           batch_size: lanes per replica.
         """
-        totals = np.zeros(3)
+        totals = np.zeros(4)
         states = distribution.zero_states(self.strategy, self.model, batch_size)
         for x, y, _ in self.strategy.distribute_datasets_from_function(dataset_fn):
             sums, states = self.carried_step(x, y, states)

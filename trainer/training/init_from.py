@@ -5,7 +5,9 @@ weight has the base's shape except along the vocabulary axis. The vocabulary is 
 base's; characters of the new training text that it lacks are added after its own
 ids (`Vocabulary.extended`), so every old id keeps its character and its trained
 embedding and output rows, and the new ids keep the rows a fresh model was built
-with. The optimizer and the schedule start fresh from this job's flags.
+with. The optimizer and the schedule start fresh from this job's flags. A word or
+bpe base's tokenizer is taken unchanged (its ids cannot move): a word base spells new
+words out, and characters it lacks become the unknown-character id.
 
 Only a job that holds no resume checkpoint starts from the base: a resumed
 fine-tuning job restores its own checkpoint, keeps its own vocab.json and does not
@@ -26,6 +28,7 @@ from absl import logging
 
 from trainer import checkpoints, storage
 from trainer.config import Config, incompatibilities
+from trainer.data import tokenization
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 
@@ -40,6 +43,7 @@ class Base:
     config: Config
     vocab: Vocabulary
     pointer: dict[str, Any]
+    tokenizer: tokenization.Tokenizer
 
 
 def load_base(cfg: Config, job: checkpoints.JobDir) -> Base | None:
@@ -79,7 +83,38 @@ def load_base(cfg: Config, job: checkpoints.JobDir) -> Base | None:
     if problems:
         raise UserError(f"--init_from={path} holds another model ({'; '.join(problems)}); "
                         "give this run the base's values")
-    return Base(path, Config.from_dict(config), vocab, pointer)
+    base_cfg = Config.from_dict(config)
+    tok = tokenization.load(base_cfg.tokenizer, vocab,
+                            lambda name: _read_optional(storage.join(path, name)),
+                            f"--init_from={path}")
+    return Base(path, base_cfg, vocab, pointer, tok)
+
+
+def _read_optional(path: str) -> str | None:
+    try:
+        return storage.read_text(path)
+    except FileNotFoundError:
+        return None
+
+
+def tokenizer(cfg: Config, base: Base, counts: collections.Counter) -> tokenization.Tokenizer:
+    """A word or bpe base's tokenizer, unchanged; says what this text has that it lacks.
+
+    Raises:
+      UserError: with --init_new_chars=refuse, a word base lacks characters of the text.
+    """
+    lacking = sorted((c for c in counts if c not in set(base.vocab.chars)), key=ord)
+    if lacking and tokenization.kind_of(base.tokenizer) == "word":
+        shown = "".join(lacking[:20])
+        if cfg.init_new_chars == "refuse":
+            raise UserError(f"the training text has {len(lacking)} character(s) that the "
+                            f"vocabulary of --init_from={base.job_dir} lacks ({shown!r})")
+        logging.warning("%d character(s) of this text are not in the word vocabulary of %s "
+                        "(%r): a word tokenizer cannot add ids, so they are read as the "
+                        "unknown-character id", len(lacking), base.job_dir, shown)
+    logging.info("tokenizer of %s (%s, %d ids) taken unchanged", base.job_dir,
+                 base.config.tokenizer, base.tokenizer.size)
+    return base.tokenizer
 
 
 def vocabulary(cfg: Config, base: Base, counts: collections.Counter) -> Vocabulary:

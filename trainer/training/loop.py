@@ -93,7 +93,7 @@ class Loop:
     the budget used, which the learning-rate schedule reads (`optimization.BudgetSchedule`).
     """
 
-    def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: int,
+    def __init__(self, cfg: Config, steps_per_epoch: int, chars_per_step: float,
                  resume: checkpoints.ResumeCheckpoints, best: checkpoints.BestExporter,
                  reporter: Reporter, progress: dict[str, tf.Variable], step_fn, evaluate,
                  model: keras.Model, optimizer: keras.optimizers.Optimizer,
@@ -198,16 +198,16 @@ class Loop:
                 self.agree(stop)
                 self.resume.save(step, epoch + 1)
                 summary = {"epoch": epoch + 1, "step": step, **epoch_metrics,
-                           "best": self.best.best, "chars_trained": step * self.chars_per_step}
+                           "best": self.best.best, "chars_trained": int(step * self.chars_per_step)}
         return summary
 
     def _epoch(self, step: int, epoch: int, stop: StopSignal) -> tuple[int, np.ndarray]:
         """Trains to the end of `epoch` (or a stop); returns the step reached and loss sums."""
         cfg, per_epoch = self.cfg, self.steps_per_epoch
         bar = keras.utils.Progbar(per_epoch, verbose=1 if sys.stdout.isatty() else 2,
-                                  stateful_metrics=["loss", "accuracy", "bpc"])
+                                  stateful_metrics=["loss", "accuracy", "nats_per_char", "bpc"])
         bar.update(step - epoch * per_epoch)
-        totals = np.zeros(3)
+        totals = np.zeros(4)
         pending: list[tf.Tensor] = []  # Read back every few steps, so steps can queue up.
         while step < (epoch + 1) * per_epoch:
             pending.append(self.step_fn())

@@ -24,12 +24,13 @@ SUM = tf.distribute.ReduceOp.SUM
 
 def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, global_batch: int,
-               average: WeightAverage | None = None):
+               average: WeightAverage | None = None, token_chars=None):
     """The windowed step `step(iterator) -> sums`, or with --carry_state the carried
     step `step(iterator, states) -> (sums, states)`; either updates `average` after
     the optimizer's step.
 
-    The loss is the mean over each row's targets, averaged over the global batch.
+    The loss is the mean over each row's targets, averaged over the global batch;
+    `token_chars` (the tokenizer's) makes the sums count characters too.
     """
 
     def gradients(x, y, states):
@@ -38,7 +39,8 @@ def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model
                 logits, after = model(x, training=True), None
             else:
                 logits, after = models.run_with_state(model, x, states, training=True)
-            losses, sums = models.loss_sums(y, logits, cfg.objective)
+            losses, sums = models.loss_sums(y, logits, cfg.objective,
+                                            token_chars=token_chars)
             per_row = tf.reshape(losses, [tf.shape(losses)[0], -1])
             loss = tf.nn.compute_average_loss(tf.reduce_mean(per_row, -1),
                                               global_batch_size=global_batch)

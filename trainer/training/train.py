@@ -19,6 +19,7 @@ import dataclasses
 import gc
 import json
 import math
+import time
 from typing import Any
 
 import keras
@@ -28,6 +29,7 @@ from absl import logging
 from trainer import checkpoints, models, storage
 from trainer.config import Config, incompatibilities
 from trainer.data import index, lane_pipeline, window_pipeline
+from trainer.data import tokenization
 from trainer.data.index import Region
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
@@ -60,8 +62,10 @@ def train(cfg: Config) -> dict[str, Any]:
         check_job_dir(cfg, job)
         base = init_from.load_base(cfg, job)
         plan = plan_data(cfg, job, strategy, place, base)
-        job.write("config.json", init_from.config_json(cfg, job, base, plan.vocab))
-        job.write("vocab.json", plan.vocab.to_json())
+        job.write("config.json", init_from.config_json(cfg, job, base, plan.chars))
+        job.write("vocab.json", plan.chars.to_json())
+        if plan.tokenizer is not plan.chars:
+            job.write(tokenization.FILE, plan.tokenizer.to_json())
         trainable = build_trainable(cfg, strategy, plan)
         summary, best_pointer = run_loop(cfg, job, strategy, place, plan, trainable, base)
     except distribution.PEER_ERRORS as err:
@@ -105,10 +109,12 @@ def check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
 class DataPlan:
     """What the job reads and how many steps each part takes (the same on every worker)."""
 
-    vocab: Vocabulary
+    chars: Vocabulary                  # vocab.json: the training text's characters.
+    tokenizer: tokenization.Tokenizer    # What the model reads: `chars` itself for char.
     train_regions: list[Region]
     val_regions: list[Region]
     train_chars: int
+    train_tokens: int
     sharding: window_pipeline.Sharding
     pass_steps: int          # Steps of one pass over the training text.
     steps_per_epoch: int
@@ -119,43 +125,102 @@ class DataPlan:
     val_lane_steps: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """The scan's result: the vocabulary, the tokenizer and the regions."""
+
+    chars: Vocabulary
+    tokenizer: tokenization.Tokenizer
+    train_regions: list[Region]
+    val_regions: list[Region]
+    train_chars: int
+    train_tokens: int
+
+
 def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
-                base: init_from.Base | None = None
-                ) -> tuple[Vocabulary, list[Region], list[Region], int]:
+                base: init_from.Base | None = None) -> Corpus:
     """Scans the corpus (split across workers), and loads or builds the vocabulary.
 
     A new fine-tuning job (`base`) takes the base's vocabulary, extended by the
-    characters of this training text that it lacks.
+    characters of this training text that it lacks (a word or bpe base: its tokenizer
+    unchanged).
 
     A resumed job (vocab.json present) reads again only the files whose fingerprint
     changed since the scan recorded in shards.json; a restart on a large bucket corpus
     then costs one metadata request per file instead of a full read.
-
-    Returns:
-      (vocabulary, training regions, validation regions, training chars).
     """
     saved = job.read("vocab.json")
-    corpus = index.prepare(
+    combine = distribution.sum_over_workers(strategy, place)
+    made: dict[str, Any] = {}
+    if saved:
+        made["chars"] = Vocabulary.from_json(saved)
+        made["tokenizer"] = tokenization.load(cfg.tokenizer, made["chars"], job.read, cfg.job_dir)
+
+    def tokenizer_for(corpus: index.Index) -> tokenization.Tokenizer:
+        if saved:
+            return made["tokenizer"]
+        if base:
+            made["chars"] = (init_from.vocabulary(cfg, base, corpus.counts)
+                             if cfg.tokenizer == "char" else base.vocab)
+            made["tokenizer"] = (made["chars"] if cfg.tokenizer == "char"
+                                 else init_from.tokenizer(cfg, base, corpus.counts))
+            return made["tokenizer"]
+        chars = made["chars"] = Vocabulary.from_counts(corpus.counts, cfg.lowercase)
+        if cfg.tokenizer == "word":
+            made["tokenizer"] = tokenization.WordTokenizer.from_counts(chars, corpus.words,
+                                                                     cfg.max_vocab)
+        elif cfg.tokenizer == "bpe":
+            made["tokenizer"] = _train_bpe(cfg, corpus, place, combine)
+        else:
+            made["tokenizer"] = chars
+        return made["tokenizer"]
+
+    corpus, tok = index.prepare(
         storage.expand_patterns(cfg.train_data),
         storage.expand_patterns(cfg.val_data) if cfg.val_data else [],
         lowercase=cfg.lowercase, piece_bytes=cfg.piece_bytes, read=job.read, write=job.write,
         reuse=saved is not None, worker=place.worker, num_workers=place.num_workers,
-        combine=distribution.sum_over_workers(strategy, place))
-    if saved:
-        vocab = Vocabulary.from_json(saved)
-    elif base:
-        vocab = init_from.vocabulary(cfg, base, corpus.counts)
-    else:
-        vocab = Vocabulary.from_counts(corpus.counts, cfg.lowercase)
+        combine=combine, tokenizer_for=tokenizer_for,
+        keep_words=2 * cfg.max_vocab if cfg.tokenizer == "word" and not saved and not base
+        else 0)
     train_regions, val_regions = index.make_regions(corpus, cfg.window, cfg.val_fraction)
-    return vocab, train_regions, val_regions, sum(f.chars for f in corpus.split("train"))
+    files = corpus.split("train")
+    chars = sum(f.chars for f in files)
+    tokens = sum(sum(f.lengths()) for f in files)
+    if tok is not made["chars"]:
+        unknown = sum(f.unknown_words for f in files)
+        logging.info("tokenizer %s: %d ids; the training text is %d tokens for %d chars (%.3f "
+                     "chars per token)%s", cfg.tokenizer, tok.size, tokens, chars,
+                     chars / max(tokens, 1),
+                     f"; {unknown} unknown words spelled out ({100 * unknown / max(tokens, 1):.2f}%"
+                     " of tokens)" if cfg.tokenizer == "word" else "")
+    return Corpus(made["chars"], tok, train_regions, val_regions, chars, tokens)
+
+
+def _train_bpe(cfg: Config, corpus: index.Index, place: Placement, combine
+               ) -> tokenization.BpeTokenizer:
+    """Trains the BPE tokenizer on the chief, from a sample of the training text, and
+    gives it to every worker (through two sums over the workers)."""
+    text = ""
+    if place.is_chief:
+        began = time.monotonic()
+        sample = index.sample_pieces(corpus, tokenization.BPE_SAMPLE_BYTES)
+        text = tokenization.BpeTokenizer.train(
+            (index.read_piece(r, cfg.lowercase) for r in sample), cfg.max_vocab,
+            cfg.lowercase).to_json()
+        logging.info("trained the BPE tokenizer on %d of %d training pieces (%.1f MB) in %.1f s",
+                     len(sample), sum(len(f.pieces) for f in corpus.split("train")),
+                     sum(r.stop - r.start for r in sample) / 1e6, time.monotonic() - began)
+    return tokenization.BpeTokenizer(tokenization.share_text(text, place.is_chief,
+                                                          place.num_workers, combine),
+                                   cfg.lowercase)
 
 
 def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
               base: init_from.Base | None = None) -> DataPlan:
     """Scans the corpus and sizes the passes, epochs and validation; refuses too little text."""
-    vocab, train_regions, val_regions, train_chars = scan_corpus(cfg, job, strategy, place,
-                                                                 base)
+    corpus = scan_corpus(cfg, job, strategy, place, base)
+    train_regions, val_regions = corpus.train_regions, corpus.val_regions
     sharding = window_pipeline.Sharding(place.worker, place.num_workers)
     global_batch = cfg.batch_size * place.replicas
     lanes_per_worker = cfg.batch_size * place.replicas_per_worker
@@ -190,7 +255,8 @@ def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
         val_steps = -(-most // (val_batch * place.replicas_per_worker))
         val_steps = min(val_steps, cfg.val_steps or val_steps)
         val_lanes, val_lane_steps = _carried_validation(val_regions, cfg, place, sharding)
-    plan = DataPlan(vocab, train_regions, val_regions, train_chars, sharding, pass_steps,
+    plan = DataPlan(corpus.chars, corpus.tokenizer, train_regions, val_regions,
+                    corpus.train_chars, corpus.train_tokens, sharding, pass_steps,
                     steps_per_epoch, cfg.epochs * steps_per_epoch, val_steps, val_batch,
                     val_lanes, val_lane_steps)
     reading = (f"{lanes_per_worker} contiguous lanes per worker, state carried"
@@ -198,7 +264,8 @@ def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
                f"windows of {cfg.window} chars every {cfg.shift} chars ('{cfg.objective}')")
     logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %s; %d "
                  "steps/epoch; %d validation steps (windowed), %d carried over %d lanes",
-                 vocab.size, train_chars, len(train_regions), reading, steps_per_epoch,
+                 corpus.tokenizer.size, corpus.train_chars, len(train_regions), reading,
+                 steps_per_epoch,
                  val_steps, val_lane_steps, val_lanes * place.replicas)
     return plan
 
@@ -241,7 +308,7 @@ def build_trainable(cfg: Config, strategy: tf.distribute.Strategy, plan: DataPla
                     "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
                     "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False),
                     "stale": tf.Variable(0, dtype=tf.int64, trainable=False)}
-        model = models.build_model(cfg, plan.vocab.size)
+        model = models.build_model(cfg, plan.tokenizer.size)
         optimizer, time_progress = optimization.build_optimizer(cfg, plan.total_steps)
         optimizer.build(model.trainable_variables)
     keras.mixed_precision.set_dtype_policy("float32")
@@ -274,7 +341,7 @@ def run_loop(cfg: Config, job: checkpoints.JobDir, strategy: tf.distribute.Strat
     resume = checkpoints.ResumeCheckpoints(job, ckpt, cfg.keep_checkpoints)
     restored = resume.restore()
     if base and not restored:
-        init_from.load_weights(trainable.model, base, plan.vocab)
+        init_from.load_weights(trainable.model, base, plan.chars)
     step = int(trainable.progress["step"].numpy())
     if restored:
         logging.info("resumed from %s at step %d (epoch %d)", restored["prefix"], step,
@@ -284,10 +351,13 @@ def run_loop(cfg: Config, job: checkpoints.JobDir, strategy: tf.distribute.Strat
                                        float(trainable.progress["elapsed"].numpy()))
     agreement.check_same("resume step", step)
     best = checkpoints.BestExporter(job, cfg.monitor, float(trainable.progress["best"].numpy()))
-    reporter = Reporter(cfg, job, place, plan.vocab, trainable.model, plan.val_regions)
+    reporter = Reporter(cfg, job, place, plan.tokenizer, trainable.model, plan.val_regions)
     inputs = _Inputs(cfg, strategy, place, plan)
     train_iter, step_fn = inputs.train_steps(trainable, step)
-    loop = Loop(cfg, plan.steps_per_epoch, cfg.batch_size * place.replicas * cfg.seq_length,
+    # Chars a step reads: its tokens times the training text's chars per token.
+    chars_per_step = (cfg.batch_size * place.replicas * cfg.seq_length * plan.train_chars
+                      / max(plan.train_tokens, 1))
+    loop = Loop(cfg, plan.steps_per_epoch, chars_per_step,
                 resume, best, reporter, trainable.progress, step_fn,
                 inputs.validation(trainable.model), trainable.model, trainable.optimizer,
                 agreement, trainable.time_progress, average)
@@ -327,14 +397,14 @@ class _Inputs:
     def _windows(self, regions, shift, steps, shuffle, start, repeat, batch):
         cfg, place, plan = self.cfg, self.place, self.plan
         return lambda ctx: window_pipeline.dataset(
-            regions, plan.vocab, cfg, batch_size=batch, shift=shift, steps=steps,
+            regions, plan.tokenizer, cfg, batch_size=batch, shift=shift, steps=steps,
             replicas_per_worker=place.replicas_per_worker, sharding=plan.sharding,
             shuffle=shuffle, start_step=start, repeat=repeat)
 
     def _lanes(self, regions, steps, start, repeat, batch):
         cfg, place, plan = self.cfg, self.place, self.plan
         return lambda ctx: lane_pipeline.lanes_dataset(
-            regions, plan.vocab, cfg, batch_size=batch, steps=steps,
+            regions, plan.tokenizer, cfg, batch_size=batch, steps=steps,
             replicas_per_worker=place.replicas_per_worker, sharding=plan.sharding,
             start_step=start, repeat=repeat, rotate=repeat and cfg.rotate_lanes,
             reset_prob=cfg.state_reset_prob if repeat else 0.0)
@@ -343,7 +413,8 @@ class _Inputs:
         """(the training iterator, a function running one step) from `step` on."""
         cfg, plan, strategy = self.cfg, self.plan, self.strategy
         train_step = steps.train_step(cfg, strategy, trainable.model, trainable.optimizer,
-                                      cfg.batch_size * self.place.replicas, trainable.average)
+                                      cfg.batch_size * self.place.replicas, trainable.average,
+                                      tokenization.chars_table(plan.tokenizer))
         if cfg.carry_state:
             train_iter = iter(strategy.distribute_datasets_from_function(
                 self._lanes(plan.train_regions, plan.pass_steps, step, True, cfg.batch_size)))
@@ -358,7 +429,8 @@ class _Inputs:
         cfg, plan = self.cfg, self.plan
         if not plan.val_steps:
             return dict
-        evaluator = evaluation.Evaluator(self.strategy, model, cfg.objective)
+        evaluator = evaluation.Evaluator(self.strategy, model, cfg.objective,
+                                         token_chars=tokenization.chars_table(plan.tokenizer))
         windows = self._windows(plan.val_regions, cfg.seq_length, plan.val_steps, False, 0,
                                 False, plan.val_batch)
         lanes = plan.val_lanes and self._lanes(plan.val_regions, plan.val_lane_steps, 0, False,
