@@ -79,18 +79,45 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
                                             "learning_rate", "lr_schedule", "epochs",
                                             "steps_per_epoch", "clipnorm", "warmup_steps")}
     record["config"]["carry_state"] = cfg.get("carry_state", False)
+    record["config"]["tokenizer"] = cfg.get("tokenizer", "char")
+    record["config"]["max_vocab"] = cfg.get("max_vocab")
+    record["vocab_size"] = _vocab_size(job_dir, record["config"]["tokenizer"])
     last = record["epochs"][-1]
-    record["final_val_loss"] = last["val_loss"]
-    record["best_val_loss"] = min(e["val_loss"] for e in record["epochs"])
-    record["final_val_bpc"] = last["val_loss"] / math.log(2)
+    # Per character of the text whatever the tokenizer (older metrics: val_loss is per char).
+    record["final_val_loss"] = per_char(last, "val")
+    record["best_val_loss"] = min(per_char(e, "val") for e in record["epochs"])
+    record["final_val_bpc"] = record["final_val_loss"] / math.log(2)
+    record["final_val_loss_per_token"] = last["val_loss"]
     if "val_carried_loss" in last:
-        record["final_val_carried_loss"] = last["val_carried_loss"]
-        record["best_val_carried_loss"] = min(e["val_carried_loss"] for e in record["epochs"])
-        record["final_val_carried_bpc"] = last["val_carried_loss"] / math.log(2)
+        record["final_val_carried_loss"] = per_char(last, "val_carried")
+        record["best_val_carried_loss"] = min(per_char(e, "val_carried")
+                                              for e in record["epochs"])
+        record["final_val_carried_bpc"] = record["final_val_carried_loss"] / math.log(2)
     record["train_sec"] = last["elapsed_sec"]
-    record["chars_trained"] = last["step"] * cfg["batch_size"] * cfg["seq_length"]
+    record["chars_trained"] = last.get("chars_trained",
+                                       last["step"] * cfg["batch_size"] * cfg["seq_length"])
+    record["chars_per_sec"] = record["chars_trained"] / max(record["train_sec"], 1e-9)
     record["sample"] = _last_sample(f"{job_dir}.log")
     return record
+
+
+def per_char(metrics: dict[str, Any], prefix: str) -> float:
+    """A validation loss in nats per character of the text (`{prefix}_nats_per_char`)."""
+    return metrics.get(f"{prefix}_nats_per_char", metrics[f"{prefix}_loss"])
+
+
+def _vocab_size(job_dir: str, kind: str) -> int:
+    from trainer.data import tokenization
+    from trainer.data.vocabulary import Vocabulary
+
+    def read(name: str) -> str | None:
+        path = os.path.join(job_dir, name)
+        if not os.path.exists(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    return tokenization.load(kind, Vocabulary.from_json(read("vocab.json")), read).size
 
 
 def figures(run: dict[str, Any]) -> dict[str, Any]:
@@ -137,11 +164,11 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
             continue
         minutes = [e["elapsed_sec"] / 60 for e in run["epochs"]]
         name = run.get("label") or run["preset"]
-        line = ax.plot(minutes, [e["val_loss"] for e in run["epochs"]], marker="o",
+        line = ax.plot(minutes, [per_char(e, "val") for e in run["epochs"]], marker="o",
                        markersize=3, linestyle="--" if "final_val_carried_loss" in run else "-",
                        label=f"{name}, windowed: {run['final_val_loss']:.4f}")[0]
         if "final_val_carried_loss" in run:
-            ax.plot(minutes, [e["val_carried_loss"] for e in run["epochs"]], marker="o",
+            ax.plot(minutes, [per_char(e, "val_carried") for e in run["epochs"]], marker="o",
                     markersize=3, color=line.get_color(),
                     label=f"{name}, carried: {run['final_val_carried_loss']:.4f}")
     for (name, value), style in zip(ANCHORS.items(), ("--", ":")):
@@ -173,11 +200,14 @@ def markdown(result: dict[str, Any]) -> str:
                      _fmt(run.get("best_val_carried_loss")),
                      f"{run['final_val_loss']:.4f}", f"{run['final_val_bpc']:.4f}",
                      f"{run['best_val_loss']:.4f}", run["chars_trained"],
+                     f"{run.get('chars_per_sec', 0):,.0f}",
+                     f"{run['config'].get('tokenizer', 'char')} {run.get('vocab_size', '')}",
                      f"{run['load_start'][0]:.1f} -> {run['load_end'][0]:.1f}",
                      ", ".join(beats) or "none"])
     lines.append(bench.table(["run", "budget min", "trained min", "carried val nats/char",
                               "carried bits/char", "best carried", "windowed val nats/char",
-                              "windowed bits/char", "best windowed", "chars trained", "load",
+                              "windowed bits/char", "best windowed", "chars trained",
+                              "chars/s", "tokenizer, ids", "load",
                               "carried beats"], rows))
     lines += [f"anchor {name}: {v} nats/char ({v / math.log(2):.4f} bits/char)"
               for name, v in ANCHORS.items()]

@@ -11,8 +11,8 @@ import tensorflow as tf
 
 from trainer import models
 from trainer.config import Config
-from trainer.data import index, lane_pipeline, window_pipeline
-from trainer.data.vocabulary import Vocabulary
+from trainer.data import index, lane_pipeline, tokenization, window_pipeline
+from trainer.data.vocabulary import Vocabulary, count_chars
 from trainer.training import evaluation
 
 
@@ -87,8 +87,47 @@ def test_out_of_vocabulary_targets_can_be_left_out():
     logits = tf.math.log(tf.constant([[[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]]))
     _, kept = models.loss_sums(y, logits, skip_oov=True)
     _, every = models.loss_sums(y, logits)
-    assert kept.numpy().tolist() == pytest.approx([-math.log(0.6) - math.log(0.6), 2, 2])
+    assert kept.numpy().tolist() == pytest.approx([-math.log(0.6) - math.log(0.6), 2, 2, 2])
     assert every.numpy()[2] == 3 and every.numpy()[0] == pytest.approx(kept.numpy()[0]
                                                                          - math.log(0.5))
     metrics = models.metrics(kept.numpy())
     assert metrics["bpc"] == pytest.approx(metrics["loss"] / math.log(2))
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_bits_per_char_equal_a_direct_computation_for_every_tokenizer(tmp_path, kind):
+    """Each token's loss is spread over the characters it covers: the sum of the losses
+    over the characters of the text the targets decode to, whatever the tokenizer."""
+    rng = random.Random(11)
+    words = ["thee", "thou", "art", "caf\u00e9", "\u4e16\u754c", "\U0001f389", "lord"]
+    text = "".join(rng.choice(words) + rng.choice([" ", ", ", ".\n"]) for _ in range(400))
+    text += "end."
+    path = tmp_path / "val.txt"
+    path.write_text(text, encoding="utf-8")
+    chars = Vocabulary.from_counts(count_chars(text))
+    tok = {"char": chars,
+           "word": tokenization.WordTokenizer.from_counts(chars, tokenization.count_words(text),
+                                                          len(chars.chars) + 6),
+           "bpe": tokenization.BpeTokenizer.train([text], 280)}[kind]
+    cfg = Config(seq_length=20, num_layers=1, rnn_units=16, embedding_dim=8, dropout=0.0,
+                 batch_size=8, tokenizer=kind)
+    model = models.build_model(cfg, tok.size)
+    result = evaluation.score_files([str(path)], cfg, tok, model)
+    ids = tok.encode(text).astype(np.int64)
+    count = (len(ids) - 1) // 20
+    rows = np.stack([ids[k * 20:k * 20 + 21] for k in range(count)])
+    losses = _cross_entropy(np.asarray(model(rows[:, :-1])), rows[:, 1:])
+    # The targets of windows at stride seq_length are one contiguous run of the text.
+    covered = len(tok.decode(ids[1:count * 20 + 1].tolist()))
+    windowed = result["windowed"]
+    assert windowed["tokens_scored"] == losses.size
+    assert windowed["chars_scored"] == covered
+    assert windowed["nats_per_char"] == pytest.approx(losses.sum() / covered, rel=1e-5)
+    assert windowed["nats_per_token"] == pytest.approx(losses.mean(), rel=1e-5)
+    assert windowed["bits_per_char"] == pytest.approx(losses.sum() / covered / math.log(2),
+                                                      rel=1e-5)
+    assert result["chars"] == len(text) and result["tokens"] == len(ids)
+    if kind != "char":
+        assert result["tokens"] < len(text)  # Several characters per token.
+    if kind == "word":
+        assert result["unknown_words"] == tok.unknown(ids) > 0

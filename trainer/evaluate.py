@@ -7,9 +7,12 @@
 Two ways, as the training job reports them (`trainer.training.evaluation`): windowed
 (seq_length-char windows, each from a zero state: the job's `val_loss`) and
 carried (the text cut into --batch_size contiguous lanes with the LSTM state
-carried from chunk to chunk: `val_carried_loss`). Characters the model's
-vocabulary lacks are counted and reported, and left out of the scores. Bad
-input ends with a one-line error on stderr and exit status 1.
+carried from chunk to chunk: `val_carried_loss`). Whatever the job's tokenizer,
+the figures are per character of the text (each token's loss spread over the
+characters it covers), beside the per-token ones; a word model's unknown words
+count as their `<unk>` plus their spelling, and their share is reported.
+Characters the model's vocabulary lacks are counted and reported, and left out of
+the scores. Bad input ends with a one-line error on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -41,8 +44,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 def render(result: dict[str, Any]) -> str:
     """The result as a few lines of text."""
+    tokens = result["tokenizer"] != "char"
     lines = [f"job {result['job_dir']} ({result['checkpoint']})",
-             f"data: {result['files']} file(s), {result['chars']:,} chars"]
+             f"data: {result['files']} file(s), {result['chars']:,} chars" +
+             (f", {result['tokens']:,} {result['tokenizer']} tokens "
+              f"({result['chars'] / max(result['tokens'], 1):.3f} chars per token)"
+              if tokens else "")]
+    if result["tokenizer"] == "word":
+        share = 100 * result["unknown_words"] / max(result["tokens"], 1)
+        lines.append(f"unknown words: {result['unknown_words']:,} ({share:.2f}% of tokens), "
+                     "each scored as <unk> plus its spelling")
     if result["oov_chars"]:
         shown = " ".join(repr(c) for c in result["oov_distinct"][:10])
         more = " ..." if len(result["oov_distinct"]) > 10 else ""
@@ -54,9 +65,11 @@ def render(result: dict[str, Any]) -> str:
     for mode in ("windowed", "carried"):
         if mode in result:
             m = result[mode]
+            per_token = (f" ({m['nats_per_token']:.4f} nats/token over "
+                         f"{m['tokens_scored']:,} tokens)" if tokens else "")
             lines.append(f"{mode}: {m['nats_per_char']:.4f} nats/char, {m['bits_per_char']:.4f} "
                          f"bits/char, perplexity {m['perplexity']:.3f} over "
-                         f"{m['chars_scored']:,} chars ({m['how']})")
+                         f"{m['chars_scored']:,} chars{per_token} ({m['how']})")
     return "\n".join(lines)
 
 

@@ -24,8 +24,7 @@ import tensorflow as tf
 
 from trainer import models
 from trainer.config import Config
-from trainer.data import index, lane_pipeline, window_pipeline
-from trainer.data.vocabulary import Vocabulary
+from trainer.data import index, lane_pipeline, tokenization, window_pipeline
 from trainer.errors import UserError
 from trainer.training import distribution
 
@@ -90,50 +89,60 @@ class Evaluator:
         return totals
 
 
-def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: keras.Model,
-                batch_size: int = 0, strategy: tf.distribute.Strategy | None = None
-                ) -> dict[str, Any]:
+def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
+                model: keras.Model, batch_size: int = 0,
+                strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Scores a model on text files both ways, leaving out-of-vocabulary targets out.
 
     Args:
       paths: text files (local or gs://), scored as one text in this order.
       cfg: the model's training config (seq_length, lowercase, objective).
-      vocab: the model's vocabulary.
+      tok: the model's tokenizer (its `Vocabulary` for chars).
       model: the trained model.
       batch_size: windows per batch and lanes for carried scoring; 0 = cfg.batch_size.
         Windowed scoring scores every window; carried scoring drops the remainder
-        shorter than one lane step; `chars_scored` says how many targets each scored.
+        shorter than one lane step; `chars_scored` and `tokens_scored` say how much
+        each scored.
       strategy: default: the current (default) strategy.
 
     Returns:
-      {"files", "chars", "oov_chars", "oov_distinct", "windowed": {...}, "carried": {...}},
-      each mode with nats_per_char, bits_per_char, perplexity, accuracy, chars_scored.
+      {"files", "chars", "tokens", "tokenizer", "oov_chars", "oov_distinct",
+      "unknown_words", "windowed": {...}, "carried": {...}}, each mode with
+      nats_per_char, bits_per_char (over the characters of the text the scored tokens
+      cover), nats_per_token, bits_per_token, perplexity (per token), accuracy,
+      chars_scored, tokens_scored.
 
     Raises:
       UserError: no text, or too little for one window.
     """
     strategy = strategy or tf.distribute.get_strategy()
     corpus = index.build(list(paths), [], lowercase=cfg.lowercase,
-                              piece_bytes=cfg.piece_bytes)
+                         piece_bytes=cfg.piece_bytes)
+    index.count_tokens(corpus, tok)
     chars = sum(f.chars for f in corpus.files)
-    known = set(vocab.chars)
-    missing = {c: n for c, n in corpus.counts.items() if c not in known}
-    if chars < cfg.window:
-        raise UserError(f"the text holds {chars} chars, fewer than one window of "
+    tokens = sum(sum(f.lengths()) for f in corpus.files)
+    lacking = set(tok.missing("".join(corpus.counts)))
+    missing = {c: n for c, n in corpus.counts.items() if c in lacking}
+    if tokens < cfg.window:
+        unit = "chars" if tokens == chars else "tokens"
+        raise UserError(f"the text holds {tokens} {unit}, fewer than one window of "
                         f"{cfg.window} (the model's seq_length + 1)")
     regions, _ = index.make_regions(corpus, cfg.window)
     windows = sum(window_pipeline.num_windows(r.length, cfg.window, cfg.seq_length)
                   for r in regions)
     batch = max(1, min(batch_size or cfg.batch_size, windows))
     steps = -(-windows // batch)  # The last batch is padded: every window is scored.
-    evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True)
+    evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True,
+                          token_chars=tokenization.chars_table(tok))
     result: dict[str, Any] = {
-        "files": sum(1 for f in corpus.files if f.chars), "chars": chars,
-        "oov_chars": sum(missing.values()),
-        "oov_distinct": sorted(missing, key=ord)}
+        "files": sum(1 for f in corpus.files if f.chars), "chars": chars, "tokens": tokens,
+        "tokenizer": tokenization.kind_of(tok), "oov_chars": sum(missing.values()),
+        "oov_distinct": sorted(missing, key=ord),
+        "unknown_words": sum(f.unknown_words for f in corpus.files)}
+    unit = "chars" if result["tokenizer"] == "char" else "tokens"
     result["windowed"] = _summary(evaluator.windowed(lambda ctx: window_pipeline.dataset(
-        regions, vocab, cfg, batch_size=batch, shift=cfg.seq_length, steps=steps,
-        shuffle=False, repeat=False)), f"{cfg.seq_length}-char windows from a zero state",
+        regions, tok, cfg, batch_size=batch, shift=cfg.seq_length, steps=steps,
+        shuffle=False, repeat=False)), f"{cfg.seq_length}-{unit[:-1]} windows from a zero state",
         batch=batch)
     lanes = batch
     while lanes > 1 and lane_pipeline.lane_steps(regions, cfg.seq_length, lanes,
@@ -144,7 +153,7 @@ def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: ker
     if lane_steps:
         carried_cfg = cfg.replace(objective="sequence")
         result["carried"] = _summary(evaluator.carried(
-            lambda ctx: lane_pipeline.lanes_dataset(regions, vocab, carried_cfg,
+            lambda ctx: lane_pipeline.lanes_dataset(regions, tok, carried_cfg,
                                                      batch_size=lanes, steps=lane_steps,
                                                      repeat=False), lanes),
             f"{lanes} contiguous lane(s), state carried", lanes=lanes)
@@ -153,6 +162,8 @@ def score_files(paths: Sequence[str], cfg: Config, vocab: Vocabulary, model: ker
 
 def _summary(totals: np.ndarray, how: str, **extra: int) -> dict[str, Any]:
     values = models.metrics(totals)
-    return {"nats_per_char": values["loss"], "bits_per_char": values["bpc"],
+    return {"nats_per_char": values["nats_per_char"], "bits_per_char": values["bpc"],
+            "nats_per_token": values["loss"], "bits_per_token": values["loss"] / math.log(2),
             "perplexity": math.exp(values["loss"]), "accuracy": values["accuracy"],
-            "chars_scored": int(totals[2]), "how": how, **extra}
+            "chars_scored": int(round(totals[3])), "tokens_scored": int(totals[2]),
+            "how": how, **extra}

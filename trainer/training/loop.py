@@ -180,6 +180,7 @@ class Loop:
                 epoch_metrics = metrics(totals)
                 epoch_metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
                                                   / max(time.time() - epoch_start, 1e-9))
+                epoch_metrics["chars_trained"] = int(step * self.chars_per_step)
                 with self.averaged():
                     epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
                     # The clock after evaluation, for the rate logged with this epoch (the
@@ -198,7 +199,7 @@ class Loop:
                 self.agree(stop)
                 self.resume.save(step, epoch + 1)
                 summary = {"epoch": epoch + 1, "step": step, **epoch_metrics,
-                           "best": self.best.best, "chars_trained": int(step * self.chars_per_step)}
+                           "best": self.best.best}
         return summary
 
     def _epoch(self, step: int, epoch: int, stop: StopSignal) -> tuple[int, np.ndarray]:
