@@ -281,6 +281,12 @@ def test_auto_precision_follows_the_cpu_flags(corpus, tmp_path, monkeypatch):
     assert precision.cpu_has_bfloat16(zen4) and precision.cpu_has_bfloat16(sapphire)
     assert not precision.cpu_has_bfloat16(avx2)
     assert not precision.cpu_has_bfloat16(str(tmp_path / "missing"))
+    # oneDNN capped at AVX2 (as on an AVX2-only CPU) runs no bfloat16 instructions.
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not precision.cpu_has_bfloat16(zen4)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert precision.cpu_has_bfloat16(sapphire)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     auto = tiny(corpus, tmp_path, precision="auto")
     assert precision.resolve_precision(auto, zen4).precision == "mixed_bfloat16"
     assert precision.resolve_precision(auto, avx2).precision == "float32"

@@ -58,8 +58,9 @@ def split_words(text: str) -> list[str]:
 
 
 def count_words(text: str) -> collections.Counter:
-    """How often each candidate word (2 to MAX_WORD_CHARS chars) occurs in `text`."""
-    return collections.Counter(t for t in split_words(text) if 1 < len(t) <= MAX_WORD_CHARS)
+    """How often each candidate word (2 to MAX_WORD_CHARS chars, no NUL) occurs in `text`."""
+    return collections.Counter(t for t in split_words(text)
+                               if 1 < len(t) <= MAX_WORD_CHARS and "\0" not in t)
 
 
 def _smallest_dtype(size: int) -> np.dtype:

@@ -7,6 +7,8 @@ LSTM, bfloat16 in it) are refused with one line before anything is written.
 
 from __future__ import annotations
 
+import os
+
 import tensorflow as tf
 from absl import logging
 
@@ -37,7 +39,11 @@ def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bfloat16 natively (x86 AVX512_BF16 or AMX-BF16 flags).
 
     Elsewhere oneDNN emulates bfloat16 and mixed_bfloat16 runs slower than float32.
+    oneDNN capped below AVX-512 (`ONEDNN_MAX_CPU_ISA`, e.g. AVX2) uses neither: then False.
     """
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if cap and cap != "ALL" and not cap.startswith(("AVX512", "AVX10")):
+        return False
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             flags = {word for line in f if line.startswith("flags")
