@@ -6,7 +6,8 @@
 
 --format=web writes a static folder whose index.html generates text in the
 browser with no server (trainer/sampling/web_export.py); --format=onnx writes a
-single-step ONNX model and the vocabulary (trainer/sampling/onnx_export.py).
+single-step ONNX model and the vocabulary (trainer/sampling/onnx_export.py); for a
+word or bpe job both also carry its tokenizer.json and what the ids mean.
 Either wants an empty or missing --export_dir, or --overwrite. The rest of this
 describes the SavedModel.
 
@@ -73,6 +74,7 @@ def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
     # Imported here: --help should not wait for TensorFlow.
     from trainer import checkpoints, storage
+    from trainer.data.vocabulary import Vocabulary
     from trainer.errors import UserError
     from trainer.sampling import onnx_export, saved_model, web_export
 
@@ -89,7 +91,10 @@ def run(fv: flags.FlagValues) -> None:
         # What the folder held goes only once the new files are written (step_model.write_folder).
         name = fv.job_dir.rstrip("/").rsplit("/", 1)[-1]
         writer = web_export if fv.format == "web" else onnx_export
-        writer.export(model, vocab, fv.export_dir, {"name": name, **info})
+        # A word or bpe job's characters (vocab.json) travel beside its tokenizer.
+        chars = vocab if cfg.tokenizer == "char" else Vocabulary.load(
+            storage.join(fv.job_dir, "vocab.json"))
+        writer.export(model, vocab, fv.export_dir, {"name": name, **info}, chars)
     print(f"exported {fv.format} to {fv.export_dir}", file=sys.stderr)
 
 

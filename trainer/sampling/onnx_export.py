@@ -15,6 +15,11 @@ logit to -inf before choosing. Ids 1..N are vocab.json's "chars" in order;
 prompts are normalised as in training (`\\r\\n` -> `\\n`, lowercased when
 "lowercase" is true), and an empty prompt starts from a newline's id.
 
+The graph takes ids whatever the tokenizer. A word or bpe model's folder also
+holds the job's tokenizer.json (for bpe the `tokenizers` library's file, whose ids
+are the model's minus one), and model.json's "tokenizer" says how its ids map
+(`token_export.ids_note`).
+
 The graph is converted by tf2onnx from `step_model.step_function` and, before
 anything is written, one step of it under onnxruntime is compared with the same
 step through the trained Keras layers.
@@ -29,9 +34,10 @@ from typing import Any
 import keras
 import numpy as np
 
+from trainer.data import tokenization
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
-from trainer.sampling import step_model
+from trainer.sampling import step_model, token_export
 
 # Opset 17 is read by every maintained runtime (onnxruntime, onnxruntime-web, others).
 OPSET = 17
@@ -106,15 +112,16 @@ def check(model: keras.Model, onnx_bytes: bytes, seed: int = 0) -> float:
     return worst
 
 
-def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
-           info: dict[str, Any] | None = None) -> str:
+def export(model: keras.Model, vocab: tokenization.Tokenizer, export_dir: str,
+           info: dict[str, Any] | None = None, chars: Vocabulary | None = None) -> str:
     """Converts, checks and writes the ONNX export to `export_dir` (local or gs://).
 
     Args:
       model: a trained model from `models.build_model`.
-      vocab: its vocabulary.
+      vocab: its tokenizer (a `Vocabulary` for a char model).
       export_dir: an empty or missing folder (see `trainer.export`).
       info: what model.json says about the model (config, best checkpoint).
+      chars: the job's characters (its vocab.json); default: `vocab`'s own.
 
     Returns:
       `export_dir`.
@@ -127,6 +134,11 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
                  "inputs": ["ids", *names], "outputs": ["logits"] + [f"{n}_out" for n in names],
                  "units": weights.units, "vocab_size": vocab.size,
                  "checked_relative_difference": difference}
-    step_model.write_folder({MODEL_FILE: onnx_bytes, "vocab.json": vocab.to_json(),
-                             "model.json": json.dumps(described, indent=1)}, export_dir)
+    note = token_export.ids_note(vocab)
+    if note is not None:
+        described["tokenizer"] = note
+    step_model.write_folder({MODEL_FILE: onnx_bytes,
+                             "vocab.json": token_export.chars_of(vocab, chars).to_json(),
+                             "model.json": json.dumps(described, indent=1),
+                             **token_export.files(vocab)}, export_dir)
     return export_dir

@@ -7,12 +7,16 @@ writes
   charmodel.js  the runtime: the LSTM in plain JavaScript, the sampling, the form
   model.js      the weights and the vocabulary, as `window.CHAR_MODEL = {...};`
   vocab.json    the vocabulary, for tools other than the page
+and for a word or bpe model also
+  tokenizer.js    the page's tokenizer: prompts to ids, ids to text
+  tokenizer.json  the job's tokenizer file, for tools other than the page
 
 The weights travel in a script rather than a JSON file because Chromium refuses
 fetch() of local files to a page opened from disk; a <script> tag may load a
 file beside the page. The format of model.js and the step's math are described
-at the top of charmodel.js. The page's Content-Security-Policy lets it run its
-own two scripts and its one inline style block, and nothing else.
+at the top of charmodel.js (and the tokenizer's at the top of tokenizer.js). The
+page's Content-Security-Policy lets it run its own scripts and its one inline style
+block, and nothing else.
 """
 
 from __future__ import annotations
@@ -26,12 +30,17 @@ from typing import Any
 import keras
 import numpy as np
 
+from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID, Vocabulary
-from trainer.sampling import step_model
+from trainer.sampling import step_model, token_export
 from trainer.serving import page
 
-FORMAT, VERSION = "char-lstm-web", 1
+# Version 2 adds the tokenizer of a word or bpe model; a char model stays version 1.
+FORMAT, VERSION, TOKENIZER_VERSION = "char-lstm-web", 1, 2
 RUNTIME = "charmodel.js"
+TOKENIZER_SCRIPT = "tokenizer.js"
+TITLES = {"char": "Character-level LSTM", "word": "Word-level LSTM",
+          "bpe": "Subword (byte-level BPE) LSTM"}
 MODEL_SCRIPT = "model.js"
 
 _HTML = """<!doctype html>
@@ -44,10 +53,9 @@ _HTML = """<!doctype html>
 <style>{style}</style>
 </head>
 <body>
-<h1>Character-level LSTM</h1>
+<h1>{title}</h1>
 <div id="model">loading the model...</div>
-{form}<script src="{model_script}"></script>
-<script src="{runtime}"></script>
+{form}{scripts}
 </body>
 </html>
 """
@@ -66,22 +74,27 @@ def _tensor(array: np.ndarray) -> dict[str, Any]:
     return {"shape": list(array.shape), "data": base64.b64encode(data).decode("ascii")}
 
 
-def model_spec(model: keras.Model, vocab: Vocabulary, info: dict[str, Any] | None = None
+def model_spec(model: keras.Model, vocab: tokenization.Tokenizer,
+               info: dict[str, Any] | None = None, chars: Vocabulary | None = None
                ) -> dict[str, Any]:
     """What model.js assigns to window.CHAR_MODEL (the format is in charmodel.js).
 
     Args:
       model: a trained model from `models.build_model`.
-      vocab: its vocabulary.
+      vocab: its tokenizer (a `Vocabulary` for a char model).
       info: what the page shows about the model: name, config, best.
+      chars: the job's characters (vocab.json); default: `vocab`'s own.
 
     Returns:
       A JSON-serialisable dict.
     """
     weights = step_model.step_weights(model)
+    chars = token_export.chars_of(vocab, chars)
+    tokenizer = token_export.web_spec(vocab)
     return {
-        "format": FORMAT, "version": VERSION,
-        "vocab": {"chars": list(vocab.chars), "lowercase": vocab.lowercase, "oov_id": OOV_ID},
+        "format": FORMAT, "version": VERSION if tokenizer is None else TOKENIZER_VERSION,
+        "vocab": {"chars": list(chars.chars), "lowercase": vocab.lowercase, "oov_id": OOV_ID},
+        **({} if tokenizer is None else {"tokenizer": tokenizer}),
         "info": info or {},
         "embedding": _tensor(weights.embedding),
         "lstms": [{"kernel": _tensor(layer.kernel),
@@ -92,28 +105,44 @@ def model_spec(model: keras.Model, vocab: Vocabulary, info: dict[str, Any] | Non
     }
 
 
-def index_html() -> str:
-    """The page: the served page's style and form, the policy, and the two scripts."""
+def index_html(kind: str = "char") -> str:
+    """The page: the served page's style and form, the policy, and the scripts.
+
+    Args:
+      kind: the model's tokenizer kind; a word or bpe page also loads tokenizer.js.
+    """
+    scripts = [MODEL_SCRIPT] + ([] if kind == "char" else [TOKENIZER_SCRIPT]) + [RUNTIME]
     return _HTML.format(policy=content_security_policy(), style=page.STYLE, form=page.FORM,
-                        model_script=MODEL_SCRIPT, runtime=RUNTIME)
+                        title=TITLES[kind],
+                        scripts="\n".join(f'<script src="{s}"></script>' for s in scripts))
 
 
-def export(model: keras.Model, vocab: Vocabulary, export_dir: str,
-           info: dict[str, Any] | None = None) -> str:
-    """Writes the static folder (index.html, the runtime, model.js, vocab.json).
+def _script(name: str) -> str:
+    return resources.files("trainer.sampling").joinpath("web", name).read_text("utf-8")
+
+
+def export(model: keras.Model, vocab: tokenization.Tokenizer, export_dir: str,
+           info: dict[str, Any] | None = None, chars: Vocabulary | None = None) -> str:
+    """Writes the static folder (index.html, the runtime, model.js, vocab.json, and for
+    a word or bpe model tokenizer.js and tokenizer.json).
 
     Args:
       model: the trained model whose weights model.js carries.
-      vocab: the vocabulary the page encodes prompts with.
+      vocab: the tokenizer the page encodes prompts with (a `Vocabulary` for chars).
       export_dir: where the folder goes (local or gs://); `trainer.export` empties it.
       info: what the page shows about the model (name, config, best).
+      chars: the job's characters (its vocab.json); default: `vocab`'s own.
 
     Returns:
       `export_dir`.
     """
-    spec = json.dumps(model_spec(model, vocab, info), separators=(",", ":"))
-    runtime = resources.files("trainer.sampling").joinpath("web", RUNTIME).read_text("utf-8")
-    files = {"index.html": index_html(), RUNTIME: runtime,
-             MODEL_SCRIPT: f"window.CHAR_MODEL = {spec};\n", "vocab.json": vocab.to_json()}
+    kind = tokenization.kind_of(vocab)
+    spec = json.dumps(model_spec(model, vocab, info, chars), separators=(",", ":"))
+    files = {"index.html": index_html(kind), RUNTIME: _script(RUNTIME),
+             MODEL_SCRIPT: f"window.CHAR_MODEL = {spec};\n",
+             "vocab.json": token_export.chars_of(vocab, chars).to_json(),
+             **token_export.files(vocab)}
+    if kind != "char":
+        files[TOKENIZER_SCRIPT] = _script(TOKENIZER_SCRIPT)
     step_model.write_folder(files, export_dir)
     return export_dir

@@ -5,8 +5,11 @@
  *
  * model.js, loaded before this file, sets window.CHAR_MODEL:
  *
- *   {format: "char-lstm-web", version: 1,
- *    vocab: {chars: [...], lowercase: bool, oov_id: 0},  ids 1..N are chars in order
+ *   {format: "char-lstm-web", version: 1 (a char model) or 2 (word or bpe),
+ *    vocab: {chars: [...], lowercase: bool, oov_id: 0},  a char model's ids 1..N are
+ *                                                         its chars in order
+ *    tokenizer: {kind: "word" | "bpe", ...},              version 2 only: the model's
+ *                                                         ids (format in tokenizer.js)
  *    info: {name, config, best},                          what the page shows
  *    embedding: T (vocab, embedding_dim),
  *    lstms: [{kernel: T (inputs, 4 units), recurrent_kernel: T (units, 4 units),
@@ -18,7 +21,9 @@
  *   z = x kernel + h recurrent_kernel + bias;  c' = s(f) c + s(i) tanh(c_gate);
  *   h' = s(o) tanh(c'),  with s the logistic sigmoid,
  * each layer's h' feeding the next, and h' logits.kernel + logits.bias the logits.
- * The out-of-vocabulary id 0 is never drawn.
+ * The out-of-vocabulary id 0 is never drawn. A word or bpe model's page loads
+ * tokenizer.js before this file; the length asked for counts characters of output, and
+ * generation stops at the first token that reaches it.
  *
  * The choice repeats trainer/sampling/next_char.py: temperature, then top-k, then
  * top-p, then the Gumbel-max draw with the counter-based hash `uniform` of (seed,
@@ -30,8 +35,10 @@
  * window.charModel is the API (and what the tests drive): newState(), step(id,
  * state) -> logits (id 0 set to -Infinity), encode(text, skip) -> {ids, missing},
  * probabilities(ids) -> the next-char probabilities after each id, fed from a zero
- * state, stream(prompt, length, options) -> an iterator of chars, and generate(the
- * same) -> the text; options: temperature (0 is greedy), top_k, top_p, seed, skip.
+ * state, stream(prompt, length, options) -> an iterator of the text of each id drawn
+ * (one char each for a char model; "" for a bpe id that ends inside a char), and
+ * generate(the same) -> the text; options: temperature (0 is greedy), top_k, top_p,
+ * seed, skip.
  */
 "use strict";
 
@@ -125,14 +132,18 @@
 
   class CharModel {
     constructor(spec) {
-      if (spec.format !== "char-lstm-web" || spec.version !== 1) {
-        throw new Error("model.js is not a char-lstm-web version 1 model");
+      if (spec.format !== "char-lstm-web" || ![1, 2].includes(spec.version) ||
+          (spec.version === 2) !== !!spec.tokenizer) {
+        throw new Error("model.js is not a char-lstm-web version 1 or 2 model");
       }
       this.info = spec.info || {};
       this.chars = spec.vocab.chars;
       this.lowercase = !!spec.vocab.lowercase;
       this.ids = new Map(this.chars.map((c, i) => [c, i + 1]));
       this.vocabSize = this.chars.length + 1;
+      // A word or bpe model: its ids come from the tokenizer, not from the chars.
+      this.tokenizer = spec.tokenizer ? window.charTokenizer.create(spec.tokenizer) : null;
+      if (this.tokenizer) this.vocabSize = this.tokenizer.size;
       this.embedding = tensor(spec.embedding);
       this.embeddingDim = spec.embedding.shape[1];
       let inputs = this.embeddingDim;
@@ -152,7 +163,8 @@
       });
       this.logitsKernel = transposed(spec.logits.kernel);
       this.logitsBias = tensor(spec.logits.bias);
-      this.startId = this.ids.get("\n") || 0;
+      this.startId = this.tokenizer ? this.tokenizer.encode("\n")[0] || 0 :
+        this.ids.get("\n") || 0;
     }
 
     // Zero (h, c) for every layer, bottom first.
@@ -208,10 +220,16 @@
     encode(text, skip) {
       text = text.replace(/\r\n/g, "\n");
       if (this.lowercase) text = text.toLowerCase();
-      const ids = [], missing = new Set();
-      for (const ch of text) {
-        const id = this.ids.get(ch);
-        if (id === undefined) missing.add(ch); else ids.push(id);
+      let ids = [], missing = new Set();
+      if (this.tokenizer) {
+        // As encode_prompt does: the whole text is encoded, then unknown chars' ids dropped.
+        missing = new Set(this.tokenizer.missing(text));
+        ids = this.tokenizer.encode(text).filter((id) => id !== 0);
+      } else {
+        for (const ch of text) {
+          const id = this.ids.get(ch);
+          if (id === undefined) missing.add(ch); else ids.push(id);
+        }
       }
       if (missing.size && !skip) {
         const shown = [...missing].map((c) => JSON.stringify(c).replace(/^"|"$/g, "'"));
@@ -240,11 +258,30 @@
       const state = this.newState(), key = seedKey(o.seed);
       let logits;
       for (const id of ids) logits = this.step(id, state);
+      if (this.tokenizer) {
+        yield* this.tokens(logits, state, key, length, o);
+        return;
+      }
       for (let t = 0; t < length; t++) {
         const id = choose(logits, key, t, o.temperature, o.top_k, o.top_p);
         yield this.chars[id - 1];
         logits = this.step(id, state);
       }
+    }
+
+    // A word or bpe model's draw: ids until the text holds `length` chars.
+    *tokens(logits, state, key, length, o) {
+      const decoder = this.tokenizer.decoder();
+      let chars = 0;
+      for (let t = 0; chars < length; t++) {
+        const id = choose(logits, key, t, o.temperature, o.top_k, o.top_p);
+        const text = decoder.feed(id);
+        chars += [...text].length;
+        yield text;
+        if (chars < length) logits = this.step(id, state);
+      }
+      const rest = decoder.flush();
+      if (rest) yield rest;
     }
 
     generate(prompt, length, options) {
@@ -259,9 +296,10 @@
   if (!$("form")) return;
   const best = model.info.best || {};
   const units = model.layers.map((l) => l.units);
+  const kind = model.tokenizer ? `${model.tokenizer.kind} tokens` : "chars";
   $("model").textContent = `${model.info.name || "model"} (runs in this page): ` +
     `${units.length} x LSTM(${units[0]}), embedding ${model.embeddingDim}, vocabulary ` +
-    `${model.vocabSize} chars` + (best.value === undefined ? "" :
+    `${model.vocabSize} ${kind}` + (best.value === undefined ? "" :
       `; ${best.monitor || "val_loss"} ${Number(best.value).toFixed(4)}`) +
     (best.epoch ? ` at epoch ${best.epoch}` : "");
 
