@@ -28,8 +28,7 @@ from absl import logging
 
 from trainer import checkpoints, models, storage
 from trainer.config import Config, incompatibilities
-from trainer.data import index, lane_pipeline, window_pipeline
-from trainer.data import tokenization
+from trainer.data import index, lane_pipeline, tokenization, window_pipeline
 from trainer.data.index import Region
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
