@@ -133,7 +133,8 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     if not isinstance(prompts, list) or not prompts or not all(
             isinstance(p, str) for p in prompts):
         raise RequestError("prompt must be a string or a non-empty list of strings "
-                           "(send text: the server encodes it with the model's tokenizer)")
+                           "(token ids are not taken: send text, which the model's "
+                           "tokenizer encodes)")
     n = data.get("n", 1) if data.get("n") is not None else 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestError("n must be a positive whole number")
