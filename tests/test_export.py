@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import textwrap
@@ -140,14 +141,14 @@ def test_bpe_saved_model_carries_its_tokenizer_and_serves_the_job_dirs_text(tmp_
         backend = backends.load_backend(path, jit_compile=False)
         running = batcher.Batcher(backend, max_batch=2, window_ms=1, block=8)
         instance = Instance(prompt, 50, Settings(greedy=True), 0, "error")
-        parts = []
+        blocks, parts = queue.Queue(), []
         running.submit(running.encode(instance), instance,
-                       lambda text, err, parts=parts: parts.append(err or text))
-        while not parts or parts[-1] is not None:
-            running._thread.join(0.05)
-            assert not any(isinstance(p, BaseException) for p in parts), parts
+                       lambda *block, put=blocks.put: put(block))
+        while (block := blocks.get(timeout=60)) != (None, None):
+            assert block[1] is None, block[1]
+            parts.append(block[0])
         running.close()
-        texts.append("".join(parts[:-1]))
+        texts.append("".join(parts))
     assert texts[0] == texts[1] and len(texts[0]) >= 50
     # Ids in, ids out: what a client of TF Serving decodes with tokenizer.json.
     tokenizer = backend.tokenizer
