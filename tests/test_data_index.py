@@ -189,7 +189,7 @@ def test_prompts_and_samples_read_one_small_range(tmp_path, monkeypatch):
     real = storage.read_range
     monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))
     monkeypatch.setattr(storage, "read_bytes", lambda p: pytest.fail("read a whole file"))
-    assert excerpt.read_chars(train[0], 0, 20, False) == "01234567890123456789"
+    assert excerpt.read_tokens(train[0], 0, 20, False) == "01234567890123456789"
     assert reads == [20 * 4 + 4]
-    assert excerpt.read_chars(train[1], 3, 4, False) == "3456"
+    assert excerpt.read_tokens(train[1], 3, 4, False) == "3456"
     assert reads[1] <= 50_000 + 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from training_jobs import token_job
 
 from trainer import checkpoints, export, models, storage
 from trainer.config import Config
@@ -20,6 +22,8 @@ from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings, encode_prompt, pad_prompts
+from trainer.serving import backends, batcher
+from trainer.serving.request import Instance
 
 VOCAB = Vocabulary(list("\n .,abcdefghijklmnopqrstuvwxyz"))
 PROMPTS = ["the quick", "", "Über ab\r\ncd", "a"]
@@ -124,3 +128,34 @@ def test_export_to_gcs_and_overwrite(gcs_bucket, tmp_path):
                  temperature=tf.constant(0.8), seed=tf.constant(9, tf.int64))
     assert [out["generated"].numpy()[0].decode()] == Sampler(model, VOCAB).generate(
         ["the "], 20, seed=9)
+
+
+def test_bpe_saved_model_carries_its_tokenizer_and_serves_the_job_dirs_text(tmp_path):
+    job_dir, export_dir = token_job(str(tmp_path), "bpe"), str(tmp_path / "export" / "1")
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
+    extra = os.path.join(export_dir, saved_model.EXTRA_DIR)
+    assert sorted(os.listdir(extra)) == ["model.json", "tokenizer.json", "vocab.json"]
+    prompt = "the café — 🙂"
+    texts = []
+    for path in (job_dir, export_dir):
+        backend = backends.load_backend(path, jit_compile=False)
+        running = batcher.Batcher(backend, max_batch=2, window_ms=1, block=8)
+        instance = Instance(prompt, 50, Settings(greedy=True), 0, "error")
+        blocks, parts = queue.Queue(), []
+        running.submit(running.encode(instance), instance,
+                       lambda *block, put=blocks.put: put(block))
+        while (block := blocks.get(timeout=60)) != (None, None):
+            assert block[1] is None, block[1]
+            parts.append(block[0])
+        running.close()
+        texts.append("".join(parts))
+    assert texts[0] == texts[1] and len(texts[0]) >= 50
+    # Ids in, ids out: what a client of TF Serving decodes with tokenizer.json.
+    tokenizer = backend.tokenizer
+    loaded = tf.saved_model.load(export_dir)
+    ids = tokenizer.encode(prompt).astype(np.int32)[None, :]
+    out = loaded.signatures["generate_seeded"](
+        ids=tf.constant(np.pad(ids, [(0, 0), (0, 3)])), length=tf.constant(12),
+        temperature=tf.constant(0.0), seed=tf.constant(0, tf.int64))["generated_ids"].numpy()
+    assert out.shape == (1, 12)
+    assert texts[0].startswith(tokenizer.stream_decoder().feed(out[0].tolist()))

@@ -6,14 +6,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from absl import flags
+from training_jobs import TOKEN_TEXT, token_job
 
-from trainer import models
+from trainer import checkpoints, generate, models
 from trainer.config import Config
+from trainer.data import excerpt
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
 from trainer.sampling import next_char
 from trainer.sampling.next_char import Rule, row_arrays
 from trainer.sampling.sampler import Sampler, Settings, encode_prompt, start_id
+from trainer.sampling.tokens import OutputText
 
 VOCAB = Vocabulary(list("\n .,;!?abcdefghijklmnopqrstuvwxyzABC"))
 CFG = Config(embedding_dim=8, rnn_units=24, num_layers=2, dropout=0.2)
@@ -294,3 +298,60 @@ def test_large_batches_leave_xla_and_give_the_same_text(model, monkeypatch):
     assert not sampler.uses_xla(4)
     assert sampler.generate(["the", "a b", "", "c"], 30, Settings(0.9, top_k=5),
                             seed=2) == small
+
+
+@pytest.fixture(scope="module")
+def token_jobs(tmp_path_factory) -> dict[str, str]:
+    """A word and a bpe job; the bpe one trained with the per-epoch sample on (primed with
+    tokens of the validation text)."""
+    folder = str(tmp_path_factory.mktemp("tokens"))
+    return {"word": token_job(folder, "word"), "bpe": token_job(folder, "bpe", sample_length=30)}
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_word_and_bpe_jobs_generate_whole_text_counted_in_chars(token_jobs, kind, capsys):
+    values = flags.FlagValues()
+    generate.define_flags(values)
+    prompt = "the café — 🙂 "
+    values(["generate", f"--job_dir={token_jobs[kind]}", f"--prime={prompt}", "--length=60",
+            "--seed=3"])
+    generate.run(values)
+    text = capsys.readouterr().out
+    # Never a U+FFFD at the end: a character split across ids waits for its last byte
+    # (a bpe model may still draw bytes that are not UTF-8 elsewhere; a word model cannot).
+    assert len(text) >= 60 and not text.endswith("\ufffd")
+    assert kind == "bpe" or "\ufffd" not in text
+    _, tokenizer, model, _ = checkpoints.load_job(token_jobs[kind])
+    # The graph executor (the door's XLA loop gives the same text), no compile per length.
+    sampler = Sampler(model, tokenizer, jit_compile=False)
+    assert sampler.generate([prompt], 60, Settings(0.8), seed=3) == [text]
+    # Stopping at 60 chars changes no draw: a longer text goes on from it.
+    assert sampler.generate([prompt], 100, Settings(0.8), seed=3)[0].startswith(text)
+    # The default prompt: seq_length tokens of the validation text, not characters.
+    cfg = checkpoints.load_job(token_jobs[kind])[0]
+    window, source = excerpt.random_excerpt(cfg, 1, tokenizer)
+    assert "16-token window" in source and len(window) > 16 and window in TOKEN_TEXT * 40
+    # Blocks of 3 tokens continue one stream, rows of any length.
+    prompts, settings = [prompt, "", "the dog"], Settings(1.2, top_k=20)
+    blocks = list(sampler.stream(prompts, 45, settings, seed=7, block=3))
+    assert ["".join(b[i] for b in blocks) for i in range(3)] == sampler.generate(
+        prompts, 45, settings, seed=7)
+
+
+def test_split_characters_come_out_whole_and_word_prompts_skip_whole(token_jobs):
+    _, bpe, _, _ = checkpoints.load_job(token_jobs["bpe"])
+    emoji, a = bpe.encode("🎉"), bpe.encode("a")
+    assert len(emoji) >= 2  # Not in the training text: its bytes are split.
+    out = OutputText(bpe, 2)
+    assert out.feed(a) == "a" and not out.done
+    assert [out.feed([i]) for i in emoji] == [""] * (len(emoji) - 1) + ["🎉"]
+    assert out.done and out.chars == 2
+    more = OutputText(bpe, 2)
+    assert more.feed(np.concatenate([a, emoji, a, emoji])) == "a🎉"
+    assert more.tokens == 1 + len(emoji)
+    _, word, _, _ = checkpoints.load_job(token_jobs["word"])
+    with pytest.raises(UserError, match="'#'"):
+        encode_prompt(word, "the c#at")
+    skipped = encode_prompt(word, "the c#at", oov="skip")
+    assert skipped.skipped == ["#"] and list(skipped.ids) == list(word.encode("the cat"))
+    assert start_id(word) == word.encode("\n")[0] and start_id(bpe) == bpe.encode("\n")[0]

@@ -28,7 +28,7 @@ class Flaky(backends.Backend):
 
     def __init__(self, inner: backends.Backend):
         """Wraps `inner`."""
-        self.inner, self.vocab, self.info = inner, inner.vocab, inner.info
+        self.inner, self.tokenizer, self.info = inner, inner.tokenizer, inner.info
         self.pad_batches = inner.pad_batches
         self.delay, self.fail = 0.0, None
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from serve_helpers import VOCAB, LiveServer, module_job, request
+from training_jobs import token_job
 
 from trainer.sampling.sampler import Sampler, Settings
 from trainer.serving import backends, batcher
@@ -101,6 +102,51 @@ def test_kserve_prefix(server, sampler):
     other = openai.OpenAI(base_url=server.url("/openai/v1"), api_key="EMPTY", max_retries=0)
     out = other.completions.create(model="job", prompt="to be", max_tokens=12, seed=2)
     assert out.choices[0].text == sampler.generate(["to be"], 12, Settings(1.0), [2])[0]
+
+
+@pytest.fixture(scope="module")
+def token_servers(tmp_path_factory):
+    """A server of a word job and one of a bpe job, with a Sampler of each."""
+    folder = str(tmp_path_factory.mktemp("tokens"))
+    servers = {}
+    for kind in ("word", "bpe"):
+        # The graph executor: no XLA compile per batch size (both give the same text).
+        backend = backends.load_backend(token_job(folder, kind), jit_compile=False)
+        servers[kind] = (LiveServer(batcher.Batcher(backend, max_batch=4, window_ms=20,
+                                                    block=8)),
+                         Sampler(backend.sampler.model, backend.tokenizer, jit_compile=False))
+    yield servers
+    for running, _ in servers.values():
+        running.close()
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_word_and_bpe_completions_equal_the_sampler_streamed_or_not(token_servers, kind):
+    running, sampler = token_servers[kind]
+    tokenizer = sampler.tokenizer
+    client = openai.OpenAI(base_url=running.url("/v1"), api_key="EMPTY", max_retries=0,
+                           timeout=60)
+    prompt = "the café — 🙂"
+    greedy = client.completions.create(model="m", prompt=prompt, max_tokens=40, temperature=0)
+    want = sampler.generate([prompt], 40, Settings(greedy=True))[0]
+    assert greedy.choices[0].text == want and len(want) >= 40
+    # Usage counts the model's tokens, not characters.
+    assert (greedy.usage.prompt_tokens, greedy.usage.completion_tokens) == (
+        len(tokenizer.encode(prompt)), len(tokenizer.encode(want)))
+    assert greedy.usage.prompt_tokens < len(prompt)
+    asked = {"model": "m", "prompt": [prompt, ""], "max_tokens": 50, "seed": 4,
+             "temperature": 1.0}
+    out = client.completions.create(**asked)
+    texts = [c.text for c in out.choices]
+    assert texts == [sampler.generate([p], 50, Settings(1.0), [4 + i])[0]
+                     for i, p in enumerate([prompt, ""])]
+    streamed = ["", ""]
+    for chunk in client.completions.create(**asked, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == texts
+    assert request(running.url("/info"))[1] and json.loads(
+        request(running.url("/info"))[1])["tokenizer"] == kind
 
 
 def test_schemathesis_finds_no_5xx_and_answers_conform(server):

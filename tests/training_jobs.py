@@ -52,3 +52,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+
+# Short English with a few characters of two, three and four UTF-8 bytes.
+TOKEN_TEXT = ("the cat sat on the mat — and the café was naïve. 🙂 the dog ran to the cat.\n"
+              "a cat and a dog — the mat, the café; 🙂 then the end.\n")
+
+
+def token_job(folder, kind: str, steps: int = 30, sample_length: int = 0) -> str:
+    """A word or bpe job trained for `steps` steps on a small corpus (`TOKEN_TEXT`).
+
+    Args:
+      folder: where the corpus and the job directory go.
+      kind: "word" or "bpe".
+      steps: training steps, in one epoch.
+      sample_length: the per-epoch sample's characters (0: none; each compiles a sampler).
+
+    Returns:
+      The job directory.
+    """
+    from trainer.training import train  # Late: only these tests train.
+
+    corpus, job_dir = os.path.join(folder, f"{kind}.txt"), os.path.join(folder, f"job_{kind}")
+    with open(corpus, "w", encoding="utf-8") as f:
+        f.write(TOKEN_TEXT * 40)
+    train.train(tiny(corpus, job_dir, tokenizer=kind, max_vocab=300 if kind == "bpe" else 64,
+                     epochs=1, steps_per_epoch=steps, seq_length=16, batch_size=8,
+                     val_steps=2, sample_length=sample_length))
+    return job_dir

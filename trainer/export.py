@@ -11,9 +11,10 @@ word or bpe job both also carry its tokenizer.json and what the ids mean.
 Either wants an empty or missing --export_dir, or --overwrite. The rest of this
 describes the SavedModel.
 
-The SavedModel carries the vocabulary and the whole sampling loop, so a server
+The SavedModel carries the tokenizer and the whole sampling loop, so a server
 needs nothing else. TF Serving expects a numbered version folder (the `/1` above);
-Vertex AI takes the folder itself as the model's artifact URI. Signatures:
+Vertex AI takes the folder itself as the model's artifact URI. Signatures of a
+char model (the default tokenizer):
 
   serving_default(prompts: string[batch], length: int32 scalar,
                   temperature: float32 scalar) -> {"generated": string[batch]}
@@ -25,8 +26,9 @@ Vertex AI takes the folder itself as the model's artifact URI. Signatures:
       -> {"ids": int32[batch, n], "logits", "states"}
 
 Beside the graph, assets.extra/ (TF Serving's folder for extra files) holds
-vocab.json and model.json (the job's config and best checkpoint), which
-`trainer.serve` reads to validate prompts and describe the model.
+vocab.json and model.json (the job's config, tokenizer kind and best checkpoint), and
+for a word or bpe model tokenizer.json, which `trainer.serve` reads to encode
+prompts, decode the ids and describe the model.
 
 For example, through TF Serving's REST API (scalars need the columnar form):
   {"signature_name": "serving_default",
@@ -37,6 +39,25 @@ normalised like the training text; characters the vocabulary lacks are skipped
 (a server has no one to ask); an empty prompt starts after a newline. The
 generated text excludes the prompt. `length` is clipped to [0, --max_length];
 a temperature of 0 or less gives greedy output.
+
+A word or bpe model's graph cannot split text, so its signatures take and give ids
+(int32) and `length` counts tokens, not characters:
+
+  serving_default(ids: int32[batch, time], length, temperature)
+      -> {"generated_ids": int32[batch, length]}
+  generate_seeded(the same, and seed)         the same, reproducibly
+  begin(ids) -> {"logits", "states"};  advance as above
+
+Rows of `ids` are padded with 0 (never a prompt's id; an all-0 row starts after a
+newline). A client of TF Serving encodes and decodes with assets.extra/tokenizer.json
+itself: for bpe, the ids are those of the `tokenizers` library plus one
+(`Tokenizer.from_file(...).encode(text).ids`, each + 1; decode each id - 1, id 0 never
+comes out); for word, id 1 is `<unk>` (decodes to nothing), ids 2.. are the
+characters of vocab.json in its order, then the "words" of tokenizer.json in order,
+the text split by the word rule recorded there (a word outside the list is `<unk>`
+then its characters). Normalise prompts as the training text was (`\r\n` -> `\n`,
+lowercased if vocab.json says so). `trainer.serve` does all of this for you, and
+counts its `max_tokens`/length in characters again.
 """
 
 from __future__ import annotations
@@ -63,8 +84,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "Serving, a numbered version folder such as .../1.", **fv)
     flags.DEFINE_string("checkpoint", None, "Weights file to export instead of the best one: "
                         "a file name inside --job_dir or a full path.", **fv)
-    flags.DEFINE_integer("max_length", 10_000, "Largest number of characters one request "
-                         "to the SavedModel may generate; longer requests are cut to it.",
+    flags.DEFINE_integer("max_length", 10_000, "Largest number of characters (tokens, for a "
+                         "word or bpe model) one request to the SavedModel may generate; "
+                         "longer requests are cut to it.",
                          lower_bound=0, **fv)
     flags.DEFINE_boolean("overwrite", False, "Replace what --export_dir already holds.", **fv)
     flags.mark_flags_as_required(["job_dir", "export_dir"], flag_values)
@@ -74,6 +96,7 @@ def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
     # Imported here: --help should not wait for TensorFlow.
     from trainer import checkpoints, storage
+    from trainer.data import tokenization
     from trainer.data.vocabulary import Vocabulary
     from trainer.errors import UserError
     from trainer.sampling import onnx_export, saved_model, web_export
@@ -81,20 +104,24 @@ def run(fv: flags.FlagValues) -> None:
     if fv.format != "saved_model" and not fv.overwrite and storage.listdir(fv.export_dir):
         raise UserError(f"{fv.export_dir} is not empty; pass --overwrite to replace what it "
                         "holds, or choose a new folder")
-    cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    cfg, tokenizer, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
             "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
             "config": json.loads(cfg.to_json())}
     if fv.format == "saved_model":
-        saved_model.export(model, vocab, fv.export_dir, fv.max_length, fv.overwrite, info)
+        vocab_json = None
+        if tokenization.kind_of(tokenizer) != "char":  # The job's characters, as recorded.
+            vocab_json = storage.read_text(storage.join(fv.job_dir, "vocab.json"))
+        saved_model.export(model, tokenizer, fv.export_dir, fv.max_length, fv.overwrite, info,
+                           vocab_json)
     else:
         # What the folder held goes only once the new files are written (step_model.write_folder).
         name = fv.job_dir.rstrip("/").rsplit("/", 1)[-1]
         writer = web_export if fv.format == "web" else onnx_export
         # A word or bpe job's characters (vocab.json) travel beside its tokenizer.
-        chars = vocab if cfg.tokenizer == "char" else Vocabulary.load(
+        chars = tokenizer if cfg.tokenizer == "char" else Vocabulary.load(
             storage.join(fv.job_dir, "vocab.json"))
-        writer.export(model, vocab, fv.export_dir, {"name": name, **info}, chars)
+        writer.export(model, tokenizer, fv.export_dir, {"name": name, **info}, chars)
     print(f"exported {fv.format} to {fv.export_dir}", file=sys.stderr)
 
 

@@ -5,7 +5,11 @@
         --format=json --output=samples.json
 
 The job directory (local or gs://) holds everything needed: config.json,
-vocab.json and the best weights named by best.json. A single text sample streams
+vocab.json (and tokenizer.json for a word or bpe job) and the best weights named by
+best.json. Prompts are encoded by the job's tokenizer and the samples decoded by it;
+--length counts characters whatever the tokenizer, and a sample ends at the first
+token that reaches it (a word or subword sample may be longer by the rest of that
+token). A single text sample streams
 to stdout as it is generated; the prompt itself is not repeated there. Notes on
 what was loaded and which prompt was used go to stderr. Bad input ends with a
 one-line error on stderr and exit status 1.
@@ -33,7 +37,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                         "the validation text, or a newline when no data is reachable.", **fv)
     flags.DEFINE_string("prime_file", None, "Read the prompt from this file (local or gs://) "
                         "instead of --prime.", **fv)
-    flags.DEFINE_integer("length", 500, "Number of characters to generate per sample.",
+    flags.DEFINE_integer("length", 500, "Number of characters to generate per sample (a "
+                         "word or bpe model ends at the first token that reaches it).",
                          lower_bound=0, **fv)
     flags.DEFINE_integer("num_samples", 1, "Number of samples generated together in one "
                          "batch, all from the same prompt.", lower_bound=1, **fv)
@@ -68,26 +73,26 @@ def run(fv: flags.FlagValues) -> None:
                         greedy=fv.greedy).validate()
     prompt = samples.read_prompt(fv.prime, fv.prime_file)
     seed = fv.seed if fv.seed is not None else random.SystemRandom().randrange(2**31)
-    cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    cfg, tokenizer, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     weights = fv.checkpoint or pointer.get("weights", "?")
     note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"
             if {"epoch", "monitor", "value"} <= pointer.keys() else "")
     cli.say(f"loaded {weights}{note} from {fv.job_dir}")
     oov = fv.oov
     if prompt is None:
-        prompt, source = excerpt.random_excerpt(cfg, seed)
+        prompt, source = excerpt.random_excerpt(cfg, seed, tokenizer)
         oov = "skip"  # Not the user's text: chars outside the vocabulary are just left out.
         cli.say(f"prompt: {source}:\n{prompt}")
     else:
         source = "--prime_file" if fv.prime_file is not None else "--prime"
-        missing = encode_prompt(vocab, prompt, "skip").skipped
+        missing = encode_prompt(tokenizer, prompt, "skip").skipped
         if missing and oov == "skip":
             cli.say(f"skipping {len(missing)} prompt character(s) the vocabulary lacks: "
                     + ", ".join(repr(c) for c in missing[:20]))
     if fv.seed is None:
         cli.say(f"seed: {seed} (pass --seed={seed} to repeat this output)")
 
-    sampler = Sampler(model, vocab)
+    sampler = Sampler(model, tokenizer)
     prompts = [prompt] * fv.num_samples
     if fv.num_samples == 1 and fv.format == "text" and fv.output is None:
         samples.stream_to_stdout(sampler.stream(prompts, fv.length, settings, seed, oov,

@@ -5,6 +5,8 @@
 
 Then open http://localhost:8080/, POST {"instances": [{"prompt": "ROMEO:"}]} to /predict,
 or point any OpenAI client at http://localhost:8080/v1 (max_tokens counts characters).
+A word or bpe model's prompts and text go through the tokenizer its folder holds; its
+text ends at the first token that reaches the length asked for.
 Loopback unless --host says otherwise; under Vertex AI the AIP_* variables give the port,
 routes and model (trainer/serving/endpoint.py). SIGTERM drains and exits 0. The parts:
 trainer/serving/ (routes, completions, batcher, backends, server).

@@ -1,6 +1,9 @@
 """Excerpts of a job's text, read with one range read each: the start of a region (the
 per-epoch sample's prompt) and a random window of the validation text (generation's
-default prompt, as the 2017 tutorial primed its model)."""
+default prompt, as the 2017 tutorial primed its model).
+
+Regions count the job's tokens (`index.Region`): for word and bpe jobs an excerpt is
+that many tokens of the piece, decoded to text."""
 
 from __future__ import annotations
 
@@ -8,16 +11,29 @@ import random
 
 from trainer import storage
 from trainer.config import Config
-from trainer.data import index, scan, vocabulary
+from trainer.data import index, scan, tokenization, vocabulary
 from trainer.data.index import Region
 
 
-def read_chars(region: Region, begin: int, count: int, lowercase: bool) -> str:
-    """Chars [begin, begin + count) of the region, in one range read.
+def read_tokens(region: Region, begin: int, count: int, lowercase: bool,
+                tokenizer: tokenization.Tokenizer | None = None) -> str:
+    """The text of tokens [begin, begin + count) of the region, in one range read.
 
-    When they lie at the start of a plain piece only their bytes are read (at most 4
-    per char); otherwise the piece is read, which is bounded by the piece size.
+    For characters, when they lie at the start of a plain piece only their bytes are
+    read (at most 4 per char); otherwise the piece is read, which is bounded by the
+    piece size. For word and bpe tokenizers the piece is read and tokenized whole, as
+    the job counted it; a character split at either end (bpe) is left out.
+
+    Args:
+      region: a region of the job's corpus.
+      begin, count: the tokens, from the region's start.
+      lowercase: the job's setting.
+      tokenizer: the job's tokenizer; None or a `Vocabulary` for characters.
     """
+    if tokenizer is not None and tokenization.kind_of(tokenizer) != "char":
+        text = index.read_piece(region, lowercase)
+        ids = tokenizer.encode(text)[region.begin + begin:region.begin + begin + count]
+        return b"".join(tokenizer.pieces[i] for i in ids.tolist()).decode("utf-8", "ignore")
     if region.compressed or region.begin + begin > 0:
         return index.read_text(region, lowercase)[begin:begin + count]
     data = storage.read_range(region.path, region.start,
@@ -40,7 +56,8 @@ def snippet(path: str, width: int, lowercase: bool, rng, tail: float = 0.0) -> s
     return vocabulary.decode(data, lowercase)[0][:width]
 
 
-def random_excerpt(cfg: Config, seed: int) -> tuple[str, str]:
+def random_excerpt(cfg: Config, seed: int, tokenizer: tokenization.Tokenizer | None = None
+                   ) -> tuple[str, str]:
     """A random window of a job's validation text: the default prompt of generation.
 
     The pieces come from the job's shards.json, and the window is one range read of
@@ -50,6 +67,7 @@ def random_excerpt(cfg: Config, seed: int) -> tuple[str, str]:
     Args:
       cfg: the job's config (job_dir, data patterns, seq_length, lowercase).
       seed: picks the piece and the window.
+      tokenizer: the job's tokenizer (the window is `seq_length` of its tokens).
 
     Returns:
       (prompt, a description of where it came from).
@@ -69,8 +87,10 @@ def random_excerpt(cfg: Config, seed: int) -> tuple[str, str]:
             region = regions[rng.randrange(len(regions))]
             width = min(cfg.seq_length, region.length)
             begin = rng.randint(0, region.length - width)
-            text = read_chars(region, begin, width, cfg.lowercase)
-            return text, f"a random {width}-char window of the {what} text {region.path}"
+            text = read_tokens(region, begin, width, cfg.lowercase, tokenizer)
+            unit = ("char" if tokenizer is None or tokenization.kind_of(tokenizer) == "char"
+                    else "token")
+            return text, f"a random {width}-{unit} window of the {what} text {region.path}"
         # No corpus (a job directory from elsewhere): a random place of a data file.
         paths = storage.expand_patterns(cfg.val_data or cfg.train_data)
         path = paths[rng.randrange(len(paths))]

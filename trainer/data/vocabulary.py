@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import functools
 import json
 import threading
 from collections.abc import Iterable, Sequence
@@ -116,7 +117,13 @@ def count_chars(text: str) -> collections.Counter:
 
 
 class Vocabulary:
-    """Maps characters to ids and back. Id 0 is the out-of-vocabulary id."""
+    """Maps characters to ids and back. Id 0 is the out-of-vocabulary id.
+
+    It is the `char` tokenizer of `trainer.data.tokenization`, with the same interface
+    as the word and bpe ones (`kind`, `pieces`, `token_chars`, `stream_decoder`).
+    """
+
+    kind = "char"
 
     def __init__(self, chars: Sequence[str], counts: Sequence[int] | None = None,
                  lowercase: bool = False):
@@ -182,6 +189,22 @@ class Vocabulary:
         """Turns ids back into text; the OOV id becomes U+FFFD."""
         return "".join(self.chars[i - 1] if 0 < i <= len(self.chars) else "\ufffd"
                        for i in ids)
+
+    @functools.cached_property
+    def pieces(self) -> tuple[bytes, ...]:
+        """The UTF-8 bytes each id decodes to (U+FFFD for the out-of-vocabulary id)."""
+        return ("\ufffd".encode(),) + tuple(c.encode() for c in self.chars)
+
+    @functools.cached_property
+    def token_chars(self) -> np.ndarray:
+        """Characters each id covers: one each."""
+        return np.ones(self.size, np.float32)
+
+    def stream_decoder(self):
+        """A `tokenization.StreamDecoder` over `pieces` (for one code path with the others)."""
+        from trainer.data.tokenization import StreamDecoder  # It imports this module.
+
+        return StreamDecoder(self.pieces)
 
     def missing(self, text: str) -> list[str]:
         """The distinct characters of `text` that are not in the vocabulary, sorted."""

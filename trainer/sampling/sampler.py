@@ -1,11 +1,13 @@
 """Sampling text from the model with carried LSTM state, inside compiled TF loops.
 
-The prompt is fed once through the model's own layers; after that every new
-character costs one LSTM step per layer, with each layer's (h, c) carried from
+The model reads and draws the ids of the job's tokenizer (characters, words or BPE
+subwords; `trainer.sampling.tokens` turns prompts into ids and ids back into text,
+counted in characters). The prompt is fed once through the model's own layers;
+after that every new token costs one LSTM step per layer, with each layer's (h, c) carried from
 the step before, never a re-run of a window. The step loop is a `tf.while_loop`
 inside one `tf.function`, compiled with XLA by default (it fuses the per-char
 ops, which otherwise cost more than the arithmetic of a small LSTM), so a block
-of characters is one call from Python.
+of tokens is one call from Python.
 
 The Sampler has one way in for a stream (`stream`, the new text block by block)
 and one for a batch (`generate`, the whole texts). `begin` and `advance` are the
@@ -23,29 +25,41 @@ seed for a batch means seeds seed, seed + 1, ... for its rows.
 Prompts of different lengths in one batch are left-padded and masked; the
 LSTM layers keep their zero state over the padding, so each row is exactly what
 feeding that prompt alone would give. An empty prompt starts from a newline
-(or the out-of-vocabulary id when the vocabulary has no newline), since the
-model needs one input before it predicts anything.
+(or the out-of-vocabulary id when the tokenizer has no newline), since the
+model needs one input before it predicts anything. A word model's `<unk>` is never
+drawn (the characters of a word outside its vocabulary are drawn directly).
+
+`length` counts characters of the new text for every tokenizer: a row ends at the
+first token whose text reaches it, so a word or subword model's text may be longer
+by the rest of that token (`tokens.OutputText`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from trainer import models
-from trainer.data.vocabulary import OOV_ID, Vocabulary, normalise
-from trainer.errors import UserError
+from trainer.data.tokenization import Tokenizer, kind_of
+from trainer.data.vocabulary import OOV_ID
 from trainer.sampling.next_char import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
+from trainer.sampling.tokens import (
+    OOV_MODES,
+    EncodedPrompt,
+    OutputText,
+    check_oov,
+    encode_prompt,
+    pad_prompts,
+    start_id,
+)
 
 __all__ = ["OOV_MODES", "STREAM_BLOCK", "EncodedPrompt", "Sampler", "Settings", "check_oov",
            "encode_prompt", "pad_prompts", "start_id"]
 
-OOV_MODES = ("error", "skip")
-# Characters per compiled call when streaming: small enough to show progress,
+# Ids per compiled call when streaming: small enough to show progress,
 # large enough that the Python round trip costs little next to the steps.
 STREAM_BLOCK = 64
 # Plain sampling: no greedy rows, no filters.
@@ -56,120 +70,35 @@ SAMPLE = Rule()
 XLA_MAX_ROW_UNITS = 32_768
 
 
-class EncodedPrompt(NamedTuple):
-    """A prompt as the model takes it."""
-
-    # int32 ids, none of them the out-of-vocabulary id; empty for an empty prompt.
-    ids: np.ndarray
-    # The distinct characters the vocabulary lacks, in code-point order (left out).
-    skipped: list[str]
-
-
-def check_oov(oov: str) -> str:
-    """Checks an `oov` mode: what to do with prompt characters the vocabulary lacks.
-
-    Args:
-      oov: "error" (refuse the prompt) or "skip" (leave them out).
-
-    Returns:
-      `oov`.
-
-    Raises:
-      UserError: for any other value.
-    """
-    if oov not in OOV_MODES:
-        raise UserError(f"oov must be one of {', '.join(OOV_MODES)}, got {oov!r}")
-    return oov
-
-
-def encode_prompt(vocab: Vocabulary, text: str, oov: str = "error",
-                  hint: str = "drop them with --oov=skip") -> EncodedPrompt:
-    """Turns prompt text into ids, normalised as the training text was.
-
-    Every prompt in Python goes through here (the generate and serve entrypoints,
-    the training job's samples); the exported SavedModel repeats it in graph ops.
-
-    Args:
-      vocab: the model's vocabulary; its `lowercase` setting is applied first.
-      text: the prompt.
-      oov: "error" raises on characters the vocabulary lacks, "skip" drops them.
-      hint: how the caller's user drops them, for the error message.
-
-    Returns:
-      The ids and the characters left out.
-
-    Raises:
-      UserError: for unknown characters with oov="error", or a bad `oov`.
-    """
-    check_oov(oov)
-    text = normalise(text, vocab.lowercase)
-    missing = vocab.missing(text)
-    if missing and oov == "error":
-        shown = ", ".join(repr(c) for c in missing[:20])
-        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise UserError(f"the prompt has {len(missing)} character(s) the model's vocabulary "
-                        f"lacks: {shown}{more} ({hint})")
-    ids = vocab.encode(text).astype(np.int32)
-    return EncodedPrompt(ids[ids != OOV_ID], missing)
-
-
-def start_id(vocab: Vocabulary) -> int:
-    """The id fed for an empty prompt, since the model needs one input to predict from.
-
-    Args:
-      vocab: the model's vocabulary.
-
-    Returns:
-      A newline's id, or the out-of-vocabulary id when the vocabulary has no newline.
-    """
-    return int(vocab.encode("\n")[0])
-
-
-def pad_prompts(vocab: Vocabulary, prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads encoded prompts into one batch; an empty prompt becomes `start_id`.
-
-    Args:
-      vocab: gives the id that stands in for an empty prompt.
-      prompts: id arrays (`EncodedPrompt.ids`), one per row.
-
-    Returns:
-      (ids, mask), both (batch, longest); mask is False on the padding.
-    """
-    rows = [p if len(p) else np.array([start_id(vocab)], np.int32) for p in prompts]
-    width = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), width), np.int32)
-    mask = np.zeros((len(rows), width), bool)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = True
-    return ids, mask
-
-
 class Sampler:
-    """Generates text from a character model, one carried-state LSTM step per char."""
+    """Generates text from a model, one carried-state LSTM step per token."""
 
-    def __init__(self, model: keras.Model, vocab: Vocabulary, jit_compile: bool = True):
+    def __init__(self, model: keras.Model, tokenizer: Tokenizer, jit_compile: bool = True):
         """Wraps `model` (from `models.build_model`) without copying its weights.
 
         Args:
           model: the training model; its embedding, lstm_* and logits layers are used.
-          vocab: the vocabulary the model was trained with.
+          tokenizer: the tokenizer the model was trained with (`checkpoints.load_job`'s;
+            a `Vocabulary` for a char model).
           jit_compile: compile the step loop with XLA for batches of fewer than
-            XLA_MAX_ROW_UNITS rows x units. Each (batch, chars per call) shape then
+            XLA_MAX_ROW_UNITS rows x units. Each (batch, tokens per call) shape then
             compiles once, in about a second; False always runs TensorFlow's graph
             executor, which pays a fixed cost per op of every step.
         """
         self.model = model
-        self.vocab = vocab
+        self.tokenizer = tokenizer
         self.embedding = model.get_layer("embedding")
         self.lstms = models.lstm_layers(model)
         self.dense = model.get_layer("logits")
         if not self.lstms:
             raise ValueError("the model has no LSTM layers")
         self.jit_compile = jit_compile
-        # Added to the logits so the out-of-vocabulary id is never drawn.
+        # Added to the logits so that the out-of-vocabulary id is never drawn, nor an id
+        # that decodes to nothing (a word model's <unk>, which only announces that a word
+        # is spelled out after it: a model that kept drawing it would write nothing).
         self._oov_mask = tf.constant(
-            [-np.inf if i == OOV_ID else 0.0 for i in range(vocab.size)], tf.float32)
+            [-np.inf if i == OOV_ID or not piece else 0.0
+             for i, piece in enumerate(tokenizer.pieces)], tf.float32)
         self._feed = tf.function(self.feed, reduce_retracing=True)
         self._steps = tf.function(self.steps, reduce_retracing=True)
         self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
@@ -179,7 +108,7 @@ class Sampler:
 
     def feed(self, ids: tf.Tensor, mask: tf.Tensor | None = None
              ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        """Internal: runs left-padded prompts through the model once, one LSTM step per char.
+        """Internal: runs left-padded prompts through the model once, one LSTM step per token.
 
         The prompt goes through the same cell steps as the sampling loop rather
         than through the LSTM layers: a layer may pick the cuDNN kernel on a GPU,
@@ -190,13 +119,13 @@ class Sampler:
           mask: (batch, time) bool, False on left padding; None when there is none.
 
         Returns:
-          (logits for the next char (batch, vocab) float32, states (h0, c0, h1, c1, ...)).
+          (logits for the next token (batch, vocab) float32, states (h0, c0, h1, c1, ...)).
         """
         ids = tf.convert_to_tensor(ids, tf.int32)
         batch = tf.shape(ids)[0]
         states = tuple(tf.zeros([batch, layer.cell.units], layer.cell.compute_dtype)
                        for layer in self.lstms for _ in "hc")
-        logits = tf.zeros([batch, self.vocab.size], tf.float32)
+        logits = tf.zeros([batch, self.tokenizer.size], tf.float32)
 
         def body(t, logits, states):
             logits, new_states = self._step(ids[:, t], states)
@@ -214,7 +143,7 @@ class Sampler:
 
     def _step(self, ids: tf.Tensor, states: tuple[tf.Tensor, ...]
               ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        """One char per row through every layer; returns masked logits and new states."""
+        """One token per row through every layer; returns masked logits and new states."""
         x = self.embedding(ids)
         new_states = []
         for j, layer in enumerate(self.lstms):
@@ -225,22 +154,22 @@ class Sampler:
     def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int | tf.Tensor,
               step0: tf.Tensor, seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
               top_p: tf.Tensor, rule: Rule = SAMPLE, keep_logits: bool = False) -> tuple:
-        """Internal: draws `n` chars per row, one LSTM step per char, in a `tf.while_loop`.
+        """Internal: draws `n` tokens per row, one LSTM step each, in a `tf.while_loop`.
 
         Args:
-          logits: (batch, vocab) logits for the first char to draw.
+          logits: (batch, vocab) logits for the first token to draw.
           states: the carried (h, c) of every layer, flattened.
-          n: chars to draw; a Python int under XLA (it sizes the output), else
+          n: tokens to draw; a Python int under XLA (it sizes the output), else
             also an int32 scalar tensor.
           step0: (batch,) int32, each row's index of its first step here (the draw
             of a row's step t depends on (row seed, t), so blocks continue one stream).
           seeds: (batch,) int64 row seeds.
           temperature, top_k, top_p: (batch,) per-row settings (see `next_char.choose`).
           rule: which parts of the choice run.
-          keep_logits: also return the masked logits each char was drawn from.
+          keep_logits: also return the masked logits each token was drawn from.
 
         Returns:
-          (ids (batch, n) int32, logits after the last char, states after it,
+          (ids (batch, n) int32, logits after the last token, states after it,
           and (batch, n, vocab) logits when keep_logits).
         """
         batch = tf.shape(logits)[0]
@@ -276,34 +205,40 @@ class Sampler:
                settings: Settings | Sequence[Settings] | None = None,
                seed: int | Sequence[int] = 0, oov: str = "error", block: int = STREAM_BLOCK
                ) -> Iterator[list[str]]:
-        """Generates `length` new chars per prompt, yielding them `block` chars at a time.
+        """Generates `length` new chars per prompt, drawing `block` tokens per call.
 
         The prompts themselves are not repeated. The blocks of a row add up to what
         `generate` returns for the same arguments: the block size never changes the text.
+        A row ends at the first token whose text reaches `length` characters, which a
+        word or subword model's text may pass by the rest of that token.
 
         Args:
           prompts: prompt texts, one per row; each may be empty (see `start_id`).
-          length: chars to generate per row.
+          length: characters to generate per row (at least; see above).
           settings: the choice rule, for every row or one per row; default `Settings()`.
           seed: one seed per row, or an int: rows get seed, seed + 1, ... The same
             seed, prompt and settings give the same text, alone or in any batch.
-          oov: what to do with prompt characters the vocabulary lacks ("error"/"skip").
-          block: chars per compiled call; 0 generates everything in one call.
+          oov: what to do with prompt characters the tokenizer lacks ("error"/"skip").
+          block: tokens per compiled call; 0 generates everything in one call (a
+            word or subword model: in calls of the characters still owed).
 
         Yields:
-          A list with one string per row for each block; nothing when length is 0.
+          A list with one string per row for each block (a row's string is empty
+          once it is done, or while a character's bytes are incomplete); nothing when
+          length is 0.
 
         Raises:
-          UserError: for prompt characters the vocabulary lacks with oov="error".
+          UserError: for prompt characters the tokenizer lacks with oov="error".
         """
-        encoded = [encode_prompt(self.vocab, p, oov).ids for p in prompts]
-        for ids in self._draw(encoded, length, settings or Settings(), seed, block):
-            yield [self.vocab.decode(row.tolist()) for row in ids]
+        encoded = [encode_prompt(self.tokenizer, p, oov).ids for p in prompts]
+        outputs = [OutputText(self.tokenizer, length) for _ in prompts]
+        for ids in self._draw(encoded, outputs, settings or Settings(), seed, block):
+            yield [out.feed(row) for out, row in zip(outputs, ids, strict=True)]
 
     def generate(self, prompts: Sequence[str], length: int,
                  settings: Settings | Sequence[Settings] | None = None,
                  seed: int | Sequence[int] = 0, oov: str = "error") -> list[str]:
-        """Generates `length` new chars per prompt in one compiled call.
+        """Generates `length` new chars per prompt in one compiled call (see `stream`).
 
         Args:
           prompts, length, settings, seed, oov: as for `stream`.
@@ -312,7 +247,7 @@ class Sampler:
           The new text of each row (the prompt not included).
 
         Raises:
-          UserError: for prompt characters the vocabulary lacks with oov="error".
+          UserError: for prompt characters the tokenizer lacks with oov="error".
         """
         texts = [""] * len(prompts)
         for parts in self.stream(prompts, length, settings, seed, oov, block=0):
@@ -341,24 +276,24 @@ class Sampler:
           prompts: id arrays (`EncodedPrompt.ids`), one per row; lengths may differ.
 
         Returns:
-          (logits for each row's first char, the carried states), for `advance`.
+          (logits for each row's first token, the carried states), for `advance`.
         """
-        ids, mask = pad_prompts(self.vocab, prompts)
+        ids, mask = pad_prompts(self.tokenizer, prompts)
         return self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))
 
     def advance(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int,
                 step0: np.ndarray, seeds: np.ndarray, rows: dict[str, np.ndarray], rule: Rule,
                 keep_logits: bool = False) -> tuple:
-        """Draws `n` more chars per row in one compiled call: the stepping interface's step.
+        """Draws `n` more tokens per row in one compiled call: the stepping interface's step.
 
         Args:
           logits, states: from `begin` or the previous `advance`.
-          n: chars to draw per row.
-          step0: (batch,) each row's count of chars drawn so far.
+          n: tokens to draw per row.
+          step0: (batch,) each row's count of tokens drawn so far.
           seeds: (batch,) int64 row seeds (see `next_char.row_seeds`).
           rows: per-row settings as arrays (see `next_char.row_arrays`).
           rule: which parts of the choice run (`Rule.for_rows` of the rows' settings).
-          keep_logits: also return the logits each char was drawn from, which lets
+          keep_logits: also return the logits each token was drawn from, which lets
             the draws be checked against the model.
 
         Returns:
@@ -371,26 +306,35 @@ class Sampler:
             rule=rule, keep_logits=keep_logits)
         return out[0].numpy(), out[1], out[2], out[3].numpy() if keep_logits else None
 
-    def _draw(self, prompts: Sequence[np.ndarray], length: int,
+    def _draw(self, prompts: Sequence[np.ndarray], outputs: Sequence[OutputText],
               settings: Settings | Sequence[Settings], seed: int | Sequence[int], block: int
               ) -> Iterator[np.ndarray]:
-        """Yields the (batch, n) ids of each block of `block` chars (all at once for 0)."""
+        """Yields the (batch, n) ids of each call of `block` tokens until every output is done.
+
+        With `block` 0, each call draws as many tokens as the most characters a row
+        still owes (all of them at once for characters).
+        """
         rows = [settings] * len(prompts) if isinstance(settings, Settings) else list(settings)
         if len(rows) != len(prompts):
             raise ValueError(f"{len(rows)} settings for {len(prompts)} prompts")
         arrays, seeds = row_arrays(rows), row_seeds(seed, len(prompts))
-        if length <= 0 or not len(prompts):
+        if not len(prompts) or all(out.done for out in outputs):
             return
         logits, states = self.begin(prompts)
         rule = Rule.for_rows(rows)
+        xla = self.uses_xla(len(prompts))
+        one_each = kind_of(self.tokenizer) == "char"
         done = 0
-        while done < length:
-            n = length - done if block <= 0 else min(block, length - done)
-            # Under XLA every distinct n compiles anew: the last, shorter block
-            # runs at full size and is cut instead.
-            width = block if self.uses_xla(len(prompts)) and block > 0 else n
+        while not all(out.done for out in outputs):
+            owed = max(out.owed for out in outputs)
+            n = owed if block <= 0 else min(block, owed)
+            # Under XLA every distinct n compiles anew: a shorter block runs at full size.
+            width = block if xla and block > 0 else n
             ids, logits, states, _ = self.advance(
                 logits, states, width, np.full(len(prompts), done, np.int32), seeds, arrays,
                 rule)
+            # Characters end with that call; other tokens may need more calls, which go on
+            # from the end of this one.
+            n = n if one_each else width
             yield ids[:, :n]
             done += n

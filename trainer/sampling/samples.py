@@ -11,7 +11,7 @@ from typing import Any
 from trainer import storage
 from trainer.errors import UserError
 
-# Chars per compiled call when stdout is not a terminal: larger blocks spend less time in
+# Tokens per compiled call when stdout is not a terminal: larger blocks spend less time in
 # Python between compiled calls (the text is the same either way).
 PIPE_BLOCK = 512
 
@@ -42,7 +42,7 @@ def render(samples: Sequence[str], fmt: str, details: dict[str, Any]) -> str:
 
 
 def stdout_block(watched_block: int) -> int:
-    """Chars per compiled call when streaming to stdout: `watched_block` for a person at a
+    """Tokens per compiled call when streaming to stdout: `watched_block` for a person at a
     terminal (text shows up as it comes), PIPE_BLOCK for a pipe or a file."""
     return watched_block if sys.stdout.isatty() else PIPE_BLOCK
 

@@ -1,8 +1,13 @@
-"""The exported SavedModel: the model, its vocabulary and the sampling loop as one module.
+"""The exported SavedModel: the model, its tokenizer and the sampling loop as one module.
 
 `trainer.export` is the entrypoint that writes it; `trainer.serving.backends` loads it
 (its `begin`/`advance` signatures). What the signatures take and return is
 described in trainer/export.py.
+
+A char model's graph encodes prompt text and decodes the text drawn itself
+(`CharGenerator`). Words and byte-level BPE cannot be split by graph ops, so a word
+or bpe model's graph takes and returns ids (`TokenGenerator`), and its
+assets.extra/ carries tokenizer.json beside vocab.json for whoever calls it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from trainer import storage
+from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
 from trainer.sampling.next_char import MIN_TEMPERATURE, Rule
@@ -26,8 +32,70 @@ REPLACEMENT_CHAR = 0xFFFD
 EXTRA_DIR = "assets.extra"
 
 
-class CharGenerator(tf.Module):
-    """The model, its vocabulary and the sampling loop, as one saveable module."""
+class _Generator(tf.Module):
+    """What both modules share: the model, the sampling loop and its `advance` step."""
+
+    def __init__(self, model: keras.Model, tokenizer: tokenization.Tokenizer, max_length: int,
+                 name: str):
+        super().__init__(name=name)
+        # Attribute assignment tracks the model's variables for tf.saved_model.save.
+        self.model = model
+        self._sampler = Sampler(model, tokenizer)
+        self._start = start_id(tokenizer)
+        self._max_length = max_length
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, None], tf.float32, name="logits"),
+        tf.TensorSpec([None, None], tf.float32, name="states"),
+        tf.TensorSpec([], tf.int32, name="n"),
+        tf.TensorSpec([None], tf.int32, name="steps"),
+        tf.TensorSpec([None], tf.int64, name="seeds"),
+        tf.TensorSpec([None], tf.float32, name="temperature"),
+        tf.TensorSpec([None], tf.int32, name="top_k"),
+        tf.TensorSpec([None], tf.float32, name="top_p")])
+    def advance(self, logits: tf.Tensor, states: tf.Tensor, n: tf.Tensor, steps: tf.Tensor,
+                seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor
+                ) -> dict[str, tf.Tensor]:
+        """Draws `n` more ids per row, each row with its own step index, seed and settings."""
+        parts = tf.split(states, len(self._sampler.lstms) * 2, axis=1)
+        ids, logits, parts = self._sampler.steps(
+            logits, tuple(parts), tf.clip_by_value(n, 0, self._max_length), steps, seeds,
+            temperature, top_k, top_p, rule=Rule.everything())
+        return {"ids": ids, "logits": logits, "states": tf.concat(parts, axis=1)}
+
+    def _draw(self, ids: tf.Tensor, mask: tf.Tensor, length: tf.Tensor,
+              temperature: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """`length` ids per row after the left-padded prompts (row i seeded seed + i)."""
+        logits, states = self._sampler.feed(ids, mask)
+        batch = tf.shape(ids)[0]
+        # Row i draws with seed + i, as Sampler does for one int seed; a temperature
+        # of 0 or less is greedy.
+        temperature = tf.where(temperature > 0, tf.maximum(temperature, MIN_TEMPERATURE), 0.0)
+        ids, _, _ = self._sampler.steps(
+            logits, states, tf.clip_by_value(length, 0, self._max_length),
+            tf.zeros([batch], tf.int32), seed + tf.range(tf.cast(batch, tf.int64)),
+            tf.fill([batch], temperature), tf.zeros([batch], tf.int32), tf.ones([batch]),
+            rule=Rule(any_greedy=True))
+        return ids
+
+    def _left_pad(self, ids: tf.RaggedTensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Ragged prompt ids (out-of-vocabulary ids dropped) -> left-padded (ids, mask),
+        an empty row becoming the start id, as `pad_prompts` builds them."""
+        ids = tf.ragged.boolean_mask(ids, ids != OOV_ID)
+        empty = tf.cast(ids.row_lengths() == 0, tf.int64)
+        starts = tf.RaggedTensor.from_row_lengths(
+            tf.fill([tf.reduce_sum(empty)], self._start), empty)
+        ids = tf.concat([starts, ids], axis=1)
+        lengths = ids.row_lengths()
+        right = ids.to_tensor(OOV_ID)
+        # Reversing each row's ids, then the whole padded row, moves the padding left.
+        left = tf.reverse(tf.reverse_sequence(right, lengths, seq_axis=1, batch_axis=0), [1])
+        mask = tf.reverse(tf.sequence_mask(lengths, tf.shape(right)[1]), [1])
+        return left, mask
+
+
+class CharGenerator(_Generator):
+    """A char model, its vocabulary and the sampling loop: text in, text out."""
 
     def __init__(self, model: keras.Model, vocab: Vocabulary, max_length: int = 10_000):
         """Wraps a trained model for export.
@@ -37,10 +105,7 @@ class CharGenerator(tf.Module):
           vocab: the model's vocabulary.
           max_length: the largest `length` a request may ask for.
         """
-        super().__init__(name="char_generator")
-        # Attribute assignment tracks the model's variables for tf.saved_model.save.
-        self.model = model
-        self._sampler = Sampler(model, vocab)
+        super().__init__(model, vocab, max_length, "char_generator")
         points = [ord(c) for c in vocab.chars]
         self.table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(
@@ -49,8 +114,6 @@ class CharGenerator(tf.Module):
         # Id -> code point; the out-of-vocabulary id (never generated) maps to U+FFFD.
         self.code_points = tf.constant([REPLACEMENT_CHAR] + points, tf.int32)
         self._lowercase = vocab.lowercase
-        self._start = start_id(vocab)
-        self._max_length = max_length
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.string, name="prompts"),
@@ -78,38 +141,9 @@ class CharGenerator(tf.Module):
         logits, states = self._sampler.feed(*self._encode(prompts))
         return {"logits": logits, "states": tf.concat(states, axis=1)}
 
-    @tf.function(input_signature=[
-        tf.TensorSpec([None, None], tf.float32, name="logits"),
-        tf.TensorSpec([None, None], tf.float32, name="states"),
-        tf.TensorSpec([], tf.int32, name="n"),
-        tf.TensorSpec([None], tf.int32, name="steps"),
-        tf.TensorSpec([None], tf.int64, name="seeds"),
-        tf.TensorSpec([None], tf.float32, name="temperature"),
-        tf.TensorSpec([None], tf.int32, name="top_k"),
-        tf.TensorSpec([None], tf.float32, name="top_p")])
-    def advance(self, logits: tf.Tensor, states: tf.Tensor, n: tf.Tensor, steps: tf.Tensor,
-                seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor
-                ) -> dict[str, tf.Tensor]:
-        """Draws `n` more chars per row, each row with its own step index, seed and settings."""
-        parts = tf.split(states, len(self._sampler.lstms) * 2, axis=1)
-        ids, logits, parts = self._sampler.steps(
-            logits, tuple(parts), tf.clip_by_value(n, 0, self._max_length), steps, seeds,
-            temperature, top_k, top_p, rule=Rule.everything())
-        return {"ids": ids, "logits": logits, "states": tf.concat(parts, axis=1)}
-
     def _generate(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
                   seed: tf.Tensor) -> dict[str, tf.Tensor]:
-        ids, mask = self._encode(prompts)
-        logits, states = self._sampler.feed(ids, mask)
-        batch = tf.shape(ids)[0]
-        # Row i draws with seed + i, as Sampler does for one int seed; a temperature
-        # of 0 or less is greedy.
-        temperature = tf.where(temperature > 0, tf.maximum(temperature, MIN_TEMPERATURE), 0.0)
-        ids, _, _ = self._sampler.steps(
-            logits, states, tf.clip_by_value(length, 0, self._max_length),
-            tf.zeros([batch], tf.int32), seed + tf.range(tf.cast(batch, tf.int64)),
-            tf.fill([batch], temperature), tf.zeros([batch], tf.int32), tf.ones([batch]),
-            rule=Rule(any_greedy=True))
+        ids = self._draw(*self._encode(prompts), length, temperature, seed)
         text = tf.strings.unicode_encode(tf.gather(self.code_points, ids), "UTF-8")
         return {"generated": text}
 
@@ -124,31 +158,72 @@ class CharGenerator(tf.Module):
         if self._lowercase:
             text = tf.strings.lower(text, encoding="utf-8")
         points = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
-        ids = tf.ragged.map_flat_values(self.table.lookup, points)
-        ids = tf.ragged.boolean_mask(ids, ids != OOV_ID)
-        empty = tf.cast(ids.row_lengths() == 0, tf.int64)
-        starts = tf.RaggedTensor.from_row_lengths(
-            tf.fill([tf.reduce_sum(empty)], self._start), empty)
-        ids = tf.concat([starts, ids], axis=1)
-        lengths = ids.row_lengths()
-        right = ids.to_tensor(OOV_ID)
-        # Reversing each row's ids, then the whole padded row, moves the padding left.
-        left = tf.reverse(tf.reverse_sequence(right, lengths, seq_axis=1, batch_axis=0), [1])
-        mask = tf.reverse(tf.sequence_mask(lengths, tf.shape(right)[1]), [1])
-        return left, mask
+        return self._left_pad(tf.ragged.map_flat_values(self.table.lookup, points))
 
 
-def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: int = 10_000,
-           overwrite: bool = False, info: dict[str, Any] | None = None) -> str:
+class TokenGenerator(_Generator):
+    """A word or bpe model and the sampling loop: ids in, ids out.
+
+    The caller encodes prompts and decodes the ids with assets.extra/tokenizer.json
+    (see trainer/export.py); ids are padded with 0, which is never a prompt's id.
+    """
+
+    def __init__(self, model: keras.Model, tokenizer: tokenization.Tokenizer,
+                 max_length: int = 10_000):
+        """Wraps a trained model for export.
+
+        Args:
+          model: from `models.build_model`, with trained weights.
+          tokenizer: the model's word or bpe tokenizer.
+          max_length: the largest `length` (in tokens) a request may ask for.
+        """
+        super().__init__(model, tokenizer, max_length, "token_generator")
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, None], tf.int32, name="ids"),
+        tf.TensorSpec([], tf.int32, name="length"),
+        tf.TensorSpec([], tf.float32, name="temperature")])
+    def serve(self, ids: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor
+              ) -> dict[str, tf.Tensor]:
+        """Continues each row of prompt ids with `length` sampled ids (fresh randomness)."""
+        seed = tf.random.uniform([], maxval=2**62, dtype=tf.int64)
+        return {"generated_ids": self._draw(*self._encode(ids), length, temperature, seed)}
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None, None], tf.int32, name="ids"),
+        tf.TensorSpec([], tf.int32, name="length"),
+        tf.TensorSpec([], tf.float32, name="temperature"),
+        tf.TensorSpec([], tf.int64, name="seed")])
+    def generate_seeded(self, ids: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
+                        seed: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Like `serve`, but the same seed gives the same ids (and equals `Sampler`'s)."""
+        return {"generated_ids": self._draw(*self._encode(ids), length, temperature, seed)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])
+    def begin(self, ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Feeds the prompts' ids; returns the logits for the first token and the state."""
+        logits, states = self._sampler.feed(*self._encode(ids))
+        return {"logits": logits, "states": tf.concat(states, axis=1)}
+
+    def _encode(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """Rows of ids padded with 0 -> left-padded (ids, mask), as `pad_prompts` builds them."""
+        return self._left_pad(tf.RaggedTensor.from_tensor(ids))
+
+
+def export(model: keras.Model, tokenizer: tokenization.Tokenizer, export_dir: str,
+           max_length: int = 10_000, overwrite: bool = False,
+           info: dict[str, Any] | None = None, vocab_json: str | None = None) -> str:
     """Writes the SavedModel to `export_dir` (local or gs://) through `storage`.
 
     Args:
       model: a trained model from `models.build_model`.
-      vocab: its vocabulary.
+      tokenizer: its tokenizer (a `Vocabulary` for a char model).
       export_dir: the destination folder.
-      max_length: the largest `length` a request may ask for.
+      max_length: the largest `length` a request may ask for (tokens).
       overwrite: replace a SavedModel already in `export_dir`.
       info: what assets.extra/model.json tells a server about the model (config, best).
+      vocab_json: the job's vocab.json, for assets.extra/; default: the characters the
+        tokenizer holds (a bpe tokenizer holds none: only its `lowercase` then).
 
     Returns:
       `export_dir`.
@@ -162,7 +237,14 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: i
             raise UserError(f"{export_dir} already holds a SavedModel; pass --overwrite "
                             "to replace it, or choose a new version folder")
         storage.delete_prefix(export_dir)
-    module = CharGenerator(model, vocab, max_length)
+    kind = tokenization.kind_of(tokenizer)
+    if kind == "char":
+        module = CharGenerator(model, tokenizer, max_length)
+        vocab_json = vocab_json or tokenizer.to_json()
+    else:
+        module = TokenGenerator(model, tokenizer, max_length)
+        chars = getattr(tokenizer, "chars", Vocabulary((), lowercase=tokenizer.lowercase))
+        vocab_json = vocab_json or chars.to_json()
     signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded,
                   "begin": module.begin, "advance": module.advance}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,9 +254,13 @@ def export(model: keras.Model, vocab: Vocabulary, export_dir: str, max_length: i
         extra = os.path.join(local, EXTRA_DIR)
         os.makedirs(extra)
         with open(os.path.join(extra, "vocab.json"), "w", encoding="utf-8") as f:
-            f.write(vocab.to_json())
+            f.write(vocab_json)
+        if kind != "char":
+            with open(os.path.join(extra, tokenization.FILE), "w", encoding="utf-8") as f:
+                f.write(tokenizer.to_json())
         with open(os.path.join(extra, "model.json"), "w", encoding="utf-8") as f:
-            json.dump({**(info or {}), "max_length": max_length}, f, indent=1)
+            json.dump({**(info or {}), "tokenizer": kind, "max_length": max_length}, f,
+                      indent=1)
         # The graph file goes last, so a half-copied folder is never a loadable model.
         storage.upload_dir(os.path.join(local, "variables"), storage.join(export_dir, "variables"))
         for name in sorted(os.listdir(local)):

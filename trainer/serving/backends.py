@@ -4,7 +4,11 @@ Two kinds of model folder (local or gs://) can be served:
   - a job directory (config.json, vocab.json, best.json + weights): sampled by
     `trainer.sampling.sampler.Sampler`, its step loop compiled with XLA;
   - a SavedModel from `trainer.export`: its `begin`/`advance` signatures run the
-    same sampling graph (without XLA), its assets.extra/ gives the vocabulary.
+    same sampling graph (without XLA), its assets.extra/ gives the tokenizer
+    (vocab.json, and tokenizer.json for a word or bpe model).
+
+Either way the job's tokenizer encodes prompts and decodes the ids drawn, in Python:
+a char SavedModel takes prompt text, a word or bpe one takes ids.
 
 Both give the same text for the same prompt, seed and settings, so the batcher
 (`trainer.serving.batcher`) never needs to know which one it drives.
@@ -23,6 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import checkpoints, storage
+from trainer.data import tokenization
+from trainer.data.tokenization import Tokenizer
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 from trainer.sampling.next_char import Rule
@@ -34,13 +40,14 @@ class Backend:
     """The model as the batcher sees it: begin rows, then advance them a block at a time.
 
     Attributes:
-      vocab: the model's vocabulary (prompts are checked and encoded with it).
+      tokenizer: the model's tokenizer (prompts are checked and encoded with it, and the
+        ids drawn decoded).
       info: what /info tells about the model (name, path, kind, checkpoint, best, config).
       pad_batches: whether every batch size compiles apart, so batches are worth
         padding to a few sizes.
     """
 
-    vocab: Vocabulary
+    tokenizer: Tokenizer
     info: dict[str, Any]
     pad_batches = False
 
@@ -58,7 +65,7 @@ class Backend:
 
     def advance(self, logits: Any, states: tuple, n: int, step0: np.ndarray, seeds: np.ndarray,
                 rows: dict[str, np.ndarray], rule: Rule) -> tuple[np.ndarray, Any, tuple]:
-        """Draws `n` more chars per row (arguments as for `Sampler.advance`).
+        """Draws `n` more tokens per row (arguments as for `Sampler.advance`).
 
         Returns:
           (ids (batch, n) NumPy, logits, states).
@@ -71,7 +78,7 @@ class SamplerBackend(Backend):
 
     def __init__(self, sampler: Sampler, info: dict[str, Any]):
         """Serves `sampler`'s model, described by `info`."""
-        self.sampler, self.vocab, self.info = sampler, sampler.vocab, info
+        self.sampler, self.tokenizer, self.info = sampler, sampler.tokenizer, info
         # Under XLA every batch size compiles apart.
         self.pad_batches = sampler.jit_compile
 
@@ -86,17 +93,25 @@ class SamplerBackend(Backend):
 class SavedModelBackend(Backend):
     """An exported SavedModel, through its `begin` and `advance` signatures."""
 
-    def __init__(self, loaded: Any, vocab: Vocabulary, info: dict[str, Any]):
-        """Serves `loaded` (from `tf.saved_model.load`), whose vocabulary is `vocab`."""
+    def __init__(self, loaded: Any, tokenizer: Tokenizer, info: dict[str, Any]):
+        """Serves `loaded` (from `tf.saved_model.load`), whose tokenizer is `tokenizer`."""
         self._begin = loaded.signatures["begin"]
         self._advance = loaded.signatures["advance"]
         self._loaded = loaded  # Keeps the variables alive.
-        self.vocab, self.info = vocab, info
+        self.tokenizer, self.info = tokenizer, info
+        self._text_in = tokenization.kind_of(tokenizer) == "char"
 
     def begin(self, prompts):
-        # The graph encodes text itself; the ids were checked against vocab.json already.
-        texts = [self.vocab.decode(p.tolist()) if len(p) else "" for p in prompts]
-        out = self._begin(prompts=tf.constant(texts, tf.string))
+        if self._text_in:
+            # The graph encodes text itself; the ids were checked against vocab.json already.
+            texts = [self.tokenizer.decode(p.tolist()) if len(p) else "" for p in prompts]
+            out = self._begin(prompts=tf.constant(texts, tf.string))
+        else:
+            # Ids padded with 0 at the end (an empty row starts from a newline there).
+            ids = np.zeros((len(prompts), max(1, *(len(p) for p in prompts))), np.int32)
+            for i, p in enumerate(prompts):
+                ids[i, :len(p)] = p
+            out = self._begin(ids=tf.constant(ids))
         return out["logits"], (out["states"],)
 
     def advance(self, logits, states, n, step0, seeds, rows, rule):
@@ -190,8 +205,8 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
     """
     path = path.rstrip("/")
     if not storage.exists(storage.join(path, "saved_model.pb")):
-        cfg, vocab, model, pointer = checkpoints.load_job(path, checkpoint)
-        return SamplerBackend(Sampler(model, vocab, jit_compile=jit_compile),
+        cfg, tokenizer, model, pointer = checkpoints.load_job(path, checkpoint)
+        return SamplerBackend(Sampler(model, tokenizer, jit_compile=jit_compile),
                               _job_info(path, cfg, pointer))
     if not storage.is_gcs(path):
         return _load_saved_model(path, path)
@@ -206,6 +221,10 @@ def _load_saved_model(path: str, local: str) -> SavedModelBackend:
         vocab = Vocabulary.load(os.path.join(local, EXTRA_DIR, "vocab.json"))
         with open(os.path.join(local, EXTRA_DIR, "model.json"), encoding="utf-8") as f:
             model_info = json.load(f)
+        kind = model_info.get("tokenizer") or model_info.get("config", {}).get("tokenizer")
+        tokenizer = tokenization.load(kind or "char", vocab,
+                                      lambda name: _read_or_none(local, name),
+                                      f"{path}/{EXTRA_DIR}")
     except FileNotFoundError as err:
         raise UserError(f"{path} is a SavedModel without {EXTRA_DIR}/vocab.json and "
                         "model.json; export it again with this version's trainer.export"
@@ -220,4 +239,12 @@ def _load_saved_model(path: str, local: str) -> SavedModelBackend:
     info = {"name": os.path.basename(path), "path": path, "kind": "SavedModel",
             "checkpoint": os.path.basename(checkpoint) if isinstance(checkpoint, str) else None,
             "best": model_info.get("best", {}), "config": model_info.get("config", {})}
-    return SavedModelBackend(loaded, vocab, info)
+    return SavedModelBackend(loaded, tokenizer, info)
+
+
+def _read_or_none(local: str, name: str) -> str | None:
+    try:
+        with open(os.path.join(local, EXTRA_DIR, name), encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

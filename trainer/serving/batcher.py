@@ -4,10 +4,12 @@ Batching is continuous: one worker thread owns the model (a
 `trainer.serving.backends.Backend`) and holds every row being generated. A
 request that arrives while it is idle waits a short window (`window_ms`) for
 others to join it; one that arrives while rows are running joins them at the
-next block boundary. Each call draws `block` chars for all rows at once, and
+next block boundary. Each call draws `block` tokens for all rows at once, and
 every row keeps its own seed, step count and settings
 (`trainer.sampling.next_char`), so its text is the same as if it had run alone.
-A row leaves the batch as soon as its length is reached.
+A row's ids are decoded by the model's tokenizer (`trainer.sampling.tokens.OutputText`),
+and the row leaves the batch as soon as its text holds the characters it asked for
+(with a word or bpe model, at the end of the token that reaches them).
 
 Under XLA every batch size compiles separately, so the rows are padded up to
 the next power of two (at most log2(max_batch) + 1 programs, compiled when
@@ -35,6 +37,7 @@ import tensorflow as tf
 from trainer.errors import UserError
 from trainer.sampling.next_char import Rule, Settings, row_arrays
 from trainer.sampling.sampler import STREAM_BLOCK, encode_prompt
+from trainer.sampling.tokens import OutputText
 from trainer.serving.backends import Backend
 from trainer.serving.request import Instance, RequestError
 
@@ -46,8 +49,11 @@ class _Row:
     ids: np.ndarray
     instance: Instance
     emit: Callable[[str | None, BaseException | None], None]
+    # The row's text so far, counted in characters.
+    output: OutputText
     # Gives the row's share of the admission budget back, once.
     release: Callable[[], None] = lambda: None
+    # Tokens drawn so far (the step index of the row's next draw).
     done: int = 0
     # Set by the client's side (a client that went away); the row then leaves.
     cancelled: bool = False
@@ -89,7 +95,7 @@ class Batcher:
       max_batch: most rows in one call; 1 turns batching off (requests run one
         after another).
       window_ms: how long an idle worker waits for more requests before it starts.
-      block: chars per call; new requests join, and streams receive text, per block.
+      block: tokens per call; new requests join, and streams receive text, per block.
       max_rows: most rows admitted (waiting or running) at once; 0: no bound.
       max_chars: most characters admitted rows may still owe at once; 0: no bound.
     """
@@ -162,7 +168,7 @@ class Batcher:
           RequestError: for unknown chars with oov="error".
         """
         try:
-            return encode_prompt(self.backend.vocab, instance.prompt, instance.oov,
+            return encode_prompt(self.backend.tokenizer, instance.prompt, instance.oov,
                                  hint='send "oov": "skip" to drop them').ids
         except UserError as err:  # The server answers RequestErrors with HTTP 400.
             raise RequestError(str(err)) from err
@@ -181,7 +187,8 @@ class Batcher:
         Returns:
           The row; setting its `cancelled` drops it at the next block.
         """
-        row = _Row(ids, instance, emit, release)
+        row = _Row(ids, instance, emit, OutputText(self.backend.tokenizer, instance.length),
+                   release)
         if self._stop.is_set():
             row.send(None, UnavailableError("the server is shutting down"))
         elif instance.length == 0:
@@ -206,7 +213,7 @@ class Batcher:
           settings: one per rule to compile (`Rule.for_rows` of each).
         """
         sizes = sorted({self._padded(n) for n in range(1, self.max_batch + 1)})
-        prompt = encode_prompt(self.backend.vocab, "", "skip").ids
+        prompt = encode_prompt(self.backend.tokenizer, "", "skip").ids
         for rule_settings in settings:
             for size in sizes:
                 logits, states = self.backend.begin([prompt] * size)
@@ -266,7 +273,7 @@ class Batcher:
             self._pending.get_nowait().send(None, stopping)
 
     def _step(self, rows: list[_Row], logits: Any, states: tuple) -> tuple[list[_Row], Any, tuple]:
-        """One call of `block` chars for every row; returns the rows still running."""
+        """One call of `block` tokens for every row; returns the rows still running."""
         n = len(rows)
         size = self._padded(n)
         settings = [r.instance.settings for r in rows]
@@ -286,10 +293,11 @@ class Batcher:
         self.rows_per_call.append(n)
         keep = []
         for i, row in enumerate(rows):
-            take = min(self.block, row.instance.length - row.done)
-            row.done += take
-            row.send(self.backend.vocab.decode(ids[i, :take].tolist()))
-            if row.done >= row.instance.length:
+            row.done += self.block
+            text = row.output.feed(ids[i])
+            if text:
+                row.send(text)
+            if row.output.done:
                 row.send(None)
             elif row.cancelled:
                 row.end()

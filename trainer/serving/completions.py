@@ -3,11 +3,16 @@
   POST {prefix}/completions       -> a `text_completion`, or server-sent chunks
                                      ending in `data: [DONE]` with "stream": true
   GET  {prefix}/models            -> the one model served
-  POST {prefix}/chat/completions  -> 400: a character model has no chat template
+  POST {prefix}/chat/completions  -> 400: the model has no chat template
 
 for each prefix (/v1, and KServe's /openai/v1 unless the server says otherwise),
 so any client of the API (`openai.OpenAI(base_url=.../v1)`) can use the model.
-A token is a character here: `max_tokens` and `usage` count characters. `prompt`
+`max_tokens` counts characters of the completion whatever the model's tokenizer: a
+word or bpe model's choice ends at the first token that reaches it, so its text may
+be longer by the rest of that token. `usage` counts the model's own tokens: characters
+for a char model (the prompt as sent), and for a word or bpe model the prompt's and
+the completion's texts encoded by its tokenizer. Stop strings are found in the
+decoded text. `prompt`
 is a string or a list of them; `temperature` (0: greedy), `top_p`, `n`, `seed`
 (choice i uses seed + i) and `stop` (up to 4 strings; the text ends before the
 first, with finish_reason "stop") are honoured; other fields are ignored, as
@@ -28,6 +33,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from trainer.data import tokenization
+from trainer.sampling.tokens import count_tokens
 from trainer.serving import schemas, transport
 from trainer.serving.batcher import Batcher
 from trainer.serving.request import (
@@ -126,7 +133,8 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     if not isinstance(prompts, list) or not prompts or not all(
             isinstance(p, str) for p in prompts):
         raise RequestError("prompt must be a string or a non-empty list of strings "
-                           "(token ids mean nothing to a character model)")
+                           "(token ids are not taken: send text, which the model's "
+                           "tokenizer encodes)")
     n = data.get("n", 1) if data.get("n") is not None else 1
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RequestError("n must be a positive whole number")
@@ -208,8 +216,11 @@ async def _choices(blocks: asyncio.Queue, count: int, rows: Sequence[Any],
             yield index, safe, None
 
 
-def _usage(instances: Sequence[Instance], produced: int, n: int) -> dict[str, int]:
-    prompt = sum(len(i.prompt) for i in instances[::n])
+def _usage(tokenizer: tokenization.Tokenizer, instances: Sequence[Instance],
+           texts: Sequence[str], n: int) -> dict[str, int]:
+    """OpenAI's usage: the prompts (each once) and the completions, in the model's tokens."""
+    prompt = sum(count_tokens(tokenizer, i.prompt) for i in instances[::n])
+    produced = sum(count_tokens(tokenizer, t) for t in texts)
     return {"prompt_tokens": prompt, "completion_tokens": produced,
             "total_tokens": prompt + produced}
 
@@ -227,6 +238,7 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
       model: the model's name, as /models lists it.
       prefixes: where the routes go, e.g. ("/v1", "/openai/v1").
     """
+    tokenizer = batcher.backend.tokenizer
 
     async def completions(request: Request) -> Any:
         data, instances, stops, n = parse_completion(
@@ -240,7 +252,8 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
         if data.get("stream"):
             options = data.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
-            return StreamingResponse(_stream(blocks, rows, instances, stops, head, usage, n,
+            return StreamingResponse(_stream(blocks, rows, instances, stops, head,
+                                             tokenizer if usage else None, n,
                                              timing.deadline_seconds),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
@@ -257,14 +270,14 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
         choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices,
-                "usage": _usage(instances, sum(len(t) for t in texts), n)}
+                "usage": _usage(tokenizer, instances, texts, n)}
 
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
                                             "owned_by": "char-lstm"}]}
 
     async def chat(request: Request) -> JSONResponse:
-        return JSONResponse(error_body(400, "a character model has no chat template: send "
+        return JSONResponse(error_body(400, "this text model has no chat template: send "
                                        "plain text to /completions"), 400)
 
     for prefix in prefixes:
@@ -277,19 +290,23 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
 
 
 async def _stream(blocks: asyncio.Queue, rows: Sequence[Any], instances: Sequence[Instance],
-                  stops: Sequence[str], head: dict[str, Any], usage: bool, n: int,
-                  deadline: float) -> AsyncIterator[str]:
-    """Server-sent `text_completion` chunks, then `data: [DONE]`; an error is a data frame."""
-    produced = 0
+                  stops: Sequence[str], head: dict[str, Any],
+                  usage: tokenization.Tokenizer | None, n: int, deadline: float
+                  ) -> AsyncIterator[str]:
+    """Server-sent `text_completion` chunks, then `data: [DONE]`; an error is a data frame.
+
+    `usage`: the model's tokenizer when the client asked for usage, else None.
+    """
+    texts = [""] * len(instances)
     try:
         async with asyncio.timeout(deadline or None):
             async for index, text, reason in _choices(blocks, len(instances), rows, stops):
-                produced += len(text)
+                texts[index] += text
                 choice = {"text": text, "index": index, "logprobs": None,
                           "finish_reason": reason}
                 yield _frame({**head, "choices": [choice]})
-        if usage:
-            yield _frame({**head, "choices": [], "usage": _usage(instances, produced, n)})
+        if usage is not None:
+            yield _frame({**head, "choices": [], "usage": _usage(usage, instances, texts, n)})
     except Exception as err:  # noqa: BLE001 - the client hears of it in the stream's own way.
         if isinstance(err, TimeoutError):
             err = transport.DeadlineError(f"the request ran past its deadline of {deadline:g} s")

@@ -65,7 +65,8 @@ fetch("/info").then((r) => r.json()).then((info) => {
   const c = info.config || {}, best = info.best || {};
   const loss = best.value === undefined ? "n/a" : Number(best.value).toFixed(4);
   $("model").textContent = `${info.name} (${info.kind}): ${c.num_layers} x LSTM(${c.rnn_units}),` +
-    ` embedding ${c.embedding_dim}, vocabulary ${info.vocab_size} chars; ` +
+    ` embedding ${c.embedding_dim}, vocabulary ${info.vocab_size} ` +
+    `${!info.tokenizer || info.tokenizer === "char" ? "chars" : info.tokenizer + " tokens"}; ` +
     `${best.monitor || "val_loss"} ${loss}` + (best.epoch ? ` at epoch ${best.epoch}` : "") +
     `; up to ${info.limits.max_length} chars per request`;
 }).catch((e) => { $("model").textContent = "no model description: " + e; });

@@ -6,7 +6,8 @@ Routes (the first two named by Vertex AI's AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE)
   POST /predict   {"instances": [...], "parameters": {...}} -> {"predictions": [...]}
   POST /stream    one instance -> text/event-stream: `data: {"text": ...}` per block,
                   then `event: done` with the settings (or `event: error`)
-  GET  /info      the model's name, config, best checkpoint and the request limits
+  GET  /info      the model's name, config, best checkpoint, tokenizer and the request
+                  limits
   GET  /          a page to try the model in a browser
   /v1/...         OpenAI's completions API (`trainer.serving.completions`), also under
                   a second prefix (KServe's /openai/v1)
@@ -34,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from trainer.data import tokenization
 from trainer.serving import completions, page, schemas
 from trainer.serving.batcher import Batcher, UnavailableError
 from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
@@ -92,7 +94,8 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
     rng = random.Random(seed)
     # No file system or bucket paths: a client has no use for them.
     info = {**{k: v for k, v in batcher.backend.info.items() if k != "path"},
-            "vocab_size": batcher.backend.vocab.size,
+            "tokenizer": tokenization.kind_of(batcher.backend.tokenizer),
+            "vocab_size": batcher.backend.tokenizer.size,
             "limits": {"max_length": limits.max_length,
                        "max_prompt_chars": limits.max_prompt_chars,
                        "max_instances": limits.max_instances,

@@ -55,7 +55,8 @@ class StreamRequest(Settings):
 
 
 class CompletionRequest(BaseModel):
-    """OpenAI's completion request; `max_tokens` counts characters. Other fields are ignored."""
+    """OpenAI's completion request; `max_tokens` counts characters (a word or bpe model
+    ends at the token that reaches them). Other fields are ignored."""
 
     model: str | None = None
     prompt: str | list[str] = ""

@@ -15,9 +15,9 @@ from absl import logging
 
 from trainer import checkpoints, storage, uploads
 from trainer.config import Config
-from trainer.data.excerpt import read_chars
+from trainer.data.excerpt import read_tokens
 from trainer.data.index import Region
-from trainer.data.vocabulary import Vocabulary
+from trainer.data.tokenization import Tokenizer
 from trainer.training import cloud
 from trainer.training.distribution import Placement
 
@@ -26,9 +26,9 @@ class Reporter:
     """Epoch-end reporting for the chief; a no-op on other workers."""
 
     def __init__(self, cfg: Config, job: checkpoints.JobDir, place: Placement,
-                 vocab: Vocabulary, model: keras.Model, val_regions: list[Region]):
+                 tokenizer: Tokenizer, model: keras.Model, val_regions: list[Region]):
         self.cfg, self.job, self.active, self.closed = cfg, job, place.is_chief, False
-        self.vocab, self.model = vocab, model
+        self.tokenizer, self.model = tokenizer, model
         if not self.active:
             return
         self.log_dir = cfg.tensorboard_dir or job.remote_path("logs")
@@ -43,20 +43,23 @@ class Reporter:
         self.sampler = None
 
     def _prime(self, regions: list[Region]) -> str:
-        """The start of the validation text, or a newline without validation data."""
+        """The start of the validation text (`seq_length` tokens), or a newline without
+        validation data."""
         if not regions or not self.cfg.sample_length:
             return "\n"
-        return read_chars(regions[0], 0, self.cfg.seq_length, self.cfg.lowercase)
+        return read_tokens(regions[0], 0, self.cfg.seq_length, self.cfg.lowercase,
+                           self.tokenizer)
 
     def sample(self) -> str:
-        """A sample from the current weights (empty when --sample_length=0)."""
+        """A sample from the current weights (empty when --sample_length=0): at least
+        --sample_length characters, to the end of the token that reaches them."""
         if not self.cfg.sample_length:
             return ""
         from trainer.sampling.sampler import Sampler, Settings  # Late: sampling is optional.
 
         if self.sampler is None:
-            self.sampler = Sampler(self.model, self.vocab)
-        # The prime is validation text, which may hold chars the training vocabulary lacks.
+            self.sampler = Sampler(self.model, self.tokenizer)
+        # The prime is validation text, which may hold chars the training text lacks.
         return self.sampler.generate([self.prime], self.cfg.sample_length,
                                      Settings(temperature=self.cfg.sample_temperature),
                                      self.cfg.seed, oov="skip")[0]
