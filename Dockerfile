@@ -29,6 +29,7 @@ RUN pip install --no-cache-dir \
         "numpy" \
         "google-cloud-storage" \
         "absl-py" \
+        "tokenizers>=0.20,<1" \
         "cloudml-hypertune"
 
 # The server's stack (setup.py's `serve` extra), a small layer of its own: changing it

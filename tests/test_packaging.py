@@ -114,7 +114,7 @@ def trial_flags(spec: dict) -> list[list[str]]:
 def test_setup_requirements_and_version():
     install, extras = setup_lists()
     assert {requirement_name(r)[0] for r in install} == {
-        "tensorflow", "tensorboard", "numpy", "google-cloud-storage", "absl-py"}
+        "tensorflow", "tensorboard", "numpy", "google-cloud-storage", "absl-py", "tokenizers"}
     assert "tensorflow==2.21.*" in install
     assert "cloudml-hypertune" in extras["tune"] and "matplotlib" in extras["bench"]
     assert {requirement_name(r)[0] for r in extras["serve"]} == {"fastapi", "uvicorn"}

@@ -193,8 +193,9 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     def prepare():
         read.clear()
         job = checkpoints.JobDir(cfg.job_dir)
-        vocab, regions, _, chars = train.scan_corpus(cfg, job, None, place)
-        job.write("vocab.json", vocab.to_json())  # As train() does after this call.
+        corpus = train.scan_corpus(cfg, job, None, place)
+        regions, chars = corpus.train_regions, corpus.train_chars
+        job.write("vocab.json", corpus.chars.to_json())  # As train() does after this call.
         job.close(timeout=10)
         shards = [p for p in read if os.path.dirname(p) == str(folder)]
         return sorted(os.path.basename(p) for p in shards), chars, regions
