@@ -5,7 +5,7 @@ The harness of tests/test_multi_worker.py, also run by bench/multi_worker_stop.p
 process group (so a signal can go to one worker alone) with its output in a log file;
 leaving the `with` block kills every group that is still alive, whatever happened
 inside it. Also here: the small corpus, the workers' flags and the resume step that
-both read.
+both read, and `as_workers`: threads standing in for workers, for the scan's sums.
 """
 
 from __future__ import annotations
@@ -16,12 +16,44 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "we", "see", "the", "sea", "while",
          "dogs", "run", "in", "fog"]
+
+
+def as_workers(n: int, run: Callable) -> list:
+    """`run(worker, combine)` in n threads standing in for n workers; their results.
+
+    `combine` sums an array over the threads (a barrier and a sum per call), as the
+    strategy's all-reduce sums it over workers.
+    """
+    import numpy as np
+
+    barrier, rounds, local = threading.Barrier(n), defaultdict(list), threading.local()
+
+    def combine(values):
+        k = local.calls = getattr(local, "calls", 0) + 1
+        rounds[k].append(values)
+        barrier.wait(timeout=30)
+        return np.sum(rounds[k], axis=0)
+
+    out = [None] * n
+
+    def target(worker):
+        out[worker] = run(worker, combine)
+
+    threads = [threading.Thread(target=target, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(o is not None for o in out)
+    return out
 
 
 def write_corpus(folder: str, shards: int = 4, words: int = 1500) -> str:

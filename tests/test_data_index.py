@@ -6,10 +6,10 @@ from __future__ import annotations
 import collections
 import gzip
 import random
-import threading
 
 import numpy as np
 import pytest
+from cluster import as_workers
 
 from trainer import storage
 from trainer.data import excerpt, index, scan, vocabulary
@@ -59,34 +59,11 @@ def test_the_histogram_counts_in_linear_time_any_vocabulary():
     assert vocabulary.count_chars(text) == collections.Counter(text)
 
 
-def _sum_across_threads(n: int):
-    """A `combine` for n threads standing in for n workers: a barrier and a sum per call."""
-    barrier, rounds, local = threading.Barrier(n), collections.defaultdict(list), threading.local()
-
-    def combine(values):
-        k = local.calls = getattr(local, "calls", 0) + 1
-        rounds[k].append(values)
-        barrier.wait(timeout=30)
-        return np.sum(rounds[k], axis=0)
-
-    return combine
-
-
 def _scan_as_workers(paths, val, n, piece_bytes, monkeypatch):
-    """Scans with n workers in threads; returns their indexes and bytes each read."""
-    combine = _sum_across_threads(n)
-    out = [None] * n
-
-    def run(w):
-        out[w] = index.build(paths, val, lowercase=False, piece_bytes=piece_bytes,
-                                   worker=w, num_workers=n, combine=combine, threads=2)
-    threads = [threading.Thread(target=run, args=(w,)) for w in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert all(o is not None for o in out)
-    return out
+    """Scans with n workers in threads; returns their indexes."""
+    return as_workers(n, lambda w, combine: index.build(
+        paths, val, lowercase=False, piece_bytes=piece_bytes, worker=w, num_workers=n,
+        combine=combine, threads=2))
 
 
 @pytest.mark.parametrize("where", ["local", "gcs"])

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import collections
 import random
-import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
+from cluster import as_workers
 
 from trainer.data import index, tokenization
 from trainer.data.tokenization import UNK_ID, BpeTokenizer, WordTokenizer
@@ -109,34 +108,6 @@ def test_max_vocab_smaller_than_the_characters_is_one_clear_error():
         BpeTokenizer.train([TEXT], 100)
 
 
-def _sum_across_threads(n: int):
-    """A `combine` for n threads standing in for n workers: a barrier and a sum per call."""
-    barrier, rounds, local = threading.Barrier(n), collections.defaultdict(list), threading.local()
-
-    def combine(values):
-        k = local.calls = getattr(local, "calls", 0) + 1
-        rounds[k].append(values)
-        barrier.wait(timeout=30)
-        return np.sum(rounds[k], axis=0)
-
-    return combine
-
-
-def _as_workers(n: int, run) -> list:
-    combine, out = _sum_across_threads(n), [None] * n
-
-    def target(w):
-        out[w] = run(w, combine)
-
-    threads = [threading.Thread(target=target, args=(w,)) for w in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert all(o is not None for o in out)
-    return out
-
-
 def test_two_workers_scan_the_same_word_vocabulary_and_token_counts_as_one(tmp_path):
     rng = random.Random(5)
     vocab_words = ["the", "king", "queen", "\u00e9t\u00e9", "speak", "lord", "a", "I"]
@@ -167,7 +138,7 @@ def test_two_workers_scan_the_same_word_vocabulary_and_token_counts_as_one(tmp_p
             exact.update(tokenization.count_words(data[a:b].decode()))
     assert len(alone.words) == min(40, len(exact))
     assert all(alone.words[w] == exact[w] for w in alone.words)
-    for corpus, other in _as_workers(2, lambda w, combine: scan(w, 2, combine)):
+    for corpus, other in as_workers(2, lambda w, combine: scan(w, 2, combine)):
         assert other.words == tok.words  # The same vocabulary, in the same order.
         assert [f.tokens for f in corpus.files] == [f.tokens for f in alone.files]
     # Each piece's count is its text tokenized whole.
