@@ -62,8 +62,9 @@ def resolve_precision(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> Config:
     elif cpu_has_bfloat16(cpuinfo):
         precision, why = "mixed_bfloat16", "CPU with bfloat16 instructions, no GPU"
     else:
-        precision, why = "float32", ("CPU without bfloat16 instructions, or oneDNN capped "
-                                     "below them by ONEDNN_MAX_CPU_ISA")
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        precision, why = "float32", (f"oneDNN capped at {cap} by ONEDNN_MAX_CPU_ISA" if cap
+                                     else "CPU without bfloat16 instructions")
     logging.info("--precision=auto: %s (%s)", precision, why)
     return cfg.replace(precision=precision)
 
