@@ -21,7 +21,7 @@ from trainer import checkpoints, models, storage
 from trainer.config import Config
 from trainer.data import index, vocabulary
 from trainer.errors import UserError
-from trainer.training import distribution, evaluation, init_from, loop, precision, train
+from trainer.training import data_plan, distribution, evaluation, init_from, loop, precision, train
 
 
 def test_tiny_run_learns_and_writes_a_usable_job_dir(corpus, tmp_path):
@@ -193,7 +193,7 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     def prepare():
         read.clear()
         job = checkpoints.JobDir(cfg.job_dir)
-        corpus = train.scan_corpus(cfg, job, None, place)
+        corpus = data_plan.scan_corpus(cfg, job, None, place)
         regions, chars = corpus.train_regions, corpus.train_chars
         job.write("vocab.json", corpus.chars.to_json())  # As train() does after this call.
         job.close(timeout=10)
