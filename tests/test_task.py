@@ -47,7 +47,7 @@ def test_every_field_carries_its_own_help_and_enums_their_choices():
     assert helps["adam_beta1"] != helps["adam_beta2"]
     assert config.field_choices()["precision"] == config.PRECISIONS
     assert set(config.field_choices()) == {"objective", "strategy", "precision", "lr_schedule",
-                                           "monitor", "init_new_chars"}
+                                           "monitor", "init_new_chars", "tokenizer"}
     flag_values = flags.FlagValues()
     task.define_flags(flag_values)
     assert flag_values["monitor"].help.endswith(helps["monitor"])

@@ -222,8 +222,10 @@
       if (this.lowercase) text = text.toLowerCase();
       let ids = [], missing = new Set();
       if (this.tokenizer) {
-        // As encode_prompt does: the whole text is encoded, then unknown chars' ids dropped.
+        // As encode_prompt does: unknown chars are dropped before the text is split, so a
+        // word tokenizer sees the rest of their word whole.
         missing = new Set(this.tokenizer.missing(text));
+        if (missing.size) text = [...text].filter((c) => !missing.has(c)).join("");
         ids = this.tokenizer.encode(text).filter((id) => id !== 0);
       } else {
         for (const ch of text) {
