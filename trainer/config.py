@@ -54,9 +54,9 @@ class Config:
         "--max_vocab of them). Losses are also reported per character of the text.",
         choices=TOKENIZERS)
     max_vocab: int = option(
-        4096, "With --tokenizer=word or bpe: ids in the vocabulary, special ids included "
+        1024, "With --tokenizer=word or bpe: ids in the vocabulary, special ids included "
         "(word: every training character plus the most frequent words; bpe: the 256 bytes "
-        "plus merges).")
+        "plus merges). Larger vocabularies need more text and a lower --learning_rate.")
     seq_length: int = option(100, "Tokens the model reads per window (characters for char).")
     window_shift: int = option(
         0, "Chars between window starts; 0 = seq_length for 'sequence', 1 for 'last'.")
