@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from trainer.data.vocabulary import OOV_ID, Vocabulary
+from trainer.data.vocabulary import OOV_ID, Vocabulary, smallest_dtype
 from trainer.errors import UserError
 
 KINDS = ("char", "word", "bpe")
@@ -63,13 +63,6 @@ def count_words(text: str) -> collections.Counter:
                                if 1 < len(t) <= MAX_WORD_CHARS and "\0" not in t)
 
 
-def _smallest_dtype(size: int) -> np.dtype:
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if size <= np.iinfo(dtype).max + 1:
-            return np.dtype(dtype)
-    raise AssertionError("unreachable")
-
-
 def lead_bytes(data: bytes) -> int:
     """Characters that begin in `data` (its bytes that are not UTF-8 continuation bytes)."""
     return sum(1 for b in data if b & 0xC0 != 0x80)
@@ -88,7 +81,7 @@ class _Tokens:
 
     @property
     def dtype(self) -> np.dtype:
-        return _smallest_dtype(self.size)
+        return smallest_dtype(self.size)
 
     @functools.cached_property
     def token_chars(self) -> np.ndarray:

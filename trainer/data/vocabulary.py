@@ -78,6 +78,14 @@ def normalise(text: str, lowercase: bool = False) -> str:
     return text
 
 
+def smallest_dtype(size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ids 0..size-1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise AssertionError("unreachable")
+
+
 def code_points(text: str) -> Iterable[np.ndarray]:
     """Yields the text's code points as uint32 arrays, one bounded chunk at a time."""
     for start in range(0, len(text), _CHUNK):
@@ -168,10 +176,7 @@ class Vocabulary:
     @property
     def dtype(self) -> np.dtype:
         """The smallest unsigned dtype that holds every id."""
-        for dtype in (np.uint8, np.uint16, np.uint32):
-            if self.size <= np.iinfo(dtype).max + 1:
-                return np.dtype(dtype)
-        raise AssertionError("unreachable")
+        return smallest_dtype(self.size)
 
     def encode(self, text: str) -> np.ndarray:
         """Encodes text (already normalised) to ids of `self.dtype`; unknown chars -> 0."""
