@@ -48,6 +48,10 @@ A word or bpe model's graph cannot split text, so its signatures take and give i
   generate_seeded(the same, and seed)         the same, reproducibly
   begin(ids) -> {"logits", "states"};  advance as above
 
+A bpe graph never draws an id whose bytes cannot continue a row's text as valid UTF-8
+(trainer/sampling/utf8.py), so the ids it gives decode without U+FFFD; its `states`
+end with one more column, each row's UTF-8 state, carried like the rest.
+
 Rows of `ids` are padded with 0 (never a prompt's id; an all-0 row starts after a
 newline). A client of TF Serving encodes and decodes with assets.extra/tokenizer.json
 itself: for bpe, the ids are those of the `tokenizers` library plus one

@@ -29,6 +29,11 @@ feeding that prompt alone would give. An empty prompt starts from a newline
 model needs one input before it predicts anything. A word model's `<unk>` is never
 drawn (the characters of a word outside its vocabulary are drawn directly).
 
+A bpe model never draws an id whose bytes cannot continue the row's text as valid
+UTF-8 (`trainer.sampling.utf8`): each row's automaton state is carried as the last
+element of the states, after every layer's (h, c), and the logits of each step are
+masked by it, so the text decodes without U+FFFD however the model was trained.
+
 `length` counts characters of the new text for every tokenizer: a row ends at the
 first token whose text reaches it, so a word or subword model's text may be longer
 by the rest of that token (`tokens.OutputText`).
@@ -55,6 +60,7 @@ from trainer.sampling.tokens import (
     pad_prompts,
     start_id,
 )
+from trainer.sampling.utf8 import tables_of
 
 __all__ = ["OOV_MODES", "STREAM_BLOCK", "EncodedPrompt", "Sampler", "Settings", "check_oov",
            "encode_prompt", "pad_prompts", "start_id"]
@@ -96,9 +102,15 @@ class Sampler:
         # Added to the logits so that the out-of-vocabulary id is never drawn, nor an id
         # that decodes to nothing (a word model's <unk>, which only announces that a word
         # is spelled out after it: a model that kept drawing it would write nothing).
-        self._oov_mask = tf.constant(
-            [-np.inf if i == OOV_ID or not piece else 0.0
-             for i, piece in enumerate(tokenizer.pieces)], tf.float32)
+        oov_mask = np.array([-np.inf if i == OOV_ID or not piece else 0.0
+                             for i, piece in enumerate(tokenizer.pieces)], np.float32)
+        self._oov_mask = tf.constant(oov_mask)
+        # A bpe model's UTF-8 automaton (None for char and word): the state after each
+        # (state, id), flattened, and per state the mask of the ids allowed next.
+        self.utf8 = tables_of(tokenizer)
+        if self.utf8 is not None:
+            self._utf8_next = tf.constant(self.utf8.next.reshape(-1))
+            self._utf8_masks = tf.constant(self.utf8.mask() + oov_mask[None, :])
         self._feed = tf.function(self.feed, reduce_retracing=True)
         self._steps = tf.function(self.steps, reduce_retracing=True)
         self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
@@ -119,21 +131,24 @@ class Sampler:
           mask: (batch, time) bool, False on left padding; None when there is none.
 
         Returns:
-          (logits for the next token (batch, vocab) float32, states (h0, c0, h1, c1, ...)).
+          (logits for the next token (batch, vocab) float32, states (h0, c0, h1, c1, ...),
+          and for a bpe model each row's UTF-8 state (batch,) int32 last).
         """
         ids = tf.convert_to_tensor(ids, tf.int32)
         batch = tf.shape(ids)[0]
         states = tuple(tf.zeros([batch, layer.cell.units], layer.cell.compute_dtype)
                        for layer in self.lstms for _ in "hc")
+        if self.utf8 is not None:
+            states += (tf.zeros([batch], tf.int32),)
         logits = tf.zeros([batch, self.tokenizer.size], tf.float32)
 
         def body(t, logits, states):
             logits, new_states = self._step(ids[:, t], states)
             if mask is not None:
                 # Padding leaves the state as it was (zero until the prompt starts).
-                keep = mask[:, t, None]
-                new_states = tuple(tf.where(keep, new, old)
-                                   for new, old in zip(new_states, states))
+                new_states = tuple(
+                    tf.where(mask[:, t, None] if new.shape.rank == 2 else mask[:, t], new, old)
+                    for new, old in zip(new_states, states))
             return t + 1, logits, new_states
 
         _, logits, states = tf.while_loop(
@@ -143,13 +158,21 @@ class Sampler:
 
     def _step(self, ids: tf.Tensor, states: tuple[tf.Tensor, ...]
               ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        """One token per row through every layer; returns masked logits and new states."""
+        """One token per row through every layer; returns masked logits and new states.
+
+        For a bpe model the last state is each row's UTF-8 state: it moves past `ids`, and
+        the logits are masked by the state it reaches.
+        """
         x = self.embedding(ids)
         new_states = []
         for j, layer in enumerate(self.lstms):
             x, (h, c) = layer.cell(x, [states[2 * j], states[2 * j + 1]], training=False)
             new_states += [h, c]
-        return tf.cast(self.dense(x), tf.float32) + self._oov_mask, tuple(new_states)
+        logits = tf.cast(self.dense(x), tf.float32)
+        if self.utf8 is None:
+            return logits + self._oov_mask, tuple(new_states)
+        state = tf.gather(self._utf8_next, states[-1] * self.tokenizer.size + ids)
+        return logits + tf.gather(self._utf8_masks, state), (*new_states, state)
 
     def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int | tf.Tensor,
               step0: tf.Tensor, seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
@@ -158,7 +181,8 @@ class Sampler:
 
         Args:
           logits: (batch, vocab) logits for the first token to draw.
-          states: the carried (h, c) of every layer, flattened.
+          states: the carried (h, c) of every layer, flattened (a bpe model's UTF-8
+            state last).
           n: tokens to draw; a Python int under XLA (it sizes the output), else
             also an int32 scalar tensor.
           step0: (batch,) int32, each row's index of its first step here (the draw
@@ -276,7 +300,8 @@ class Sampler:
           prompts: id arrays (`EncodedPrompt.ids`), one per row; lengths may differ.
 
         Returns:
-          (logits for each row's first token, the carried states), for `advance`.
+          (logits for each row's first token, the carried states), for `advance`. Every
+          element of the states has the rows first, so rows may be gathered and joined.
         """
         ids, mask = pad_prompts(self.tokenizer, prompts)
         return self._feed(tf.constant(ids), None if mask.all() else tf.constant(mask))

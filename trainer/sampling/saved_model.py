@@ -8,6 +8,11 @@ A char model's graph encodes prompt text and decodes the text drawn itself
 (`CharGenerator`). Words and byte-level BPE cannot be split by graph ops, so a word
 or bpe model's graph takes and returns ids (`TokenGenerator`), and its
 assets.extra/ carries tokenizer.json beside vocab.json for whoever calls it.
+
+A bpe model's graph masks every id whose bytes cannot continue a row's text as valid
+UTF-8, as `Sampler` does (`trainer.sampling.utf8`); the `states` tensor of its
+`begin`/`advance` signatures then holds each row's UTF-8 state (0..7, as float32) in a
+last column after the layers' (h, c).
 """
 
 from __future__ import annotations
@@ -57,11 +62,24 @@ class _Generator(tf.Module):
                 seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor
                 ) -> dict[str, tf.Tensor]:
         """Draws `n` more ids per row, each row with its own step index, seed and settings."""
-        parts = tf.split(states, len(self._sampler.lstms) * 2, axis=1)
         ids, logits, parts = self._sampler.steps(
-            logits, tuple(parts), tf.clip_by_value(n, 0, self._max_length), steps, seeds,
-            temperature, top_k, top_p, rule=Rule.everything())
-        return {"ids": ids, "logits": logits, "states": tf.concat(parts, axis=1)}
+            logits, self._unpack(states), tf.clip_by_value(n, 0, self._max_length), steps,
+            seeds, temperature, top_k, top_p, rule=Rule.everything())
+        return {"ids": ids, "logits": logits, "states": self._pack(parts)}
+
+    def _pack(self, states: tuple[tf.Tensor, ...]) -> tf.Tensor:
+        """The sampler's states as one (batch, width) tensor: the layers' (h, c) side by
+        side, then a bpe model's UTF-8 state as one float32 column."""
+        if self._sampler.utf8 is None:
+            return tf.concat(states, axis=1)
+        return tf.concat([*states[:-1], tf.cast(states[-1], tf.float32)[:, None]], axis=1)
+
+    def _unpack(self, states: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """`_pack`'s tensor back into the sampler's states."""
+        layers = len(self._sampler.lstms) * 2
+        if self._sampler.utf8 is None:
+            return tuple(tf.split(states, layers, axis=1))
+        return (*tf.split(states[:, :-1], layers, axis=1), tf.cast(states[:, -1], tf.int32))
 
     def _draw(self, ids: tf.Tensor, mask: tf.Tensor, length: tf.Tensor,
               temperature: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -139,7 +157,7 @@ class CharGenerator(_Generator):
     def begin(self, prompts: tf.Tensor) -> dict[str, tf.Tensor]:
         """Feeds the prompts; returns the logits for the first char and the packed state."""
         logits, states = self._sampler.feed(*self._encode(prompts))
-        return {"logits": logits, "states": tf.concat(states, axis=1)}
+        return {"logits": logits, "states": self._pack(states)}
 
     def _generate(self, prompts: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
                   seed: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -203,7 +221,7 @@ class TokenGenerator(_Generator):
     def begin(self, ids: tf.Tensor) -> dict[str, tf.Tensor]:
         """Feeds the prompts' ids; returns the logits for the first token and the state."""
         logits, states = self._sampler.feed(*self._encode(ids))
-        return {"logits": logits, "states": tf.concat(states, axis=1)}
+        return {"logits": logits, "states": self._pack(states)}
 
     def _encode(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """Rows of ids padded with 0 -> left-padded (ids, mask), as `pad_prompts` builds them."""

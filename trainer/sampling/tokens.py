@@ -10,7 +10,9 @@ ids comes out whole, once its last byte is drawn), and the row is done at the fi
 id whose text reaches the characters asked for. The text may therefore pass the
 count by the rest of that id's text (a word, a subword; never for characters). The
 bytes of a character still incomplete at that point are left out rather than shown
-as U+FFFD.
+as U+FFFD. Nowhere else can a bpe row's bytes be invalid UTF-8: the samplers never
+draw an id whose bytes cannot continue the row's text (`trainer.sampling.utf8`), so
+the decoded text holds no U+FFFD that the model made up.
 """
 
 from __future__ import annotations
