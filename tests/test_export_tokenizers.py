@@ -4,9 +4,10 @@ One tiny word job and one tiny bpe job are trained for the module on a corpus wi
 accented Latin, a dash and CJK in it. The page's tokenizers (tokenizer.js) must
 encode as the Python tokenizers do and its greedy text must equal a greedy loop over
 the Keras model's own step (`step_model.keras_step`), with the length counted in
-characters of output (the first token that reaches it is the last). The ONNX folder's
-tokenizer.json, read by the `tokenizers` library with the +1 id offset, must drive
-onnxruntime to the same greedy text.
+characters of output (the first token that reaches it is the last), a bpe page
+drawing only ids that keep the text valid UTF-8 (even from a model forced to prefer
+the others). The ONNX folder's tokenizer.json, read by the `tokenizers` library with
+the +1 id offset, must drive onnxruntime to the same greedy text.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import json
 import os
 import random
 
+import keras
 import numpy as np
 import pytest
 from test_export_formats import CHROMIUM, DRIVER, _run_export, needs_chromium
 from training_jobs import tiny
 
 from trainer import checkpoints
-from trainer.data.vocabulary import OOV_ID
-from trainer.sampling import step_model
+from trainer.data.vocabulary import OOV_ID, Vocabulary
+from trainer.sampling import step_model, web_export
 from trainer.sampling.sampler import encode_prompt, start_id
+from trainer.sampling.utf8 import tables_of
 
 SENTENCE = ("the cat sat on the mat; it's a dog ran in the fog. café naïve — 日本語 über "
             "ROMEO: But soft, what light through yonder window breaks?\n")
@@ -75,7 +78,8 @@ def browser():
         driver.quit()
 
 
-def greedy(tok, prompt_ids: list[int], length: int, step) -> tuple[str, list[int]]:
+def greedy(tok, prompt_ids: list[int], length: int, step, utf8: bool = True
+           ) -> tuple[str, list[int]]:
     """Greedy text of at least `length` chars (ids drawn until the text reaches it), and
     the ids drawn.
 
@@ -84,15 +88,22 @@ def greedy(tok, prompt_ids: list[int], length: int, step) -> tuple[str, list[int
       prompt_ids: fed first (a newline's id when empty).
       length: characters of output asked for.
       step: one carried step, id -> raw logits (vocab,).
+      utf8: for bpe, mask the ids that would break UTF-8, as every sampler does.
     """
     logits = None
     for i in prompt_ids or [start_id(tok)]:
         logits = step(i)
+    tables = tables_of(tok) if utf8 else None
+    state = 0 if tables is None else tables.state_after(prompt_ids)
     decoder, text, drawn = tok.stream_decoder(), "", []
     while len(text) < length:
         logits = np.array(logits, np.float64)
         logits[OOV_ID] = -np.inf
+        if tables is not None:
+            logits += tables.mask()[state]
         drawn.append(int(np.argmax(logits)))
+        if tables is not None:
+            state = int(tables.next[state, drawn[-1]])
         text += decoder.feed(drawn[-1:])
         logits = step(drawn[-1])
     return text + decoder.flush(), drawn
@@ -156,6 +167,42 @@ def test_page_encodes_decodes_and_generates_like_python(jobs, browser, kind):
                  PROMPT)
     # The last id drawn is the first whose text reaches 40 chars.
     assert len("".join(tokens[:-1])) < 40 <= len("".join(tokens))
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@needs_chromium
+def test_bpe_page_never_draws_ids_that_break_utf8(jobs, browser, tmp_path):
+    tok, model, web_dir = jobs[0]["bpe"]
+    forced = keras.models.clone_model(model)
+    forced.set_weights(model.get_weights())
+    # A lone continuation byte comes first everywhere, a lone lead byte second.
+    dense = forced.get_layer("logits")
+    bias = dense.bias.numpy()
+    bias[tok.pieces.index(b"\x80")] += 100.0
+    bias[tok.pieces.index(b"\xe6")] += 50.0
+    dense.bias.assign(bias)
+    web_export.export(forced, tok, str(tmp_path), chars=Vocabulary.load(
+        str(web_dir / "vocab.json")))
+    browser.get((tmp_path / "index.html").as_uri())
+    run = browser.execute_script
+    tables = tables_of(tok)
+    got = run("const u = window.charModel.tokenizer.utf8, n = arguments[0], s = arguments[1];"
+              "const out = []; for (let a = 0; a < s; a++) { const row = []; "
+              "const m = u.mask(new Float32Array(n), a); "
+              "for (let i = 0; i < n; i++) row.push(m[i] === 0 ? u.after(a, i) : -1); "
+              "out.push(row); } return out;", tok.size, tables.next.shape[0])
+    assert got == np.where(tables.allowed, tables.next, -1).tolist()
+    prompt_ids = encode_prompt(tok, PROMPT).ids.tolist()
+    unmasked, _ = greedy(tok, prompt_ids, 60, keras_stepper(forced), utf8=False)
+    assert "\ufffd" in unmasked  # The forced model breaks UTF-8 when nothing stops it.
+    expected, _ = greedy(tok, prompt_ids, 60, keras_stepper(forced))
+    assert "\ufffd" not in expected and "\u6000" in expected  # e6 80 80
+    assert run("return window.charModel.generate(arguments[0], 60, {temperature: 0})",
+               PROMPT) == expected
+    for seed in (1, 2):
+        text = run("return window.charModel.generate(arguments[0], 80, "
+                   "{temperature: 1.2, seed: arguments[1]})", PROMPT, seed)
+        assert len(text) >= 80 and "\ufffd" not in text
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 

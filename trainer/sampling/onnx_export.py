@@ -18,7 +18,9 @@ prompts are normalised as in training (`\\r\\n` -> `\\n`, lowercased when
 The graph takes ids whatever the tokenizer. A word or bpe model's folder also
 holds the job's tokenizer.json (for bpe the `tokenizers` library's file, whose ids
 are the model's minus one), and model.json's "tokenizer" says how its ids map
-(`token_export.ids_note`).
+(`token_export.ids_note`). The graph does not sample: a sampler of a bpe model must
+itself mask every id whose bytes cannot continue the text as valid UTF-8 (the rule
+of `trainer.sampling.utf8`, which the note repeats).
 
 The graph is converted by tf2onnx from `step_model.step_function` and, before
 anything is written, one step of it under onnxruntime is compared with the same

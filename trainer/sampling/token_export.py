@@ -5,7 +5,8 @@ model's folder also holds the job's tokenizer.json as the job wrote it (for bpe 
 `tokenizers` library's own file, read by `tokenizers.Tokenizer.from_file`), and the
 exports describe how ids map (`ids_note`). The page gets the same tokenizer in the
 form its JavaScript reads (`web_spec`): every id's bytes, and for bpe the merges as
-ids in rank order.
+ids in rank order and the UTF-8 tables of `trainer.sampling.utf8`, with which the page
+never draws an id that would break UTF-8.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID, Vocabulary
+from trainer.sampling.utf8 import Utf8Tables
 
 _NOTES = {
     "word": (
@@ -32,7 +34,12 @@ _NOTES = {
         "never drawn (set its logit to -inf). Encode: [i + 1 for i in "
         "tok.encode(prompt, add_special_tokens=False).ids]; decode: tok.decode([i - 1 for i "
         "in ids]) (or join the ids' bytes and decode UTF-8, which keeps a character split "
-        "across ids whole when streaming)."),
+        "across ids whole when streaming). An id's bytes may begin or end inside a "
+        "character: a sampler must, at every step, set to -inf the logit of every id whose "
+        "bytes cannot continue the text drawn so far as valid UTF-8 (continuation bytes "
+        "while no character is open, a new character while one still waits for bytes, "
+        "bytes no character has), as trainer.sampling.utf8 does, or the text may decode "
+        "to U+FFFD."),
 }
 
 
@@ -86,7 +93,7 @@ def web_spec(tokenizer: tokenization.Tokenizer) -> dict[str, Any] | None:
 
     Returns:
       None for char; else {"kind", "pieces": base64 of every id's bytes, and for word
-      "unk_id", "first_char", "first_word", "rule"; for bpe "merges"}.
+      "unk_id", "first_char", "first_word", "rule"; for bpe "merges" and "utf8"}.
     """
     kind = tokenization.kind_of(tokenizer)
     if kind == "char":
@@ -98,4 +105,5 @@ def web_spec(tokenizer: tokenization.Tokenizer) -> dict[str, Any] | None:
                     rule=tokenization.WORD_RULE.pattern)
     else:
         spec["merges"] = _bpe_merges(tokenizer)
+        spec["utf8"] = Utf8Tables.of(tokenizer.pieces).web_spec()
     return spec

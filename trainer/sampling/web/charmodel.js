@@ -23,7 +23,8 @@
  * each layer's h' feeding the next, and h' logits.kernel + logits.bias the logits.
  * The out-of-vocabulary id 0 is never drawn. A word or bpe model's page loads
  * tokenizer.js before this file; the length asked for counts characters of output, and
- * generation stops at the first token that reaches it.
+ * generation stops at the first token that reaches it. A bpe page draws only ids whose
+ * bytes continue the text as valid UTF-8 (the tokenizer's utf8 rule, as in Python).
  *
  * The choice repeats trainer/sampling/next_char.py: temperature, then top-k, then
  * top-p, then the Gumbel-max draw with the counter-based hash `uniform` of (seed,
@@ -261,7 +262,7 @@
       let logits;
       for (const id of ids) logits = this.step(id, state);
       if (this.tokenizer) {
-        yield* this.tokens(logits, state, key, length, o);
+        yield* this.tokens(logits, state, key, length, o, ids);
         return;
       }
       for (let t = 0; t < length; t++) {
@@ -271,12 +272,16 @@
       }
     }
 
-    // A word or bpe model's draw: ids until the text holds `length` chars.
-    *tokens(logits, state, key, length, o) {
-      const decoder = this.tokenizer.decoder();
-      let chars = 0;
+    // A word or bpe model's draw after the prompt's ids: ids until the text holds
+    // `length` chars.
+    *tokens(logits, state, key, length, o, prompt) {
+      const decoder = this.tokenizer.decoder(), rule = this.tokenizer.utf8;
+      let chars = 0, pending = 0;
+      if (rule) for (const id of prompt) pending = rule.after(pending, id);
       for (let t = 0; chars < length; t++) {
+        if (rule) logits = rule.mask(logits, pending);
         const id = choose(logits, key, t, o.temperature, o.top_k, o.top_p);
+        if (rule) pending = rule.after(pending, id);
         const text = decoder.feed(id);
         chars += [...text].length;
         yield text;

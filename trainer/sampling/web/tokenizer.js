@@ -5,7 +5,8 @@
  *
  *   {kind: "word", pieces: [...], oov_id: 0, unk_id: 1, first_char: 2, first_word: W,
  *    rule: the Python pattern}
- *   {kind: "bpe", pieces: [...], oov_id: 0, merges: [[left, right, merged], ...]}
+ *   {kind: "bpe", pieces: [...], oov_id: 0, merges: [[left, right, merged], ...],
+ *    utf8: {states: 8, table: base64 of states x size bytes}}
  *
  * pieces[id] is base64 of the UTF-8 bytes id decodes to; decoding joins them and
  * reads UTF-8 with a streaming TextDecoder, so a character whose bytes are split
@@ -22,11 +23,15 @@
  *   White_Space, as the library's regex engine reads it), each part's UTF-8 bytes
  *   become the ids of the single-byte pieces, and the adjacent pair whose merge has the
  *   lowest rank (the leftmost of equals) is merged until no pair has a merge. Ids are
- *   the library's plus one.
+ *   the library's plus one. An id's bytes may begin or end inside a character, so the
+ *   page draws only ids that continue the text as valid UTF-8 (trainer/sampling/utf8.py):
+ *   utf8.table[state * size + id] has the high bit set when the id is allowed in that
+ *   state of the row's UTF-8 automaton, and the state after the id in its low 7 bits.
  *
  * window.charTokenizer.create(spec) -> {kind, size, encode(text) -> ids, missing(text)
  * -> chars a word model cannot encode exactly, decoder() -> {feed(id) -> text,
- * flush() -> text}}.
+ * flush() -> text}, utf8: null for word, for bpe {after(state, id) -> state,
+ * mask(logits, state) -> the logits with the ids not allowed set to -Infinity}}.
  */
 "use strict";
 
@@ -108,7 +113,17 @@
       }
     }
 
+    const table = bytesOf(spec.utf8.table);
+    const utf8Rule = {
+      after: (state, id) => table[state * size + id] & 0x7f,
+      mask(logits, state) {
+        const row = table.subarray(state * size, (state + 1) * size);
+        return logits.map((l, id) => (row[id] & 0x80 ? l : -Infinity));
+      },
+    };
+
     return {
+      utf8: utf8Rule,
       encode(input) {
         const out = [];
         for (const [part] of input.matchAll(BYTE_LEVEL_RULE)) {
@@ -125,7 +140,8 @@
     const made = spec.kind === "word" ? wordTokenizer(spec, pieces) :
       spec.kind === "bpe" ? bpeTokenizer(spec, pieces) : null;
     if (!made) throw new Error(`model.js has an unknown tokenizer kind ${spec.kind}`);
-    return { kind: spec.kind, size: pieces.length, decoder: () => decoderOf(pieces), ...made };
+    return { kind: spec.kind, size: pieces.length, decoder: () => decoderOf(pieces), utf8: null,
+             ...made };
   }
 
   window.charTokenizer = { create };
