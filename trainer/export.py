@@ -100,7 +100,6 @@ def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
     # Imported here: --help should not wait for TensorFlow.
     from trainer import checkpoints, storage
-    from trainer.data import tokenization
     from trainer.data.vocabulary import Vocabulary
     from trainer.errors import UserError
     from trainer.sampling import onnx_export, saved_model, web_export
@@ -114,7 +113,7 @@ def run(fv: flags.FlagValues) -> None:
             "config": json.loads(cfg.to_json())}
     if fv.format == "saved_model":
         vocab_json = None
-        if tokenization.kind_of(tokenizer) != "char":  # The job's characters, as recorded.
+        if tokenizer.kind != "char":  # The job's characters, as recorded.
             vocab_json = storage.read_text(storage.join(fv.job_dir, "vocab.json"))
         saved_model.export(model, tokenizer, fv.export_dir, fv.max_length, fv.overwrite, info,
                            vocab_json)

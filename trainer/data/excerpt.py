@@ -30,7 +30,7 @@ def read_tokens(region: Region, begin: int, count: int, lowercase: bool,
       lowercase: the job's setting.
       tokenizer: the job's tokenizer; None or a `Vocabulary` for characters.
     """
-    if tokenizer is not None and tokenization.kind_of(tokenizer) != "char":
+    if tokenizer is not None and tokenizer.kind != "char":
         text = index.read_piece(region, lowercase)
         ids = tokenizer.encode(text)[region.begin + begin:region.begin + begin + count]
         return b"".join(tokenizer.pieces[i] for i in ids.tolist()).decode("utf-8", "ignore")
@@ -88,7 +88,7 @@ def random_excerpt(cfg: Config, seed: int, tokenizer: tokenization.Tokenizer | N
             width = min(cfg.seq_length, region.length)
             begin = rng.randint(0, region.length - width)
             text = read_tokens(region, begin, width, cfg.lowercase, tokenizer)
-            unit = ("char" if tokenizer is None or tokenization.kind_of(tokenizer) == "char"
+            unit = ("char" if tokenizer is None or tokenizer.kind == "char"
                     else "token")
             return text, f"a random {width}-{unit} window of the {what} text {region.path}"
         # No corpus (a job directory from elsewhere): a random place of a data file.

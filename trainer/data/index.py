@@ -173,7 +173,7 @@ def count_tokens(index: Index, tok, *, worker: int = 0, num_workers: int = 1,
     Returns:
       Whether anything was counted (the record then needs writing).
     """
-    if tokenization.kind_of(tok) == "char":
+    if tok.kind == "char":
         return False
     mark = tok.fingerprint
     todo = [f for f in index.files if f.tokenized != mark or f.tokens is None]

@@ -245,13 +245,9 @@ class BpeTokenizer(_Tokens):
 Tokenizer = Vocabulary | WordTokenizer | BpeTokenizer
 
 
-def kind_of(tokenizer: Tokenizer) -> str:
-    return getattr(tokenizer, "kind", "char")
-
-
 def chars_table(tokenizer: Tokenizer) -> np.ndarray | None:
     """Characters each id covers, for `models.loss_sums`; None for chars (one each)."""
-    return None if kind_of(tokenizer) == "char" else tokenizer.token_chars
+    return None if tokenizer.kind == "char" else tokenizer.token_chars
 
 
 def unknown_ids(tokenizer: Tokenizer, ids: np.ndarray) -> int:

@@ -48,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import models
-from trainer.data.tokenization import Tokenizer, kind_of
+from trainer.data.tokenization import Tokenizer
 from trainer.data.vocabulary import OOV_ID
 from trainer.sampling.next_char import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
 from trainer.sampling.tokens import (
@@ -348,7 +348,7 @@ class Sampler:
         logits, states = self.begin(prompts)
         rule = Rule.for_rows(rows)
         xla = self.uses_xla(len(prompts))
-        one_each = kind_of(self.tokenizer) == "char"
+        one_each = self.tokenizer.kind == "char"
         done = 0
         while not all(out.done for out in outputs):
             owed = max(out.owed for out in outputs)

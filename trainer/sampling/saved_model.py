@@ -255,7 +255,7 @@ def export(model: keras.Model, tokenizer: tokenization.Tokenizer, export_dir: st
             raise UserError(f"{export_dir} already holds a SavedModel; pass --overwrite "
                             "to replace it, or choose a new version folder")
         storage.delete_prefix(export_dir)
-    kind = tokenization.kind_of(tokenizer)
+    kind = tokenizer.kind
     if kind == "char":
         module = CharGenerator(model, tokenizer, max_length)
         vocab_json = vocab_json or tokenizer.to_json()

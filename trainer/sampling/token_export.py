@@ -59,14 +59,14 @@ def chars_of(tokenizer: tokenization.Tokenizer, chars: Vocabulary | None = None
 
 def files(tokenizer: tokenization.Tokenizer) -> dict[str, str]:
     """The tokenizer's file for an export folder: {} for char, else tokenizer.json."""
-    if tokenization.kind_of(tokenizer) == "char":
+    if tokenizer.kind == "char":
         return {}
     return {tokenization.FILE: tokenizer.to_json()}
 
 
 def ids_note(tokenizer: tokenization.Tokenizer) -> dict[str, Any] | None:
     """What model.json says about the ids of a word or bpe model (None for char)."""
-    kind = tokenization.kind_of(tokenizer)
+    kind = tokenizer.kind
     if kind == "char":
         return None
     return {"kind": kind, "file": tokenization.FILE, "vocab_size": tokenizer.size,
@@ -95,7 +95,7 @@ def web_spec(tokenizer: tokenization.Tokenizer) -> dict[str, Any] | None:
       None for char; else {"kind", "pieces": base64 of every id's bytes, and for word
       "unk_id", "first_char", "first_word", "rule"; for bpe "merges" and "utf8"}.
     """
-    kind = tokenization.kind_of(tokenizer)
+    kind = tokenizer.kind
     if kind == "char":
         return None
     spec = {"kind": kind, "oov_id": OOV_ID,

@@ -141,7 +141,7 @@ class OutputText:
     def __init__(self, tokenizer: tokenization.Tokenizer, length: int):
         self.length, self.chars, self.tokens = length, 0, 0
         self._decoder = tokenizer.stream_decoder()
-        self._one_each = tokenization.kind_of(tokenizer) == "char"
+        self._one_each = tokenizer.kind == "char"
         self._max_tokens = MAX_IDS_PER_CHAR * length
 
     @property
@@ -180,6 +180,6 @@ class OutputText:
 def count_tokens(tokenizer: tokenization.Tokenizer, text: str) -> int:
     """Tokens of `text` by the job's tokenizer, as the OpenAI API's usage counts them:
     characters for a char model (as given), the model's own tokens for word and bpe."""
-    if tokenization.kind_of(tokenizer) == "char":
+    if tokenizer.kind == "char":
         return len(text)
     return len(tokenizer.encode(normalise(text, tokenizer.lowercase)))

@@ -136,7 +136,7 @@ def export(model: keras.Model, vocab: tokenization.Tokenizer, export_dir: str,
     Returns:
       `export_dir`.
     """
-    kind = tokenization.kind_of(vocab)
+    kind = vocab.kind
     spec = json.dumps(model_spec(model, vocab, info, chars), separators=(",", ":"))
     files = {"index.html": index_html(kind), RUNTIME: _script(RUNTIME),
              MODEL_SCRIPT: f"window.CHAR_MODEL = {spec};\n",

@@ -99,7 +99,7 @@ class SavedModelBackend(Backend):
         self._advance = loaded.signatures["advance"]
         self._loaded = loaded  # Keeps the variables alive.
         self.tokenizer, self.info = tokenizer, info
-        self._text_in = tokenization.kind_of(tokenizer) == "char"
+        self._text_in = tokenizer.kind == "char"
 
     def begin(self, prompts):
         if self._text_in:

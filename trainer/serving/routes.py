@@ -35,7 +35,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from trainer.data import tokenization
 from trainer.serving import completions, page, schemas
 from trainer.serving.batcher import Batcher, UnavailableError
 from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
@@ -94,7 +93,7 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
     rng = random.Random(seed)
     # No file system or bucket paths: a client has no use for them.
     info = {**{k: v for k, v in batcher.backend.info.items() if k != "path"},
-            "tokenizer": tokenization.kind_of(batcher.backend.tokenizer),
+            "tokenizer": batcher.backend.tokenizer.kind,
             "vocab_size": batcher.backend.tokenizer.size,
             "limits": {"max_length": limits.max_length,
                        "max_prompt_chars": limits.max_prompt_chars,

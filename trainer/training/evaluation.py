@@ -136,7 +136,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
                           token_chars=tokenization.chars_table(tok))
     result: dict[str, Any] = {
         "files": sum(1 for f in corpus.files if f.chars), "chars": chars, "tokens": tokens,
-        "tokenizer": tokenization.kind_of(tok), "oov_chars": sum(missing.values()),
+        "tokenizer": tok.kind, "oov_chars": sum(missing.values()),
         "oov_distinct": sorted(missing, key=ord),
         "unknown_words": sum(f.unknown_words for f in corpus.files)}
     unit = "chars" if result["tokenizer"] == "char" else "tokens"

@@ -104,7 +104,7 @@ def tokenizer(cfg: Config, base: Base, counts: collections.Counter) -> tokenizat
       UserError: with --init_new_chars=refuse, a word base lacks characters of the text.
     """
     lacking = sorted((c for c in counts if c not in set(base.vocab.chars)), key=ord)
-    if lacking and tokenization.kind_of(base.tokenizer) == "word":
+    if lacking and base.tokenizer.kind == "word":
         shown = "".join(lacking[:20])
         if cfg.init_new_chars == "refuse":
             raise UserError(f"the training text has {len(lacking)} character(s) that the "
