@@ -152,6 +152,14 @@ def test_foreign_host_is_refused_and_info_names_no_paths(server):
     assert not any(str(v).startswith(("/", "gs://")) for v in info.values())
 
 
+def test_loopback_host_names_are_answered_ipv6_included(server):
+    for host in (b"localhost", b"127.0.0.1", b"[::1]", f"[::1]:{server.port}".encode()):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            answer = _closed_within(sock, 3)[1]
+        assert answer.startswith(b"HTTP/1.1 200 "), (host, answer[:200])
+
+
 def test_the_page_has_a_content_security_policy(server):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -263,7 +271,8 @@ def test_a_failure_inside_is_500_without_its_text_also_mid_stream(server):
 def test_defaults_bind_loopback_outside_vertex_and_check_hosts_there():
     assert default_host({}) == "127.0.0.1"
     assert default_host({"AIP_HTTP_PORT": "8080"}) == "0.0.0.0"
-    assert default_allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1"]
+    assert default_allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1", "[::1]"]
+    assert default_allowed_hosts("::1") == default_allowed_hosts("localhost")
     assert default_allowed_hosts("0.0.0.0") == ["*"]
     assert completions.prefixes("/openai/v1/") == ("/v1", "/openai/v1")
     assert completions.prefixes("") == ("/v1",)

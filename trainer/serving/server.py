@@ -23,7 +23,8 @@ import uvicorn
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+# The Host names of loopback; starlette keeps an IPv6 literal's brackets ("[::1]:8080").
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # Largest request head h11 buffers (uvicorn's default, said here so it stays bounded).
 MAX_HEAD_BYTES = 16 * 1024
 # Seconds a client is asked to wait while the model loads.
