@@ -155,7 +155,8 @@ def test_foreign_host_is_refused_and_info_names_no_paths(server):
 def test_loopback_host_names_are_answered_ipv6_included(server):
     for host in (b"localhost", b"127.0.0.1", b"[::1]", f"[::1]:{server.port}".encode()):
         with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: " + host
+                         + b"\r\nConnection: close\r\n\r\n")
             answer = _closed_within(sock, 3)[1]
         assert answer.startswith(b"HTTP/1.1 200 "), (host, answer[:200])
 
