@@ -25,7 +25,7 @@ from training_jobs import tiny
 from trainer import checkpoints
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.sampling import step_model, web_export
-from trainer.sampling.sampler import encode_prompt, start_id
+from trainer.sampling.sampler import Sampler, Settings, encode_prompt, start_id
 from trainer.sampling.utf8 import tables_of
 
 SENTENCE = ("the cat sat on the mat; it's a dog ran in the fog. café naïve — 日本語 über "
@@ -167,6 +167,14 @@ def test_page_encodes_decodes_and_generates_like_python(jobs, browser, kind):
                  PROMPT)
     # The last id drawn is the first whose text reaches 40 chars.
     assert len("".join(tokens[:-1])) < 40 <= len("".join(tokens))
+    # Seeded sampling draws the same ids as Python's sampler (the same counter-based draw).
+    sampler = Sampler(model, tok)
+    for temperature, top_k, top_p, seed in ((0.9, 0, 1.0, 7), (1.2, 5, 0.9, 3)):
+        options = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+        page_text = run("return window.charModel.generate(arguments[0], 80, arguments[1])",
+                        PROMPT, options)
+        assert page_text == sampler.generate([PROMPT], 80, Settings(temperature, top_k, top_p),
+                                             seed=seed)[0], (temperature, seed)
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
