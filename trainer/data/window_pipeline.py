@@ -62,7 +62,10 @@ def crossing_windows(regions: Sequence[Region], window: int, shift: int) -> tupl
 def load_region_ids(region: Region, tok: tokenization.Tokenizer, lowercase: bool,
                     stream=None) -> np.ndarray:
     """The ids of the region's tokens: one range read (or the next bytes of a .gz stream)
-    of its piece, tokenized whole (as `index.count_tokens` counted it)."""
+    of its piece, tokenized whole (as `index.count_tokens` counted it); for characters
+    (one id each) only the region's slice is encoded."""
+    if tok.kind == "char":
+        return tok.encode(index.read_text(region, lowercase, stream))
     return tok.encode(index.read_piece(region, lowercase, stream))[region.begin:region.end]
 
 
