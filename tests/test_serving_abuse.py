@@ -193,8 +193,9 @@ def test_idle_slow_and_stalled_connections_are_closed_and_memory_stays_bounded(s
 def test_connections_past_the_limit_get_503(server):
     held = [_raw(server.port, b"") for _ in range(40)]
     try:
-        code, _ = request(server.url("/health"))
+        code, body = request(server.url("/health"))
         assert code == 503
+        assert "too many connections" in _one_line_error(503, body)
     finally:
         for sock in held:
             sock.close()

@@ -19,8 +19,8 @@ request's deadline or while stopping. A failure inside the server gets 500
 without internal details (the log has them). Nothing a client sends stops it.
 Below the application (`trainer.serving.server`): a foreign Host header gets a
 one-line JSON 400 (starlette's TrustedHostMiddleware decides), every request gets
-503 with Retry-After while the model loads, and connections past the limit get
-uvicorn's own 503, in plain text.
+503 with Retry-After while the model loads, and requests past the connection limit
+get a one-line JSON 503 with Retry-After as well.
 """
 
 from __future__ import annotations

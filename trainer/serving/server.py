@@ -1,12 +1,12 @@
 """The uvicorn server under the application, with its limits for a hostile network.
 
 uvicorn and starlette give most of them: `limit_concurrency` (503 past that many
-connections and requests), `timeout_keep_alive`, h11's cap on a request head,
-`TrustedHostMiddleware` (a Host allow-list, so that a DNS-rebinding page cannot
-reach a server on loopback). uvicorn has no deadline for a request head, so
-`HeadTimeoutProtocol` adds one: a connection that has not sent a whole head
-within `head_seconds` of opening (or of its last answer) is closed. Bodies have
-their own deadline in `trainer.serving.transport.read_body`.
+connections and requests, answered here in one-line JSON), `timeout_keep_alive`,
+h11's cap on a request head, `TrustedHostMiddleware` (a Host allow-list, so that a
+DNS-rebinding page cannot reach a server on loopback). uvicorn has no deadline for a
+request head, so `HeadTimeoutProtocol` adds one: a connection that has not sent a
+whole head within `head_seconds` of opening (or of its last answer) is closed. Bodies
+have their own deadline in `trainer.serving.transport.read_body`.
 """
 
 from __future__ import annotations
@@ -120,10 +120,34 @@ def default_allowed_hosts(host: str) -> list[str]:
     return list(LOOPBACK_NAMES) if loopback else ["*"]
 
 
+async def _over_limit(scope, receive, send) -> None:
+    """The answer past --max_connections: one-line JSON 503, and the connection closes."""
+    await _answer(send, 503, "too many connections and requests at once; retry shortly",
+                  [(b"retry-after", str(LOADING_RETRY_AFTER).encode()), (b"connection", b"close")])
+
+
 class HeadTimeoutProtocol(H11Protocol):
-    """uvicorn's h11 protocol, closing connections that send no whole request head in time."""
+    """uvicorn's h11 protocol, closing connections that send no whole request head in time,
+    and answering past `limit_concurrency` in one-line JSON like every other refusal here.
+
+    uvicorn's own check (connections or running requests at the limit when a request
+    arrives: plain-text 503) is kept as it counts, with `_over_limit` as the answer.
+    """
 
     head_seconds = 10.0
+
+    def __init__(self, config: uvicorn.Config, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        self._app, self._limit = self.app, self.limit_concurrency
+        self.limit_concurrency = None  # Checked in handle_events below instead.
+
+    def handle_events(self) -> None:  # noqa: D102
+        over = self._limit is not None and (len(self.connections) >= self._limit
+                                            or len(self.tasks) >= self._limit)
+        self.app = _over_limit if over else self._app
+        if over:
+            self.logger.warning("Exceeded concurrency limit.")
+        super().handle_events()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # noqa: D102
         super().connection_made(transport)
