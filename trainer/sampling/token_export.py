@@ -17,7 +17,7 @@ from typing import Any
 
 from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID, Vocabulary
-from trainer.sampling.utf8 import Utf8Tables
+from trainer.sampling.utf8 import tables_of
 
 _NOTES = {
     "word": (
@@ -105,5 +105,5 @@ def web_spec(tokenizer: tokenization.Tokenizer) -> dict[str, Any] | None:
                     rule=tokenization.WORD_RULE.pattern)
     else:
         spec["merges"] = _bpe_merges(tokenizer)
-        spec["utf8"] = Utf8Tables.of(tokenizer.pieces).web_spec()
+        spec["utf8"] = tables_of(tokenizer).web_spec()
     return spec

@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from trainer.data.tokenization import Tokenizer
 
 STATES = 8
 # The strict automaton's sink; never a row's state.
@@ -106,9 +109,9 @@ class Utf8Tables(NamedTuple):
         return {"states": STATES, "table": base64.b64encode(packed.tobytes()).decode("ascii")}
 
 
-def tables_of(tokenizer: object) -> Utf8Tables | None:
+def tables_of(tokenizer: Tokenizer) -> Utf8Tables | None:
     """The tables of a bpe tokenizer; None for char and word ones (their ids are whole
     characters, so every id may follow every other)."""
-    if getattr(tokenizer, "kind", "char") != "bpe":
+    if tokenizer.kind != "bpe":
         return None
     return Utf8Tables.of(tokenizer.pieces)

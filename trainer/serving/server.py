@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import json
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -27,8 +28,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 # Largest request head h11 buffers (uvicorn's default, said here so it stays bounded).
 MAX_HEAD_BYTES = 16 * 1024
-# Seconds a client is asked to wait while the model loads.
-LOADING_RETRY_AFTER = 5
+# Seconds a client is asked to wait while the model loads or past the connection limit.
+RETRY_AFTER_SECONDS = 5
 _HOST_ALLOWED = "trainer.host_allowed"
 
 
@@ -59,7 +60,7 @@ class Loading:
             await self.app(scope, receive, send)
         elif scope["type"] == "http":
             await _answer(send, 503, "the model is still loading; retry shortly",
-                          [(b"retry-after", str(LOADING_RETRY_AFTER).encode())])
+                          [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())])
 
 
 class HostAllowList:
@@ -122,8 +123,9 @@ def default_allowed_hosts(host: str) -> list[str]:
 
 async def _over_limit(scope, receive, send) -> None:
     """The answer past --max_connections: one-line JSON 503, and the connection closes."""
+    logging.getLogger("uvicorn.error").warning("Exceeded concurrency limit.")
     await _answer(send, 503, "too many connections and requests at once; retry shortly",
-                  [(b"retry-after", str(LOADING_RETRY_AFTER).encode()), (b"connection", b"close")])
+                  [(b"retry-after", str(RETRY_AFTER_SECONDS).encode()), (b"connection", b"close")])
 
 
 class HeadTimeoutProtocol(H11Protocol):
@@ -144,9 +146,7 @@ class HeadTimeoutProtocol(H11Protocol):
     def handle_events(self) -> None:  # noqa: D102
         over = self._limit is not None and (len(self.connections) >= self._limit
                                             or len(self.tasks) >= self._limit)
-        self.app = _over_limit if over else self._app
-        if over:
-            self.logger.warning("Exceeded concurrency limit.")
+        self.app = _over_limit if over else self._app  # Read when a request arrives.
         super().handle_events()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # noqa: D102
