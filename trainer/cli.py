@@ -11,7 +11,8 @@ Every entrypoint (task, generate, evaluate, export, serve, corpus) is its flags 
   signal's number after its one line; a reader that went away (`| head`) ends quietly;
 - on any non-zero exit the process ends right after the atexit handlers ran, so no
   library object torn down at interpreter exit (a `multiprocessing` pool whose peer
-  died, say) can print a traceback under that one line.
+  died, say) can print a traceback under that one line, and a stopped job does not
+  wait on its input pipeline's threads to end.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from trainer.errors import StoppedError, UserError, describe  # noqa: E402
 
 HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
 Rewrite = Callable[[list[str]], list[str]]
+
+# The exception that ended the last failed or stopped run. Its traceback holds the job's
+# frames and, through them, its tf.data iterators; releasing those blocks the main thread
+# (holding the GIL) on pipeline threads that wait for the GIL in a generator, for up to a
+# minute. Kept here, they are never released: `finish` ends the process first.
+_ended_by: BaseException | None = None
 
 
 def say(message: str) -> None:
@@ -79,6 +86,7 @@ def run_door(argv: list[str], run: Callable[[flags.FlagValues], int | None],
     if len(argv) > 1:
         say(f"error: unexpected arguments: {' '.join(argv[1:])} (see --helpshort)")
         return 2
+    global _ended_by
     try:
         return run(flag_values) or 0
     except BrokenPipeError:
@@ -87,12 +95,14 @@ def run_door(argv: list[str], run: Callable[[flags.FlagValues], int | None],
         return 1
     except StoppedError as stop:
         logging.warning("%s", stop)
+        _ended_by = stop
         return stop.exit_code
     except Exception as err:
         message = describe(err)
         if message is None:
             raise  # A bug: keep its traceback.
         say(f"error: {message}")
+        _ended_by = err
         return 1
 
 
