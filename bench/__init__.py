@@ -306,5 +306,7 @@ def corpus(path: str, folder: str) -> Corpus:
         with open(os.path.join(folder, part, f"{part}.txt"), "w", encoding="utf-8") as f:
             f.write(chars)
         patterns.append(f.name)
-    return Corpus(patterns[0], patterns[1], f"{path} split 90/10 by characters ({cut:,} train, "
+    # The file's name, not where this machine keeps it: the result is read elsewhere.
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return Corpus(patterns[0], patterns[1], f"{name} split 90/10 by characters ({cut:,} train, "
                   f"{len(text) - cut:,} val chars)")

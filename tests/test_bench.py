@@ -104,6 +104,9 @@ def test_corpus_is_a_shard_folder_or_one_file_split_90_10(text_file, shard_folde
     with open(split.train, encoding="utf-8") as f, open(split.val, encoding="utf-8") as g:
         train, val = f.read(), g.read()
     assert train + val == text and len(train) == int(len(text) * 0.9)
+    # The result names the file, not the folder this machine keeps it in.
+    assert split.description.startswith(f"{os.path.basename(text_file)} split 90/10")
+    assert os.path.dirname(text_file) not in split.description
 
     with pytest.raises(bench.BenchError, match="run `make data`, or pass --corpus"):
         bench.corpus(str(tmp_path / "missing"), str(tmp_path / "x"))
