@@ -48,11 +48,11 @@ def _evaluate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": REPO})
 
 
-def _direct_windowed(job: str, text: str, batch: int) -> float:
+def _direct_windowed(job: str, text: str, batch: int, seq_length: int = 0) -> float:
     """Mean loss over every window (the last batch is padded), OOV targets left out."""
     cfg, vocab, model, _ = checkpoints.load_job(job)
     ids = vocab.encode(text).astype("int32")
-    n = cfg.seq_length
+    n = seq_length or cfg.seq_length
     windows = np.stack([ids[s:s + n + 1] for s in range(0, len(ids) - n, n)])
     logits = np.asarray(model(windows[:, :-1]), np.float64)
     log_probs = logits - logits.max(-1, keepdims=True)
@@ -79,6 +79,21 @@ def test_json_reports_both_modes_and_counts_the_oov_chars(job, test_text):
         assert mode["perplexity"] == pytest.approx(math.exp(mode["nats_per_char"]))
         assert 0 < mode["chars_scored"] < len(text) - report["oov_chars"] + 1
     assert carried["lanes"] == 4 and carried["nats_per_char"] != windowed["nats_per_char"]
+
+
+def test_seq_length_scores_windows_of_another_length(job, test_text):
+    # The job trained on 20-char windows; scored on 50-char ones, as a model trained on 50
+    # would be, the figure is the direct one over 50-char windows, and more context per
+    # character gives a lower loss than the job's own windows.
+    own, longer = (_evaluate(f"--job_dir={job}", f"--data={test_text}", "--format=json",
+                             "--batch_size=4", *extra) for extra in ([], ["--seq_length=50"]))
+    assert own.returncode == 0 and longer.returncode == 0, (own.stderr + longer.stderr)[-3000:]
+    own, longer = json.loads(own.stdout)["windowed"], json.loads(longer.stdout)["windowed"]
+    with open(test_text, encoding="utf-8") as f:
+        text = f.read()
+    assert longer["nats_per_char"] == pytest.approx(_direct_windowed(job, text, 4, 50), rel=1e-5)
+    assert longer["how"].startswith("50-char windows") and own["how"].startswith("20-char")
+    assert longer["nats_per_char"] < own["nats_per_char"]
 
 
 def test_text_output_and_a_job_dir_in_a_bucket(job, test_text, gcs_bucket):

@@ -37,6 +37,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("batch_size", 0, "Windows per batch, and lanes of carried scoring "
                          "(fewer lanes: more context per char, slower); 0 = the job's "
                          "--batch_size.", lower_bound=0, **fv)
+    flags.DEFINE_integer("seq_length", 0, "Length of the windows of windowed scoring, and of "
+                         "each carried chunk, in the model's tokens; 0 = the job's "
+                         "--seq_length. Scores models trained on different lengths on the "
+                         "same windows.", lower_bound=0, **fv)
     flags.DEFINE_enum("format", "text", ["text", "json"], "text: a few lines for people; "
                       "json: every figure, one object.", **fv)
     flags.mark_flags_as_required(["job_dir", "data"], flag_values)
@@ -80,6 +84,8 @@ def run(fv: flags.FlagValues) -> None:
     from trainer.training import evaluation
 
     cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    if fv.seq_length:
+        cfg = cfg.replace(seq_length=fv.seq_length)
     paths = storage.expand_patterns(fv.data)
     result = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights", ""),
               **evaluation.score_files(paths, cfg, vocab, model, fv.batch_size)}
