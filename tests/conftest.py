@@ -70,16 +70,46 @@ class Emulator:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Stops the emulator; the port then refuses connections until start()."""
+        """Stops the emulator; the port then refuses connections until start().
+
+        The emulator rewrites its whole metadata file (`.meta`) on every change, in place;
+        a stop that lands during a write (a job uploading while a test cuts the bucket off)
+        leaves it truncated, and no later start() could read it. The last complete copy
+        read before the stop is put back then: the write in flight is lost, as an upload
+        cut off by an outage would be.
+        """
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        before = self._complete_meta()
         proc.send_signal(signal.SIGINT)  # The emulator shuts down cleanly on Ctrl-C.
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if before is not None and self._complete_meta(attempts=1) is None:
+            with open(self._meta_path, "wb") as f:
+                f.write(before)
+
+    @property
+    def _meta_path(self) -> str:
+        return os.path.join(self.data_dir, ".cloudstorage", ".meta")
+
+    def _complete_meta(self, attempts: int = 20) -> bytes | None:
+        """The metadata file's bytes when they parse as JSON (retrying while a write is
+        under way); None when there is none or it never parses."""
+        for _ in range(attempts):
+            try:
+                with open(self._meta_path, "rb") as f:
+                    raw = f.read()
+                json.loads(raw)
+                return raw
+            except FileNotFoundError:
+                return None
+            except ValueError:
+                time.sleep(0.05)
+        return None
 
     def answers(self) -> bool:
         """Returns True if the emulator serves HTTP requests right now."""

@@ -11,6 +11,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from conftest import Emulator
 
 from trainer import storage
 from trainer.errors import UserError
@@ -224,3 +225,28 @@ def test_a_gs_path_without_a_bucket_is_refused(path):
     for call in calls:
         with pytest.raises(UserError, match="no bucket name"):
             call()
+
+
+def test_a_stop_during_a_metadata_write_leaves_the_emulator_startable(tmp_path):
+    # The test emulator rewrites its metadata file in place on every change; a stop that
+    # cuts such a write short must not leave a file that no later start can read.
+    emulator = Emulator(str(tmp_path))
+    emulator.start()
+    try:
+        emulator.create_bucket("kept-bucket")
+        meta = os.path.join(str(tmp_path), ".cloudstorage", ".meta")
+        proc = emulator._proc
+        signal_it = proc.send_signal
+
+        def torn_then_signalled(sig):  # The stop lands halfway through a write.
+            with open(meta, "r+b") as f:
+                f.truncate(os.path.getsize(meta) // 2)
+            signal_it(sig)
+
+        proc.send_signal = torn_then_signalled
+        emulator.stop()
+        emulator.start()
+        with urllib.request.urlopen(f"{emulator.host}/storage/v1/b/kept-bucket", timeout=10) as r:
+            assert json.load(r)["name"] == "kept-bucket"
+    finally:
+        emulator.stop()
