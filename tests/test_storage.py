@@ -234,7 +234,7 @@ def test_a_stop_during_a_metadata_write_leaves_the_emulator_startable(tmp_path):
     emulator.start()
     try:
         emulator.create_bucket("kept-bucket")
-        meta = os.path.join(str(tmp_path), ".cloudstorage", ".meta")
+        meta = emulator._meta_path
         proc = emulator._proc
         signal_it = proc.send_signal
 
