@@ -119,6 +119,8 @@ def test_text_output_and_a_job_dir_in_a_bucket(job, test_text, gcs_bucket):
     (["--job_dir={tmp}/nowhere", "--data={text}"], "error: {tmp}/nowhere is not a job directory"),
     (["--job_dir={job}", "--data={tmp}/none-*.txt"], "error: data pattern matched no files"),
     (["--job_dir={job}", "--data={tmp}/short.txt"], "error: the text holds 5 chars, fewer"),
+    (["--job_dir={job}", "--data={tmp}/short.txt", "--seq_length=5"],
+     "error: the text holds 5 chars, fewer than one window of 6 (seq_length 5 + 1)"),
     (["--job_dir={job}"], "error: flag --data=None: Flag --data must have a value other than "
                           "None."),
 ])

@@ -126,7 +126,8 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
     if tokens < cfg.window:
         unit = "chars" if tokens == chars else "tokens"
         raise UserError(f"the text holds {tokens} {unit}, fewer than one window of "
-                        f"{cfg.window} (the model's seq_length + 1)")
+                        f"{cfg.window} (seq_length {cfg.seq_length} + 1); score it "
+                        "with a smaller --seq_length, or give more text")
     regions, _ = index.make_regions(corpus, cfg.window)
     windows = sum(window_pipeline.num_windows(r.length, cfg.window, cfg.seq_length)
                   for r in regions)
