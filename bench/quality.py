@@ -13,11 +13,17 @@ Without a corpus the benchmark stops at once with one line saying to run
 Each preset trains on the two parts through the job itself (`python -m
 trainer.task --preset=NAME --train_data=... --val_data=... --train_minutes=MINUTES`),
 in a subprocess. Reported, in nats/char and bits/char: the job's
-`val_carried_loss` (the validation text read as a few contiguous lanes with the
-LSTM state carried from chunk to chunk, as the model is used to generate) and
-its `val_loss` (100-char windows, each read from a zero state) beside it; the
+`val_carried_loss` (the validation text read as --batch_size contiguous lanes with
+the LSTM state carried from chunk to chunk, as the model is used to generate) and
+its `val_loss` (--seq_length windows, each read from a zero state) beside it; the
 chars trained on; and a plot of both against wall-clock from each job's
 metrics.jsonl.
+
+A job's own figures depend on its shape (more lanes, shorter windows: a higher
+loss for the same weights), so each job's kept weights are also scored on one
+common shape, `python -m trainer.evaluate --seq_length=100 --batch_size=64`
+(--score_seq_length, --score_batch_size; 0 skips it): the columns to compare
+presets of different shapes by.
 
 Anchors, on tinyshakespeare.txt's 90/10 split only (other corpora are not
 comparable with them): a Witten-Bell interpolated 5-gram character model, 1.6688
@@ -101,6 +107,32 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
     return record
 
 
+def score(job_dir: str, val: str, seq_length: int, batch_size: int) -> dict[str, Any]:
+    """The job's kept weights scored on `val` at one common shape, through trainer.evaluate.
+
+    Returns:
+      {"seq_length", "batch_size", "checkpoint", "carried", "windowed"}: nats per
+      character of the text, carried over `batch_size` lanes and over windows of
+      `seq_length` tokens.
+
+    Raises:
+      bench.BenchError: the evaluation failed (its last line says why).
+    """
+    command = [sys.executable, "-m", "trainer.evaluate", f"--job_dir={job_dir}",
+               f"--data={val}", "--format=json", f"--seq_length={seq_length}",
+               f"--batch_size={batch_size}"]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise bench.BenchError(f"scoring {job_dir} exited {done.returncode}: {last[:300]}")
+    result = json.loads(done.stdout)
+    return {"seq_length": seq_length, "batch_size": batch_size,
+            "checkpoint": result["checkpoint"],
+            "carried": result["carried"]["nats_per_char"],
+            "windowed": result["windowed"]["nats_per_char"]}
+
+
 def per_char(metrics: dict[str, Any], prefix: str) -> float:
     """A validation loss in nats per character of the text (`{prefix}_nats_per_char`)."""
     return metrics.get(f"{prefix}_nats_per_char", metrics[f"{prefix}_loss"])
@@ -126,7 +158,10 @@ def figures(run: dict[str, Any]) -> dict[str, Any]:
     names = ["final_val_loss", "best_val_loss", "train_sec", "chars_trained"]
     if "final_val_carried_loss" in run:
         names.append("final_val_carried_loss")
-    return {f"{name} {n}": run.get(n) for n in names}
+    found = {f"{name} {n}": run.get(n) for n in names}
+    if "common" in run:
+        found.update({f"{name} common {k}": run["common"][k] for k in ("carried", "windowed")})
+    return found
 
 
 def failure(run: dict[str, Any]) -> str:
@@ -191,6 +226,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"quality on {m['cpu']} ({m['cores']} cores, {len(m.get('gpus', []))} GPU), "
              f"corpus {result['corpus']}\n"]
     rows = []
+    common = next((run["common"] for run in result["runs"] if "common" in run), None)
     for run in result["runs"]:
         carried = run.get("final_val_carried_loss", run["final_val_loss"])
         beats = [name for name, v in ANCHORS.items() if carried < v]
@@ -199,14 +235,21 @@ def markdown(result: dict[str, Any]) -> str:
                      _fmt(run.get("final_val_carried_bpc")),
                      _fmt(run.get("best_val_carried_loss")),
                      f"{run['final_val_loss']:.4f}", f"{run['final_val_bpc']:.4f}",
-                     f"{run['best_val_loss']:.4f}", run["chars_trained"],
+                     f"{run['best_val_loss']:.4f}",
+                     *([_fmt(run.get("common", {}).get("carried")),
+                        _fmt(run.get("common", {}).get("windowed"))] if common else []),
+                     run["chars_trained"],
                      f"{run.get('chars_per_sec', 0):,.0f}",
                      f"{run['config'].get('tokenizer', 'char')} {run.get('vocab_size', '')}",
                      f"{run['load_start'][0]:.1f} -> {run['load_end'][0]:.1f}",
                      ", ".join(beats) or "none"])
     lines.append(bench.table(["run", "budget min", "trained min", "carried val nats/char",
                               "carried bits/char", "best carried", "windowed val nats/char",
-                              "windowed bits/char", "best windowed", "chars trained",
+                              "windowed bits/char", "best windowed",
+                              *([f"kept weights: carried, {common['batch_size']} lanes",
+                                 f"kept weights: windowed, {common['seq_length']} tokens"]
+                                if common else []),
+                              "chars trained",
                               "chars/s", "tokenizer, ids", "load",
                               "carried beats"], rows))
     lines += [f"anchor {name}: {v} nats/char ({v / math.log(2):.4f} bits/char)"
@@ -233,6 +276,11 @@ def define_flags() -> None:
     flags.DEFINE_string("plot", f"{bench.RESULTS_DIR}/quality.png", "PNG plot; empty: none.")
     flags.DEFINE_list("also_plot", [], "Earlier quality JSON files whose runs join the plot.")
     flags.DEFINE_string("keep_jobs", None, "Keep the job folders under this folder.")
+    flags.DEFINE_integer("score_seq_length", 100, "Also score each job's kept weights on "
+                         "windows (and carried chunks) of this many tokens, one shape for "
+                         "every preset; 0 = do not.", lower_bound=0)
+    flags.DEFINE_integer("score_batch_size", 64, "... and over this many carried lanes.",
+                         lower_bound=1)
 
 
 def main(argv: list[str]) -> int:
@@ -255,6 +303,9 @@ def main(argv: list[str]) -> int:
             run["label"] = FLAGS.label if len(FLAGS.presets) == 1 else None
             if "error" in run:
                 raise bench.BenchError(failure(run))
+            if FLAGS.score_seq_length:
+                run["common"] = score(job_dir, text.val, FLAGS.score_seq_length,
+                                      FLAGS.score_batch_size)
             bench.require(figures(run))
             result["runs"].append(run)
     finally:

@@ -192,11 +192,17 @@ def test_quality(shard_folder, tmp_path):
     out, png = tmp_path / "quality.json", tmp_path / "quality.png"
     result = measured(run_bench(
         "bench.quality", f"--corpus={shard_folder}", "--presets=tiny", "--minutes=0.5",
-        "--flag=--epochs=1", "--flag=--steps_per_epoch=5", f"--out={out}", f"--plot={png}"), out)
+        "--flag=--epochs=1", "--flag=--steps_per_epoch=5", "--score_seq_length=32",
+        "--score_batch_size=16", f"--out={out}", f"--plot={png}"), out)
     (run,) = result["runs"]
     assert_figures({k: run[k] for k in ("final_val_loss", "best_val_loss", "final_val_bpc",
                                         "train_sec", "chars_trained")})
     assert run["chars_trained"] == 5 * 16 * 32  # Steps x the tiny preset's batch x window.
+    # Scored again at the job's own shape (the tiny preset's 32 x 16), its one validation's
+    # weights give the job's own windowed figure.
+    assert run["common"]["seq_length"] == 32 and run["common"]["batch_size"] == 16
+    assert run["common"]["windowed"] == pytest.approx(run["final_val_loss"], rel=1e-4)
+    assert_figures({"common carried": run["common"]["carried"]})
     assert png.stat().st_size > 0
 
 
