@@ -230,14 +230,15 @@ def markdown(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         carried = run.get("final_val_carried_loss", run["final_val_loss"])
         beats = [name for name, v in ANCHORS.items() if carried < v]
+        kept = run.get("common", {})
         rows.append([run.get("label") or run["preset"], run["minutes"], run["train_sec"] / 60,
                      _fmt(run.get("final_val_carried_loss")),
                      _fmt(run.get("final_val_carried_bpc")),
                      _fmt(run.get("best_val_carried_loss")),
                      f"{run['final_val_loss']:.4f}", f"{run['final_val_bpc']:.4f}",
                      f"{run['best_val_loss']:.4f}",
-                     *([_fmt(run.get("common", {}).get("carried")),
-                        _fmt(run.get("common", {}).get("windowed"))] if common else []),
+                     *([_fmt(kept.get(k)) for k in ("carried", "windowed")]
+                       if common else []),
                      run["chars_trained"],
                      f"{run.get('chars_per_sec', 0):,.0f}",
                      f"{run['config'].get('tokenizer', 'char')} {run.get('vocab_size', '')}",
