@@ -3,7 +3,8 @@
     python -m bench.run [--quick] [--long] [--corpus=data/shakespeare] [--out_dir=bench/results]
 
 `make bench` runs this (after `make data`). In order: training throughput (its
-default-model figure feeds the next one), the input pipeline, the multi-worker stop
+default-model figure feeds the input pipeline's), training chars/s with the job's auto CPU
+threads against TensorFlow's own pools, the input pipeline, the multi-worker stop
 (SIGTERM to one of 2 loopback workers), generation, the server under load and quality
 with a short budget (3 minutes; 15 with --long, the real quality run; 1 with --quick).
 Throughput and quality train on --corpus: a folder with train/*.txt and val/*.txt shards
@@ -41,10 +42,16 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
         throughput.append("--long")
     elif quick:
         throughput.append("--rounds=1")
+    threads = ["bench.cpu_threads", f"--corpus={corpus}", f"--out={out_dir}/cpu_threads.json"]
+    if quick:
+        threads.append("--rounds=1")
+    elif long:
+        threads.append("--rounds=3")
     pipeline = ["bench.input_pipeline", f"--out={out_dir}/input_pipeline.json"]
     if quick:
         pipeline += ["--rss_mb=10mb", "--tutorial_chars=0", "--rounds=3"]
-    return [("train_throughput", throughput), ("input_pipeline", pipeline),
+    return [("train_throughput", throughput), ("cpu_threads", threads),
+            ("input_pipeline", pipeline),
             ("multi_worker_stop", ["bench.multi_worker_stop", f"--rounds={1 if quick else 3}",
                                    f"--out={out_dir}/multi_worker_stop.json"]),
             ("generate", ["bench.generate", f"--out={out_dir}/generate.json"]),

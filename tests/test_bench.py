@@ -22,6 +22,8 @@ from cluster import write_corpus
 
 import bench
 from bench import run as bench_run
+from trainer.config import Config
+from trainer.training import distribution
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # Seconds one benchmark may take on a loaded 2-core machine.
@@ -121,7 +123,8 @@ def test_require_names_every_figure_that_is_missing_or_nan():
         bench.require({"chars/s": 1.5, "ratio": float("nan"), "baseline": None, "flag": True})
 
 
-@pytest.mark.parametrize("module", ["bench.train_throughput", "bench.quality", "bench.run"])
+@pytest.mark.parametrize("module", ["bench.train_throughput", "bench.quality", "bench.run",
+                                    "bench.cpu_threads"])
 def test_without_a_corpus_a_benchmark_says_make_data_in_one_line(module, tmp_path):
     # Run outside the repository: the default, data/shakespeare, is not there.
     line = one_error_line(run_bench(module, cwd=str(tmp_path), timeout=60))
@@ -139,9 +142,10 @@ def test_a_figure_that_cannot_be_measured_fails_in_one_line_and_writes_nothing(t
 
 def test_plan_runs_every_benchmark_on_the_corpus():
     steps = dict(bench_run.plan("out", quick=True, long=False, corpus="data/x"))
-    assert list(steps) == ["train_throughput", "input_pipeline", "multi_worker_stop",
-                           "generate", "serve_load", "quality"]
+    assert list(steps) == ["train_throughput", "cpu_threads", "input_pipeline",
+                           "multi_worker_stop", "generate", "serve_load", "quality"]
     assert "--corpus=data/x" in steps["train_throughput"]
+    assert "--corpus=data/x" in steps["cpu_threads"] and "--rounds=1" in steps["cpu_threads"]
     assert "--corpus=data/x" in steps["quality"]
 
 
@@ -157,6 +161,21 @@ def test_train_throughput(text_file, tmp_path):
     assert len(result["ratios"]) == 2 and len(result["objectives"]) == 2
     assert_figures(figures)
     assert "split 90/10" in result["corpus"]
+
+
+def test_cpu_threads(text_file, tmp_path):
+    out = tmp_path / "threads.json"
+    result = measured(run_bench("bench.cpu_threads", f"--corpus={text_file}", "--presets=tiny",
+                                "--steps=2", "--rounds=1", f"--out={out}"), out)
+    (row,) = result["presets"]
+    assert_figures({k: row[k] for k in ("auto_chars_per_sec", "tensorflow_chars_per_sec",
+                                        "ratio")})
+    # Each variant's job recorded the pools it ran with: auto as this machine resolves it.
+    cfg = Config(train_data="t.txt", job_dir="j", rnn_units=row["rnn_units"])
+    auto = distribution.thread_counts(cfg, distribution.usable_cpus(), gpu=False)
+    assert row["auto_threads"] == [auto["intra_op_threads"], auto["inter_op_threads"]]
+    assert row["tensorflow_threads"] == [0, 0]
+    assert len(row["rounds"]["auto"]) == len(row["rounds"]["tensorflow"]) == 1
 
 
 def test_input_pipeline(tmp_path):

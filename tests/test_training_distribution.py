@@ -22,6 +22,8 @@ import tensorflow as tf
 from cluster import REPO, LocalCluster, job_args, latest_step, write_corpus
 
 from trainer import storage
+from trainer.config import Config
+from trainer.errors import UserError
 from trainer.training import distribution
 
 TIMEOUT = 240  # Seconds any one cluster may take, on a loaded 2-core machine.
@@ -226,3 +228,62 @@ def test_early_stopping_is_one_decision_for_every_worker(corpus, tmp_path):
     for log in logs:
         assert "resumed from ckpt/ckpt-6 at step 6" in log and "the job stopped early" in log
     assert latest_step(job) == 6
+
+
+# CPU threads: --intra_op_threads / --inter_op_threads, -1 (auto) by default.
+
+def _threads(cpus: int, gpu: bool = False, environ: dict | None = None, **flags) -> tuple:
+    cfg = Config(train_data="t.txt", job_dir="j", **{"rnn_units": 256, **flags}).validate()
+    counts = distribution.thread_counts(cfg, cpus, gpu, environ or {})
+    return counts["intra_op_threads"], counts["inter_op_threads"]
+
+
+def test_auto_threads_run_ops_whole_and_two_at_once_only_on_a_small_cpu_machine():
+    assert _threads(1) == _threads(2) == (1, 2)
+    assert _threads(3) == _threads(64) == (0, 0)  # TensorFlow's choice.
+    assert _threads(2, gpu=True) == (0, 0)
+    assert _threads(2, rnn_units=512) == (0, 0)  # Products big enough to split.
+    # TensorFlow's environment variables win over auto, each for its own pool.
+    assert _threads(2, environ={"TF_NUM_INTRAOP_THREADS": "2"}) == (0, 2)
+    assert _threads(2, environ={"TF_NUM_INTEROP_THREADS": "4"}) == (1, 0)
+    # Numbers are taken as given, whatever the machine and the environment.
+    assert _threads(2, intra_op_threads=4, inter_op_threads=0) == (4, 0)
+    assert _threads(16, environ={"TF_NUM_INTRAOP_THREADS": "2"}, intra_op_threads=3) == (3, 0)
+    with pytest.raises(UserError, match=r"^--inter_op_threads must be -1 \(auto\)"):
+        Config(train_data="t.txt", job_dir="j", inter_op_threads=-2).validate()
+
+
+def _one_cpu() -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+_POOLS = """
+import collections, json, os, sys
+from trainer.config import Config
+from trainer.training import distribution
+import tensorflow as tf
+cfg = distribution.set_threads(Config(**json.loads(sys.argv[1])))
+tf.function(lambda x: tf.matmul(x, x) + tf.matmul(x + 1.0, x))(tf.ones([64, 64]))
+names = collections.Counter(open(f"/proc/self/task/{t}/comm").read().strip()
+                            for t in os.listdir("/proc/self/task"))
+print(json.dumps([cfg.intra_op_threads, cfg.inter_op_threads, names["tf_Compute"]]))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+@pytest.mark.parametrize("flags,env,expected", [
+    ({"rnn_units": 256}, {}, [1, 2, 2]),                # auto on one CPU: 2 ops at once
+    ({"rnn_units": 256, "inter_op_threads": 3}, {}, [1, 3, 3]),
+    ({"rnn_units": 256}, {"TF_NUM_INTEROP_THREADS": "4"}, [1, 0, 4]),  # TF reads its variable
+    ({"rnn_units": 512, "inter_op_threads": 3}, {}, [0, 3, 3]),
+])
+def test_the_thread_pools_tensorflow_starts_are_the_ones_asked_for(flags, env, expected):
+    # On one CPU (the affinity mask) whatever this machine has, so auto is the small case;
+    # TensorFlow names its inter-op pool's threads tf_Compute.
+    done = subprocess.run([sys.executable, "-c", _POOLS, json.dumps(flags)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
+                               **env},
+                          capture_output=True, text=True, timeout=120,
+                          preexec_fn=_one_cpu)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected

@@ -99,12 +99,17 @@ def test_mirrored_over_two_cpus_matches_one_device(corpus, tmp_path):
     base = tiny(corpus, tmp_path, clipnorm=0.05, epochs=1)
     one = start_task(flags_of(base.replace(job_dir=str(tmp_path / "one"), batch_size=16,
                                     strategy="one_device")))
+    # The replicas' ops on pools of their own size, which the job logs and records.
     two = start_task(flags_of(base.replace(job_dir=str(tmp_path / "two"), batch_size=8,
-                                    strategy="mirrored", logical_cpus=2)))
+                                    strategy="mirrored", logical_cpus=2,
+                                    intra_op_threads=1, inter_op_threads=3)))
     for proc in (one, two):
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     assert "2 replica(s)" in out and "global batch 16" in out
+    assert "threads per op: 1; ops at once: 3" in out
+    saved = read_json(tmp_path / "two" / "config.json")
+    assert (saved["intra_op_threads"], saved["inter_op_threads"]) == (1, 3)
     a, b = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
     assert a["step"] == b["step"]
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)

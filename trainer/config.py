@@ -150,6 +150,16 @@ class Config:
         "measured).")
     logical_cpus: int = option(
         0, "Split the CPU into this many logical devices (try mirrored training without GPUs).")
+    intra_op_threads: int = option(
+        -1, "Threads one op may split its work over (TensorFlow's intra-op pool). 0 = "
+        "TensorFlow's choice (one per core); -1 = auto: 1 for LSTMs of at most 256 units on a "
+        "machine with at most 2 usable CPUs and no GPU, where their small products run faster "
+        "whole, side by side, than split (BENCHMARKS.md), else TensorFlow's choice. "
+        "TF_NUM_INTRAOP_THREADS in the environment wins over auto.")
+    inter_op_threads: int = option(
+        -1, "Ops run at once (TensorFlow's inter-op pool). 0 = TensorFlow's choice; -1 = auto: "
+        "2 where --intra_op_threads' auto picks 1, else TensorFlow's choice. "
+        "TF_NUM_INTEROP_THREADS in the environment wins over auto.")
 
     # --- output ---
     job_dir: str = option(
@@ -224,6 +234,10 @@ class Config:
             raise UserError(f"--ema_momentum must be in [0, 1), got {self.ema_momentum}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < -1:
+                raise UserError(f"--{name} must be -1 (auto), 0 (TensorFlow's choice) or a "
+                                f"count of threads, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"--min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.learning_rate <= 0:

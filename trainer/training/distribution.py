@@ -4,6 +4,7 @@ decisions every worker shares, and clips gradients across its replicas as one de
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import keras
@@ -29,6 +30,63 @@ class Placement:
     @property
     def replicas_per_worker(self) -> int:
         return self.replicas // self.num_workers
+
+
+# Up to this many usable CPUs (and no GPU), and for LSTMs up to this wide, auto threading
+# runs each op on one thread and two ops at once: such products are small, and splitting
+# each over both cores cost more than it gained; 512 units gained from the split
+# (BENCHMARKS.md, *CPU threads*).
+SMALL_MACHINE_CPUS = 2
+SMALL_MODEL_UNITS = 256
+THREAD_ENV = {"intra_op_threads": "TF_NUM_INTRAOP_THREADS",
+              "inter_op_threads": "TF_NUM_INTEROP_THREADS"}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. taskset or a cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        return os.cpu_count() or 1
+
+
+def thread_counts(cfg: Config, cpus: int, gpu: bool,
+                  environ: dict[str, str] | os._Environ = os.environ) -> dict[str, int]:
+    """--intra_op_threads and --inter_op_threads with -1 (auto) resolved; 0 = TensorFlow's."""
+    small = cpus <= SMALL_MACHINE_CPUS and not gpu and cfg.rnn_units <= SMALL_MODEL_UNITS
+    auto = {"intra_op_threads": 1 if small else 0, "inter_op_threads": 2 if small else 0}
+    counts = {}
+    for name, env in THREAD_ENV.items():
+        value = getattr(cfg, name)
+        if value == -1:
+            value = 0 if environ.get(env) else auto[name]
+        counts[name] = value
+    return counts
+
+
+def set_threads(cfg: Config) -> Config:
+    """Sizes TensorFlow's thread pools per the config; returns it with auto resolved.
+
+    Must run before TensorFlow starts its runtime (before the strategy); a process that
+    already started it (a second job in one Python process) keeps its pools, with a warning.
+    """
+    gpu = bool(tf.config.list_physical_devices("GPU"))  # Physical: does not start the runtime.
+    counts = thread_counts(cfg, usable_cpus(), gpu)
+    intra, inter = counts["intra_op_threads"], counts["inter_op_threads"]
+    threading = tf.config.threading
+    now = (threading.get_intra_op_parallelism_threads(),
+           threading.get_inter_op_parallelism_threads())
+    if (intra, inter) != now:
+        try:
+            threading.set_intra_op_parallelism_threads(intra)
+            threading.set_inter_op_parallelism_threads(inter)
+        except RuntimeError:
+            logging.warning("TensorFlow already started in this process: keeping its thread "
+                            "pools (%d per op, %d ops at once; 0 = its choice)", *now)
+            intra, inter = now
+    logging.info("threads per op: %s; ops at once: %s", intra or "TensorFlow's choice",
+                 inter or "TensorFlow's choice")
+    return cfg.replace(intra_op_threads=intra, inter_op_threads=inter)
 
 
 def make_strategy(cfg: Config) -> tuple[tf.distribute.Strategy, Placement]:

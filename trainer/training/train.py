@@ -53,6 +53,7 @@ def train(cfg: Config) -> dict[str, Any]:
       PreemptedError: SIGTERM or Ctrl-C arrived (on any worker); a resume checkpoint
         was saved.
     """
+    cfg = distribution.set_threads(cfg)
     strategy, place = distribution.make_strategy(cfg)
     try:
         cfg = settle_config(cfg, place)
