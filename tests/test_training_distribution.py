@@ -257,6 +257,21 @@ def _one_cpu() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
+def test_usable_cpus_follow_the_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # docker run --cpus=1.5
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert distribution.usable_cpus(str(v2)) == min(affinity, 2)
+    assert distribution.usable_cpus(str(v1)) == 1
+    assert distribution.usable_cpus(str(none)) == affinity
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert distribution.usable_cpus(str(v2)) == affinity
+
+
 _POOLS = """
 import collections, json, os, sys
 from trainer.config import Config

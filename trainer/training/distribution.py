@@ -4,6 +4,7 @@ decisions every worker shares, and clips gradients across its replicas as one de
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 
@@ -42,12 +43,34 @@ THREAD_ENV = {"intra_op_threads": "TF_NUM_INTRAOP_THREADS",
               "inter_op_threads": "TF_NUM_INTEROP_THREADS"}
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. taskset or a cpuset)."""
+def usable_cpus(cgroup: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask (taskset, a cpuset), and no more than
+    its cgroup's CPU quota allows (`docker run --cpus=2`), rounded up."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # Not on Linux.
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup)
+    return min(cpus, max(1, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota(cgroup: str) -> float | None:
+    """CPUs' worth of time per period the cgroup allows (v2 cpu.max, v1 cfs); None: no limit."""
+    for quota_file, period_file in (("cpu.max", None),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            with open(os.path.join(cgroup, quota_file), encoding="ascii") as f:
+                fields = f.read().split()
+            if period_file:
+                with open(os.path.join(cgroup, period_file), encoding="ascii") as f:
+                    fields.append(f.read().strip())
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            return int(quota) / int(period)
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None
 
 
 def thread_counts(cfg: Config, cpus: int, gpu: bool,
