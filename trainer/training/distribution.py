@@ -1,5 +1,6 @@
-"""Picks the tf.distribute strategy, says where this process stands in it, makes the
-decisions every worker shares, and clips gradients across its replicas as one device would."""
+"""Sizes TensorFlow's CPU thread pools, picks the tf.distribute strategy, says where this
+process stands in it, makes the decisions every worker shares, and clips gradients across
+its replicas as one device would."""
 
 from __future__ import annotations
 
