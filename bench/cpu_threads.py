@@ -116,7 +116,6 @@ def main(argv: list[str]) -> int:
     folder = tempfile.mkdtemp(prefix="bench-threads-")
     env = {"ONEDNN_MAX_CPU_ISA": FLAGS.isa} if FLAGS.isa else {}
     result: dict[str, Any] = {"benchmark": "cpu_threads", "machine": bench.machine(),
-                              "usable_cpus": len(os.sched_getaffinity(0)),
                               "isa": FLAGS.isa or None, "steps": FLAGS.steps,
                               "blocks": BLOCKS, "presets": []}
     try:

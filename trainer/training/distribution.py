@@ -8,6 +8,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -75,7 +76,7 @@ def _cgroup_quota(cgroup: str) -> float | None:
 
 
 def thread_counts(cfg: Config, cpus: int, gpu: bool,
-                  environ: dict[str, str] | os._Environ = os.environ) -> dict[str, int]:
+                  environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     """--intra_op_threads and --inter_op_threads with -1 (auto) resolved; 0 = TensorFlow's."""
     small = cpus <= SMALL_MACHINE_CPUS and not gpu and cfg.rnn_units <= SMALL_MODEL_UNITS
     auto = {"intra_op_threads": 1 if small else 0, "inter_op_threads": 2 if small else 0}
