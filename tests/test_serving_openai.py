@@ -149,6 +149,34 @@ def test_word_and_bpe_completions_equal_the_sampler_streamed_or_not(token_server
         request(running.url("/info"))[1])["tokenizer"] == kind
 
 
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_tokenize_counts_what_usage_counts_and_detokenize_inverts_it(token_servers, kind):
+    running, sampler = token_servers[kind]
+    prompt = "the caf\u00e9 \u2014 \U0001f642 to"
+    client = openai.OpenAI(base_url=running.url("/v1"), api_key="EMPTY", max_retries=0,
+                           timeout=60)
+    used = client.completions.create(model="m", prompt=prompt, max_tokens=1).usage
+    answers = [request(running.url(path), {"model": "m", "prompt": prompt,
+                                           "return_token_strs": True})
+               for path in ("/tokenize", "/v1/tokenize", "/openai/v1/tokenize")]
+    assert [status for status, _ in answers] == [200] * 3
+    out = json.loads(answers[0][1])
+    assert all(json.loads(body) == out for _, body in answers)
+    assert out["tokens"] == sampler.tokenizer.encode(prompt).tolist()
+    assert out["count"] == used.prompt_tokens == len(out["token_strs"]) < len(prompt)
+    status, body = request(running.url("/detokenize"), {"tokens": out["tokens"]})
+    assert (status, json.loads(body)) == (200, {"prompt": prompt})
+    # OpenAI's error shape, as vLLM answers.
+    status, body = request(running.url("/tokenize"), {"prompt": 7})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("prompt must be a string")
+    status, body = request(running.url("/detokenize"), {"tokens": [0]})
+    assert status == 400 and "whole numbers from 1" in json.loads(body)["error"]["message"]
+    routes = json.loads(request(running.url("/info"))[1])["routes"]
+    assert (routes["tokenize"], routes["detokenize"]) == ("/tokenize", "/detokenize")
+
+
 def test_schemathesis_finds_no_5xx_and_answers_conform(server):
     schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extra")
     from hypothesis import HealthCheck, Phase, given, settings

@@ -11,6 +11,8 @@ Routes (the first two named by Vertex AI's AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE)
   GET  /          a page to try the model in a browser
   /v1/...         OpenAI's completions API (`trainer.serving.completions`), also under
                   a second prefix (KServe's /openai/v1)
+  POST /tokenize, /detokenize   vLLM's tokenizer routes (`trainer.serving.tokenize`),
+                  at the root and under each OpenAI prefix
 
 Every refused request gets a 4xx and a one-line `{"error": "..."}` (OpenAI's
 shape on its routes): 400 bad input, 408 a body too slow, 415 a body not sent as
@@ -35,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from trainer.serving import completions, page, schemas
+from trainer.serving import completions, page, schemas, tokenize
 from trainer.serving.batcher import Batcher, UnavailableError
 from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
 from trainer.serving.transport import (
@@ -99,11 +101,14 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
                        "max_prompt_chars": limits.max_prompt_chars,
                        "max_instances": limits.max_instances,
                        "max_body_bytes": limits.max_body_bytes},
-            "routes": {"health": health_route, "predict": predict_route, "stream": "/stream"}}
+            "routes": {"health": health_route, "predict": predict_route, "stream": "/stream",
+                       "tokenize": "/tokenize", "detokenize": "/detokenize"}}
+    openai_shaped = tokenize.paths(openai_prefixes)
 
     def error(request: Request, status: int, message: str) -> JSONResponse:
         retry = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
-        if completions.is_openai_path(request.url.path, openai_prefixes):
+        if (completions.is_openai_path(request.url.path, openai_prefixes)
+                or request.url.path in openai_shaped):
             return JSONResponse(completions.error_body(status, message), status, headers=retry)
         return JSONResponse({"error": message}, status, headers=retry)
 
@@ -191,4 +196,5 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
                                           "X-Accel-Buffering": "no"})
 
     completions.add_routes(app, batcher, limits, timing, rng, info["name"], openai_prefixes)
+    tokenize.add_routes(app, batcher.backend.tokenizer, limits, timing, openai_prefixes)
     return app

@@ -69,6 +69,40 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's tokenize request (`trainer.serving.tokenize`); `model` and
+    `add_special_tokens` are ignored."""
+
+    model: str | None = None
+    prompt: str
+    return_token_strs: bool | None = False
+    add_special_tokens: bool | None = True
+    oov: Literal["error", "skip"] = "error"
+
+
+class TokenizeResponse(BaseModel):
+    """The model's ids for the prompt; `max_model_len` in characters (prompt + output)."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    skipped: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's detokenize request: the model's ids."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    """The ids' text."""
+
+    prompt: str
+
+
 def body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` that documents a route's JSON body as `model`.
 
@@ -80,6 +114,12 @@ def body(model: type[BaseModel]) -> dict[str, Any]:
     """
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema()}}}}
+
+
+def answer(model: type[BaseModel]) -> dict[int, dict[str, Any]]:
+    """FastAPI `responses` entry documenting a route's 200 JSON answer as `model`."""
+    return {200: {"description": "the answer",
+                  "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def responses(*statuses: int, stream: bool = False, openai: bool = False
