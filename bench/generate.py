@@ -13,6 +13,11 @@ the weights. Measured, each after a warm-up call:
 - the tutorial's loop: for every char, `model.predict` on the last 100 chars and
   a NumPy draw from the softmax (slow, so only --tutorial_chars chars).
 
+A word or bpe job (`--job_dir`) is measured the same way in its own tokens: the
+tutorial's loop on a 100-token window, one token per call, until its tokens cover
+--tutorial_chars characters, and the sampler's blocks of 64 tokens; `--length` still
+counts characters (a row ends at the first token that reaches them).
+
 Times include feeding a 100-char prompt. Prints a markdown table and writes JSON.
 It needs no corpus. A row that cannot be measured stops the benchmark with one
 `error:` line and exit status 1, and no result is written.
@@ -44,7 +49,8 @@ def _model(job_dir: str | None) -> tuple[Any, Any, str]:
 
     if job_dir:
         cfg, vocab, model, pointer = checkpoints.load_job(job_dir)
-        return model, vocab, f"{job_dir} ({pointer.get('weights')})"
+        return model, vocab, (f"{job_dir} ({pointer.get('weights')}; {vocab.kind} tokenizer, "
+                              f"{vocab.size} ids)")
     cfg = Config()
     vocab = Vocabulary([c for c in string.printable if c not in "\r\x0b\x0c"])
     return models.build_model(cfg, vocab.size), vocab, (
@@ -62,19 +68,23 @@ def _best_time(fn, repeats: int, warm_up=None) -> float:
     return min(times)
 
 
-def tutorial_loop(model, prompt_ids, chars: int, temperature: float = 0.8, seed: int = 0):
-    """The 2017 tutorial's generation: re-feed the whole window with predict, per char."""
+def tutorial_loop(model, prompt_ids, chars: int, temperature: float = 0.8, seed: int = 0,
+                  token_chars=None):
+    """The 2017 tutorial's generation: re-feed the whole window with predict, per token,
+    until the tokens cover `chars` characters (`token_chars`: characters per id; None:
+    one each)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     window = list(prompt_ids[-WINDOW:])
-    out = []
-    for _ in range(chars):
+    out, covered = [], 0
+    while covered < chars:
         logits = model.predict(np.array([window]), verbose=0)[0, -1].astype("float64")
         logits[0] = -np.inf  # The out-of-vocabulary id, as in our sampler.
         probs = np.exp((logits - logits.max()) / temperature)
         next_id = int(rng.choice(len(probs), p=probs / probs.sum()))
         out.append(next_id)
+        covered += 1 if token_chars is None else token_chars[next_id]
         window = window[1:] + [next_id]
     return out
 
@@ -103,16 +113,22 @@ def run(job_dir: str | None, length: int, streams: int, tutorial_chars: int,
                      "chars_per_sec": chars / seconds})
 
     window = vocab.encode(prompt).tolist()
-    seconds = _best_time(lambda: tutorial_loop(model, window, tutorial_chars), 1,
-                         warm_up=lambda: tutorial_loop(model, window, 2))
-    add("tutorial loop (predict on the 100-char window per char)", 1, tutorial_chars, seconds)
+    # Characters per id: a word or bpe model's tutorial loop draws until its ids cover them.
+    per_id = None if vocab.kind == "char" else vocab.token_chars
+    drawn: list[list[int]] = []
+    seconds = _best_time(
+        lambda: drawn.append(tutorial_loop(model, window, tutorial_chars, token_chars=per_id)),
+        1, warm_up=lambda: tutorial_loop(model, window, 2, token_chars=per_id))
+    unit = "char" if per_id is None else "token"
+    add(f"tutorial loop (predict on the {WINDOW}-{unit} window per {unit})", 1,
+        len(vocab.decode(drawn[-1])), seconds)
     seconds = _best_time(lambda: sampler.generate([prompt], length, settings), repeats)
     add("sampler, 1 stream, one compiled call", 1, length, seconds)
     seconds = _best_time(lambda: list(sampler.stream([prompt], length, settings)), repeats)
-    add("sampler, 1 stream, 64-char blocks (as streamed)", 1, length, seconds)
+    add(f"sampler, 1 stream, 64-{unit} blocks (as streamed)", 1, length, seconds)
     graph = Sampler(model, vocab, jit_compile=False)
     seconds = _best_time(lambda: list(graph.stream([prompt], length, settings)), repeats)
-    add("sampler without XLA, 1 stream, 64-char blocks", 1, length, seconds)
+    add(f"sampler without XLA, 1 stream, 64-{unit} blocks", 1, length, seconds)
     seconds = _best_time(lambda: sampler.generate([prompt] * streams, length, settings),
                          repeats)
     add(f"sampler, {streams} streams in one batch", streams, streams * length, seconds)

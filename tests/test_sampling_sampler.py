@@ -16,7 +16,7 @@ from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
 from trainer.sampling import next_char
 from trainer.sampling.next_char import Rule, row_arrays
-from trainer.sampling.sampler import Sampler, Settings, encode_prompt, start_id
+from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings, encode_prompt, start_id
 from trainer.sampling.tokens import OutputText
 
 VOCAB = Vocabulary(list("\n .,;!?abcdefghijklmnopqrstuvwxyzABC"))
@@ -335,6 +335,34 @@ def test_word_and_bpe_jobs_generate_whole_text_counted_in_chars(token_jobs, kind
     blocks = list(sampler.stream(prompts, 45, settings, seed=7, block=3))
     assert ["".join(b[i] for b in blocks) for i in range(3)] == sampler.generate(
         prompts, 45, settings, seed=7)
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_word_and_bpe_generate_draws_blocks_not_a_token_per_character(token_jobs, kind,
+                                                                      monkeypatch):
+    _, tokenizer, model, _ = checkpoints.load_job(token_jobs[kind])
+    sampler = Sampler(model, tokenizer, jit_compile=False)
+    widths = []
+    advance = sampler.advance
+
+    def counting(logits, states, n, *args, **kwargs):
+        widths.append(n)
+        return advance(logits, states, n, *args, **kwargs)
+
+    monkeypatch.setattr(sampler, "advance", counting)
+    want = sampler.generate(["the ", "a"], 300, Settings(0.8), seed=5)
+    # Blocks of STREAM_BLOCK tokens, as many as the slower row needs: not 300 tokens.
+    outputs = [OutputText(tokenizer, 300) for _ in want]
+    drawn = widths[:]
+    widths.clear()
+    texts = ["", ""]
+    for ids in sampler._draw([encode_prompt(tokenizer, p).ids for p in ("the ", "a")],
+                             outputs, Settings(0.8), 5, 0):
+        texts = [t + out.feed(row) for t, out, row in zip(texts, outputs, ids)]
+    assert texts == want and widths == drawn
+    needed = max(out.tokens for out in outputs)
+    assert needed < 300 and set(drawn) == {STREAM_BLOCK}
+    assert sum(drawn) == STREAM_BLOCK * -(-needed // STREAM_BLOCK)
 
 
 def test_split_characters_come_out_whole_and_word_prompts_skip_whole(token_jobs):

@@ -61,8 +61,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "turns batching off.", lower_bound=1, **fv)
     flags.DEFINE_float("batch_window_ms", 5.0, "How long an idle server waits for concurrent "
                        "requests to share its first call.", lower_bound=0, **fv)
-    flags.DEFINE_integer("block", 64, "Characters per sampling call: streams receive text, "
-                         "and waiting requests join, per block.", lower_bound=1, **fv)
+    flags.DEFINE_integer("block", 64, "Tokens (a char model's characters) per sampling "
+                         "call: streams receive text, and waiting requests join, per block.",
+                         lower_bound=1, **fv)
     flags.DEFINE_integer("max_length", 2000, "Most characters one instance may ask for.",
                          lower_bound=0, **fv)
     flags.DEFINE_integer("max_instances", 64, "Most instances in one request.", lower_bound=1,

@@ -244,7 +244,7 @@ class Sampler:
             seed, prompt and settings give the same text, alone or in any batch.
           oov: what to do with prompt characters the tokenizer lacks ("error"/"skip").
           block: tokens per compiled call; 0 generates everything in one call (a
-            word or subword model: in calls of the characters still owed).
+            word or subword model: in calls of `STREAM_BLOCK` tokens).
 
         Yields:
           A list with one string per row for each block (a row's string is empty
@@ -262,7 +262,8 @@ class Sampler:
     def generate(self, prompts: Sequence[str], length: int,
                  settings: Settings | Sequence[Settings] | None = None,
                  seed: int | Sequence[int] = 0, oov: str = "error") -> list[str]:
-        """Generates `length` new chars per prompt in one compiled call (see `stream`).
+        """Generates `length` new chars per prompt in one compiled call (see `stream`; a
+        word or subword model: in calls of `STREAM_BLOCK` tokens).
 
         Args:
           prompts, length, settings, seed, oov: as for `stream`.
@@ -336,8 +337,10 @@ class Sampler:
               ) -> Iterator[np.ndarray]:
         """Yields the (batch, n) ids of each call of `block` tokens until every output is done.
 
-        With `block` 0, each call draws as many tokens as the most characters a row
-        still owes (all of them at once for characters).
+        With `block` 0, a char model draws every character a row owes in one call; a
+        word or bpe model draws `STREAM_BLOCK` tokens per call, since its tokens cover
+        about two characters each and a call of as many tokens as characters owed would
+        draw about twice the tokens the text needs.
         """
         rows = [settings] * len(prompts) if isinstance(settings, Settings) else list(settings)
         if len(rows) != len(prompts):
@@ -349,6 +352,8 @@ class Sampler:
         rule = Rule.for_rows(rows)
         xla = self.uses_xla(len(prompts))
         one_each = self.tokenizer.kind == "char"
+        if block <= 0 and not one_each:
+            block = STREAM_BLOCK
         done = 0
         while not all(out.done for out in outputs):
             owed = max(out.owed for out in outputs)
