@@ -268,6 +268,19 @@ def test_uniform_is_the_documented_hash_on_cpu_and_under_xla():
     assert want.min() > 0 and want.max() < 1
 
 
+def test_first_max_is_argmax_with_ties_on_cpu_and_under_xla():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 1024)).astype(np.float32)
+    x[0, [7, 9]] = 50.0  # A tie: the first index, as argmax gives.
+    x[1, :] = -np.inf
+    x[1, 5] = 0.0
+    want = np.argmax(x, axis=-1)
+    assert want[0] == 7 and want[1] == 5
+    xla = tf.function(next_char.first_max, jit_compile=True)
+    for found in (next_char.first_max(tf.constant(x)), xla(tf.constant(x))):
+        assert found.dtype == tf.int32 and (found.numpy() == want).all()
+
+
 def test_draws_follow_the_softmax():
     # 20,000 rows with their own seeds draw from one distribution; the counts
     # must agree with its probabilities (chi-square, 7 degrees of freedom).
