@@ -145,6 +145,35 @@ def test_vertex_environment_names_the_port_routes_and_model():
         endpoint.vertex_endpoint("x", None, {"AIP_HTTP_PORT": "http"})
 
 
+def test_routes_that_would_hide_the_servers_own_are_refused(server, job):
+    from trainer.serving import completions, routes
+
+    prefixes = completions.prefixes("/openai/v1")
+    defaults = endpoint.vertex_endpoint("x", None, {})
+    assert defaults.check_routes(prefixes) is defaults
+    # The list is the app's: every route but health and predict is in it.
+    app = routes.create_app(server.batcher, openai_prefixes=prefixes)
+    paths = {r.path for r in app.routes} - {"/health", "/predict"}
+    assert paths <= endpoint.own_routes(prefixes) and "/v1/tokenize" in paths
+    for env, message in [
+            ({"AIP_PREDICT_ROUTE": "/stream"}, "AIP_PREDICT_ROUTE is /stream, one of"),
+            ({"AIP_HEALTH_ROUTE": "openai/v1/models"}, "AIP_HEALTH_ROUTE is /openai/v1/models"),
+            ({"AIP_PREDICT_ROUTE": "/tokenize"}, "AIP_PREDICT_ROUTE is /tokenize"),
+            ({"AIP_HEALTH_ROUTE": "/p", "AIP_PREDICT_ROUTE": "/p"}, "both /p: they must differ")]:
+        with pytest.raises(UserError, match=message):
+            endpoint.vertex_endpoint("x", None, env).check_routes(prefixes)
+    # From the command line: one line and exit status 1, before any model is loaded.
+    proc = start_server([], {"AIP_PREDICT_ROUTE": "/v1/completions", "AIP_STORAGE_URI": job[0],
+                             "AIP_HTTP_PORT": str(free_port())})
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("error: AIP_PREDICT_ROUTE is /v1/completions, one "
+                                            "of the server's own routes; choose another path")
+
+
 def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
     _, vocab, model, _ = job[0], VOCAB, job[1], None
     bucket = gcs_bucket()

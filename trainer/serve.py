@@ -91,7 +91,8 @@ def run(fv: flags.FlagValues) -> None:
     from trainer.serving.request import Limits
     from trainer.serving.transport import Timing
 
-    endpoint = vertex_endpoint(fv.model_dir, fv.port)
+    endpoint = vertex_endpoint(fv.model_dir, fv.port).check_routes(
+        completions.prefixes(fv.openai_prefix))
     network = server.Network(fv.host or server.default_host(os.environ), endpoint.port,
                              fv.allowed_hosts, fv.max_connections, fv.keep_alive_seconds,
                              fv.head_seconds, fv.shutdown_seconds)

@@ -9,8 +9,26 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 from trainer.errors import UserError
+
+# The server's own routes, beside the health and predict routes: at the root, and under
+# each OpenAI prefix (trainer.serving.routes, completions and tokenize register them).
+ROOT_ROUTES = ("/", "/info", "/stream", "/openapi.json", "/tokenize", "/detokenize")
+PREFIXED_ROUTES = ("/completions", "/models", "/chat/completions", "/tokenize", "/detokenize")
+
+
+def own_routes(prefixes: Sequence[str]) -> set[str]:
+    """Every path the server answers besides the health and predict routes.
+
+    Args:
+      prefixes: where OpenAI's routes go, e.g. ("/v1", "/openai/v1").
+
+    Returns:
+      The paths.
+    """
+    return {*ROOT_ROUTES, *(p + r for p in prefixes for r in PREFIXED_ROUTES)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +39,29 @@ class Endpoint:
     port: int
     health_route: str
     predict_route: str
+
+    def check_routes(self, prefixes: Sequence[str]) -> Endpoint:
+        """Refuses health and predict routes that would hide each other or the server's own.
+
+        Args:
+          prefixes: where OpenAI's routes go.
+
+        Returns:
+          self.
+
+        Raises:
+          UserError: naming the route and where it came from.
+        """
+        if self.health_route == self.predict_route:
+            raise UserError(f"AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE are both "
+                            f"{self.health_route}: they must differ")
+        taken = own_routes(prefixes)
+        for name, path in (("AIP_HEALTH_ROUTE", self.health_route),
+                           ("AIP_PREDICT_ROUTE", self.predict_route)):
+            if path in taken:
+                raise UserError(f"{name} is {path}, one of the server's own routes; choose "
+                                "another path")
+        return self
 
 
 def vertex_endpoint(model_dir: str | None, port: int | None,
