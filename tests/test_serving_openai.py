@@ -84,6 +84,30 @@ def test_stop_ends_the_text_before_it_streamed_and_not(client, sampler):
     assert scanner.feed("abx") == ("a", False) and scanner.feed("yz!") == ("b", True)
 
 
+def test_echo_starts_each_choice_with_its_prompt_streamed_and_not(client, sampler):
+    asked = {"model": "job", "prompt": ["the ", "a"], "max_tokens": 25, "seed": 2,
+             "temperature": 0.8, "echo": True}
+    want = [p + sampler.generate([p], 25, Settings(), [2 + i])[0]
+            for i, p in enumerate(["the ", "a"])]
+    out = client.completions.create(**asked)
+    assert [c.text for c in out.choices] == want
+    assert out.usage.completion_tokens == 50  # The echoed prompts are not completion.
+    streamed = ["", ""]
+    chunks = list(client.completions.create(**asked, stream=True))
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == want
+    assert [c.choices[0].text for c in chunks[:2]] == ["the ", "a"]
+    # Nothing to generate: the prompt alone.
+    only = client.completions.create(model="job", prompt="to be", max_tokens=0, echo=True)
+    assert (only.choices[0].text, only.choices[0].finish_reason) == ("to be", "length")
+    with pytest.raises(openai.BadRequestError, match="echo must be true or false"):
+        client.completions.create(model="job", prompt="a", extra_body={"echo": "yes"})
+    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+        client.completions.create(model="job", prompt="a", echo=True, logprobs=1)
+
+
 def test_errors_in_openai_shape(client, server):
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="job", prompt="a", max_tokens=301)

@@ -14,10 +14,12 @@ for a char model (the prompt as sent), and for a word or bpe model the prompt's 
 the completion's texts encoded by its tokenizer. Stop strings are found in the
 decoded text. `prompt`
 is a string or a list of them; `temperature` (0: greedy), `top_p`, `n`, `seed`
-(choice i uses seed + i) and `stop` (up to 4 strings; the text ends before the
-first, with finish_reason "stop") are honoured; other fields are ignored, as
-OpenAI's servers do. Errors are `{"error": {"message", "type", "param", "code"}}`,
-inside a stream too.
+(choice i uses seed + i), `stop` (up to 4 strings; the text ends before the
+first, with finish_reason "stop") and `echo` (the prompt, as sent, starts each
+choice's text; a stream sends it as the choice's first chunk) are honoured;
+`logprobs` and `suffix` are refused; other fields are ignored, as OpenAI's
+servers do. Errors are `{"error": {"message", "type", "param", "code"}}`, inside a
+stream too.
 """
 
 from __future__ import annotations
@@ -141,9 +143,11 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     if len(prompts) * n > limits.max_instances:
         raise RequestError(f"{len(prompts)} prompts x n={n} choices, over the limit of "
                            f"{limits.max_instances}")
-    for unsupported in ("echo", "logprobs", "suffix"):
+    for unsupported in ("logprobs", "suffix"):
         if data.get(unsupported) not in (None, False, 0, ""):
             raise RequestError(f"{unsupported} is not supported")
+    if data.get("echo") is not None and not isinstance(data["echo"], bool):
+        raise RequestError("echo must be true or false")
     length = data.get("max_tokens", 16)
     length = 16 if length is None else length
     if isinstance(length, int) and not isinstance(length, bool) and length > limits.max_length:
@@ -249,12 +253,14 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
                                [transport.to_queue(blocks, i) for i in range(len(instances))])
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model}
+        # "echo": each choice's text starts with its prompt, as sent.
+        echoed = [i.prompt if data.get("echo") else "" for i in instances]
         if data.get("stream"):
             options = data.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
             return StreamingResponse(_stream(blocks, rows, instances, stops, head,
                                              tokenizer if usage else None, n,
-                                             timing.deadline_seconds),
+                                             timing.deadline_seconds, echoed),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -267,8 +273,8 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
             return texts, reasons
 
         texts, reasons = await transport.watch(request, rows, collect(), timing.deadline_seconds)
-        choices = [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        choices = [{"text": e + t, "index": i, "logprobs": None, "finish_reason": r}
+                   for i, (e, t, r) in enumerate(zip(echoed, texts, reasons))]
         return {**head, "choices": choices,
                 "usage": _usage(tokenizer, instances, texts, n)}
 
@@ -291,14 +297,19 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
 
 async def _stream(blocks: asyncio.Queue, rows: Sequence[Any], instances: Sequence[Instance],
                   stops: Sequence[str], head: dict[str, Any],
-                  usage: tokenization.Tokenizer | None, n: int, deadline: float
-                  ) -> AsyncIterator[str]:
+                  usage: tokenization.Tokenizer | None, n: int, deadline: float,
+                  echoed: Sequence[str]) -> AsyncIterator[str]:
     """Server-sent `text_completion` chunks, then `data: [DONE]`; an error is a data frame.
 
     `usage`: the model's tokenizer when the client asked for usage, else None.
+    `echoed`: each choice's prompt when the client asked for echo (its first chunk).
     """
     texts = [""] * len(instances)
     try:
+        for index, prompt in enumerate(echoed):
+            if prompt:
+                yield _frame({**head, "choices": [{"text": prompt, "index": index,
+                                                   "logprobs": None, "finish_reason": None}]})
         async with asyncio.timeout(deadline or None):
             async for index, text, reason in _choices(blocks, len(instances), rows, stops):
                 texts[index] += text

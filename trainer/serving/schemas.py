@@ -67,6 +67,7 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     stream: bool | None = False
+    echo: bool | None = False
 
 
 class TokenizeRequest(BaseModel):
