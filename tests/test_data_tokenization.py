@@ -108,6 +108,24 @@ def test_max_vocab_smaller_than_the_characters_is_one_clear_error():
         BpeTokenizer.train([TEXT], 100)
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_the_word_exchange_is_exact_however_the_text_is_split(n):
+    # Each worker's own top 4 are its private words; the job's most frequent word, " both",
+    # is 5th on every worker; "," (one char) is never a word.
+    shares = [collections.Counter({f" w{k}{i}": 100 - 10 * i for i in range(4)}
+                                  | {" both": 60, ",": 500, f" rare{k}": 1})
+              for k in range(n)]
+    whole = sum(shares, collections.Counter())
+    ranked = sorted((w for w in whole if len(w) > 1), key=lambda w: (-whole[w], w))
+    assert ranked[0] == " both"
+    alone = tokenization.exchange_words(whole, 4, 0, 1, lambda v: v)
+    assert alone == collections.Counter({w: whole[w] for w in ranked[:4]})
+    for found in as_workers(n, lambda w, combine: tokenization.exchange_words(
+            shares[w], 4, w, n, combine)):
+        assert all(found[w] == whole[w] for w in found) and "," not in found
+        assert sorted(found, key=lambda w: (-found[w], w))[:4] == ranked[:4]
+
+
 def test_two_workers_scan_the_same_word_vocabulary_and_token_counts_as_one(tmp_path):
     rng = random.Random(5)
     vocab_words = ["the", "king", "queen", "\u00e9t\u00e9", "speak", "lord", "a", "I"]

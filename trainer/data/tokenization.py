@@ -142,7 +142,7 @@ class WordTokenizer(_Tokens):
         if room < 0:
             raise UserError(f"--max_vocab={max_vocab} is smaller than the training text's "
                             f"{len(chars.chars)} distinct characters plus 2; raise it")
-        ranked = sorted((w for w, n in words.items() if n >= 2 and 1 < len(w) <= MAX_WORD_CHARS),
+        ranked = sorted((w for w, n in words.items() if n >= 2 and is_word_candidate(w)),
                         key=lambda w: (-words[w], w))[:room]
         return cls(chars, ranked, [words[w] for w in ranked])
 
@@ -299,24 +299,14 @@ def share_text(text: str, is_chief: bool, num_workers: int, combine) -> str:
     return bytes(combine(everyone).astype(np.uint8)).decode()
 
 
-def exchange_words(words: collections.Counter, keep: int, worker: int, num_workers: int,
-                   combine) -> collections.Counter:
-    """The combined counts of every worker's `keep` most frequent words.
+def is_word_candidate(token: str) -> bool:
+    """Whether a token may be a word of the vocabulary: two to `MAX_WORD_CHARS` chars."""
+    return 1 < len(token) <= MAX_WORD_CHARS
 
-    Each worker offers its own `keep` most frequent words; the union reaches every
-    worker through two sums over the workers (the sizes, then the bytes, each worker
-    adding its own at its own place), and a third sum gives each candidate's count over
-    all workers. A word is missed only if it is outside the top `keep` of every
-    worker's share of the text, which a word among the job's top `keep / 2` never is
-    when the text is split evenly.
 
-    Args:
-      words: this worker's counts.
-      keep: candidates per worker.
-      worker, num_workers: this worker's place.
-      combine: sums a float64 array over the workers (identity for one).
-    """
-    mine = sorted(words, key=lambda w: (-words[w], w))[:keep]
+def _union(mine: Sequence[str], worker: int, num_workers: int, combine) -> list[str]:
+    """Every worker's `mine`, joined and sorted, on every worker (two sums: the sizes,
+    then the bytes, each worker adding its own at its own place)."""
     blob = np.frombuffer("\0".join(mine).encode(), np.uint8)
     sizes = np.zeros(num_workers)
     sizes[worker] = len(blob)
@@ -325,7 +315,49 @@ def exchange_words(words: collections.Counter, keep: int, worker: int, num_worke
     everyone = np.zeros(int(offsets[-1]))
     everyone[offsets[worker]:offsets[worker] + len(blob)] = blob
     everyone = combine(everyone)
-    union = sorted({w for part in np.split(everyone.astype(np.uint8), offsets[1:-1])
-                    for w in bytes(part).decode().split("\0") if w})
+    return sorted({w for part in np.split(everyone.astype(np.uint8), offsets[1:-1])
+                   for w in bytes(part).decode().split("\0") if w})
+
+
+def _total(words: collections.Counter, union: Sequence[str], combine
+           ) -> collections.Counter:
+    """Each word of `union` with its count summed over the workers (one sum)."""
     counts = combine(np.array([words.get(w, 0) for w in union], np.float64))
     return collections.Counter(dict(zip(union, counts.astype(np.int64).tolist(), strict=True)))
+
+
+def exchange_words(words: collections.Counter, keep: int, worker: int, num_workers: int,
+                   combine) -> collections.Counter:
+    """Combined counts that hold, exactly, the job's `keep` most frequent candidate words.
+
+    Only words (`is_word_candidate`) take part. A threshold algorithm in two rounds, each
+    of a union (two sums over the workers) and a count (one more): first every worker
+    offers its own `keep` most frequent words, which gives their totals; the `keep`-th
+    largest of those totals, T, is a floor under the job's true `keep`-th count. A word
+    whose total reaches T has at least T / num_workers on some worker, so second every
+    worker offers its other words with at least that many, and their totals join the
+    first. Every word whose total reaches T is then present with its exact count: the
+    job's top `keep` (ties included) are what one worker alone would find, however the
+    text is split among the workers.
+
+    Args:
+      words: this worker's counts.
+      keep: the words that must come out exact.
+      worker, num_workers: this worker's place.
+      combine: sums a float64 array over the workers (identity for one).
+
+    Returns:
+      Word -> count over all workers, for the offered words (a superset of the top `keep`).
+    """
+    candidates = [w for w in words if is_word_candidate(w)]
+    mine = sorted(candidates, key=lambda w: (-words[w], w))[:keep]
+    if num_workers == 1:
+        return collections.Counter({w: words[w] for w in mine})
+    found = _total(words, _union(mine, worker, num_workers, combine), combine)
+    # The same on every worker (the totals are sums), so every worker takes part in the
+    # second round's sums even when it has nothing to offer.
+    totals = sorted(found.values(), reverse=True)
+    floor = (totals[keep - 1] if len(totals) >= keep else 2) / num_workers
+    more = [w for w in candidates if words[w] >= floor and w not in found]
+    found.update(_total(words, _union(more, worker, num_workers, combine), combine))
+    return found
