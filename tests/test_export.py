@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import subprocess
@@ -20,6 +21,7 @@ from trainer import checkpoints, export, models, storage
 from trainer.config import Config
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
+from trainer.sampling import sampler as sampler_module
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings, encode_prompt, pad_prompts
 from trainer.serving import backends, batcher
@@ -130,9 +132,22 @@ def test_export_to_gcs_and_overwrite(gcs_bucket, tmp_path):
         ["the "], 20, seed=9)
 
 
-def test_bpe_saved_model_carries_its_tokenizer_and_serves_the_job_dirs_text(tmp_path):
+def test_bpe_saved_model_carries_its_tokenizer_and_serves_the_job_dirs_text(tmp_path, caplog,
+                                                                          monkeypatch):
     job_dir, export_dir = token_job(str(tmp_path), "bpe"), str(tmp_path / "export" / "1")
     _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
+    # An export from before the graph kept each row's UTF-8 state loads with a warning;
+    # this version's does not.
+    old_dir = str(tmp_path / "old" / "1")
+    with monkeypatch.context() as patch:
+        patch.setattr(sampler_module, "tables_of", lambda tokenizer: None)
+        _run_export(f"--job_dir={job_dir}", f"--export_dir={old_dir}")
+    with caplog.at_level(logging.WARNING):
+        backends.load_backend(old_dir, jit_compile=False)
+        assert "exported before bpe graphs kept each row's UTF-8 state" in caplog.text
+        caplog.clear()
+        backends.load_backend(export_dir, jit_compile=False)
+        assert "exported before" not in caplog.text
     extra = os.path.join(export_dir, saved_model.EXTRA_DIR)
     assert sorted(os.listdir(extra)) == ["model.json", "tokenizer.json", "vocab.json"]
     prompt = "the café — 🙂"

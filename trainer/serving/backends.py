@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from trainer import checkpoints, storage
 from trainer.data import tokenization
@@ -239,7 +240,18 @@ def _load_saved_model(path: str, local: str) -> SavedModelBackend:
     info = {"name": os.path.basename(path), "path": path, "kind": "SavedModel",
             "checkpoint": os.path.basename(checkpoint) if isinstance(checkpoint, str) else None,
             "best": model_info.get("best", {}), "config": model_info.get("config", {})}
+    if tokenizer.kind == "bpe" and _unmasked(loaded, info["config"]):
+        logging.warning("%s was exported before bpe graphs kept each row's UTF-8 state: it "
+                        "may draw bytes that form no character (U+FFFD in the text); export "
+                        "it again with this version's trainer.export", path)
     return SavedModelBackend(loaded, tokenizer, info)
+
+
+def _unmasked(loaded: Any, config: dict[str, Any]) -> bool:
+    """Whether a bpe SavedModel's states lack the UTF-8 column (an export from before it)."""
+    layers, units = config.get("num_layers"), config.get("rnn_units")
+    width = loaded.signatures["begin"].structured_outputs["states"].shape[-1]
+    return isinstance(layers, int) and isinstance(units, int) and width == 2 * layers * units
 
 
 def _read_or_none(local: str, name: str) -> str | None:
