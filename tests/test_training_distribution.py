@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -138,6 +139,35 @@ def test_every_worker_resumes_from_a_bucket(gcs_bucket, corpus, tmp_path):
         assert f"resumed from ckpt/ckpt-{step} at step {step}" in log
     assert _done(logs[0]) == _done(logs[1])
     assert not _private_folders(tmp_path)
+
+
+def test_a_word_job_on_two_workers_picks_the_vocabulary_of_one(tmp_path):
+    # Each worker's share is one file (a file goes whole to the worker whose share of the
+    # bytes holds its first byte: a.txt is padded past half of all the bytes) of its own
+    # 80 words, 10 times each; " both" is 6 times in each, so the job's most frequent
+    # word, but outside either share's top 2 x max_vocab candidates: only the exact
+    # exchange finds it.
+    for name, letter, pad in (("a", "p", 600), ("b", "q", 1)):
+        words = [f" {letter}{x}{y}" for x in "abcdefgh" for y in "abcdefghij"] * 10
+        words += [" both"] * 6
+        random.Random(letter).shuffle(words)
+        (tmp_path / f"{name}.txt").write_text("".join(words) + "\n" * pad)
+    (tmp_path / "val.txt").write_text(" both pab qab\n" * 20)
+    args = ["--preset=tiny", f"--train_data={tmp_path}/[ab].txt",
+            f"--val_data={tmp_path}/val.txt", "--tokenizer=word", "--max_vocab=34",
+            "--epochs=1", "--steps_per_epoch=3", "--batch_size=4", "--rnn_units=16",
+            "--sample_length=0"]
+    env = {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2", **_env(tmp_path)}
+    env.pop("TF_CONFIG", None)
+    one = subprocess.run([sys.executable, "-m", "trainer.task", *args,
+                          f"--job_dir={tmp_path}/one"], cwd=REPO, env=env, timeout=TIMEOUT,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    codes, logs = _run([*args, f"--job_dir={tmp_path}/two"], tmp_path, "word")
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    words = [json.loads((tmp_path / job / "tokenizer.json").read_text())["words"]
+             for job in ("one", "two")]
+    assert words[0] == words[1] and words[0][0] == " both"
 
 
 def test_a_worker_that_fails_before_training_stops_the_job_with_one_line_each(corpus, tmp_path):
