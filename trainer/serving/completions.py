@@ -45,6 +45,7 @@ from trainer.serving.request import (
     Limits,
     RequestError,
     decode_json,
+    flag,
     parse_instance,
 )
 
@@ -146,8 +147,7 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     for unsupported in ("logprobs", "suffix"):
         if data.get(unsupported) not in (None, False, 0, ""):
             raise RequestError(f"{unsupported} is not supported")
-    if data.get("echo") is not None and not isinstance(data["echo"], bool):
-        raise RequestError("echo must be true or false")
+    flag(data, "echo")
     length = data.get("max_tokens", 16)
     length = 16 if length is None else length
     if isinstance(length, int) and not isinstance(length, bool) and length > limits.max_length:

@@ -15,8 +15,9 @@ from trainer.errors import UserError
 
 # The server's own routes, beside the health and predict routes: at the root, and under
 # each OpenAI prefix (trainer.serving.routes, completions and tokenize register them).
-ROOT_ROUTES = ("/", "/info", "/stream", "/openapi.json", "/tokenize", "/detokenize")
-PREFIXED_ROUTES = ("/completions", "/models", "/chat/completions", "/tokenize", "/detokenize")
+TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
+ROOT_ROUTES = ("/", "/info", "/stream", "/openapi.json", *TOKENIZER_ROUTES)
+PREFIXED_ROUTES = ("/completions", "/models", "/chat/completions", *TOKENIZER_ROUTES)
 
 
 def own_routes(prefixes: Sequence[str]) -> set[str]:

@@ -117,11 +117,23 @@ def parse_instance(raw: Any, defaults: dict[str, Any], limits: Limits,
         raise RequestError(str(err)) from err
     seed = fields.get("seed")
     seed = rng.randrange(2**31) if seed is None else _number("seed", seed, int, 0, MAX_SEED)
+    return Instance(prompt, length, settings, seed, oov_mode(fields.get("oov", "error")))
+
+
+def oov_mode(value: Any) -> str:
+    """A request's `oov` ("error" or "skip"); RequestError for anything else."""
     try:
-        oov = check_oov(fields.get("oov", "error"))
+        return check_oov(value)
     except UserError as err:
         raise RequestError(str(err)) from err
-    return Instance(prompt, length, settings, seed, oov)
+
+
+def flag(data: dict[str, Any], name: str) -> bool:
+    """A request's optional true/false field (absent or null: false)."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false")
+    return bool(value)
 
 
 def decode_json(body: bytes) -> Any:

@@ -28,11 +28,10 @@ from fastapi import FastAPI, Request
 from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID
 from trainer.errors import UserError
-from trainer.sampling.tokens import MAX_IDS_PER_CHAR, OOV_MODES, encode_prompt
+from trainer.sampling.tokens import MAX_IDS_PER_CHAR, encode_prompt
 from trainer.serving import schemas, transport
-from trainer.serving.request import Limits, RequestError, decode_json
-
-PATHS = ("/tokenize", "/detokenize")
+from trainer.serving.endpoint import TOKENIZER_ROUTES as PATHS
+from trainer.serving.request import Limits, RequestError, decode_json, flag, oov_mode
 
 
 def paths(prefixes: Sequence[str]) -> tuple[str, ...]:
@@ -52,13 +51,6 @@ def _object(body: bytes) -> dict[str, Any]:
     if "messages" in data:
         raise RequestError("this text model has no chat template: send \"prompt\"")
     return data
-
-
-def _flag(data: dict[str, Any], name: str) -> bool:
-    value = data.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise RequestError(f"{name} must be true or false")
-    return bool(value)
 
 
 def token_strs(tokenizer: tokenization.Tokenizer, ids: Sequence[int]) -> list[str]:
@@ -102,11 +94,9 @@ def tokenize(tokenizer: tokenization.Tokenizer, body: bytes, limits: Limits
     if len(prompt) > limits.max_prompt_chars:
         raise RequestError(f"prompt must be at most {limits.max_prompt_chars} characters, "
                            f"got {len(prompt)}")
-    strs = _flag(data, "return_token_strs")
-    _flag(data, "add_special_tokens")
-    oov = data.get("oov", "error")
-    if oov not in OOV_MODES:
-        raise RequestError(f"oov must be one of {', '.join(OOV_MODES)}")
+    strs = flag(data, "return_token_strs")
+    flag(data, "add_special_tokens")
+    oov = oov_mode(data.get("oov", "error"))
     try:
         encoded = encode_prompt(tokenizer, prompt, oov, hint='send "oov": "skip" to drop them')
     except UserError as err:
