@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
+from serve_helpers import LiveServer, request
 from training_jobs import token_job
 
 from trainer import checkpoints, export, models, storage
@@ -94,6 +95,44 @@ def test_saved_model_loads_in_a_fresh_process_and_matches_the_sampler(tmp_path):
     assert out["greedy"] == sampler.generate(PROMPTS, 30, Settings(greedy=True), oov="skip")
 
 
+def test_score_signature_gives_the_job_dirs_logprobs_and_an_older_export_is_refused(
+        tmp_path, monkeypatch):
+    job_dir, export_dir = str(tmp_path / "job"), str(tmp_path / "export" / "1")
+    _job_dir(job_dir, str(tmp_path / "staging"))
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
+    rows = [VOCAB.encode(t) for t in ("the quick brown fox", "ab", "a", "")]
+    want = backends.load_backend(job_dir, jit_compile=False).score(rows)
+    got = backends.load_backend(export_dir).score(rows)
+    for w, g in zip(want, got, strict=True):
+        assert g.logprobs.shape == w.logprobs.shape
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+        np.testing.assert_array_equal(g.top_ids, w.top_ids)
+        np.testing.assert_allclose(g.top_logprobs, w.top_logprobs, atol=1e-5)
+    assert len(want[0].logprobs) == 18 and np.all(want[0].logprobs < 0)
+    # An export from before the `score` signature serves text, and answers a request
+    # for logprobs with one line saying to export again.
+    real_save = tf.saved_model.save
+
+    def save_without_score(module, path, signatures):
+        real_save(module, path, signatures={k: v for k, v in signatures.items()
+                                            if k != "score"})
+
+    old_dir = str(tmp_path / "old" / "1")
+    monkeypatch.setattr(tf.saved_model, "save", save_without_score)
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={old_dir}")
+    monkeypatch.undo()
+    running = LiveServer(batcher.Batcher(backends.load_backend(old_dir), window_ms=1))
+    try:
+        asked = {"prompt": "the", "max_tokens": 5, "seed": 1}
+        status, body = request(running.url("/v1/completions"), asked)
+        assert status == 200 and len(json.loads(body)["choices"][0]["text"]) == 5
+        status, body = request(running.url("/v1/completions"), {**asked, "logprobs": 1})
+        assert status == 400 and b"\n" not in body.strip()
+        assert "exported without log-probabilities" in json.loads(body)["error"]["message"]
+    finally:
+        running.close()
+
+
 def test_graph_prompt_encoding_equals_pad_prompts():
     lower = Vocabulary(list("\n abc"), lowercase=True)
     module = saved_model.CharGenerator(models.build_model(Config(rnn_units=8, embedding_dim=4,
@@ -165,6 +204,13 @@ def test_bpe_saved_model_carries_its_tokenizer_and_serves_the_job_dirs_text(tmp_
         running.close()
         texts.append("".join(parts))
     assert texts[0] == texts[1] and len(texts[0]) >= 50
+    # The score signature of a bpe export: the job dir's figures.
+    rows = [backend.tokenizer.encode(p) for p in (prompt, "the end")]
+    scored = [backends.load_backend(path, jit_compile=False).score(rows)
+              for path in (job_dir, export_dir)]
+    for w, g in zip(*scored, strict=True):
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)
+        np.testing.assert_array_equal(g.top_ids, w.top_ids)
     # Ids in, ids out: what a client of TF Serving decodes with tokenizer.json.
     tokenizer = backend.tokenizer
     loaded = tf.saved_model.load(export_dir)

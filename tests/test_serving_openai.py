@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from serve_helpers import VOCAB, LiveServer, module_job, request
 from training_jobs import token_job
 
 from trainer.sampling.sampler import Sampler, Settings
-from trainer.serving import backends, batcher
+from trainer.serving import backends, batcher, logprobs
 from trainer.serving.completions import StopScanner
 
 openai = pytest.importorskip("openai", reason="openai is in the test extra")
@@ -104,8 +105,75 @@ def test_echo_starts_each_choice_with_its_prompt_streamed_and_not(client, sample
     assert (only.choices[0].text, only.choices[0].finish_reason) == ("to be", "length")
     with pytest.raises(openai.BadRequestError, match="echo must be true or false"):
         client.completions.create(model="job", prompt="a", extra_body={"echo": "yes"})
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
-        client.completions.create(model="job", prompt="a", echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="suffix is not supported"):
+        client.completions.create(model="job", prompt="a", suffix="b")
+
+
+def _expected(model, tokenizer, ids) -> np.ndarray:
+    """Log-softmax of the whole-sequence Keras model after every prefix of `ids` (float64)."""
+    logits = model(np.asarray(ids, np.int32)[None], training=False).numpy()[0, :-1]
+    logits = logits.astype(np.float64)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def _check_logprobs(lp, model, tokenizer, ids, first: int, k: int) -> None:
+    """`lp`'s scores against the Keras model: its tokens are ids[first:], and each is scored
+    after all the ids before it (positions before 1 have none)."""
+    expected = _expected(model, tokenizer, ids)
+    names = {i: logprobs.token_name(tokenizer, i) for i in range(1, tokenizer.size)}
+    assert lp.tokens == [names[int(i)] for i in ids[first:]]
+    for j, token in enumerate(ids[first:], first):
+        if j == 0:
+            assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+            continue
+        got, top = lp.token_logprobs[j - first], lp.top_logprobs[j - first]
+        assert got == pytest.approx(expected[j - 1, token], abs=1e-4)
+        best = [i for i in np.argsort(-expected[j - 1]) if i != 0][:k]
+        want = {names[int(i)]: expected[j - 1, i] for i in best}
+        want.setdefault(names[int(token)], expected[j - 1, token])
+        assert list(top) == list(want)[:len(top)] and set(top) == set(want)
+        assert all(top[name] == pytest.approx(v, abs=1e-4) for name, v in want.items())
+
+
+def test_logprobs_of_an_echoed_prompt_and_of_the_completion_are_the_models(client, sampler,
+                                                                           job):
+    model = job[1]
+    # An evaluation harness's request: the prompt's own log-likelihood, nothing drawn.
+    prompt = "the cat sat on the mat"
+    out = client.completions.create(model="job", prompt=prompt, max_tokens=0, echo=True,
+                                    logprobs=3)
+    lp = out.choices[0].logprobs
+    ids = VOCAB.encode(prompt)
+    _check_logprobs(lp, model, VOCAB, ids, 0, 3)
+    assert out.choices[0].text == prompt and lp.text_offset == list(range(len(prompt)))
+    assert all(len(top) in (3, 4) for top in lp.top_logprobs[1:])
+    # Drawn text: the same text as without logprobs; each token scored after the prompt
+    # and the tokens drawn before it.
+    asked = {"model": "job", "prompt": ["the ", ""], "max_tokens": 30, "seed": 3,
+             "temperature": 0.9}
+    plain = client.completions.create(**asked)
+    out = client.completions.create(**asked, logprobs=0, echo=True)
+    for choice, before, prompt in zip(out.choices, plain.choices, asked["prompt"]):
+        assert choice.text == prompt + before.text
+        text = before.text
+        context = prompt or "\n"  # An empty prompt starts after a newline.
+        _check_logprobs(choice.logprobs, model, VOCAB, VOCAB.encode(context + text),
+                        1 if not prompt else 0, 0)
+        assert choice.logprobs.text_offset == list(range(len(prompt + text)))
+        assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+    # A stop string: the tokens before the cut, scored as drawn.
+    full = plain.choices[0].text
+    stop = full[12:14]
+    cut = client.completions.create(**{**asked, "prompt": "the "}, stop=stop, logprobs=1)
+    assert cut.choices[0].text == full[:full.index(stop)]
+    assert "".join(cut.choices[0].logprobs.tokens) == cut.choices[0].text
+    assert cut.choices[0].logprobs.token_logprobs == pytest.approx(
+        out.choices[0].logprobs.token_logprobs[4:4 + full.index(stop)])
+    for bad in (6, -1, "2", True, 1.5):
+        with pytest.raises(openai.BadRequestError, match="logprobs must be a whole number"):
+            client.completions.create(model="job", prompt="a", extra_body={"logprobs": bad})
+    with pytest.raises(openai.BadRequestError, match="logprobs are not streamed"):
+        client.completions.create(model="job", prompt="a", logprobs=1, stream=True)
 
 
 def test_errors_in_openai_shape(client, server):
@@ -199,6 +267,39 @@ def test_tokenize_counts_what_usage_counts_and_detokenize_inverts_it(token_serve
     assert status == 400 and "whole numbers from 1" in json.loads(body)["error"]["message"]
     routes = json.loads(request(running.url("/info"))[1])["routes"]
     assert (routes["tokenize"], routes["detokenize"]) == ("/tokenize", "/detokenize")
+
+
+@pytest.mark.parametrize("kind", ["word", "bpe"])
+def test_word_and_bpe_logprobs_are_the_models_with_split_characters_named_as_bytes(
+        token_servers, kind):
+    running, sampler = token_servers[kind]
+    tokenizer, model = sampler.tokenizer, sampler.model
+    client = openai.OpenAI(base_url=running.url("/v1"), api_key="EMPTY", max_retries=0,
+                           timeout=60)
+    names = {logprobs.token_name(tokenizer, i): i for i in range(1, tokenizer.size)}
+    assert len(names) == tokenizer.size - 1  # One name per id: names give the ids back.
+    # A bpe model reads any text: U+1F643 is new to it, so its bytes span ids.
+    prompt = "the caf\u00e9 \u2014 \U0001f642 tac" + (" \U0001f643" if kind == "bpe" else "")
+    echoed = client.completions.create(model="m", prompt=prompt, max_tokens=0, echo=True,
+                                       logprobs=2).choices[0].logprobs
+    ids = tokenizer.encode(prompt)
+    _check_logprobs(echoed, model, tokenizer, ids, 0, 2)
+    pieces = [tokenizer.pieces[i] for i in ids]
+    assert echoed.text_offset == [len(b"".join(pieces[:j]).decode("utf-8", "ignore"))
+                                  for j in range(len(ids))]
+    if kind == "bpe":  # The ids of a character's first bytes are named as bytes.
+        assert [t for t in echoed.tokens if t.startswith("bytes:")][-2:] == [
+            "bytes:\\x99", "bytes:\\x83"]
+    else:  # "tac" is no word of the model: <unk>, then its spelling.
+        assert "<unk>" in echoed.tokens
+        assert "".join(t for t in echoed.tokens if t != "<unk>") == prompt
+    asked = {"model": "m", "prompt": prompt, "max_tokens": 40, "seed": 4, "temperature": 1.0}
+    text = client.completions.create(**asked).choices[0].text
+    drawn = client.completions.create(**asked, logprobs=2).choices[0]
+    assert drawn.text == text
+    got = [names[t] for t in drawn.logprobs.tokens]
+    assert tokenizer.decode(got) == text
+    _check_logprobs(drawn.logprobs, model, tokenizer, np.concatenate([ids, got]), len(ids), 2)
 
 
 def test_schemathesis_finds_no_5xx_and_answers_conform(server):

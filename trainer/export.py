@@ -24,6 +24,10 @@ char model (the default tokenizer):
   advance(logits, states, n, steps, seeds,    with: every setting per row, the
           temperature, top_k, top_p)          LSTM state packed into one tensor
       -> {"ids": int32[batch, n], "logits", "states"}
+  score(ids: int32[batch, time])             the model's log-probability of each id
+      -> {"logprobs": float32[batch, time-1], after the ids before it (rows right-
+          "top_ids": int32[batch, time-1, 5],  padded; any pad id), and the 5 likeliest
+          "top_logprobs": float32[...]}        ids at each position: OpenAI's logprobs
 
 Beside the graph, assets.extra/ (TF Serving's folder for extra files) holds
 vocab.json and model.json (the job's config, tokenizer kind and best checkpoint), and
@@ -46,7 +50,7 @@ A word or bpe model's graph cannot split text, so its signatures take and give i
   serving_default(ids: int32[batch, time], length, temperature)
       -> {"generated_ids": int32[batch, length]}
   generate_seeded(the same, and seed)         the same, reproducibly
-  begin(ids) -> {"logits", "states"};  advance as above
+  begin(ids) -> {"logits", "states"};  advance and score as above
 
 A bpe graph never draws an id whose bytes cannot continue a row's text as valid UTF-8
 (trainer/sampling/utf8.py), so the ids it gives decode without U+FFFD; its `states`

@@ -1,7 +1,8 @@
 """The exported SavedModel: the model, its tokenizer and the sampling loop as one module.
 
 `trainer.export` is the entrypoint that writes it; `trainer.serving.backends` loads it
-(its `begin`/`advance` signatures). What the signatures take and return is
+(its `begin`/`advance` signatures, and `score` for log-probabilities). What the
+signatures take and return is
 described in trainer/export.py.
 
 A char model's graph encodes prompt text and decodes the text drawn itself
@@ -66,6 +67,13 @@ class _Generator(tf.Module):
             logits, self._unpack(states), tf.clip_by_value(n, 0, self._max_length), steps,
             seeds, temperature, top_k, top_p, rule=Rule.everything())
         return {"ids": ids, "logits": logits, "states": self._pack(parts)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])
+    def score(self, ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The model's log-probability of each id after those before it, and the likeliest
+        ids at each position (rows right-padded; see `Sampler.scores`)."""
+        logprobs, top_ids, top_logprobs = self._sampler.scores(ids)
+        return {"logprobs": logprobs, "top_ids": top_ids, "top_logprobs": top_logprobs}
 
     def _pack(self, states: tuple[tf.Tensor, ...]) -> tf.Tensor:
         """The sampler's states as one (batch, width) tensor: the layers' (h, c) side by
@@ -264,7 +272,7 @@ def export(model: keras.Model, tokenizer: tokenization.Tokenizer, export_dir: st
         chars = getattr(tokenizer, "chars", Vocabulary((), lowercase=tokenizer.lowercase))
         vocab_json = vocab_json or chars.to_json()
     signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded,
-                  "begin": module.begin, "advance": module.advance}
+                  "begin": module.begin, "advance": module.advance, "score": module.score}
     with tempfile.TemporaryDirectory() as tmp:
         # Saved locally, then copied by `storage`, the one module that writes to buckets.
         local = os.path.join(tmp, "saved_model")

@@ -136,10 +136,12 @@ class OutputText:
       length: characters asked for.
       chars: characters of text so far.
       tokens: ids taken so far (those after the one that reached `length` are not).
+      ids: those ids, in order.
     """
 
     def __init__(self, tokenizer: tokenization.Tokenizer, length: int):
         self.length, self.chars, self.tokens = length, 0, 0
+        self.ids: list[int] = []
         self._decoder = tokenizer.stream_decoder()
         self._one_each = tokenizer.kind == "char"
         self._max_tokens = MAX_IDS_PER_CHAR * length
@@ -166,6 +168,7 @@ class OutputText:
         if self._one_each:  # One character per id: no need to look at each.
             ids = ids[:self.owed]
             self.chars, self.tokens = self.chars + len(ids), self.tokens + len(ids)
+            self.ids += ids
             return self._decoder.feed(ids)
         parts = []
         for i in ids:
@@ -173,6 +176,7 @@ class OutputText:
                 break
             text = self._decoder.feed((i,))
             self.chars, self.tokens = self.chars + len(text), self.tokens + 1
+            self.ids.append(i)
             parts.append(text)
         return "".join(parts)
 

@@ -33,8 +33,9 @@ from trainer.data.tokenization import Tokenizer
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 from trainer.sampling.next_char import Rule
-from trainer.sampling.sampler import Sampler
+from trainer.sampling.sampler import Sampler, Scores, score_rows
 from trainer.sampling.saved_model import EXTRA_DIR
+from trainer.serving.request import RequestError
 
 
 class Backend:
@@ -73,6 +74,23 @@ class Backend:
         """
         raise NotImplementedError
 
+    def score(self, rows: Sequence[np.ndarray]) -> list[Scores]:
+        """The model's log-probability of each id after those before it (`Sampler.score`).
+
+        Args:
+          rows: id arrays, one per row.
+
+        Returns:
+          One `Scores` per row.
+
+        Raises:
+          RequestError: when this model cannot score (`check_score`).
+        """
+        raise NotImplementedError
+
+    def check_score(self) -> None:
+        """Raises RequestError when `score` cannot work (a SavedModel exported before it)."""
+
 
 class SamplerBackend(Backend):
     """A Keras model from a job directory, stepped through `Sampler.begin`/`advance`."""
@@ -90,6 +108,9 @@ class SamplerBackend(Backend):
         ids, logits, states, _ = self.sampler.advance(logits, states, n, step0, seeds, rows, rule)
         return ids, logits, states
 
+    def score(self, rows):
+        return self.sampler.score(rows)
+
 
 class SavedModelBackend(Backend):
     """An exported SavedModel, through its `begin` and `advance` signatures."""
@@ -98,6 +119,8 @@ class SavedModelBackend(Backend):
         """Serves `loaded` (from `tf.saved_model.load`), whose tokenizer is `tokenizer`."""
         self._begin = loaded.signatures["begin"]
         self._advance = loaded.signatures["advance"]
+        # Exports from before log-probabilities have no `score`.
+        self._score = loaded.signatures.get("score")
         self._loaded = loaded  # Keeps the variables alive.
         self.tokenizer, self.info = tokenizer, info
         self._text_in = tokenizer.kind == "char"
@@ -120,6 +143,21 @@ class SavedModelBackend(Backend):
                             steps=tf.constant(step0, tf.int32), seeds=tf.constant(seeds, tf.int64),
                             **{k: tf.constant(v) for k, v in rows.items()})
         return out["ids"].numpy(), out["logits"], (out["states"],)
+
+    def check_score(self):
+        if self._score is None:
+            raise RequestError("this SavedModel was exported without log-probabilities (no "
+                               "'score' signature): export it again with this version's "
+                               "trainer.export, or leave logprobs out")
+
+    def score(self, rows):
+        self.check_score()
+
+        def run(ids: np.ndarray) -> list[np.ndarray]:
+            out = self._score(ids=tf.constant(ids))
+            return [out[k].numpy() for k in ("logprobs", "top_ids", "top_logprobs")]
+
+        return score_rows(rows, self.tokenizer.size, run)
 
 
 def _job_info(path: str, cfg: Any, pointer: dict[str, Any]) -> dict[str, Any]:

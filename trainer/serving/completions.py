@@ -15,11 +15,11 @@ the completion's texts encoded by its tokenizer. Stop strings are found in the
 decoded text. `prompt`
 is a string or a list of them; `temperature` (0: greedy), `top_p`, `n`, `seed`
 (choice i uses seed + i), `stop` (up to 4 strings; the text ends before the
-first, with finish_reason "stop") and `echo` (the prompt, as sent, starts each
-choice's text; a stream sends it as the choice's first chunk) are honoured;
-`logprobs` and `suffix` are refused; other fields are ignored, as OpenAI's
-servers do. Errors are `{"error": {"message", "type", "param", "code"}}`, inside a
-stream too.
+first, with finish_reason "stop"), `echo` (the prompt, as sent, starts each
+choice's text; a stream sends it as the choice's first chunk) and `logprobs` (0 to
+5 alternatives per token, not streamed: `trainer.serving.logprobs`) are honoured;
+`suffix` is refused; other fields are ignored, as OpenAI's servers do. Errors are
+`{"error": {"message", "type", "param", "code"}}`, inside a stream too.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from trainer.data import tokenization
 from trainer.sampling.tokens import count_tokens
-from trainer.serving import schemas, transport
+from trainer.serving import logprobs, schemas, transport
 from trainer.serving.batcher import Batcher
 from trainer.serving.request import (
     MAX_SEED,
@@ -144,10 +144,10 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     if len(prompts) * n > limits.max_instances:
         raise RequestError(f"{len(prompts)} prompts x n={n} choices, over the limit of "
                            f"{limits.max_instances}")
-    for unsupported in ("logprobs", "suffix"):
-        if data.get(unsupported) not in (None, False, 0, ""):
-            raise RequestError(f"{unsupported} is not supported")
+    if data.get("suffix") not in (None, ""):
+        raise RequestError("suffix is not supported")
     flag(data, "echo")
+    logprobs.parse(data)
     length = data.get("max_tokens", 16)
     length = 16 if length is None else length
     if isinstance(length, int) and not isinstance(length, bool) and length > limits.max_length:
@@ -248,6 +248,9 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
         data, instances, stops, n = parse_completion(
             await transport.read_body(request, limits.max_body_bytes, timing.body_seconds),
             limits, rng)
+        top = logprobs.parse(data)
+        if top is not None:
+            batcher.backend.check_score()
         blocks: asyncio.Queue = asyncio.Queue()
         rows = transport.admit(batcher, instances,
                                [transport.to_queue(blocks, i) for i in range(len(instances))])
@@ -265,16 +268,25 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
 
-        async def collect() -> tuple[list[str], list[str]]:
+        async def collect() -> tuple[list[str], list[str], list[Any]]:
             texts, reasons = [""] * len(instances), ["length"] * len(instances)
             async for index, text, reason in _choices(blocks, len(instances), rows, stops):
                 texts[index] += text
                 reasons[index] = reason or reasons[index]
-            return texts, reasons
+            if top is None:
+                return texts, reasons, [None] * len(instances)
+            prompts, drawn = [r.ids for r in rows], [r.output.ids for r in rows]
+            scores = await asyncio.to_thread(batcher.backend.score,
+                                             logprobs.rows(tokenizer, prompts, drawn))
+            return texts, reasons, [
+                logprobs.choice(tokenizer, top, s, p, d, i.prompt if data.get("echo") else None,
+                                len(t))
+                for s, p, d, i, t in zip(scores, prompts, drawn, instances, texts)]
 
-        texts, reasons = await transport.watch(request, rows, collect(), timing.deadline_seconds)
-        choices = [{"text": e + t, "index": i, "logprobs": None, "finish_reason": r}
-                   for i, (e, t, r) in enumerate(zip(echoed, texts, reasons))]
+        texts, reasons, scored = await transport.watch(request, rows, collect(),
+                                                       timing.deadline_seconds)
+        choices = [{"text": e + t, "index": i, "logprobs": lp, "finish_reason": r}
+                   for i, (e, t, r, lp) in enumerate(zip(echoed, texts, reasons, scored))]
         return {**head, "choices": choices,
                 "usage": _usage(tokenizer, instances, texts, n)}
 

@@ -68,6 +68,7 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0)
     stream: bool | None = False
     echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)
 
 
 class TokenizeRequest(BaseModel):
