@@ -41,6 +41,12 @@ class Flaky(backends.Backend):
         time.sleep(self.delay)
         return self.inner.advance(*args)
 
+    def score(self, rows):
+        if self.fail is not None:
+            raise self.fail
+        time.sleep(self.delay)
+        return self.inner.score(rows)
+
 
 class Lines(logging.Handler):
     """Keeps the server's log records."""
@@ -215,6 +221,36 @@ def test_a_full_queue_answers_429_with_retry_after_and_health_503(server):
         for release in releases:
             release()
     assert request(server.url("/health"))[0] == 200
+
+
+def test_logprobs_keep_their_rows_admitted_until_scored_and_a_failed_score_is_one_line(
+        server):
+    asked = {"prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 1, "n": 8}
+    answers = []
+    server.backend.delay = 0.5
+    try:
+        scoring = threading.Thread(target=lambda: answers.append(
+            request(server.url("/v1/completions"), asked)))
+        scoring.start()
+        deadline = time.monotonic() + 5
+        while not server.batcher.saturated:  # 8 rows of max_tokens 0: ended, not released.
+            assert time.monotonic() < deadline and scoring.is_alive()
+            time.sleep(0.01)
+        code, body = request(server.url("/v1/completions"), {"prompt": "a"})
+        assert code == 429 and _one_line_error(code, body)["type"] == "rate_limit_error"
+        scoring.join(10)
+    finally:
+        server.backend.delay = 0.0
+    code, body = answers[0]
+    assert code == 200 and len(json.loads(body)["choices"]) == 8
+    assert not server.batcher.saturated and server.batcher._admitted == [0, 0]
+    server.backend.fail = RuntimeError("scoring broke")
+    try:
+        code, body = request(server.url("/v1/completions"), asked)
+    finally:
+        server.backend.fail = None
+    assert code >= 500 and _one_line_error(code, body)["type"] == "server_error"
+    assert server.batcher._admitted == [0, 0] and request(server.url("/health"))[0] == 200
 
 
 def test_rows_of_a_client_that_leaves_stop_and_it_is_one_log_line(server, log):

@@ -15,6 +15,9 @@ Under XLA every batch size compiles separately, so the rows are padded up to
 the next power of two (at most log2(max_batch) + 1 programs, compiled when
 first needed or in `warm_up`).
 
+The worker also scores finished rows for OpenAI's `logprobs` (`score`), between
+blocks, so the model has one user at a time.
+
 Admission is bounded: `reserve` refuses (`OverloadedError`, HTTP 429) a request whose
 rows or characters would take the rows and characters waiting or running past
 `max_rows` / `max_chars`, so a backlog never grows without bound and a refused
@@ -23,6 +26,7 @@ client learns at once instead of waiting behind it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import queue
@@ -107,7 +111,10 @@ class Batcher:
         self.max_rows, self.max_chars = max_rows, max_chars
         self._admitted = [0, 0]  # Rows, chars; under _lock (event loop and worker).
         self._lock = threading.Lock()
-        self._pending: queue.Queue[_Row] = queue.Queue()
+        # Rows to start; None only wakes the worker for `_scoring`.
+        self._pending: queue.Queue[_Row | None] = queue.Queue()
+        self._scoring: queue.Queue[tuple[list[np.ndarray], concurrent.futures.Future]] = (
+            queue.Queue())
         self._stop = threading.Event()
         self.calls = 0  # Sampling calls made, for tests and the benchmark.
         self.rows_per_call: list[int] = []
@@ -197,6 +204,50 @@ class Batcher:
             self._pending.put(row)
         return row
 
+    def score(self, rows: Sequence[np.ndarray]) -> concurrent.futures.Future:
+        """Scores id rows (`Backend.score`) on the worker thread, before its next block.
+
+        The model has one user at a time, so scoring shares the machine with sampling
+        as the rows do; callers hold their rows' admission until the scores arrive.
+
+        Args:
+          rows: id arrays.
+
+        Returns:
+          A future of one `Scores` per row (or the error).
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stop.is_set():
+            future.set_exception(UnavailableError("the server is shutting down"))
+        else:
+            self._scoring.put((list(rows), future))
+            self._pending.put(None)
+            if not self._thread.is_alive():  # Closed meanwhile: nobody would answer.
+                self._fail_scoring(UnavailableError("the server is shutting down"))
+        return future
+
+    def _fail_scoring(self, err: BaseException) -> None:
+        while True:
+            try:
+                future = self._scoring.get_nowait()[1]
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(err)
+
+    def _score_waiting(self) -> None:
+        while True:
+            try:
+                rows, future = self._scoring.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self.backend.score(rows))
+            except Exception as err:  # noqa: BLE001 - the request hears of it.
+                future.set_exception(err)
+
     def close(self, timeout: float = 10.0) -> None:
         """Stops the worker; rows still running end with an error.
 
@@ -231,11 +282,14 @@ class Batcher:
         rows: list[_Row] = []
         logits = states = None
         while not self._stop.is_set():
+            self._score_waiting()
             if not rows:
                 try:
                     first = self._pending.get(timeout=0.1)
                 except queue.Empty:
                     continue
+                if first is None:
+                    continue  # Scores to compute.
                 # The batching window: let concurrent requests arrive and share the call.
                 time.sleep(self.window)
                 new = [first]
@@ -243,9 +297,11 @@ class Batcher:
                 new = []
             while len(rows) + len(new) < self.max_batch:
                 try:
-                    new.append(self._pending.get_nowait())
+                    row = self._pending.get_nowait()
                 except queue.Empty:
                     break
+                if row is not None:
+                    new.append(row)
             for row in new:  # Clients that left while their rows waited.
                 if row.cancelled:
                     row.end()
@@ -270,7 +326,10 @@ class Batcher:
         for row in rows:
             row.send(None, stopping)
         while not self._pending.empty():
-            self._pending.get_nowait().send(None, stopping)
+            row = self._pending.get_nowait()
+            if row is not None:
+                row.send(None, stopping)
+        self._fail_scoring(stopping)
 
     def _step(self, rows: list[_Row], logits: Any, states: tuple) -> tuple[list[_Row], Any, tuple]:
         """One call of `block` tokens for every row; returns the rows still running."""

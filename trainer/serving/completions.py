@@ -252,8 +252,20 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
         if top is not None:
             batcher.backend.check_score()
         blocks: asyncio.Queue = asyncio.Queue()
+        # Scores are computed after the rows end: the rows' admission is held until then.
+        held: list[Any] | None = [] if top is not None else None
         rows = transport.admit(batcher, instances,
-                               [transport.to_queue(blocks, i) for i in range(len(instances))])
+                               [transport.to_queue(blocks, i) for i in range(len(instances))],
+                               held)
+        try:
+            return await _answer(request, data, instances, rows, blocks, stops, n, top)
+        finally:
+            for release in held or ():
+                release()
+
+    async def _answer(request: Request, data: dict[str, Any], instances: list[Instance],
+                      rows: list[Any], blocks: asyncio.Queue, stops: list[str], n: int,
+                      top: int | None) -> Any:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": model}
         # "echo": each choice's text starts with its prompt, as sent.
@@ -276,8 +288,8 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
             if top is None:
                 return texts, reasons, [None] * len(instances)
             prompts, drawn = [r.ids for r in rows], [r.output.ids for r in rows]
-            scores = await asyncio.to_thread(batcher.backend.score,
-                                             logprobs.rows(tokenizer, prompts, drawn))
+            scores = await asyncio.wrap_future(
+                batcher.score(logprobs.rows(tokenizer, prompts, drawn)))
             return texts, reasons, [
                 logprobs.choice(tokenizer, top, s, p, d, i.prompt if data.get("echo") else None,
                                 len(t))

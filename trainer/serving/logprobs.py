@@ -26,9 +26,11 @@ The prompt's offsets count the text the model read (normalised as the training t
 it. A choice cut by a stop string keeps the tokens whose text starts before the cut.
 
 The scores come from one more pass of the model over each choice's tokens after it
-is drawn (`Backend.score`), so asking for them costs about as much again as the
-prompt and completion took to feed; a choice's text is the same with or without them.
-Streams do not carry them yet (a request with both is refused).
+is drawn (`Backend.score`, run by the batcher's worker between blocks, the request's
+rows still counted against the admission budget until it is done), so asking for them
+costs about as much again as feeding the prompt and completion; a choice's text is
+the same with or without them. Streams do not carry them yet (a request with both is
+refused).
 """
 
 from __future__ import annotations

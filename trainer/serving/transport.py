@@ -127,13 +127,17 @@ async def read_body(request: Request, limit: int, seconds: float) -> bytes:
 
 
 def admit(batcher: Batcher, instances: Sequence[Instance],
-          emits: Sequence[Callable[[str | None, BaseException | None], None]]) -> list[Any]:
+          emits: Sequence[Callable[[str | None, BaseException | None], None]],
+          held: list[Callable[[], None]] | None = None) -> list[Any]:
     """Encodes, admits and submits rows (all checked before any runs).
 
     Args:
       batcher: runs the model.
       instances: the request's rows.
       emits: where each row's blocks go (`to_queue`).
+      held: when given, the rows keep their share of the admission budget after they
+        end: their releases are put here, and the caller calls each once (work that
+        follows the rows, such as scoring them, stays under the budget too).
 
     Returns:
       The submitted rows (set `cancelled` to stop one).
@@ -144,6 +148,9 @@ def admit(batcher: Batcher, instances: Sequence[Instance],
     """
     encoded = [batcher.encode(instance) for instance in instances]
     releases = batcher.reserve(instances)
+    if held is not None:
+        held += releases
+        releases = [lambda: None] * len(releases)
     return [batcher.submit(ids, instance, emit, release)
             for ids, instance, emit, release in zip(encoded, instances, emits, releases)]
 
