@@ -129,6 +129,7 @@ def test_score_signature_gives_the_job_dirs_logprobs_and_an_older_export_is_refu
         status, body = request(running.url("/v1/completions"), {**asked, "logprobs": 1})
         assert status == 400 and b"\n" not in body.strip()
         assert "exported without log-probabilities" in json.loads(body)["error"]["message"]
+        assert json.loads(request(running.url("/info"))[1])["logprobs"] is False
     finally:
         running.close()
 

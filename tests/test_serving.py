@@ -55,6 +55,7 @@ def test_health_info_and_page(server):
     info = json.loads(request(server.url("/info"))[1])
     assert info["best"] == {"epoch": 3, "step": 30, "monitor": "val_loss", "value": 1.8765}
     assert info["config"]["rnn_units"] == 16 and info["vocab_size"] == VOCAB.size
+    assert info["logprobs"] is True
     status, page = request(server.url("/"))
     assert status == 200 and b"<textarea" in page and b"/stream" in page
 

@@ -91,6 +91,15 @@ class Backend:
     def check_score(self) -> None:
         """Raises RequestError when `score` cannot work (a SavedModel exported before it)."""
 
+    @property
+    def can_score(self) -> bool:
+        """Whether `score` works."""
+        try:
+            self.check_score()
+        except RequestError:
+            return False
+        return True
+
 
 class SamplerBackend(Backend):
     """A Keras model from a job directory, stepped through `Sampler.begin`/`advance`."""
@@ -282,7 +291,11 @@ def _load_saved_model(path: str, local: str) -> SavedModelBackend:
         logging.warning("%s was exported before bpe graphs kept each row's UTF-8 state: it "
                         "may draw bytes that form no character (U+FFFD in the text); export "
                         "it again with this version's trainer.export", path)
-    return SavedModelBackend(loaded, tokenizer, info)
+    backend = SavedModelBackend(loaded, tokenizer, info)
+    if not backend.can_score:
+        logging.info("%s was exported without a 'score' signature: completions with "
+                     "logprobs get 400 (export it again to have them)", path)
+    return backend
 
 
 def _unmasked(loaded: Any, config: dict[str, Any]) -> bool:

@@ -102,7 +102,9 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
                        "max_instances": limits.max_instances,
                        "max_body_bytes": limits.max_body_bytes},
             "routes": {"health": health_route, "predict": predict_route, "stream": "/stream",
-                       "tokenize": "/tokenize", "detokenize": "/detokenize"}}
+                       "tokenize": "/tokenize", "detokenize": "/detokenize"},
+            # Whether /v1/completions answers `logprobs` (an older export cannot).
+            "logprobs": batcher.backend.can_score}
     openai_shaped = tokenize.paths(openai_prefixes)
 
     def error(request: Request, status: int, message: str) -> JSONResponse:
