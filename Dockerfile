@@ -37,7 +37,8 @@ RUN pip install --no-cache-dir \
 # hadolint ignore=DL3059
 RUN pip install --no-cache-dir \
         "fastapi>=0.115" \
-        "uvicorn>=0.30"
+        "uvicorn>=0.30" \
+        "prometheus-client>=0.20"
 
 # The package itself, installed like any sdist so the presets in configs/ are found
 # as `trainer.configs`; its dependencies are already in place.

@@ -33,6 +33,8 @@ INSTALL_REQUIRES = [
 SERVE_REQUIRES = [
     "fastapi>=0.115",
     "uvicorn>=0.30",
+    # GET /metrics, in Prometheus' text format.
+    "prometheus-client>=0.20",
 ]
 
 # `python -m trainer.export --format=onnx`: tf2onnx converts, onnxruntime checks the result.

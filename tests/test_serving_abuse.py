@@ -14,6 +14,7 @@ import threading
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from serve_helpers import LiveServer, make_job_dir, request
 
 from trainer.serving import backends, batcher, completions
@@ -253,7 +254,20 @@ def test_logprobs_keep_their_rows_admitted_until_scored_and_a_failed_score_is_on
     assert server.batcher._admitted == [0, 0] and request(server.url("/health"))[0] == 200
 
 
+def _left(server) -> dict[str, float]:
+    """/metrics' count of clients that left, by route."""
+    body = request(server.url("/metrics"))[1].decode()
+    counts = {"/predict": 0.0, "/v1/completions": 0.0}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if (sample.name == "char_lstm_requests_total"
+                    and sample.labels["status"] == "499" and sample.labels["route"] in counts):
+                counts[sample.labels["route"]] = sample.value
+    return counts
+
+
 def test_rows_of_a_client_that_leaves_stop_and_it_is_one_log_line(server, log):
+    before = _left(server)
     server.backend.delay = 0.05
     try:
         body = json.dumps({"instances": [{"prompt": "a", "length": 300}] * 4}).encode()
@@ -273,6 +287,10 @@ def test_rows_of_a_client_that_leaves_stop_and_it_is_one_log_line(server, log):
         server.backend.delay = 0.0
     messages = [r.getMessage() for r in log]
     assert sum("left" in m for m in messages) == 21, messages
+    # /metrics counts them as clients that left (499), not as answered 400s.
+    after = _left(server)
+    assert (after["/predict"] - before["/predict"],
+            after["/v1/completions"] - before["/v1/completions"]) == (1, 20)
     assert not any(r.exc_info or "Traceback" in r.getMessage() for r in log)
     assert request(server.url("/health"))[0] == 200
 

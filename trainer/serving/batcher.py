@@ -26,6 +26,7 @@ client learns at once instead of waiting behind it.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -75,6 +76,24 @@ class _Row:
         release()
 
 
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """What the batcher has done and holds, at one moment (`Batcher.stats`)."""
+
+    # Rows admitted and not yet ended, and the characters they asked for.
+    rows_admitted: int
+    chars_admitted: int
+    # Rows in the running batch.
+    rows_running: int
+    # Sampling calls, and how many calls ran with each number of rows.
+    calls: int
+    rows_per_call: dict[int, int]
+    # Tokens kept for rows, characters of text sent to them, tokens scored for logprobs.
+    tokens: int
+    chars: int
+    scored: int
+
+
 class UnavailableError(RuntimeError):
     """The server cannot take this request now (HTTP 503, or 429 for `OverloadedError`)."""
 
@@ -116,8 +135,11 @@ class Batcher:
         self._scoring: queue.Queue[tuple[list[np.ndarray], concurrent.futures.Future]] = (
             queue.Queue())
         self._stop = threading.Event()
-        self.calls = 0  # Sampling calls made, for tests and the benchmark.
-        self.rows_per_call: list[int] = []
+        self.calls = 0  # Sampling calls made.
+        # Calls by their number of rows (bounded: at most max_batch keys).
+        self.rows_per_call: collections.Counter[int] = collections.Counter()
+        # Tokens kept for rows, characters sent to them, tokens scored; rows running.
+        self._tokens = self._chars = self._scored = self._running = 0
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
@@ -125,6 +147,13 @@ class Batcher:
     def alive(self) -> bool:
         """Whether the worker thread runs (it ends only on `close` or a bug)."""
         return self._thread.is_alive() and not self._stop.is_set()
+
+    def stats(self) -> Stats:
+        """A snapshot of the counters, for /metrics (read from any thread)."""
+        with self._lock:
+            rows, chars = self._admitted
+        return Stats(rows, chars, self._running, self.calls, dict(self.rows_per_call),
+                     self._tokens, self._chars, self._scored)
 
     @property
     def saturated(self) -> bool:
@@ -245,6 +274,7 @@ class Batcher:
                 continue
             try:
                 future.set_result(self.backend.score(rows))
+                self._scored += sum(max(0, len(r) - 1) for r in rows)
             except Exception as err:  # noqa: BLE001 - the request hears of it.
                 future.set_exception(err)
 
@@ -317,11 +347,14 @@ class Batcher:
                     else:
                         logits, states = new_logits, tuple(new_states)
                     rows += new
+                self._running = len(rows)
                 rows, logits, states = self._step(rows, logits, states)
+                self._running = len(rows)
             except Exception as err:  # noqa: BLE001 - a failed call ends its rows, not the server.
                 for row in rows + new:
                     row.send(None, err)
                 rows, logits, states = [], None, None
+                self._running = 0
         stopping = UnavailableError("the server is shutting down")
         for row in rows:
             row.send(None, stopping)
@@ -349,12 +382,15 @@ class Batcher:
             run_logits, run_states, self.block, step0, seeds, row_arrays(settings),
             Rule.for_rows(settings))
         self.calls += 1
-        self.rows_per_call.append(n)
+        self.rows_per_call[n] += 1
         keep = []
         for i, row in enumerate(rows):
             row.done += self.block
+            tokens = row.output.tokens
             text = row.output.feed(ids[i])
+            self._tokens += row.output.tokens - tokens
             if text:
+                self._chars += len(text)
                 row.send(text)
             if row.output.done:
                 row.send(None)

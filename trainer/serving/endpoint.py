@@ -16,7 +16,7 @@ from trainer.errors import UserError
 # The server's own routes, beside the health and predict routes: at the root, and under
 # each OpenAI prefix (trainer.serving.routes, completions and tokenize register them).
 TOKENIZER_ROUTES = ("/tokenize", "/detokenize")
-ROOT_ROUTES = ("/", "/info", "/stream", "/openapi.json", *TOKENIZER_ROUTES)
+ROOT_ROUTES = ("/", "/info", "/metrics", "/stream", "/openapi.json", *TOKENIZER_ROUTES)
 PREFIXED_ROUTES = ("/completions", "/models", "/chat/completions", *TOKENIZER_ROUTES)
 
 

@@ -8,6 +8,7 @@ Routes (the first two named by Vertex AI's AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE)
                   then `event: done` with the settings (or `event: error`)
   GET  /info      the model's name, config, best checkpoint, tokenizer and the request
                   limits
+  GET  /metrics   Prometheus metrics (`trainer.serving.metrics`)
   GET  /          a page to try the model in a browser
   /v1/...         OpenAI's completions API (`trainer.serving.completions`), also under
                   a second prefix (KServe's /openai/v1)
@@ -34,10 +35,17 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
-from trainer.serving import completions, page, schemas, tokenize
+from trainer.serving import completions, metrics, page, schemas, tokenize
 from trainer.serving.batcher import Batcher, UnavailableError
 from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
 from trainer.serving.transport import (
@@ -129,6 +137,7 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
     @app.exception_handler(ClientGoneError)
     async def gone(request: Request, err: ClientGoneError) -> Response:
         LOG.warning("%s %s: %s", request.method, request.url.path, err)
+        request.state.client_gone = True  # Counted as such by /metrics.
         return Response(status_code=400)  # Nobody reads it.
 
     @app.exception_handler(HTTPException)
@@ -150,6 +159,16 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
     @app.get("/info")
     async def describe() -> dict[str, Any]:
         return info
+
+    registry = CollectorRegistry()
+    registry.register(metrics.BatcherCollector(batcher, info))
+    app.add_middleware(metrics.RequestMetrics, registry=registry)
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus' text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def scrape() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> HTMLResponse:
