@@ -152,8 +152,9 @@ class Batcher:
         """A snapshot of the counters, for /metrics (read from any thread)."""
         with self._lock:
             rows, chars = self._admitted
-        return Stats(rows, chars, self._running, self.calls, dict(self.rows_per_call),
-                     self._tokens, self._chars, self._scored)
+            sizes = dict(self.rows_per_call)
+        return Stats(rows, chars, self._running, self.calls, sizes, self._tokens, self._chars,
+                     self._scored)
 
     @property
     def saturated(self) -> bool:
@@ -382,7 +383,8 @@ class Batcher:
             run_logits, run_states, self.block, step0, seeds, row_arrays(settings),
             Rule.for_rows(settings))
         self.calls += 1
-        self.rows_per_call[n] += 1
+        with self._lock:  # Copied by `stats` on another thread.
+            self.rows_per_call[n] += 1
         keep = []
         for i, row in enumerate(rows):
             row.done += self.block
