@@ -287,7 +287,10 @@ def test_rows_of_a_client_that_leaves_stop_and_it_is_one_log_line(server, log):
         assert server.batcher.calls - calls < 15  # 300 chars take 19 calls.
         for _ in range(20):  # Clients that hang up mid-body.
             _raw(server.port, _head("/v1/completions", 500) + b'{"prompt": "', close=True)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # A busy machine takes a while to notice them all.
+        while sum("left" in r.getMessage() for r in log) < 21 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # Room for any line too many.
     finally:
         server.backend.delay = 0.0
     messages = [r.getMessage() for r in log]

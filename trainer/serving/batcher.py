@@ -274,10 +274,12 @@ class Batcher:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self.backend.score(rows))
-                self._scored += sum(max(0, len(r) - 1) for r in rows)
+                scores = self.backend.score(rows)
             except Exception as err:  # noqa: BLE001 - the request hears of it.
                 future.set_exception(err)
+                continue
+            self._scored += sum(max(0, len(r) - 1) for r in rows)  # Counted before it is heard.
+            future.set_result(scores)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stops the worker; rows still running end with an error.
@@ -350,7 +352,6 @@ class Batcher:
                     rows += new
                 self._running = len(rows)
                 rows, logits, states = self._step(rows, logits, states)
-                self._running = len(rows)
             except Exception as err:  # noqa: BLE001 - a failed call ends its rows, not the server.
                 for row in rows + new:
                     row.send(None, err)
@@ -394,6 +395,8 @@ class Batcher:
             if text:
                 self._chars += len(text)
                 row.send(text)
+            if row.output.done or row.cancelled:
+                self._running -= 1  # Before the client hears that its row ended.
             if row.output.done:
                 row.send(None)
             elif row.cancelled:
