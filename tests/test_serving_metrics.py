@@ -69,6 +69,12 @@ def test_metrics_count_requests_rows_tokens_and_calls(server):
     assert grew("char_lstm_batch_rows_sum") > calls  # The two instances shared calls.
     assert after[("char_lstm_batch_rows_bucket", (("le", "+Inf"),))] == after[
         ("char_lstm_batch_rows_count", ())]
+    # The stream's first event came before its end.
+    stream = (("route", "/stream"),)
+    assert grew("char_lstm_first_byte_seconds_count", stream) == 1
+    assert 0 < grew("char_lstm_first_byte_seconds_sum", stream) < grew(
+        "char_lstm_request_seconds_sum", stream)
+    assert after[("process_resident_memory_bytes", ())] > 50e6  # TensorFlow is loaded.
     assert after[("char_lstm_rows_admitted", ())] == 0
     assert after[("char_lstm_rows_running", ())] == 0
     assert after[("char_lstm_chars_admitted", ())] == 0

@@ -7,6 +7,8 @@ Every server has its own registry (`prometheus_client`); names start `char_lstm_
                                            status (`499`: the client left first)
   char_lstm_request_seconds{route}         histogram: from the request's arrival to
                                            the last byte of its answer (a stream's end)
+  char_lstm_first_byte_seconds{route}      histogram: to the first byte of the answer's
+                                           body (a stream's first event: its first text)
   char_lstm_rows_admitted                  rows admitted and not yet ended (waiting,
                                            running, or being scored for logprobs)
   char_lstm_chars_admitted                 the characters those rows asked for; with
@@ -19,6 +21,8 @@ Every server has its own registry (`prometheus_client`); names start `char_lstm_
   char_lstm_chars_generated_total          characters of text sent to rows
   char_lstm_scored_tokens_total            tokens scored for `logprobs`
   char_lstm_model_info{name, tokenizer, kind}   1, labelled with what is served
+  process_*                                the server process's memory, CPU seconds,
+                                           open files (prometheus_client's own)
 
 The batcher's figures are read when /metrics is scraped (`BatcherCollector`), so its
 worker thread does no metrics work; the request figures come from an ASGI middleware
@@ -105,16 +109,22 @@ class RequestMetrics:
         self.seconds = Histogram("char_lstm_request_seconds",
                                  "Seconds from a request's arrival to its answer's last byte.",
                                  ["route"], buckets=SECONDS_BUCKETS, registry=registry)
+        self.first_byte = Histogram("char_lstm_first_byte_seconds",
+                                    "Seconds from a request's arrival to its answer's first "
+                                    "body byte.", ["route"], buckets=SECONDS_BUCKETS,
+                                    registry=registry)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start, status = time.perf_counter(), [CLIENT_GONE]
+        start, status, first = time.perf_counter(), [CLIENT_GONE], []
 
         async def sending(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = str(message["status"])
+            elif message["type"] == "http.response.body" and message.get("body") and not first:
+                first.append(time.perf_counter() - start)
             await send(message)
 
         try:
@@ -126,3 +136,5 @@ class RequestMetrics:
                 status[0] = CLIENT_GONE
             self.requests.labels(label, status[0]).inc()
             self.seconds.labels(label).observe(time.perf_counter() - start)
+            if first:
+                self.first_byte.labels(label).observe(first[0])

@@ -42,7 +42,12 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.exceptions import HTTPException
 
 from trainer.serving import completions, metrics, page, schemas, tokenize
@@ -162,6 +167,7 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
 
     registry = CollectorRegistry()
     registry.register(metrics.BatcherCollector(batcher, info))
+    ProcessCollector(registry=registry)
     app.add_middleware(metrics.RequestMetrics, registry=registry)
 
     @app.get("/metrics", response_class=PlainTextResponse,
