@@ -35,6 +35,8 @@ import pytest
 
 from trainer import storage
 
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "storage_emulator.py")
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -57,7 +59,8 @@ class Emulator:
         if self._proc is not None:
             return
         # Disk mode (no --in-memory): objects persist in data_dir across stop()/start().
-        cmd = [sys.executable, "-m", "gcp_storage_emulator", "-d", self.data_dir]
+        # Through tests/storage_emulator.py: every file the emulator writes is replaced whole.
+        cmd = [sys.executable, str(LAUNCHER), "-d", self.data_dir]
         cmd += ["start", "--host", "127.0.0.1", "--port", str(self.port), "-q"]
         with open(self._log_path, "ab") as log:
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -72,11 +75,10 @@ class Emulator:
     def stop(self) -> None:
         """Stops the emulator; the port then refuses connections until start().
 
-        The emulator rewrites its whole metadata file (`.meta`) on every change, in place;
-        a stop that lands during a write (a job uploading while a test cuts the bucket off)
-        leaves it truncated, and no later start() could read it. The last complete copy
-        read before the stop is put back then: the write in flight is lost, as an upload
-        cut off by an outage would be.
+        Its files are replaced whole (tests/storage_emulator.py), so a stop leaves its
+        metadata file (`.meta`) readable. Should it ever be left truncated all the same,
+        the last complete copy read before the stop is put back, so that start() can
+        read it.
         """
         proc, self._proc = self._proc, None
         if proc is None:
