@@ -41,8 +41,8 @@ by the rest of that token (`tokens.OutputText`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+import functools
+from collections.abc import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -51,7 +51,9 @@ import tensorflow as tf
 from trainer import models
 from trainer.data.tokenization import Tokenizer
 from trainer.data.vocabulary import OOV_ID
+from trainer.sampling import scoring
 from trainer.sampling.next_char import Rule, Settings, choose, row_arrays, row_seeds, seed_keys
+from trainer.sampling.scoring import Scores, score_rows
 from trainer.sampling.tokens import (
     OOV_MODES,
     EncodedPrompt,
@@ -63,60 +65,18 @@ from trainer.sampling.tokens import (
 )
 from trainer.sampling.utf8 import tables_of
 
-__all__ = ["OOV_MODES", "STREAM_BLOCK", "TOP_LOGPROBS", "EncodedPrompt", "Sampler", "Scores",
-           "Settings", "check_oov", "encode_prompt", "pad_prompts", "score_rows", "start_id"]
+__all__ = ["OOV_MODES", "STREAM_BLOCK", "EncodedPrompt", "Sampler", "Settings", "check_oov",
+           "encode_prompt", "pad_prompts", "start_id"]
 
 # Ids per compiled call when streaming: small enough to show progress,
 # large enough that the Python round trip costs little next to the steps.
 STREAM_BLOCK = 64
-# The most alternatives `scores` gives per position (OpenAI's completions allow 5).
-TOP_LOGPROBS = 5
 # Plain sampling: no greedy rows, no filters.
 SAMPLE = Rule()
 # XLA fuses the per-char ops that dominate small steps, but its CPU matmuls lose once a
 # step is arithmetic-bound: measured 0.83x the graph executor at 64 rows x 512 units,
 # 1.24x at 64 x 256 and 1.2-3.2x below (BENCHMARKS-history.md). Larger batches run without it.
 XLA_MAX_ROW_UNITS = 32_768
-
-
-class Scores(NamedTuple):
-    """A row's log-probabilities from `Sampler.score`: position t is the id at t + 1."""
-
-    # (positions,) float32: the model's log-probability of each id.
-    logprobs: np.ndarray
-    # (positions, k) int32 / float32: the k likeliest ids at each position, best first.
-    top_ids: np.ndarray
-    top_logprobs: np.ndarray
-
-    @classmethod
-    def empty(cls, vocab: int) -> Scores:
-        k = min(TOP_LOGPROBS, vocab)
-        return cls(np.zeros(0, np.float32), np.zeros((0, k), np.int32),
-                   np.zeros((0, k), np.float32))
-
-
-def score_rows(rows: Sequence[np.ndarray], vocab: int,
-               run: Callable[[np.ndarray], Sequence[np.ndarray]]) -> list[Scores]:
-    """Scores rows of different lengths in one call: right-padded, then split per row.
-
-    Args:
-      rows: id arrays.
-      vocab: the tokenizer's size.
-      run: (batch, time) int32 ids -> (logprobs, top ids, top logprobs) NumPy, as
-        `Sampler.scores` (or an exported `score` signature) gives them.
-
-    Returns:
-      One `Scores` per row, of len(row) - 1 positions.
-    """
-    width = max((len(r) for r in rows), default=0)
-    if width < 2:
-        return [Scores.empty(vocab) for _ in rows]
-    ids = np.zeros((len(rows), width), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-    chosen, top_ids, top_values = run(ids)
-    return [Scores(chosen[i, :len(r) - 1], top_ids[i, :len(r) - 1], top_values[i, :len(r) - 1])
-            for i, r in enumerate(rows)]
 
 
 class Sampler:
@@ -156,7 +116,8 @@ class Sampler:
             self._utf8_masks = tf.constant(self.utf8.mask() + oov_mask[None, :])
         self._feed = tf.function(self.feed, reduce_retracing=True)
         self._steps = tf.function(self.steps, reduce_retracing=True)
-        self._scores = tf.function(self.scores, reduce_retracing=True)
+        self._scores = tf.function(functools.partial(scoring.scores, self),
+                                   reduce_retracing=True)
         self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
 
     # --- Compiled internals. Public only because trainer.sampling.saved_model builds
@@ -223,52 +184,6 @@ class Sampler:
             return logits + self._oov_mask, tuple(new_states)
         state = tf.gather(self._utf8_next, states[-1] * self.tokenizer.size + ids)
         return logits + tf.gather(self._utf8_masks, state), (*new_states, state)
-
-    def scores(self, ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Internal: the model's log-probability of each id after the ids before it.
-
-        Rows start from zero states, as a prompt does; right padding (any id) only adds
-        positions the caller ignores. The log-probabilities are the model's own softmax
-        (temperature 1, no top-k/top-p, nothing masked), the figure the training loss and
-        `trainer.evaluate` average, so a text's sum is its log-likelihood.
-
-        Args:
-          ids: (batch, time) int32, time >= 1.
-
-        Returns:
-          (logprobs (batch, time - 1) of ids[:, 1:], top ids (batch, time - 1, k) int32
-          and their logprobs (batch, time - 1, k), k = min(TOP_LOGPROBS, vocab)), where
-          position t is the distribution after ids[:, :t + 1].
-        """
-        ids = tf.convert_to_tensor(ids, tf.int32)
-        batch, steps = tf.shape(ids)[0], tf.shape(ids)[1] - 1
-        k = min(TOP_LOGPROBS, self.tokenizer.size)
-        states = [tf.zeros([batch, layer.cell.units], layer.cell.compute_dtype)
-                  for layer in self.lstms for _ in "hc"]
-        arrays = (tf.TensorArray(tf.float32, size=steps, element_shape=[None]),
-                  tf.TensorArray(tf.int32, size=steps, element_shape=[None, k]),
-                  tf.TensorArray(tf.float32, size=steps, element_shape=[None, k]))
-
-        def body(t, states, chosen, top_ids, top_values):
-            logits, states = self._layers(ids[:, t], states)
-            logprobs = tf.nn.log_softmax(logits)
-            values, index = tf.math.top_k(logprobs, k)
-            picked = tf.gather(logprobs, ids[:, t + 1], axis=1, batch_dims=1)
-            return (t + 1, states, chosen.write(t, picked), top_ids.write(t, index),
-                    top_values.write(t, values))
-
-        _, _, chosen, top_ids, top_values = tf.while_loop(
-            lambda t, *_: t < steps, body, (tf.constant(0), states, *arrays),
-            parallel_iterations=1)
-
-        def stacked(array: tf.TensorArray, empty: list) -> tf.Tensor:
-            # Stacking an empty TensorArray of unknown row count fails: no steps is apart.
-            order = [1, 0, 2][:len(empty)]
-            return tf.cond(steps > 0, lambda: tf.transpose(array.stack(), order),
-                           lambda: tf.zeros(empty, array.dtype))
-
-        return (stacked(chosen, [batch, 0]), stacked(top_ids, [batch, 0, k]),
-                stacked(top_values, [batch, 0, k]))
 
     def steps(self, logits: tf.Tensor, states: tuple[tf.Tensor, ...], n: int | tf.Tensor,
               step0: tf.Tensor, seeds: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
@@ -436,7 +351,7 @@ class Sampler:
             `start_id` before text the model wrote from an empty prompt).
 
         Returns:
-          One `Scores` per row, of len(row) - 1 positions (see `scores`).
+          One `Scores` per row, of len(row) - 1 positions (see `scoring.scores`).
         """
         return score_rows(rows, self.tokenizer.size,
                           lambda ids: [t.numpy() for t in self._scores(tf.constant(ids))])

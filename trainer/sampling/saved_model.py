@@ -30,6 +30,7 @@ from trainer import storage
 from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.errors import UserError
+from trainer.sampling import scoring
 from trainer.sampling.next_char import MIN_TEMPERATURE, Rule
 from trainer.sampling.sampler import Sampler, start_id
 
@@ -71,8 +72,8 @@ class _Generator(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids")])
     def score(self, ids: tf.Tensor) -> dict[str, tf.Tensor]:
         """The model's log-probability of each id after those before it, and the likeliest
-        ids at each position (rows right-padded; see `Sampler.scores`)."""
-        logprobs, top_ids, top_logprobs = self._sampler.scores(ids)
+        ids at each position (rows right-padded; see `scoring.scores`)."""
+        logprobs, top_ids, top_logprobs = scoring.scores(self._sampler, ids)
         return {"logprobs": logprobs, "top_ids": top_ids, "top_logprobs": top_logprobs}
 
     def _pack(self, states: tuple[tf.Tensor, ...]) -> tf.Tensor:

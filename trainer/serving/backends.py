@@ -33,8 +33,9 @@ from trainer.data.tokenization import Tokenizer
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
 from trainer.sampling.next_char import Rule
-from trainer.sampling.sampler import Sampler, Scores, score_rows
+from trainer.sampling.sampler import Sampler
 from trainer.sampling.saved_model import EXTRA_DIR
+from trainer.sampling.scoring import Scores, score_rows
 from trainer.serving.request import RequestError
 
 

@@ -45,6 +45,7 @@ from trainer.sampling.sampler import STREAM_BLOCK, encode_prompt
 from trainer.sampling.tokens import OutputText
 from trainer.serving.backends import Backend
 from trainer.serving.request import Instance, RequestError
+from trainer.serving.scoring_jobs import ScoringJobs
 
 
 @dataclasses.dataclass
@@ -132,14 +133,13 @@ class Batcher:
         self._lock = threading.Lock()
         # Rows to start; None only wakes the worker for `_scoring`.
         self._pending: queue.Queue[_Row | None] = queue.Queue()
-        self._scoring: queue.Queue[tuple[list[np.ndarray], concurrent.futures.Future]] = (
-            queue.Queue())
+        self._scoring = ScoringJobs()
         self._stop = threading.Event()
         self.calls = 0  # Sampling calls made.
         # Calls by their number of rows (bounded: at most max_batch keys).
         self.rows_per_call: collections.Counter[int] = collections.Counter()
-        # Tokens kept for rows, characters sent to them, tokens scored; rows running.
-        self._tokens = self._chars = self._scored = self._running = 0
+        # Tokens kept for rows, characters sent to them; rows running.
+        self._tokens = self._chars = self._running = 0
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
@@ -154,7 +154,7 @@ class Batcher:
             rows, chars = self._admitted
             sizes = dict(self.rows_per_call)
         return Stats(rows, chars, self._running, self.calls, sizes, self._tokens, self._chars,
-                     self._scored)
+                     self._scoring.scored)
 
     @property
     def saturated(self) -> bool:
@@ -246,40 +246,16 @@ class Batcher:
         Returns:
           A future of one `Scores` per row (or the error).
         """
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        stopping = UnavailableError("the server is shutting down")
         if self._stop.is_set():
-            future.set_exception(UnavailableError("the server is shutting down"))
-        else:
-            self._scoring.put((list(rows), future))
-            self._pending.put(None)
-            if not self._thread.is_alive():  # Closed meanwhile: nobody would answer.
-                self._fail_scoring(UnavailableError("the server is shutting down"))
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_exception(stopping)
+            return future
+        future = self._scoring.put(rows)
+        self._pending.put(None)
+        if not self._thread.is_alive():  # Closed meanwhile: nobody would answer.
+            self._scoring.fail(stopping)
         return future
-
-    def _fail_scoring(self, err: BaseException) -> None:
-        while True:
-            try:
-                future = self._scoring.get_nowait()[1]
-            except queue.Empty:
-                return
-            if future.set_running_or_notify_cancel():
-                future.set_exception(err)
-
-    def _score_waiting(self) -> None:
-        while True:
-            try:
-                rows, future = self._scoring.get_nowait()
-            except queue.Empty:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                scores = self.backend.score(rows)
-            except Exception as err:  # noqa: BLE001 - the request hears of it.
-                future.set_exception(err)
-                continue
-            self._scored += sum(max(0, len(r) - 1) for r in rows)  # Counted before it is heard.
-            future.set_result(scores)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stops the worker; rows still running end with an error.
@@ -315,7 +291,7 @@ class Batcher:
         rows: list[_Row] = []
         logits = states = None
         while not self._stop.is_set():
-            self._score_waiting()
+            self._scoring.run(self.backend)
             if not rows:
                 try:
                     first = self._pending.get(timeout=0.1)
@@ -364,7 +340,7 @@ class Batcher:
             row = self._pending.get_nowait()
             if row is not None:
                 row.send(None, stopping)
-        self._fail_scoring(stopping)
+        self._scoring.fail(stopping)
 
     def _step(self, rows: list[_Row], logits: Any, states: tuple) -> tuple[list[_Row], Any, tuple]:
         """One call of `block` tokens for every row; returns the rows still running."""

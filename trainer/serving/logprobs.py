@@ -42,7 +42,8 @@ import numpy as np
 
 from trainer.data import tokenization
 from trainer.data.vocabulary import OOV_ID
-from trainer.sampling.sampler import TOP_LOGPROBS, Scores, start_id
+from trainer.sampling.sampler import start_id
+from trainer.sampling.scoring import TOP_LOGPROBS, Scores
 from trainer.serving.request import RequestError
 
 
