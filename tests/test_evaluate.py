@@ -79,6 +79,13 @@ def test_json_reports_both_modes_and_counts_the_oov_chars(job, test_text):
         assert mode["perplexity"] == pytest.approx(math.exp(mode["nats_per_char"]))
         assert 0 < mode["chars_scored"] < len(text) - report["oov_chars"] + 1
     assert carried["lanes"] == 4 and carried["nats_per_char"] != windowed["nats_per_char"]
+    # A --batch_size far too large for the text: fewer lanes, so that each lane's unscored
+    # remainder (less than one chunk) leaves at most a tenth of the text out.
+    huge = _evaluate(f"--job_dir={job}", f"--data={test_text}", "--format=json",
+                     "--batch_size=4096", "--seq_length=30")  # 21 lanes would score 49%.
+    assert huge.returncode == 0, huge.stderr[-3000:]
+    carried = json.loads(huge.stdout)["carried"]
+    assert carried["lanes"] < 4096 and carried["tokens_scored"] >= 0.9 * (len(text) - 1)
 
 
 def test_seq_length_scores_windows_of_another_length(job, test_text):

@@ -283,6 +283,25 @@ def test_auto_threads_run_ops_whole_and_two_at_once_only_on_a_small_cpu_machine(
         Config(train_data="t.txt", job_dir="j", inter_op_threads=-2).validate()
 
 
+def test_batch_parts_follow_the_ops_run_at_once_when_each_has_one_thread():
+    def parts(cpus, **flags):
+        cfg = Config(train_data="t.txt", job_dir="j", **flags).validate()
+        return distribution.batch_parts(cfg, cpus)
+
+    assert parts(2, intra_op_threads=1, inter_op_threads=2) == 2  # Auto on a small machine.
+    assert parts(1, intra_op_threads=1, inter_op_threads=2) == 1  # One core: nothing to gain.
+    assert parts(8, intra_op_threads=1, inter_op_threads=4) == 4
+    assert parts(2, intra_op_threads=0, inter_op_threads=0) == 1  # TensorFlow's pools.
+    assert parts(2, intra_op_threads=2, inter_op_threads=2) == 1  # Each op split already.
+    assert parts(2, intra_op_threads=1, inter_op_threads=1) == 1
+    # Training steps are cut only in float32.
+    for precision, want in (("float32", 2), ("mixed_bfloat16", 1), ("mixed_float16", 1)):
+        cfg = Config(train_data="t.txt", job_dir="j", intra_op_threads=1, inter_op_threads=2,
+                     precision=precision).validate()
+        assert distribution.batch_parts(cfg, 2, training=True) == want
+        assert distribution.batch_parts(cfg, 2) == 2
+
+
 def _one_cpu() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 

@@ -46,12 +46,15 @@ def setup(tmp_path):
     return cfg, vocab, model, regions, ids
 
 
-def test_windowed_scores_equal_each_window_from_a_zero_state(setup):
+# parts: each batch's rows cut into that many pieces run side by side (2 + 1 + 1 rows of 4
+# windows; 2 + 1 lanes of 3, their states put back together between chunks).
+@pytest.mark.parametrize("parts", [1, 3])
+def test_windowed_scores_equal_each_window_from_a_zero_state(setup, parts):
     cfg, vocab, model, regions, ids = setup
     batch = 4
     windows = [r[s:s + 26] for r in ids for s in range(0, len(r) - 25, 25)]
     steps = len(windows) // batch
-    totals = evaluation.Evaluator(tf.distribute.get_strategy(), model).windowed(
+    totals = evaluation.Evaluator(tf.distribute.get_strategy(), model, parts=parts).windowed(
         lambda ctx: window_pipeline.dataset(regions, vocab, cfg, batch_size=batch, shift=25,
                                            steps=steps, shuffle=False, repeat=False))
     scored = np.stack(windows[:steps * batch])
@@ -60,13 +63,14 @@ def test_windowed_scores_equal_each_window_from_a_zero_state(setup):
     assert totals[0] / totals[2] == pytest.approx(expected.mean(), rel=1e-5)
 
 
-def test_carried_scores_equal_each_lane_read_in_one_go(setup):
+@pytest.mark.parametrize("parts", [1, 2])
+def test_carried_scores_equal_each_lane_read_in_one_go(setup, parts):
     cfg, vocab, model, regions, ids = setup
     text = np.concatenate(ids)
     lanes = 3
     length = len(text) // lanes
     steps = lane_pipeline.lane_steps(regions, 25, lanes, window_pipeline.Sharding())
-    totals = evaluation.Evaluator(tf.distribute.get_strategy(), model).carried(
+    totals = evaluation.Evaluator(tf.distribute.get_strategy(), model, parts=parts).carried(
         lambda ctx: lane_pipeline.lanes_dataset(regions, vocab, cfg, batch_size=lanes,
                                                  steps=steps, repeat=False), lanes)
     # Each lane's text through the whole model at once: one long sequence from zero.

@@ -17,9 +17,10 @@ from conftest import SENTENCES
 from training_jobs import flags_of, free_port, metrics, read_json, start_task, tiny
 
 from trainer import models, storage
+from trainer.config import Config
 from trainer.data import vocabulary
 from trainer.errors import UserError
-from trainer.training import train
+from trainer.training import steps, train
 
 
 def _lane_corpus(tmp_path) -> tuple[str, str]:
@@ -142,3 +143,29 @@ def test_too_many_lanes_for_the_data_is_refused(corpus, tmp_path):
         train.train(tiny(corpus, tmp_path, batch_size=1024, carry_state=True))
     with pytest.raises(UserError, match="--carry_state needs --objective=sequence"):
         tiny(corpus, tmp_path, carry_state=True, objective="last")
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_a_step_cut_into_parts_computes_the_whole_batch_s_loss_gradients_and_states(carry):
+    """distribution.batch_parts: the rows' passes run side by side, the update is the same."""
+    cfg = Config(train_data="t.txt", job_dir="j", rnn_units=8, num_layers=2, embedding_dim=4,
+                 dropout=0.0, carry_state=carry, clipnorm=0.5).validate()
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 12, (5, 7)).astype("int32"), rng.integers(0, 12, (5, 7)).astype("int32")
+    reset = np.array([False, True, False, False, True])
+    results = []
+    for parts in (1, 3):  # 2 + 2 + 1 rows.
+        keras.utils.set_random_seed(0)
+        model = models.build_model(cfg, 12)
+        optimizer = keras.optimizers.Adam(0.05)
+        step = steps.train_step(cfg, tf.distribute.get_strategy(), model, optimizer, 5,
+                                parts=parts)
+        data = iter(tf.data.Dataset.from_tensors((x, y, reset) if carry else (x, y)).repeat())
+        states = tuple(tf.fill([5, 8], float(i) / 10) for i in range(4))
+        for _ in range(2):
+            sums, states = step(data, states) if carry else (step(data), states)
+        results.append((sums.numpy(), [s.numpy() for s in states], model.get_weights()))
+    (sums1, states1, weights1), (sums3, states3, weights3) = results
+    np.testing.assert_allclose(sums3, sums1, rtol=1e-5)
+    for a, b in zip(states1 + weights1, states3 + weights3, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

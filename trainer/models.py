@@ -16,6 +16,7 @@ reads every window from a zero state.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -102,6 +103,28 @@ def run_with_state(model: keras.Model, ids: tf.Tensor, states: tuple[tf.Tensor, 
         if f"dropout_{i}" in names:
             x = model.get_layer(f"dropout_{i}")(x, training=training)
     return model.get_layer("logits")(x), tuple(after)
+
+
+def split_rows(tensors: Sequence[tf.Tensor], parts: int) -> list[tuple[tf.Tensor, ...]]:
+    """The tensors cut alike along their first axis (their rows) into `parts` pieces.
+
+    Args:
+      tensors: tensors with the same number of rows.
+      parts: pieces wanted; the rows are shared out as evenly as they go (a piece may
+        have none when the count is known only at run time and is smaller).
+
+    Returns:
+      One tuple of `tensors`' pieces per part; [tuple(tensors)] for parts < 2.
+    """
+    rows = tensors[0].shape[0]
+    if parts < 2 or (rows is not None and rows < 2):
+        return [tuple(tensors)]
+    if rows is not None:
+        parts = min(parts, rows)
+    else:
+        rows = tf.shape(tensors[0])[0]
+    sizes = [(rows + parts - 1 - i) // parts for i in range(parts)]
+    return list(zip(*(tf.split(t, sizes) for t in tensors), strict=True))
 
 
 def metrics(totals: np.ndarray) -> dict[str, float]:

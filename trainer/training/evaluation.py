@@ -40,19 +40,28 @@ class Evaluator:
       objective: the job's objective; carried scoring is always 'sequence'.
       skip_oov: leave out-of-vocabulary targets out of the scores.
       token_chars: characters each id covers (`Tokenizer.token_chars`); None: one.
+      parts: rows of each batch are cut into this many parts, run side by side
+        (`distribution.batch_parts`): with each op on one thread, one forward pass is a
+        chain of small products that keeps one core busy; the sums are the same.
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model,
-                 objective: str = "sequence", skip_oov: bool = False, token_chars=None):
+                 objective: str = "sequence", skip_oov: bool = False, token_chars=None,
+                 parts: int = 1):
         self.strategy, self.model = strategy, model
 
         def windowed(x, y):
-            return models.loss_sums(y, model(x, training=False), objective, skip_oov,
-                                    token_chars)[1]
+            return tf.add_n([models.loss_sums(b, model(a, training=False), objective,
+                                              skip_oov, token_chars)[1]
+                             for a, b in models.split_rows((x, y), parts)])
 
         def carried(x, y, states):
-            logits, states = models.run_with_state(model, x, states, training=False)
-            return models.loss_sums(y, logits, "sequence", skip_oov, token_chars)[1], states
+            sums, after = [], []
+            for a, b, *part in models.split_rows((x, y, *states), parts):
+                logits, part = models.run_with_state(model, a, tuple(part), training=False)
+                sums.append(models.loss_sums(b, logits, "sequence", skip_oov, token_chars)[1])
+                after.append(part)
+            return tf.add_n(sums), tuple(tf.concat(list(s), 0) for s in zip(*after))
 
         @tf.function
         def windowed_step(x, y):
@@ -91,7 +100,8 @@ class Evaluator:
 
 def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
                 model: keras.Model, batch_size: int = 0,
-                strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
+                strategy: tf.distribute.Strategy | None = None, parts: int = 1
+                ) -> dict[str, Any]:
     """Scores a model on text files both ways, leaving out-of-vocabulary targets out.
 
     Args:
@@ -104,6 +114,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
         shorter than one lane step; `chars_scored` and `tokens_scored` say how much
         each scored.
       strategy: default: the current (default) strategy.
+      parts: `Evaluator`'s.
 
     Returns:
       {"files", "chars", "tokens", "tokenizer", "oov_chars", "oov_distinct",
@@ -117,7 +128,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
     """
     strategy = strategy or tf.distribute.get_strategy()
     corpus = index.build(list(paths), [], lowercase=cfg.lowercase,
-                         piece_bytes=cfg.piece_bytes)
+                         piece_bytes=cfg.piece_bytes, names=("scored", "scored"))
     index.count_tokens(corpus, tok)
     chars = sum(f.chars for f in corpus.files)
     tokens = sum(sum(f.lengths()) for f in corpus.files)
@@ -134,7 +145,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
     batch = max(1, min(batch_size or cfg.batch_size, windows))
     steps = -(-windows // batch)  # The last batch is padded: every window is scored.
     evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True,
-                          token_chars=tokenization.chars_table(tok))
+                          token_chars=tokenization.chars_table(tok), parts=parts)
     result: dict[str, Any] = {
         "files": sum(1 for f in corpus.files if f.chars), "chars": chars, "tokens": tokens,
         "tokenizer": tok.kind, "oov_chars": sum(missing.values()),
@@ -145,12 +156,16 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
         regions, tok, cfg, batch_size=batch, shift=cfg.seq_length, steps=steps,
         shuffle=False, repeat=False)), f"{cfg.seq_length}-{unit[:-1]} windows from a zero state",
         batch=batch)
-    lanes = batch
-    while lanes > 1 and lane_pipeline.lane_steps(regions, cfg.seq_length, lanes,
-                                                  window_pipeline.Sharding()) < 1:
+    # Fewer lanes when each lane's remainder (shorter than one chunk, not scored) would
+    # leave more than a tenth of the text out: a --batch_size too large for the text.
+    def steps_of(lanes: int) -> int:
+        return lane_pipeline.lane_steps(regions, cfg.seq_length, lanes,
+                                        window_pipeline.Sharding())
+
+    lanes, text = batch, sum(r.length for r in regions) - 1
+    while lanes > 1 and lanes * steps_of(lanes) * cfg.seq_length < 0.9 * text:
         lanes //= 2
-    lane_steps = lane_pipeline.lane_steps(regions, cfg.seq_length, lanes,
-                                           window_pipeline.Sharding())
+    lane_steps = steps_of(lanes)
     if lane_steps:
         carried_cfg = cfg.replace(objective="sequence")
         result["carried"] = _summary(evaluator.carried(

@@ -24,27 +24,35 @@ SUM = tf.distribute.ReduceOp.SUM
 
 def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model,
                optimizer: keras.optimizers.Optimizer, global_batch: int,
-               average: WeightAverage | None = None, token_chars=None):
+               average: WeightAverage | None = None, token_chars=None, parts: int = 1):
     """The windowed step `step(iterator) -> sums`, or with --carry_state the carried
     step `step(iterator, states) -> (sums, states)`; either updates `average` after
     the optimizer's step.
 
     The loss is the mean over each row's targets, averaged over the global batch;
-    `token_chars` (the tokenizer's) makes the sums count characters too.
+    `token_chars` (the tokenizer's) makes the sums count characters too. `parts`: each
+    replica's rows are cut into that many pieces whose passes run side by side
+    (`distribution.batch_parts`), the same loss and gradients.
     """
+
+    def part_losses(x, y, states):
+        if states is None:
+            logits, after = model(x, training=True), None
+        else:
+            logits, after = models.run_with_state(model, x, states, training=True)
+        losses, sums = models.loss_sums(y, logits, cfg.objective, token_chars=token_chars)
+        return tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), -1), sums, after
 
     def gradients(x, y, states):
         with tf.GradientTape() as tape:
-            if states is None:
-                logits, after = model(x, training=True), None
-            else:
-                logits, after = models.run_with_state(model, x, states, training=True)
-            losses, sums = models.loss_sums(y, logits, cfg.objective,
-                                            token_chars=token_chars)
-            per_row = tf.reshape(losses, [tf.shape(losses)[0], -1])
-            loss = tf.nn.compute_average_loss(tf.reduce_mean(per_row, -1),
-                                              global_batch_size=global_batch)
+            outs = [part_losses(a, b, tuple(part) if states is not None else None)
+                    for a, b, *part in models.split_rows((x, y, *(states or ())), parts)]
+            per_row = tf.concat([o[0] for o in outs], 0)
+            loss = tf.nn.compute_average_loss(per_row, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
+        sums = tf.add_n([o[1] for o in outs])
+        after = (None if states is None else
+                 tuple(tf.concat(list(s), 0) for s in zip(*(o[2] for o in outs))))
         return tape.gradient(scaled, model.trainable_variables), sums, after
 
     # XLA compiles the forward and backward pass of each replica. The iterator, the

@@ -231,9 +231,13 @@ class _Inputs:
     def train_steps(self, trainable: Trainable, step: int):
         """(the training iterator, a function running one step) from `step` on."""
         cfg, plan, strategy = self.cfg, self.plan, self.strategy
+        parts = distribution.batch_parts(cfg, training=True), distribution.batch_parts(cfg)
+        if max(parts) > 1:
+            logging.info("each batch's rows run in parts side by side, one op per core: %d "
+                         "in training, %d in validation", *parts)
         train_step = steps.train_step(cfg, strategy, trainable.model, trainable.optimizer,
                                       cfg.batch_size * self.place.replicas, trainable.average,
-                                      tokenization.chars_table(plan.tokenizer))
+                                      tokenization.chars_table(plan.tokenizer), parts[0])
         if cfg.carry_state:
             train_iter = iter(strategy.distribute_datasets_from_function(
                 self._lanes(plan.train_regions, plan.pass_steps, step, True, cfg.batch_size)))
@@ -249,7 +253,8 @@ class _Inputs:
         if not plan.val_steps:
             return dict
         evaluator = evaluation.Evaluator(self.strategy, model, cfg.objective,
-                                         token_chars=tokenization.chars_table(plan.tokenizer))
+                                         token_chars=tokenization.chars_table(plan.tokenizer),
+                                         parts=distribution.batch_parts(cfg))
         windows = self._windows(plan.val_regions, cfg.seq_length, plan.val_steps, False, 0,
                                 False, plan.val_batch)
         lanes = plan.val_lanes and self._lanes(plan.val_regions, plan.val_lane_steps, 0, False,
