@@ -299,3 +299,40 @@ def test_early_stopping_stops_after_the_patience_and_a_rerun_stays_stopped(
     assert train.train(cfg) == {}
     assert len(metrics(tmp_path)) == 3 and _latest_step(str(tmp_path)) == 6
     assert any("the job stopped early" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stop_during_an_epoch_s_last_steps_still_validates_that_epoch(shards, tmp_path):
+    """A 3-step epoch is read back only at its end (READBACK_STEPS is 10), so a signal that
+    comes while it trains is seen at its last step: the job validates and reports the
+    epoch, then stops, and the resume goes on with the next one: no epoch left out."""
+    job = str(tmp_path / "job")
+    metrics_file = os.path.join(job, "metrics.jsonl")
+
+    def args(epochs: int) -> list[str]:
+        # Steps of a wider model: the epoch trains longer than it validates and saves.
+        return _args(f"{shards}/*.txt", job, f"--epochs={epochs}", "--steps_per_epoch=3",
+                     "--val_steps=1", "--sample_length=0", "--checkpoint_every_steps=0",
+                     "--rnn_units=512", "--batch_size=32")
+
+    with open(tmp_path / "first.log", "w") as log:
+        proc = _start(args(400), log)
+        try:
+            # Epoch 2 reported and saved: epoch 3 is training.
+            _wait_for(lambda: _lines(metrics_file) >= 2 and _latest_step(job) >= 6, proc=proc)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 143
+        finally:
+            proc.kill()
+    output = _read(tmp_path / "first.log")
+    stopped_at = int(output.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    done = stopped_at // 3
+    assert stopped_at % 3 == 0 and _latest_step(job) == stopped_at
+
+    def epochs() -> list[int]:
+        return [json.loads(line)["epoch"] for line in _read(metrics_file).splitlines()]
+
+    assert epochs() == list(range(1, done + 1)), output[-2000:]
+    result = _run(args(done + 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {stopped_at}" in result.stderr
+    assert epochs() == list(range(1, done + 3))

@@ -146,7 +146,8 @@ def test_xla_and_mixed_precision_steps_train(corpus, tmp_path, monkeypatch):
 
 
 
-def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monkeypatch):
+def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monkeypatch,
+                                                           caplog):
     """shards.json lets a restart skip the full scan; a changed shard is read again."""
     folder = tmp_path / "data"
     folder.mkdir()
@@ -182,6 +183,14 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     names, chars_now, _ = prepare()
     assert names == ["part-2.txt"]
     assert chars_now == chars + len("the end. ") * 20
+    assert "not in this job's vocabulary" not in caplog.text  # No new characters.
+    # New characters in a changed shard: said, since they train as the unknown id.
+    with open(folder / "part-1.txt", "a") as f:
+        f.write("\u65e5\u672c " * 10)
+    prepare()
+    assert ("2 character(s) of the new or changed training text (" in caplog.text
+            and "'\u65e5\u672c') are not in this job's vocabulary" in caplog.text)
+    chars_now += len("\u65e5\u672c ") * 10
     # A shard gone: nothing to read, and the record forgets it.
     part3 = next(sum(p[2] for p in s["pieces"]) for s in recorded
                  if s["path"].endswith("part-3.txt"))

@@ -77,6 +77,7 @@ def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement
 
     def tokenizer_for(corpus: index.Index) -> tokenization.Tokenizer:
         if saved:
+            _warn_new_chars(made["tokenizer"], corpus.counts)
             return made["tokenizer"]
         if base:
             made["chars"] = (init_from.vocabulary(cfg, base, corpus.counts)
@@ -116,6 +117,19 @@ def scan_corpus(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement
     return Corpus(made["chars"], tok, train_regions, val_regions, chars, tokens)
 
 
+def _warn_new_chars(tok: tokenization.Tokenizer, counts) -> None:
+    """On a resume: says how much of the text read again (files new or changed since the
+    job's scan) its vocabulary lacks, which trains as the unknown-character id."""
+    lacking = tok.missing("".join(counts))
+    if lacking:
+        share = sum(counts[c] for c in lacking) / max(sum(counts.values()), 1)
+        logging.warning("%d character(s) of the new or changed training text (%.1f%% of it, "
+                        "e.g. %r) are not in this job's vocabulary: they train as the "
+                        "unknown-character id; to learn them, start a new job, or one that "
+                        "fine-tunes this one (--init_from)", len(lacking), 100 * share,
+                        "".join(lacking[:20]))
+
+
 def _train_bpe(cfg: Config, corpus: index.Index, place: Placement, combine
                ) -> tokenization.BpeTokenizer:
     """Trains the BPE tokenizer on the chief, from a sample of the training text, and
@@ -141,6 +155,7 @@ def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
     corpus = scan_corpus(cfg, job, strategy, place, base)
     train_regions, val_regions = corpus.train_regions, corpus.val_regions
     sharding = window_pipeline.Sharding(place.worker, place.num_workers)
+    unit = "chars" if corpus.tokenizer.kind == "char" else f"{corpus.tokenizer.kind} tokens"
     global_batch = cfg.batch_size * place.replicas
     lanes_per_worker = cfg.batch_size * place.replicas_per_worker
     if cfg.carry_state:
@@ -148,7 +163,7 @@ def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
                                               sharding)
         if pass_steps < 1:
             raise UserError(f"the training data is too short for {global_batch} lanes of more "
-                            f"than {cfg.seq_length} chars each (--carry_state)")
+                            f"than {cfg.seq_length} {unit} each (--carry_state)")
     else:
         pass_steps = window_pipeline.steps_per_pass(train_regions, cfg.window, cfg.shift,
                                                     cfg.batch_size, place.replicas_per_worker,
@@ -169,7 +184,7 @@ def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
         most = max(window_pipeline.windows_per_worker(val_regions, cfg.window, cfg.seq_length,
                                                       place.num_workers))
         if most < 1:
-            raise UserError(f"the validation data holds no window of {cfg.window} chars")
+            raise UserError(f"the validation data holds no window of {cfg.window} {unit}")
         val_batch = max(1, min(cfg.batch_size, -(-most // place.replicas_per_worker)))
         val_steps = -(-most // (val_batch * place.replicas_per_worker))
         val_steps = min(val_steps, cfg.val_steps or val_steps)
@@ -180,7 +195,7 @@ def plan_data(cfg: Config, job: checkpoints.JobDir, strategy, place: Placement,
                     val_lanes, val_lane_steps)
     reading = (f"{lanes_per_worker} contiguous lanes per worker, state carried"
                if cfg.carry_state else
-               f"windows of {cfg.window} chars every {cfg.shift} chars ('{cfg.objective}')")
+               f"windows of {cfg.window} {unit} every {cfg.shift} ('{cfg.objective}')")
     logging.info("vocabulary: %d ids; training text: %d chars in %d region(s); %s; %d "
                  "steps/epoch; %d validation steps (windowed), %d carried over %d lanes",
                  corpus.tokenizer.size, corpus.train_chars, len(train_regions), reading,

@@ -225,6 +225,11 @@ class Loop:
             bar.update(step - epoch * per_epoch, list(metrics(totals).items()))
             self.progress["step"].assign(step)
             self.agree(stop)
+            if self.stop_by and step % per_epoch == 0:
+                # The epoch's last step: saved now, then `run` validates and reports the
+                # epoch before it stops, so a resume does not skip the epoch's validation.
+                self.resume.save(step, epoch)
+                break
             if self.stop_by:
                 self._stop(stop, step, epoch)
             if self.out_of_time():
