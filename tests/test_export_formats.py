@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 from absl import flags
 from serve_helpers import ROOT, VOCAB, make_job_dir
 
-from trainer import export
+from trainer import config, export
 from trainer.errors import UserError
 from trainer.sampling import onnx_export
 from trainer.sampling.sampler import Sampler, Settings
@@ -97,13 +98,14 @@ def test_onnx_steps_like_the_keras_model(exported):
     assert described["checked_relative_difference"] < 1e-4
     session = onnxruntime.InferenceSession(str(onnx_dir / "model.onnx"))
     assert [i.name for i in session.get_inputs()] == described["inputs"]
+    assert [o.name for o in session.get_outputs()] == described["outputs"]
 
     state = {}
 
     def step(i: int) -> np.ndarray:
         """One carried step under onnxruntime; the masked logits of the next char."""
-        logits, *after = session.run(described["outputs"],
-                                     {"ids": np.array([i], np.int32), **state})
+        # None: every output, in the graph's (the documented) order.
+        logits, *after = session.run(None, {"ids": np.array([i], np.int32), **state})
         state.update(zip(described["inputs"][1:], after, strict=True))
         logits[:, 0] = -np.inf
         return logits[0].astype(np.float64)
@@ -233,3 +235,24 @@ def test_web_export_to_a_bucket_serves_as_a_website(exported, gcs_bucket):
         blob.reload()
         types[name] = blob.content_type
     assert types["index.html"] == "text/html" and "javascript" in types["model.js"], types
+
+
+def test_published_exports_name_no_file_or_bucket_path(exported):
+    """A web page or ONNX folder goes to other people: its description keeps the model's
+    name, settings and best checkpoint, not where the job and its data lived."""
+    _, job_dir, web_dir, onnx_dir = exported
+    for path in (onnx_dir / "model.json", web_dir / "model.js"):
+        text = path.read_text()
+        assert job_dir not in text and '"job_dir"' not in text, path
+        assert not [f for f in config.PATH_FIELDS if f'"{f}"' in text], path
+        assert re.search(r'"rnn_units": ?16\b', text) and re.search(r'"name": ?"job"', text), path
+
+
+def test_serving_an_onnx_or_web_folder_says_what_it_is(exported):
+    from trainer.serving import backends
+
+    _, _, web_dir, onnx_dir = exported
+    for folder, kind in ((onnx_dir, "an ONNX export"), (web_dir, "a web page")):
+        with pytest.raises(UserError, match=f"holds {kind} .*serve its job directory or a "
+                                            "SavedModel export"):
+            backends.load_backend(str(folder))

@@ -23,6 +23,7 @@ from test_export_formats import CHROMIUM, DRIVER, _run_export, needs_chromium
 from training_jobs import tiny
 
 from trainer import checkpoints
+from trainer.data.tokenization import UNK_ID
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.sampling import step_model, web_export
 from trainer.sampling.sampler import Sampler, Settings, encode_prompt, start_id
@@ -99,6 +100,7 @@ def greedy(tok, prompt_ids: list[int], length: int, step, utf8: bool = True
     while len(text) < length:
         logits = np.array(logits, np.float64)
         logits[OOV_ID] = -np.inf
+        logits[[i for i, piece in enumerate(tok.pieces) if not piece]] = -np.inf  # <unk>
         if tables is not None:
             logits += tables.mask()[state]
         drawn.append(int(np.argmax(logits)))
@@ -178,19 +180,27 @@ def test_page_encodes_decodes_and_generates_like_python(jobs, browser, kind):
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 
+def _forced_page(model, tok, web_dir, folder, boosts: dict[int, float]) -> keras.Model:
+    """A copy of `model` whose logits' bias favours the ids of `boosts` by as much, exported
+    as a web page into `folder`."""
+    forced = keras.models.clone_model(model)
+    forced.set_weights(model.get_weights())
+    dense = forced.get_layer("logits")
+    bias = dense.bias.numpy()
+    for i, boost in boosts.items():
+        bias[i] += boost
+    dense.bias.assign(bias)
+    web_export.export(forced, tok, str(folder), chars=Vocabulary.load(
+        str(web_dir / "vocab.json")))
+    return forced
+
+
 @needs_chromium
 def test_bpe_page_never_draws_ids_that_break_utf8(jobs, browser, tmp_path):
     tok, model, web_dir = jobs[0]["bpe"]
-    forced = keras.models.clone_model(model)
-    forced.set_weights(model.get_weights())
     # A lone continuation byte comes first everywhere, a lone lead byte second.
-    dense = forced.get_layer("logits")
-    bias = dense.bias.numpy()
-    bias[tok.pieces.index(b"\x80")] += 100.0
-    bias[tok.pieces.index(b"\xe6")] += 50.0
-    dense.bias.assign(bias)
-    web_export.export(forced, tok, str(tmp_path), chars=Vocabulary.load(
-        str(web_dir / "vocab.json")))
+    forced = _forced_page(model, tok, web_dir, tmp_path, {tok.pieces.index(b"\x80"): 100.0,
+                                                          tok.pieces.index(b"\xe6"): 50.0})
     browser.get((tmp_path / "index.html").as_uri())
     run = browser.execute_script
     tables = tables_of(tok)
@@ -211,6 +221,28 @@ def test_bpe_page_never_draws_ids_that_break_utf8(jobs, browser, tmp_path):
         text = run("return window.charModel.generate(arguments[0], 80, "
                    "{temperature: 1.2, seed: arguments[1]})", PROMPT, seed)
         assert len(text) >= 80 and "\ufffd" not in text
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@needs_chromium
+def test_word_page_never_draws_unk_as_python_never_does(jobs, browser, tmp_path):
+    tok, model, web_dir = jobs[0]["word"]
+    # <unk> first everywhere: it writes nothing, so it is masked.
+    forced = _forced_page(model, tok, web_dir, tmp_path, {UNK_ID: 100.0})
+    browser.get((tmp_path / "index.html").as_uri())
+    run = browser.execute_script
+    assert run("return window.charModel.tokenizer.silent") == [UNK_ID]
+    sampler = Sampler(forced, tok)
+    expected, drawn = greedy(tok, encode_prompt(tok, PROMPT).ids.tolist(), 40,
+                             keras_stepper(forced))
+    assert UNK_ID not in drawn and len(expected) >= 40
+    assert run("return window.charModel.generate(arguments[0], 40, {temperature: 0})",
+               PROMPT) == expected == sampler.generate([PROMPT], 40, Settings(greedy=True))[0]
+    for seed in (1, 2):
+        tokens = run("return [...window.charModel.stream(arguments[0], 60, "
+                     "{temperature: 1.0, seed: arguments[1]})]", PROMPT, seed)
+        assert "" not in tokens  # Every id drawn wrote text: none was <unk>.
+        assert "".join(tokens) == sampler.generate([PROMPT], 60, Settings(1.0), seed=seed)[0]
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,6 +20,7 @@ from serve_helpers import (
     wait_ready,
 )
 
+from trainer.config import PATH_FIELDS
 from trainer.errors import UserError
 from trainer.sampling import saved_model
 from trainer.sampling.sampler import Sampler, Settings
@@ -55,6 +57,8 @@ def test_health_info_and_page(server):
     info = json.loads(request(server.url("/info"))[1])
     assert info["best"] == {"epoch": 3, "step": 30, "monitor": "val_loss", "value": 1.8765}
     assert info["config"]["rnn_units"] == 16 and info["vocab_size"] == VOCAB.size
+    # Nothing of where the job, its data or its exports live.
+    assert not {"path", "job_dir"} & set(info) and not set(PATH_FIELDS) & set(info["config"])
     assert info["logprobs"] is True
     status, page = request(server.url("/"))
     assert status == 200 and b"<textarea" in page and b"/stream" in page
@@ -176,11 +180,30 @@ def test_routes_that_would_hide_the_servers_own_are_refused(server, job):
                                             "of the server's own routes; choose another path")
 
 
+def test_a_port_in_use_is_one_line_before_the_model_loads(job):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = start_server([f"--model_dir={job[0]}", f"--port={port}"])
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            stop(proc)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{port}: Address already in use; choose another "
+        "--port or --host")
+    assert "loaded" not in err  # Refused before any model was read.
+
+
 def test_saved_model_serves_the_same_text(job, tmp_path, gcs_bucket, sampler):
     _, vocab, model, _ = job[0], VOCAB, job[1], None
     bucket = gcs_bucket()
     export_dir = f"{bucket}/models/char/1"
-    saved_model.export(model, vocab, export_dir, info={"best": {"value": 1.5}})
+    # Exported with --max_length=7: the server's blocks of 16 take three calls each, and
+    # the text is the same as one call's.
+    saved_model.export(model, vocab, export_dir, max_length=7, info={"best": {"value": 1.5}})
     backend = backends.load_backend(export_dir)
     assert backend.info["kind"] == "SavedModel" and backend.info["best"] == {"value": 1.5}
     running = LiveServer(batcher.Batcher(backend, max_batch=4, window_ms=50, block=16))

@@ -188,6 +188,17 @@ def test_errors_in_openai_shape(client, server):
     error = json.loads(body)["error"]
     assert status == 400 and error["type"] == "invalid_request_error" and "'#'" in error[
         "message"]
+    # The message's advice works here too: "oov": "skip" leaves the '#' out.
+    skipped = client.completions.create(model="job", prompt="a#", max_tokens=5, seed=4,
+                                        extra_body={"oov": "skip"})
+    plain = client.completions.create(model="job", prompt="a", max_tokens=5, seed=4)
+    assert skipped.choices[0].text == plain.choices[0].text
+    for extra, message in [({"seed": -1}, r"seed must be in \[0, "),
+                           ({"stream": "yes"}, "stream must be true or false"),
+                           ({"stream_options": "x"}, "stream_options must be an object"),
+                           ({"oov": "drop"}, "oov must be one of error, skip")]:
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model="job", prompt="a", extra_body=extra)
 
 
 def test_kserve_prefix(server, sampler):

@@ -70,8 +70,17 @@ def test_characters_no_training_text_held_are_refused_or_skipped():
         _ask(tokenize, chars, prompt="Quit Zen")
     out = _ask(tokenize, chars, prompt="Quit Zen", oov="skip", return_token_strs=True)
     assert out["skipped"] == ["Q", "Z"] and "".join(out["token_strs"]) == "uit en"
-    # A bpe model encodes any text.
-    assert "skipped" not in _ask(tokenize, TOKENIZERS["bpe"], prompt="Quiz \U0001f389")
+    # A bpe model encodes any text, but a lone surrogate (JSON's "\ud800") is not text.
+    bpe = TOKENIZERS["bpe"]
+    assert "skipped" not in _ask(tokenize, bpe, prompt="Quiz \U0001f389")
+    for tokenizer in TOKENIZERS.values():
+        with pytest.raises(RequestError, match=r"1 lone surrogate\(s\) \('\\ud800'\): bytes "
+                           r"that were not UTF-8.*\"oov\": \"skip\""):
+            _ask(tokenize, tokenizer, prompt="to\ud800be")
+        out = _ask(tokenize, tokenizer, prompt="to\ud800be", oov="skip")
+        assert out["skipped"] == ["\ud800"]
+    with pytest.raises(tokenization.UserError, match="1 lone surrogate"):
+        bpe.encode("A\udc80")
 
 
 @pytest.mark.parametrize("body, message", [

@@ -293,6 +293,18 @@ def incompatibilities(old: dict[str, Any], new: Config) -> list[str]:
             for k in MODEL_FIELDS if k in old and old[k] != getattr(new, k)]
 
 
+# The fields that name files or folders (local or gs://): what a served model or a
+# published export tells of its config leaves them out (`public_config`).
+PATH_FIELDS = ("train_data", "val_data", "init_from", "job_dir", "tensorboard_dir",
+               "model_dir", "local_dir")
+
+
+def public_config(values: dict[str, Any]) -> dict[str, Any]:
+    """A config's dict (`Config.to_dict`, or as a job's config.json holds it) without the
+    fields that name files or folders: a client or a page's reader has no use for them."""
+    return {k: v for k, v in values.items() if k not in PATH_FIELDS}
+
+
 def preset_path(name: str) -> str:
     """Finds configs/NAME.flags: in the working directory, the repo, or the installed package."""
     from importlib import resources

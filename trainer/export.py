@@ -63,7 +63,7 @@ itself: for bpe, the ids are those of the `tokenizers` library plus one
 comes out); for word, id 1 is `<unk>` (decodes to nothing), ids 2.. are the
 characters of vocab.json in its order, then the "words" of tokenizer.json in order,
 the text split by the word rule recorded there (a word outside the list is `<unk>`
-then its characters). Normalise prompts as the training text was (`\r\n` -> `\n`,
+then its characters). Normalise prompts as the training text was (`\\r\\n` -> `\\n`,
 lowercased if vocab.json says so). `trainer.serve` does all of this for you, and
 counts its `max_tokens`/length in characters again.
 """
@@ -71,6 +71,7 @@ counts its `max_tokens`/length in characters again.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import flags
@@ -104,10 +105,13 @@ def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
     # Imported here: --help should not wait for TensorFlow.
     from trainer import checkpoints, storage
+    from trainer.config import public_config
     from trainer.data.vocabulary import Vocabulary
     from trainer.errors import UserError
     from trainer.sampling import onnx_export, saved_model, web_export
 
+    if "://" not in fv.export_dir and os.path.isfile(fv.export_dir):
+        raise UserError(f"--export_dir={fv.export_dir} is a file; give a folder (new or empty)")
     if fv.format != "saved_model" and not fv.overwrite and storage.listdir(fv.export_dir):
         raise UserError(f"{fv.export_dir} is not empty; pass --overwrite to replace what it "
                         "holds, or choose a new folder")
@@ -128,7 +132,10 @@ def run(fv: flags.FlagValues) -> None:
         # A word or bpe job's characters (vocab.json) travel beside its tokenizer.
         chars = tokenizer if cfg.tokenizer == "char" else Vocabulary.load(
             storage.join(fv.job_dir, "vocab.json"))
-        writer.export(model, tokenizer, fv.export_dir, {"name": name, **info}, chars)
+        # A page or an ONNX folder is published: it names no file or bucket path.
+        published = {**{k: v for k, v in info.items() if k != "job_dir"}, "name": name,
+                     "config": public_config(info["config"])}
+        writer.export(model, tokenizer, fv.export_dir, published, chars)
     print(f"exported {fv.format} to {fv.export_dir}", file=sys.stderr)
 
 

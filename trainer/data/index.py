@@ -120,7 +120,8 @@ class Region:
 def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,
          piece_bytes: int, known: dict[str, FileInfo] | None = None, worker: int = 0,
          num_workers: int = 1, combine: scan.Combine = scan.alone,
-         threads: int = 0, keep_words: int = 0) -> Index:
+         threads: int = 0, keep_words: int = 0,
+         names: tuple[str, str] = ("training", "validation")) -> Index:
     """Cuts the files into pieces and counts their characters, each byte read once.
 
     Args:
@@ -133,6 +134,7 @@ def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bo
       worker, num_workers: this process's share of the pieces to scan.
       combine: sums an array over all workers (every worker calls it the same times).
       threads: reading threads on this machine; 0 = one per CPU (at least 4).
+      names: what the warnings call the train and the val files.
       keep_words: count words too (`scan.scan_files`); 0 = do not.
 
     Returns:
@@ -158,7 +160,7 @@ def build(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bo
         threads=threads or scan.default_threads(), keep_words=keep_words)
     for info, result in zip(todo, scanned, strict=True):
         info.pieces, info.invalid_bytes, info.nul_chars = result.pieces, result.invalid, result.nul
-    _warn_about(todo)
+    _warn_about(todo, names)
     return Index(files, histogram, len(files) - len(todo), bytes_read, words)
 
 
@@ -209,8 +211,8 @@ def count_tokens(index: Index, tok, *, worker: int = 0, num_workers: int = 1,
     return True
 
 
-def _warn_about(files: Sequence[FileInfo]) -> None:
-    for split, what in (("train", "training"), ("val", "validation")):
+def _warn_about(files: Sequence[FileInfo], names: tuple[str, str]) -> None:
+    for split, what in zip(("train", "val"), names, strict=True):
         mine = [f for f in files if f.split == split]
         empty = [f.path for f in mine if f.chars == 0]
         if empty:

@@ -190,6 +190,9 @@ def _byte_symbols() -> dict[str, int]:
     return symbols
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 class BpeTokenizer(_Tokens):
     """Byte-level BPE (the `tokenizers` library); ids are the library's plus one."""
 
@@ -229,6 +232,12 @@ class BpeTokenizer(_Tokens):
         return cls(hf.to_str(), lowercase)
 
     def encode(self, text: str) -> np.ndarray:
+        """Any text's ids; a lone surrogate (not a character, so no UTF-8 bytes) is refused."""
+        lone = self.missing(text)
+        if lone:
+            raise UserError(f"the text holds {len(lone)} lone surrogate(s) ("
+                            + ", ".join(repr(c) for c in lone[:5])
+                            + "): not characters, so not text a byte-level BPE can encode")
         ids = np.asarray(self.hf.encode(text, add_special_tokens=False).ids, np.int64) + 1
         return ids.astype(self.dtype)
 
@@ -236,7 +245,9 @@ class BpeTokenizer(_Tokens):
         return 0
 
     def missing(self, text: str) -> list[str]:
-        return []
+        """Only lone surrogates (U+D800-U+DFFF, from undecodable bytes or a JSON escape):
+        every character has UTF-8 bytes, they have none."""
+        return sorted(set(_SURROGATES.findall(text)), key=ord)
 
     def to_json(self) -> str:
         return self.hf_json

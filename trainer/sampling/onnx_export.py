@@ -69,10 +69,23 @@ def convert(model: keras.Model) -> bytes:
                         "'char-lstm-trainer[export]'") from err
     # Its INFO lines (versions, optimiser passes) would bury the door's one line of output.
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    step = step_model.step_function(step_model.step_weights(model))
+    weights = step_model.step_weights(model)
+    step = step_model.step_function(weights)
     proto, _ = tf2onnx.convert.from_function(step, input_signature=step.input_signature,
                                              opset=OPSET)
+    # The converter lists the outputs by name (c0_out before logits); put them in the
+    # documented order, so `logits, *states = session.run(None, feeds)` holds.
+    named = {o.name: type(o)() for o in proto.graph.output}
+    for o in proto.graph.output:
+        named[o.name].CopyFrom(o)
+    del proto.graph.output[:]
+    proto.graph.output.extend(named[n] for n in output_names(weights))
     return proto.SerializeToString()
+
+
+def output_names(weights: step_model.StepWeights) -> list[str]:
+    """The graph's outputs, in order: the logits, then each layer's h and c."""
+    return ["logits"] + [f"{n}_out" for n in step_model.state_names(weights)]
 
 
 def check(model: keras.Model, onnx_bytes: bytes, seed: int = 0) -> float:
@@ -101,7 +114,7 @@ def check(model: keras.Model, onnx_bytes: bytes, seed: int = 0) -> float:
               for i in range(2 * len(weights.lstms))]
     session = onnxruntime.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     names = step_model.state_names(weights)
-    got = session.run(["logits"] + [f"{n}_out" for n in names],
+    got = session.run(output_names(weights),
                       {"ids": ids, **dict(zip(names, states, strict=True))})
     logits, new_states = step_model.keras_step(model, ids, states)
     worst = 0.0
@@ -133,7 +146,7 @@ def export(model: keras.Model, vocab: tokenization.Tokenizer, export_dir: str,
     weights = step_model.step_weights(model)
     names = step_model.state_names(weights)
     described = {**(info or {}), "format": "onnx", "opset": OPSET,
-                 "inputs": ["ids", *names], "outputs": ["logits"] + [f"{n}_out" for n in names],
+                 "inputs": ["ids", *names], "outputs": output_names(weights),
                  "units": weights.units, "vocab_size": vocab.size,
                  "checked_relative_difference": difference}
     note = token_export.ids_note(vocab)

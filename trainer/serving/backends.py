@@ -125,8 +125,12 @@ class SamplerBackend(Backend):
 class SavedModelBackend(Backend):
     """An exported SavedModel, through its `begin` and `advance` signatures."""
 
-    def __init__(self, loaded: Any, tokenizer: Tokenizer, info: dict[str, Any]):
-        """Serves `loaded` (from `tf.saved_model.load`), whose tokenizer is `tokenizer`."""
+    def __init__(self, loaded: Any, tokenizer: Tokenizer, info: dict[str, Any],
+                 max_length: int = 0):
+        """Serves `loaded` (from `tf.saved_model.load`), whose tokenizer is `tokenizer`;
+        `max_length`: the most ids its `advance` draws per call (the export's
+        --max_length), 0 for no limit."""
+        self._max_length = max_length
         self._begin = loaded.signatures["begin"]
         self._advance = loaded.signatures["advance"]
         # Exports from before log-probabilities have no `score`.
@@ -149,10 +153,19 @@ class SavedModelBackend(Backend):
         return out["logits"], (out["states"],)
 
     def advance(self, logits, states, n, step0, seeds, rows, rule):
-        out = self._advance(logits=logits, states=states[0], n=tf.constant(n, tf.int32),
-                            steps=tf.constant(step0, tf.int32), seeds=tf.constant(seeds, tf.int64),
-                            **{k: tf.constant(v) for k, v in rows.items()})
-        return out["ids"].numpy(), out["logits"], (out["states"],)
+        # An export draws at most its --max_length ids per call: a longer block is drawn in
+        # several calls, each continuing the rows' step counts, so the text is the same.
+        settings = {k: tf.constant(v) for k, v in rows.items()}
+        drawn, step0, seeds = [], np.asarray(step0, np.int32), tf.constant(seeds, tf.int64)
+        while True:
+            k = min(n, self._max_length) if self._max_length else n
+            out = self._advance(logits=logits, states=states[0], n=tf.constant(k, tf.int32),
+                                steps=tf.constant(step0), seeds=seeds, **settings)
+            drawn.append(out["ids"].numpy())
+            logits, states = out["logits"], (out["states"],)
+            n, step0 = n - k, step0 + k
+            if n <= 0:
+                return np.concatenate(drawn, axis=1), logits, states
 
     def check_score(self):
         if self._score is None:
@@ -254,6 +267,11 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
     """
     path = path.rstrip("/")
     if not storage.exists(storage.join(path, "saved_model.pb")):
+        for name, kind in (("model.onnx", "an ONNX export"), ("charmodel.js", "a web page")):
+            if storage.exists(storage.join(path, name)):
+                raise UserError(f"{path} holds {kind} (trainer.export --format=...), which "
+                                "this server does not load: serve its job directory or a "
+                                "SavedModel export")
         cfg, tokenizer, model, pointer = checkpoints.load_job(path, checkpoint)
         return SamplerBackend(Sampler(model, tokenizer, jit_compile=jit_compile),
                               _job_info(path, cfg, pointer))
@@ -292,7 +310,9 @@ def _load_saved_model(path: str, local: str) -> SavedModelBackend:
         logging.warning("%s was exported before bpe graphs kept each row's UTF-8 state: it "
                         "may draw bytes that form no character (U+FFFD in the text); export "
                         "it again with this version's trainer.export", path)
-    backend = SavedModelBackend(loaded, tokenizer, info)
+    limit = model_info.get("max_length")
+    backend = SavedModelBackend(loaded, tokenizer, info,
+                                limit if isinstance(limit, int) and limit > 0 else 0)
     if not backend.can_score:
         logging.info("%s was exported without a 'score' signature: completions with "
                      "logprobs get 400 (export it again to have them)", path)

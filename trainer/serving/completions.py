@@ -17,8 +17,10 @@ is a string or a list of them; `temperature` (0: greedy), `top_p`, `n`, `seed`
 (choice i uses seed + i), `stop` (up to 4 strings; the text ends before the
 first, with finish_reason "stop"), `echo` (the prompt, as sent, starts each
 choice's text; a stream sends it as the choice's first chunk) and `logprobs` (0 to
-5 alternatives per token, not streamed: `trainer.serving.logprobs`) are honoured;
-`suffix` is refused; other fields are ignored, as OpenAI's servers do. Errors are
+5 alternatives per token, not streamed: `trainer.serving.logprobs`) are honoured,
+and so is this server's `oov` ("error", or "skip" to leave out the prompt's characters
+the model never saw, as on /predict); `suffix` is refused; other fields are ignored,
+as OpenAI's servers do. Errors are
 `{"error": {"message", "type", "param", "code"}}`, inside a stream too.
 """
 
@@ -97,7 +99,8 @@ def error_body(status: int, message: str) -> dict[str, Any]:
 
 
 def _choice_seed(seed: Any, index: int) -> Any:
-    if seed is None or isinstance(seed, bool) or not isinstance(seed, int) or seed > MAX_SEED:
+    if (seed is None or isinstance(seed, bool) or not isinstance(seed, int)
+            or not 0 <= seed <= MAX_SEED):
         return seed  # Checked (or drawn) by parse_instance.
     return (seed + index) % (MAX_SEED + 1)
 
@@ -147,6 +150,9 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
     if data.get("suffix") not in (None, ""):
         raise RequestError("suffix is not supported")
     flag(data, "echo")
+    flag(data, "stream")
+    if not isinstance(data.get("stream_options"), dict | None):
+        raise RequestError("stream_options must be an object")
     logprobs.parse(data)
     length = data.get("max_tokens", 16)
     length = 16 if length is None else length
@@ -154,7 +160,8 @@ def parse_completion(body: bytes, limits: Limits, rng: random.Random
         raise RequestError(f"max_tokens (characters) must be at most {limits.max_length}")
     temperature = data.get("temperature", 1.0)
     fields = {"length": length, "temperature": 1.0 if temperature is None else temperature,
-              "top_p": 1.0 if data.get("top_p") is None else data["top_p"]}
+              "top_p": 1.0 if data.get("top_p") is None else data["top_p"],
+              "oov": data.get("oov", "error")}
     if fields["temperature"] == 0 and not isinstance(fields["temperature"], bool):
         fields = {**fields, "temperature": 1.0, "greedy": True}
     instances = []

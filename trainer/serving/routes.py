@@ -50,6 +50,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException
 
+from trainer.config import public_config
 from trainer.serving import completions, metrics, page, schemas, tokenize
 from trainer.serving.batcher import Batcher, UnavailableError
 from trainer.serving.request import Limits, RequestError, parse_predict, parse_stream
@@ -107,7 +108,8 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
     app = FastAPI(title="char-lstm", docs_url=None, redoc_url=None)
     rng = random.Random(seed)
     # No file system or bucket paths: a client has no use for them.
-    info = {**{k: v for k, v in batcher.backend.info.items() if k != "path"},
+    info = {**{k: v for k, v in batcher.backend.info.items() if k not in ("path", "job_dir")},
+            "config": public_config(batcher.backend.info.get("config", {})),
             "tokenizer": batcher.backend.tokenizer.kind,
             "vocab_size": batcher.backend.tokenizer.size,
             "limits": {"max_length": limits.max_length,

@@ -69,6 +69,10 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    oov: Literal["error", "skip"] = Field(
+        "error", description="This server's: 'skip' leaves out the prompt's characters "
+        "that the model's vocabulary lacks instead of refusing the request.")
+    stream_options: dict[str, Any] | None = None
 
 
 class TokenizeRequest(BaseModel):

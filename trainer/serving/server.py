@@ -16,6 +16,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import uvicorn
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from trainer.errors import UserError
 
 # The Host names of loopback; starlette keeps an IPv6 literal's brackets ("[::1]:8080").
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -232,6 +235,7 @@ def serve(app: Any, network: Network, load: Any = None) -> None:
         the server stops and the error is raised here.
     """
     server = uvicorn.Server(config(app, network))
+    sock = listen(network)
     failure: list[BaseException] = []
     if load is not None:
         def loader() -> None:
@@ -242,6 +246,23 @@ def serve(app: Any, network: Network, load: Any = None) -> None:
                 server.should_exit = True
 
         threading.Thread(target=loader, name="load-model", daemon=True).start()
-    server.run()
+    with sock:
+        server.run(sockets=[sock])
     if failure:
         raise failure[0]
+
+
+def listen(network: Network) -> socket.socket:
+    """A socket bound to `network`'s address, for uvicorn to serve on; a port in use or an
+    address this machine lacks is one UserError line rather than uvicorn's log and exit."""
+    family = socket.AF_INET6 if ":" in network.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((network.host, network.port))
+    except OSError as err:
+        sock.close()
+        where = f"[{network.host}]" if family == socket.AF_INET6 else network.host
+        raise UserError(f"cannot listen on {where}:{network.port}: "
+                        f"{err.strerror or err}; choose another --port or --host") from err
+    return sock

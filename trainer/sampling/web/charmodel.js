@@ -21,7 +21,8 @@
  *   z = x kernel + h recurrent_kernel + bias;  c' = s(f) c + s(i) tanh(c_gate);
  *   h' = s(o) tanh(c'),  with s the logistic sigmoid,
  * each layer's h' feeding the next, and h' logits.kernel + logits.bias the logits.
- * The out-of-vocabulary id 0 is never drawn. A word or bpe model's page loads
+ * The out-of-vocabulary id 0 is never drawn, nor a word model's <unk> (it writes no
+ * text; an unknown word's letters are drawn one by one). A word or bpe model's page loads
  * tokenizer.js before this file; the length asked for counts characters of output, and
  * generation stops at the first token that reaches it. A bpe page draws only ids whose
  * bytes continue the text as valid UTF-8 (the tokenizer's utf8 rule, as in Python).
@@ -34,7 +35,7 @@
  * Seeds are integers from 0 to 2^53 - 1, the integers a JavaScript number holds.
  *
  * window.charModel is the API (and what the tests drive): newState(), step(id,
- * state) -> logits (id 0 set to -Infinity), encode(text, skip) -> {ids, missing},
+ * state) -> logits (the ids never drawn set to -Infinity), encode(text, skip) -> {ids, missing},
  * probabilities(ids) -> the next-char probabilities after each id, fed from a zero
  * state, stream(prompt, length, options) -> an iterator of the text of each id drawn
  * (one char each for a char model; "" for a bpe id that ends inside a char), and
@@ -145,6 +146,9 @@
       // A word or bpe model: its ids come from the tokenizer, not from the chars.
       this.tokenizer = spec.tokenizer ? window.charTokenizer.create(spec.tokenizer) : null;
       if (this.tokenizer) this.vocabSize = this.tokenizer.size;
+      // Never drawn, as in Python: the out-of-vocabulary id, and any id whose text is
+      // empty (a word model's <unk>, which only announces a spelled-out word).
+      this.never = [0, ...(this.tokenizer ? this.tokenizer.silent : [])];
       this.embedding = tensor(spec.embedding);
       this.embeddingDim = spec.embedding.shape[1];
       let inputs = this.embeddingDim;
@@ -212,7 +216,7 @@
         for (let k = 0; k < u; k++) s += this.logitsKernel[v * u + k] * x[k];
         logits[v] = s;
       }
-      logits[0] = -Infinity; // The out-of-vocabulary id is never drawn.
+      for (const id of this.never) logits[id] = -Infinity;
       return logits;
     }
 
@@ -278,7 +282,9 @@
       const decoder = this.tokenizer.decoder(), rule = this.tokenizer.utf8;
       let chars = 0, pending = 0;
       if (rule) for (const id of prompt) pending = rule.after(pending, id);
-      for (let t = 0; chars < length; t++) {
+      // As in Python (tokens.MAX_IDS_PER_CHAR): at most 4 ids per char asked, so a
+      // model that kept drawing ids without text could not hold the page forever.
+      for (let t = 0; chars < length && t < 4 * length; t++) {
         if (rule) logits = rule.mask(logits, pending);
         const id = choose(logits, key, t, o.temperature, o.top_k, o.top_p);
         if (rule) pending = rule.after(pending, id);

@@ -30,8 +30,9 @@
  *
  * window.charTokenizer.create(spec) -> {kind, size, encode(text) -> ids, missing(text)
  * -> chars a word model cannot encode exactly, decoder() -> {feed(id) -> text,
- * flush() -> text}, utf8: null for word, for bpe {after(state, id) -> state,
- * mask(logits, state) -> the logits with the ids not allowed set to -Infinity}}.
+ * flush() -> text}, silent: the ids with no text (a word model's <unk>), utf8: null for
+ * word, for bpe {after(state, id) -> state, mask(logits, state) -> the logits with the ids
+ * not allowed set to -Infinity}}.
  */
 "use strict";
 
@@ -140,8 +141,10 @@
     const made = spec.kind === "word" ? wordTokenizer(spec, pieces) :
       spec.kind === "bpe" ? bpeTokenizer(spec, pieces) : null;
     if (!made) throw new Error(`model.js has an unknown tokenizer kind ${spec.kind}`);
+    // Ids with no text of their own (a word model's <unk>): the page never draws them.
+    const silent = pieces.flatMap((p, id) => (id !== spec.oov_id && !p.length ? [id] : []));
     return { kind: spec.kind, size: pieces.length, decoder: () => decoderOf(pieces), utf8: null,
-             ...made };
+             silent, ...made };
   }
 
   window.charTokenizer = { create };
