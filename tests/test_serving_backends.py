@@ -39,6 +39,14 @@ def test_job_files_that_point_outside_or_are_malformed_give_one_line(tmp_path):
     with pytest.raises(UserError, match="inside the job directory"):
         backends.load_backend(str(job))
     (job / "best.json").write_text(json.dumps(best))
+    good = (job / "vocab.json").read_text()
+    # Another job's vocabulary (one char fewer): named, not a Keras loading error.
+    smaller = json.loads(good)
+    smaller["chars"], smaller["counts"] = smaller["chars"][:-1], smaller["counts"][:-1]
+    (job / "vocab.json").write_text(json.dumps(smaller))
+    with pytest.raises(UserError, match=r"holds weights for \d+ ids, but the job's vocab.json "
+                                        r"gives \d+: the files do not belong together"):
+        backends.load_backend(str(job))
     (job / "vocab.json").write_text('{"chars": 5')
     with pytest.raises(UserError) as err:
         backends.load_backend(str(job))

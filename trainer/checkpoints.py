@@ -335,9 +335,27 @@ def _load_job(job_dir: str, checkpoint: str | None
         record = pointer.get("files", {}).get(pointer.get("weights"))
         if record and not _matches(local, record):
             raise UserError(f"{checkpoint} does not match the size and checksum in {BEST}")
+        rows = _embedding_rows(local)
+        if rows is not None and rows != vocab.size:
+            source = "vocab.json" if cfg.tokenizer == "char" else f"its {tokenization.FILE}"
+            raise UserError(f"{checkpoint} holds weights for {rows} ids, but the job's "
+                            f"{source} gives {vocab.size}: the files do not belong together "
+                            "(copied from another job, or edited?)")
         try:
             model.load_weights(local)
         except (OSError, ValueError) as err:
             raise UserError(f"cannot load weights from {checkpoint}: "
                             f"{str(err).splitlines()[0]}") from err
     return cfg, vocab, model, pointer
+
+
+def _embedding_rows(local: str) -> int | None:
+    """The ids a Keras weights file's embedding has (None when it has none to read)."""
+    import h5py  # Keras's own dependency for .weights.h5.
+
+    try:
+        with h5py.File(local, "r") as f:
+            table = f.get("layers/embedding/vars/0")
+            return int(table.shape[0]) if table is not None else None
+    except OSError:
+        return None  # Not an HDF5 file: load_weights says so in its own words.
