@@ -115,6 +115,7 @@ def test_staggered_start_with_train_minutes_stops_every_worker_at_one_step(corpu
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     reached = [_step(r"--train_minutes=0.1 reached at step (\d+)", log) for log in logs]
     assert reached[0] == reached[1] == latest_step(job)
+    assert [log.count("reached at step") for log in logs] == [1, 1]  # Said once.
     assert _done(logs[0]) == _done(logs[1])
     # The clock is the job's, kept in the checkpoint: the rerun finds the time used up.
     codes, logs = _run(args, tmp_path, "rerun")

@@ -336,3 +336,11 @@ def test_a_stop_during_an_epoch_s_last_steps_still_validates_that_epoch(shards, 
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {stopped_at}" in result.stderr
     assert epochs() == list(range(1, done + 3))
+
+
+def test_the_time_limit_is_said_once(shards, tmp_path):
+    # Seen mid-epoch: the epoch is cut, validated, and the job ends, saying so once.
+    result = _run(_args(f"{shards}/*.txt", str(tmp_path / "job"), "--train_minutes=0.05",
+                        "--epochs=3", "--steps_per_epoch=100000", "--sample_length=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("--train_minutes=0.05 reached at step") == 1

@@ -109,6 +109,7 @@ class Loop:
         self.elapsed = float(progress["elapsed"].numpy())
         self.stop_by: str | None = None
         self.stale = int(progress["stale"].numpy())
+        self._time_logged = False
 
     def out_of_time(self) -> bool:
         """True once the agreed job clock passed --train_minutes."""
@@ -137,6 +138,9 @@ class Loop:
         self.stop_by = "SIGTERM" if sums[0] else ("SIGINT" if sums[1] else None)
 
     def _log_time_limit(self, step: int) -> None:
+        if self._time_logged:
+            return  # Seen at an epoch's last step, and again once its validation is done.
+        self._time_logged = True
         logging.info("--train_minutes=%g reached at step %d (%.0f s into the job)",
                      self.cfg.train_minutes, step, self.elapsed)
 
