@@ -127,6 +127,12 @@ def split_rows(tensors: Sequence[tf.Tensor], parts: int) -> list[tuple[tf.Tensor
     return list(zip(*(tf.split(t, sizes) for t in tensors), strict=True))
 
 
+def join_rows(parts: Sequence[Sequence[tf.Tensor]]) -> tuple[tf.Tensor, ...]:
+    """The inverse of `split_rows` for per-part tuples of tensors (each part's states):
+    each position's pieces put back together along the rows, in order."""
+    return tuple(tf.concat(list(pieces), 0) for pieces in zip(*parts))
+
+
 def metrics(totals: np.ndarray) -> dict[str, float]:
     """Per-token loss and accuracy, and nats and bits per character of the text, from
     [loss sum, correct, tokens, chars] (`loss_sums`; chars = tokens when absent).

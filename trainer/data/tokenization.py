@@ -193,6 +193,12 @@ def _byte_symbols() -> dict[str, int]:
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
+def lone_surrogates(text: str) -> list[str]:
+    """The distinct lone surrogates (U+D800-U+DFFF) in `text`, sorted: what undecodable
+    bytes or half of a JSON escape leave, which are not characters and have no UTF-8."""
+    return sorted(set(_SURROGATES.findall(text)), key=ord)
+
+
 class BpeTokenizer(_Tokens):
     """Byte-level BPE (the `tokenizers` library); ids are the library's plus one."""
 
@@ -247,7 +253,7 @@ class BpeTokenizer(_Tokens):
     def missing(self, text: str) -> list[str]:
         """Only lone surrogates (U+D800-U+DFFF, from undecodable bytes or a JSON escape):
         every character has UTF-8 bytes, they have none."""
-        return sorted(set(_SURROGATES.findall(text)), key=ord)
+        return lone_surrogates(text)
 
     def to_json(self) -> str:
         return self.hf_json

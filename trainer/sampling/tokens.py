@@ -83,7 +83,7 @@ def encode_prompt(tokenizer: tokenization.Tokenizer, text: str, oov: str = "erro
     text = normalise(text, tokenizer.lowercase)
     missing = tokenizer.missing(text)
     if missing and oov == "error":
-        lone = [c for c in missing if "\ud800" <= c <= "\udfff"]
+        lone = tokenization.lone_surrogates("".join(missing))
         if lone:  # Not characters at all: say so rather than blame the vocabulary.
             raise UserError(f"the prompt holds {len(lone)} lone surrogate(s) ("
                             + ", ".join(repr(c) for c in lone[:5]) + "): bytes that were not "

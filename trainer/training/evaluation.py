@@ -61,7 +61,7 @@ class Evaluator:
                 logits, part = models.run_with_state(model, a, tuple(part), training=False)
                 sums.append(models.loss_sums(b, logits, "sequence", skip_oov, token_chars)[1])
                 after.append(part)
-            return tf.add_n(sums), tuple(tf.concat(list(s), 0) for s in zip(*after))
+            return tf.add_n(sums), models.join_rows(after)
 
         @tf.function
         def windowed_step(x, y):
@@ -100,8 +100,7 @@ class Evaluator:
 
 def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
                 model: keras.Model, batch_size: int = 0,
-                strategy: tf.distribute.Strategy | None = None, parts: int = 1
-                ) -> dict[str, Any]:
+                strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
     """Scores a model on text files both ways, leaving out-of-vocabulary targets out.
 
     Args:
@@ -114,7 +113,6 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
         shorter than one lane step; `chars_scored` and `tokens_scored` say how much
         each scored.
       strategy: default: the current (default) strategy.
-      parts: `Evaluator`'s.
 
     Returns:
       {"files", "chars", "tokens", "tokenizer", "oov_chars", "oov_distinct",
@@ -145,7 +143,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
     batch = max(1, min(batch_size or cfg.batch_size, windows))
     steps = -(-windows // batch)  # The last batch is padded: every window is scored.
     evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True,
-                          token_chars=tokenization.chars_table(tok), parts=parts)
+                          token_chars=tokenization.chars_table(tok))
     result: dict[str, Any] = {
         "files": sum(1 for f in corpus.files if f.chars), "chars": chars, "tokens": tokens,
         "tokenizer": tok.kind, "oov_chars": sum(missing.values()),

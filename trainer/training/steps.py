@@ -51,8 +51,7 @@ def train_step(cfg: Config, strategy: tf.distribute.Strategy, model: keras.Model
             loss = tf.nn.compute_average_loss(per_row, global_batch_size=global_batch)
             scaled = optimizer.scale_loss(loss)
         sums = tf.add_n([o[1] for o in outs])
-        after = (None if states is None else
-                 tuple(tf.concat(list(s), 0) for s in zip(*(o[2] for o in outs))))
+        after = None if states is None else models.join_rows([o[2] for o in outs])
         return tape.gradient(scaled, model.trainable_variables), sums, after
 
     # XLA compiles the forward and backward pass of each replica. The iterator, the
