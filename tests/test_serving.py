@@ -228,6 +228,9 @@ def test_sigterm_stops_the_server_cleanly_under_vertex_environment(job):
         status, body = request(f"http://127.0.0.1:{port}/v1/predict",
                                {"instances": [{"prompt": "the", "length": 10, "seed": 1}]})
         assert status == 200 and len(json.loads(body)["predictions"][0]["text"]) == 10
+        # Vertex AI's routes keep the server's own error shape, under /v1/ as well.
+        status, body = request(f"http://127.0.0.1:{port}/v1/predict", {"instances": "x"})
+        assert status == 400 and isinstance(json.loads(body)["error"], str)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]

@@ -78,3 +78,18 @@ def test_metrics_count_requests_rows_tokens_and_calls(server):
     assert after[("char_lstm_rows_admitted", ())] == 0
     assert after[("char_lstm_rows_running", ())] == 0
     assert after[("char_lstm_chars_admitted", ())] == 0
+
+
+def test_an_internal_error_counts_as_500_not_as_a_client_that_left(server, monkeypatch):
+    from trainer.serving import tokenize
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(tokenize, "tokenize", broken)
+    before = _scrape(server)
+    code, body = request(server.url("/tokenize"), {"prompt": "the"})
+    assert code == 500 and "a bug" not in body.decode()
+    after = _scrape(server)
+    assert _requests(after, "/tokenize", "500") - _requests(before, "/tokenize", "500") == 1
+    assert _requests(after, "/tokenize", "499") == _requests(before, "/tokenize", "499")

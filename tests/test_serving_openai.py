@@ -199,6 +199,15 @@ def test_errors_in_openai_shape(client, server):
                            ({"oov": "drop"}, "oov must be one of error, skip")]:
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(model="job", prompt="a", extra_body=extra)
+    # Half of a character's JSON escape is not text: no answer (an echo, a skipped list,
+    # a stream's frames) could carry it back in UTF-8, so it is a 400 wherever it stands.
+    lone = {"prompt": "a\ud800", "oov": "skip", "echo": True, "max_tokens": 3}
+    for path, body in [("/v1/completions", lone), ("/v1/completions", {**lone, "stream": True}),
+                       ("/tokenize", {"prompt": "a\ud800", "oov": "skip"}),
+                       ("/v1/completions", {"prompt": "a", "stop": ["\udc80"]})]:
+        status, answer = request(server.url(path), body)
+        assert status == 400 and answer.count(b"\n") == 0, (path, answer)
+        assert "lone surrogate(s) ('\\ud" in json.loads(answer)["error"]["message"]
 
 
 def test_kserve_prefix(server, sampler):

@@ -88,3 +88,82 @@ def test_uploader_close_is_not_blocked_by_outage(tmp_path, gcs_bucket, gcs_emula
     while any(t.name == "close-test" for t in threading.enumerate()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_pointers_reach_the_bucket_after_the_files_they_name(tmp_path, gcs_bucket, gcs_emulator,
+                                                              monkeypatch):
+    """Three saves queued while the bucket is out of reach: when uploads catch up, every
+    latest.json that lands names only checkpoint files already in the bucket."""
+    import json
+
+    import tensorflow as tf
+
+    from trainer import checkpoints
+
+    bucket = gcs_bucket()
+    landed: set[str] = set()
+    broken: list[str] = []
+    real_copy, real_write = storage.copy_file, storage.write_bytes
+
+    def check(remote: str, data: bytes) -> None:
+        if remote.endswith("latest.json"):
+            for entry in json.loads(data)["checkpoints"]:
+                broken.extend(f"{entry['step']}:{n}" for n in entry["files"]
+                              if f"{bucket}/job/{n}" not in landed)
+        landed.add(remote)
+
+    def copy_file(src, dst, *args, **kwargs):
+        real_copy(src, dst, *args, **kwargs)
+        if storage.is_gcs(dst):
+            with open(src, "rb") as f:
+                check(dst, f.read())
+
+    def write_bytes(path, data, *args, **kwargs):
+        real_write(path, data, *args, **kwargs)
+        if storage.is_gcs(path):
+            check(path, data)
+
+    monkeypatch.setattr(storage, "copy_file", copy_file)
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    job = checkpoints.JobDir(f"{bucket}/job", local_dir=str(tmp_path / "staging"))
+    variable = tf.Variable(0.0)
+    resume = checkpoints.ResumeCheckpoints(job, tf.train.Checkpoint(v=variable), keep=2)
+    gcs_emulator.stop()
+    try:
+        for step in (500, 1000, 1500):
+            variable.assign(float(step))
+            resume.save(step, 0)
+    finally:
+        gcs_emulator.start()
+    assert job.close(timeout=60) == []
+    assert broken == []
+    pointer = json.loads(storage.read_text(f"{bucket}/job/ckpt/latest.json"))
+    assert [e["step"] for e in pointer["checkpoints"]] == [1500, 1000]
+
+
+def test_a_second_save_at_the_same_step_writes_over_nothing_latest_json_lists(tmp_path):
+    """A stop at an epoch's last step saves, validates, then saves that step again: the
+    first save's files stay as latest.json recorded them while the second is written."""
+    import json
+
+    import tensorflow as tf
+
+    from trainer import checkpoints
+
+    job = checkpoints.JobDir(str(tmp_path / "job"))
+    variable = tf.Variable(1.0)
+    resume = checkpoints.ResumeCheckpoints(job, tf.train.Checkpoint(v=variable), keep=2)
+    resume.save(10, 0)
+    (first,) = json.loads(job.read(checkpoints.LATEST))["checkpoints"]
+    variable.assign(2.0)
+    resume.save(10, 1)
+    entries = json.loads(job.read(checkpoints.LATEST))["checkpoints"]
+    assert [(e["prefix"], e["epoch"]) for e in entries] == [("ckpt/ckpt-10-2", 1),
+                                                             ("ckpt/ckpt-10", 0)]
+    assert entries[1] == first
+    for entry in entries:
+        for name, record in entry["files"].items():
+            assert checkpoints.file_record(str(tmp_path / "job" / name)) == record
+    variable.assign(0.0)
+    fresh = checkpoints.ResumeCheckpoints(job, tf.train.Checkpoint(v=variable), keep=2)
+    assert fresh.restore()["prefix"] == "ckpt/ckpt-10-2" and variable.numpy() == 2.0

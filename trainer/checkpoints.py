@@ -12,8 +12,8 @@ A job directory (local or gs://) holds:
 
 Everything is written to a local folder first (the job directory itself when
 it is local) and, for gs://, uploaded in the background in submission order.
-A pointer is submitted after the files it names, so a reader that only follows
-pointers never sees a partial checkpoint.
+A pointer is submitted after the files it names, with its text as it was then,
+so a reader that only follows pointers never sees a partial checkpoint.
 
 Only the chief writes the job directory. Every worker resumes from it (all hold
 the same variables): a local or NFS job directory is read in place, a gs:// one is
@@ -109,21 +109,35 @@ class JobDir:
             on_done()
 
     def write(self, name: str, text: str, on_done=None) -> None:
-        """Writes a small file atomically, staged and published."""
+        """Writes a small file atomically, staged and published.
+
+        The upload carries `text` itself, not the staged file as it is when its turn
+        comes: a pointer rewritten while uploads lag behind (a bucket out of reach)
+        must not reach the bucket before the files its newer version names.
+        """
         if not self.writer:
             return
         storage.write_text(self.local_path(name), text)
-        self.publish(name, on_done)
+        if self.uploader:
+            self.uploader.submit_bytes(self.remote_path(name), text.encode("utf-8"), on_done)
+        elif on_done:
+            on_done()
 
     def fetch(self, name: str) -> None:
-        """Copies `name` from a gs:// job directory into an empty staging folder.
+        """Makes the staged `name` the gs:// job directory's copy, or absent with it.
 
         Files the job appends to (metrics.jsonl) must continue the bucket's copy
-        when a job resumes on a fresh machine, not replace it.
+        when a job resumes, not replace it, and the bucket is the job's truth: the
+        staged copy may be stale (another machine ran the job since) or left by a run
+        whose job directory was deleted since.
         """
-        if self.remote and self.writer and not os.path.exists(self.local_path(name)):
+        if not (self.remote and self.writer):
+            return
+        try:
+            storage.copy_file(self.remote_path(name), self.local_path(name))
+        except FileNotFoundError:
             try:
-                storage.copy_file(self.remote_path(name), self.local_path(name))
+                os.remove(self.local_path(name))
             except FileNotFoundError:
                 pass
 
@@ -161,18 +175,28 @@ class ResumeCheckpoints:
         self.saved_step: int | None = None  # The step this process saved or restored last.
 
     def save(self, step: int, epoch: int) -> None:
-        """Writes ckpt-{step}; every worker must call this (it may use collectives)."""
-        prefix = f"ckpt/ckpt-{step}"
+        """Writes ckpt-{step}; every worker must call this (it may use collectives).
+
+        A second save at the same step (a stop at an epoch's last step saves before
+        the epoch's validation and again after it) goes to ckpt-{step}-2, ...: files
+        that latest.json lists are never written over.
+        """
+        prefix, taken = f"ckpt/ckpt-{step}", {e["prefix"] for e in self.entries}
+        copy = 1
+        while self.job.writer and prefix in taken:
+            copy += 1
+            prefix = f"ckpt/ckpt-{step}-{copy}"
+        base = os.path.basename(prefix) + "."
         self.checkpoint.write(self.job.local_path(prefix))
         self.saved_step = step
         if not self.job.writer:
             # Nobody reads these (every worker resumes from the chief's): keep the newest.
             for path in glob.glob(os.path.join(self.job.local, "ckpt", "ckpt-*")):
-                if not os.path.basename(path).startswith(f"ckpt-{step}."):
+                if not os.path.basename(path).startswith(base):
                     os.remove(path)
             return
         folder = os.path.dirname(self.job.local_path(prefix))
-        names = sorted(f"ckpt/{n}" for n in os.listdir(folder) if n.startswith(f"ckpt-{step}."))
+        names = sorted(f"ckpt/{n}" for n in os.listdir(folder) if n.startswith(base))
         entry = {"prefix": prefix, "step": step, "epoch": epoch, "time": time.time(),
                  "files": {n: file_record(self.job.local_path(n)) for n in names}}
         for name in names:

@@ -167,7 +167,8 @@ class Config:
     monitor: str = option(
         "val_loss", "Metric that picks the best checkpoint: val_loss (zero-state windows), "
         "val_carried_loss (state carried through the validation text); both fall back "
-        "to loss without validation.",
+        "to loss without validation. A resumed job must keep the measure its best.json "
+        "was chosen by.",
         choices=MONITORS)
     early_stopping_patience: int = option(
         0, "Stop the job after this many validations in a row without an improvement of "

@@ -43,9 +43,11 @@ class Uploader:
         """Queues a copy; the local file is read when the item is processed."""
         self._put(_Item(local_path, remote_path, None, on_done))
 
-    def submit_bytes(self, remote_path: str, data: bytes) -> None:
-        """Queues writing `data` to `remote_path` (same queue as submit)."""
-        self._put(_Item(f"<{len(data)} bytes>", remote_path, bytes(data), None))
+    def submit_bytes(self, remote_path: str, data: bytes,
+                     on_done: Callable[[], None] | None = None) -> None:
+        """Queues writing `data` to `remote_path` (same queue as submit): what is
+        written is `data` as it is now, whatever happens to it or to any file later."""
+        self._put(_Item(f"<{len(data)} bytes>", remote_path, bytes(data), on_done))
 
     def _put(self, item: _Item) -> None:
         with self._cond:

@@ -129,6 +129,12 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, sending)
+        except Exception:
+            # Answered 500 by the error handler outside this middleware, unless an
+            # answer had started already (then the client sees a cut response).
+            if status[0] == CLIENT_GONE:
+                status[0] = "500"
+            raise
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "other"

@@ -16,6 +16,7 @@ import math
 import random
 from typing import Any
 
+from trainer.data import tokenization
 from trainer.errors import UserError
 from trainer.sampling.next_char import Settings
 from trainer.sampling.sampler import check_oov
@@ -137,9 +138,16 @@ def flag(data: dict[str, Any], name: str) -> bool:
 
 
 def decode_json(body: bytes) -> Any:
-    """The request body as JSON; RequestError for anything that is not UTF-8 JSON."""
+    """The request body as JSON; RequestError for anything that is not UTF-8 JSON.
+
+    JSON's escapes can spell half of a character (`"\\ud800"`, a lone surrogate),
+    which is not text: no answer could carry it back in UTF-8, so it is refused
+    wherever it stands, whatever `oov` says.
+    """
     try:
-        return json.loads(body.decode("utf-8"))
+        data = json.loads(body.decode("utf-8"))
+        _refuse_lone_surrogates(data)
+        return data
     except UnicodeDecodeError as err:
         raise RequestError(f"the body is not UTF-8: {err.reason} at byte {err.start}") from err
     except ValueError as err:
@@ -147,6 +155,22 @@ def decode_json(body: bytes) -> Any:
                            ) from err
     except RecursionError as err:
         raise RequestError("the body's JSON is nested too deeply") from err
+
+
+def _refuse_lone_surrogates(value: Any, where: str = "the body") -> None:
+    if isinstance(value, str):
+        lone = tokenization.lone_surrogates(value)
+        if lone:
+            raise RequestError(f"{where} holds {len(lone)} lone surrogate(s) ("
+                               + ", ".join(repr(c) for c in lone[:5]) + "): half of a "
+                               "character's JSON escape, which is not text")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_lone_surrogates(key, "a field name")
+            _refuse_lone_surrogates(item, _short(key))
+    elif isinstance(value, list):
+        for item in value:
+            _refuse_lone_surrogates(item, where)
 
 
 def parse_predict(body: bytes, limits: Limits, rng: random.Random) -> list[Instance]:

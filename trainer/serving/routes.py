@@ -124,7 +124,9 @@ def create_app(batcher: Batcher, limits: Limits | None = None, health_route: str
 
     def error(request: Request, status: int, message: str) -> JSONResponse:
         retry = {"Retry-After": RETRY_AFTER} if status in (429, 503) else None
-        if (completions.is_openai_path(request.url.path, openai_prefixes)
+        # Vertex AI's default routes lie under /v1/endpoints/...: they keep this shape.
+        if request.url.path not in (health_route, predict_route) and (
+                completions.is_openai_path(request.url.path, openai_prefixes)
                 or request.url.path in openai_shaped):
             return JSONResponse(completions.error_body(status, message), status, headers=retry)
         return JSONResponse({"error": message}, status, headers=retry)

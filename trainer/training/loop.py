@@ -14,6 +14,11 @@ counts the validations since its best checkpoint last improved, that count goes
 through the same all-reduce to every worker and into the checkpoint
 (`progress["stale"]`), and every worker stops at the same epoch's end once it
 reaches the patience. A rerun restores the count and does not train further.
+
+A stop at an epoch's last step saves first, then validates and reports the epoch,
+then saves again. The first save keeps the epoch's training sums
+(`progress["pending"]`), so a job killed in between validates that epoch first when
+it resumes, rather than skip its validation, metrics line and best-checkpoint chance.
 """
 
 from __future__ import annotations
@@ -156,6 +161,7 @@ class Loop:
         summary: dict[str, Any] = {}
         with StopSignal() as stop:
             self.agree(stop)
+            summary = self._pending_epoch(step, stop)
             while step < total_steps:
                 if self.stop_by:
                     self._stop(stop, step, step // self.steps_per_epoch)
@@ -179,36 +185,53 @@ class Loop:
                                         self.elapsed)
                     break
                 epoch = step // self.steps_per_epoch
-                first, epoch_start = step, time.time()
-                step, totals = self._epoch(step, epoch, stop)
-                epoch_metrics = metrics(totals)
-                epoch_metrics["chars_per_sec"] = ((step - first) * self.chars_per_step
-                                                  / max(time.time() - epoch_start, 1e-9))
-                epoch_metrics["chars_trained"] = int(step * self.chars_per_step)
-                with self.averaged():
-                    epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
-                    # The clock after evaluation, for the rate logged with this epoch (the
-                    # budget schedule's); agreed again below, after sampling.
-                    self.agree(stop)
-                    epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
-                    improved = self.best.maybe_export(self.model, epoch + 1, step,
-                                                      epoch_metrics[self.cfg.monitor])
-                    # The chief's count is the job's: the next agreement hands it on.
-                    self.stale = 0 if improved else self.stale + 1
-                    self.progress["best"].assign(self.best.best)
-                    self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved,
-                                            self.best.best, self.optimizer)
-                # Agreed after evaluation and sampling, which take time: the checkpoint
-                # keeps that clock, and a signal that came meanwhile stops the job here.
-                self.agree(stop)
-                self.resume.save(step, epoch + 1)
-                summary = {"epoch": epoch + 1, "step": step, **epoch_metrics,
-                           "best": self.best.best}
+                step, totals, rate = self._epoch(step, epoch, stop)
+                summary = self._end_epoch(epoch, step, totals, rate, stop)
         return summary
 
-    def _epoch(self, step: int, epoch: int, stop: StopSignal) -> tuple[int, np.ndarray]:
-        """Trains to the end of `epoch` (or a stop); returns the step reached and loss sums."""
+    def _pending_epoch(self, step: int, stop: StopSignal) -> dict[str, Any]:
+        """Validates and reports an epoch that a stop saved before its validation (and
+        that was killed before the save after it); {} when there is none."""
+        pending = self.progress["pending"].numpy()
+        if not pending[2] or step % self.steps_per_epoch:
+            return {}
+        epoch = step // self.steps_per_epoch - 1
+        logging.info("epoch %d was saved before its validation: validating it now", epoch + 1)
+        return self._end_epoch(epoch, step, pending[:4], float(pending[4]), stop)
+
+    def _end_epoch(self, epoch: int, step: int, totals: np.ndarray, rate: float,
+                   stop: StopSignal) -> dict[str, Any]:
+        """Validation, the best checkpoint, the report and the resume checkpoint at the
+        end of `epoch` (0-based); returns the epoch's summary."""
+        epoch_metrics = metrics(totals)
+        epoch_metrics["chars_per_sec"] = rate
+        epoch_metrics["chars_trained"] = int(step * self.chars_per_step)
+        with self.averaged():
+            epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            # The clock after evaluation, for the rate logged with this epoch (the
+            # budget schedule's); agreed again below, after sampling.
+            self.agree(stop)
+            epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
+            improved = self.best.maybe_export(self.model, epoch + 1, step,
+                                              epoch_metrics[self.cfg.monitor])
+            # The chief's count is the job's: the next agreement hands it on.
+            self.stale = 0 if improved else self.stale + 1
+            self.progress["best"].assign(self.best.best)
+            self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved,
+                                    self.best.best, self.optimizer)
+        # Agreed after evaluation and sampling, which take time: the checkpoint
+        # keeps that clock, and a signal that came meanwhile stops the job here.
+        self.agree(stop)
+        self.progress["pending"].assign(np.zeros(5))
+        self.resume.save(step, epoch + 1)
+        return {"epoch": epoch + 1, "step": step, **epoch_metrics, "best": self.best.best}
+
+    def _epoch(self, step: int, epoch: int, stop: StopSignal
+               ) -> tuple[int, np.ndarray, float]:
+        """Trains to the end of `epoch` (or a stop); returns the step reached, the loss
+        sums and the chars trained per second."""
         cfg, per_epoch = self.cfg, self.steps_per_epoch
+        first, start = step, time.time()
         bar = keras.utils.Progbar(per_epoch, verbose=1 if sys.stdout.isatty() else 2,
                                   stateful_metrics=["loss", "accuracy", "nats_per_char", "bpc"])
         bar.update(step - epoch * per_epoch)
@@ -231,7 +254,9 @@ class Loop:
             self.agree(stop)
             if self.stop_by and step % per_epoch == 0:
                 # The epoch's last step: saved now, then `run` validates and reports the
-                # epoch before it stops, so a resume does not skip the epoch's validation.
+                # epoch before it stops. The save keeps the epoch's sums: if the job is
+                # killed before the save after validation, the resume validates first.
+                self.progress["pending"].assign([*totals, self._rate(step - first, start)])
                 self.resume.save(step, epoch)
                 break
             if self.stop_by:
@@ -241,4 +266,7 @@ class Loop:
                 break
             if due and step % per_epoch:
                 self.resume.save(step, epoch)
-        return step, totals
+        return step, totals, self._rate(step - first, start)
+
+    def _rate(self, steps: int, start: float) -> float:
+        return steps * self.chars_per_step / max(time.time() - start, 1e-9)

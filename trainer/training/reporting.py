@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import keras
 import tensorflow as tf
@@ -36,6 +37,10 @@ class Reporter:
                            else job.local_path("logs-staging/"))
         self.uploader = uploads.Uploader(name="tensorboard-uploader") if storage.is_gcs(
             self.log_dir) else None
+        if self.uploader:
+            # Staged events of an earlier run (uploaded then, or of a job directory
+            # deleted since) must not be uploaded again into this run's logs.
+            shutil.rmtree(self.local_logs, ignore_errors=True)
         self.writer = tf.summary.create_file_writer(self.local_logs)
         job.fetch("metrics.jsonl")
         self.tuning = cloud.MetricReporter()

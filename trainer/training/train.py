@@ -100,6 +100,25 @@ def check_job_dir(cfg: Config, job: checkpoints.JobDir) -> None:
     if problems:
         raise UserError(f"{cfg.job_dir} holds a run with an incompatible config ("
                         f"{'; '.join(problems)}); use another --job_dir")
+    check_monitor(cfg, job.read(checkpoints.BEST))
+
+
+def check_monitor(cfg: Config, pointer: str | None) -> None:
+    """Refuses to resume a job whose best weights were chosen by another measure: the
+    new one (say the training loss, when the validation flags were left out) would
+    replace them with weights that may be worse by the measure that chose them."""
+    try:
+        kept = json.loads(pointer) if pointer else {}
+    except ValueError:
+        return  # A corrupt pointer is reported where it is read.
+    old = kept.get("monitor") if isinstance(kept, dict) else None
+    if not isinstance(old, str) or old == cfg.monitor:
+        return
+    why = (" (no validation data: --val_data or --val_fraction)"
+           if cfg.monitor == "loss" and old.startswith("val_") else "")
+    raise UserError(f"{cfg.job_dir}'s best weights were chosen by {old}, this run would "
+                    f"choose by {cfg.monitor}{why}: resume with the validation data and "
+                    f"--monitor={old} it had, or train into another --job_dir")
 
 
 # Stage 3: the model and the optimizer.
@@ -111,7 +130,7 @@ class Trainable:
     model: keras.Model
     optimizer: keras.optimizers.Optimizer
     time_progress: tf.Variable          # Elapsed share of --train_minutes (the schedule's).
-    progress: dict[str, tf.Variable]    # step, best, elapsed (the job's agreed clock), stale.
+    progress: dict[str, tf.Variable]    # step, best, elapsed (the agreed clock), stale, pending.
     average: optimization.WeightAverage | None
 
 
@@ -122,11 +141,14 @@ def build_trainable(cfg: Config, strategy: tf.distribute.Strategy, plan: DataPla
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         # elapsed: the job's agreed seconds so far (the chief's clock), set by the loop;
-        # stale: validations since the last improvement (--early_stopping_patience).
+        # stale: validations since the last improvement (--early_stopping_patience);
         progress = {"step": tf.Variable(0, dtype=tf.int64, trainable=False),
                     "best": tf.Variable(math.inf, dtype=tf.float64, trainable=False),
                     "elapsed": tf.Variable(0.0, dtype=tf.float64, trainable=False),
-                    "stale": tf.Variable(0, dtype=tf.int64, trainable=False)}
+                    "stale": tf.Variable(0, dtype=tf.int64, trainable=False),
+                    # An epoch saved before its validation: [loss sum, correct, tokens,
+                    # chars, chars/s] of its training (`loop.Loop`); zeros otherwise.
+                    "pending": tf.Variable(tf.zeros(5, tf.float64), trainable=False)}
         model = models.build_model(cfg, plan.tokenizer.size)
         optimizer, time_progress = optimization.build_optimizer(cfg, plan.total_steps)
         optimizer.build(model.trainable_variables)
