@@ -191,3 +191,34 @@ def test_state_reset_prob_flags_lanes_by_seed_and_keeps_the_text(corpus):
     other = lane_pipeline.lanes_dataset(regions, vocab, cfg.replace(seed=12), batch_size=lanes,
                                     steps=steps, reset_prob=prob).take(steps)
     assert [z for _, z in _rows(other, vocab)][1:] != [z for _, z in flagged[1:steps]]
+
+
+def test_lanes_over_a_gzip_file_read_it_forward_not_once_per_piece(tmp_path, monkeypatch):
+    """A .gz piece read from a fresh stream costs everything before it: lanes reuse the
+    stream closest behind each piece, so the file is opened a few times, not per piece."""
+    import gzip
+
+    from trainer.data import scan
+
+    rng = random.Random(5)
+    text = "".join(rng.choice(ALPHABET) for _ in range(6000))
+    path = tmp_path / "shard.txt.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(text.encode())
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=128)
+    regions, _ = index.make_regions(corpus, 2)
+    vocab = Vocabulary.from_counts(corpus.counts)
+    assert len(regions) > 40
+    opened = []
+    real = scan.open_compressed
+    monkeypatch.setattr(scan, "open_compressed", lambda p: opened.append(p) or real(p))
+    lanes, length = 6, len(text) // 6
+    steps = lane_pipeline.lane_steps(regions, 20, lanes, window_pipeline.Sharding())
+    ds = lane_pipeline.lanes_dataset(regions, vocab, Config(seq_length=20), batch_size=lanes,
+                                     steps=steps)
+    got = _rows(ds.take(2 * steps), vocab)
+    for t, (rows, _) in enumerate(got):
+        u = t % steps
+        assert rows == [text[i * length + u * 20:i * length + u * 20 + 21] for i in range(lanes)]
+    # Two passes load every region twice; each fresh stream would open the file as often.
+    assert 0 < len(opened) <= len(regions) // 4, (len(opened), len(regions))

@@ -255,3 +255,19 @@ def test_binary_bytes_and_one_long_line_work(tmp_path):
     cfg, vocab, train, _ = _setup([str(blob), str(line)], seq_length=50)
     ds, steps = _one_pass(cfg, vocab, train, 64, cfg.shift)
     assert sum(1 for _ in ds) == steps > 700
+
+
+def test_a_shard_cut_short_while_the_job_reads_it_is_one_clear_line(tmp_path):
+    from trainer import errors
+
+    paths = _corpus(tmp_path, random.Random(11), [1500, 900])
+    cfg, vocab, train, _ = _setup(paths, piece_bytes=256, seq_length=7)
+    with open(paths[1], "r+b") as f:  # Rewritten after the scan: 300 bytes shorter.
+        f.truncate(600)
+    ds, _ = _one_pass(cfg, vocab, train, 2, cfg.window)
+    with pytest.raises(Exception) as caught:  # Whatever tf.data hands on.
+        _windows(ds, vocab)
+    line = errors.describe(caught.value)
+    assert line is not None and "\n" not in line, caught.value
+    assert line.startswith(f"{paths[1]} changed while the job read it (bytes ")
+    assert line.endswith("leave the data unchanged while a job runs, and rerun it to rescan")

@@ -172,6 +172,35 @@ def test_export_to_gcs_and_overwrite(gcs_bucket, tmp_path):
         ["the "], 20, seed=9)
 
 
+def test_an_overwrite_that_fails_leaves_the_saved_model_it_would_replace(tmp_path,
+                                                                        monkeypatch):
+    job_dir, export_dir = str(tmp_path / "job"), tmp_path / "export" / "1"
+    _job_dir(job_dir, str(tmp_path / "staging"))
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}")
+    before = {p.relative_to(export_dir): p.read_bytes() for p in export_dir.rglob("*")
+              if p.is_file()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the new model is being saved.
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tf.saved_model, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}", "--overwrite")
+    after = {p.relative_to(export_dir): p.read_bytes() for p in export_dir.rglob("*")
+             if p.is_file()}
+    assert after == before
+    # One that succeeds swaps the folder whole: nothing of the old one is left in it.
+    (export_dir / "old-note.txt").write_text("x")
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={export_dir}", "--overwrite",
+                "--max_length=50")
+    assert sorted(os.listdir(export_dir)) == ["assets", "assets.extra", "fingerprint.pb",
+                                             "saved_model.pb", "variables"]
+    assert json.loads((export_dir / saved_model.EXTRA_DIR / "model.json").read_text())[
+        "max_length"] == 50
+    assert sorted(os.listdir(export_dir.parent)) == ["1"]  # No staged or old copy left.
+
+
 def test_bpe_saved_model_carries_its_tokenizer_and_serves_the_job_dirs_text(tmp_path, caplog,
                                                                           monkeypatch):
     job_dir, export_dir = token_job(str(tmp_path), "bpe"), str(tmp_path / "export" / "1")

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from serve_helpers import ROOT, VOCAB, make_job_dir
 
 from trainer import config, export
 from trainer.errors import UserError
-from trainer.sampling import onnx_export
+from trainer.sampling import onnx_export, step_model
 from trainer.sampling.sampler import Sampler, Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -195,7 +196,7 @@ def test_page_generates_from_disk_through_its_prompt_box(exported, page):
 
 def test_bad_format_and_a_non_empty_export_dir_fail_in_one_line(exported, tmp_path,
                                                                 monkeypatch):
-    _, job_dir, web_dir, _ = exported
+    _, job_dir, web_dir, onnx_dir = exported
     result = subprocess.run(
         [sys.executable, "-m", "trainer.export", "--format=tflite", f"--job_dir={job_dir}",
          f"--export_dir={tmp_path}"], capture_output=True, text=True, timeout=60, cwd=ROOT,
@@ -209,16 +210,29 @@ def test_bad_format_and_a_non_empty_export_dir_fail_in_one_line(exported, tmp_pa
         _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path}")
     _run_export("--format=web", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
                 "--overwrite")
-    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir))
+    # --overwrite replaces an export's files only: what else the folder held stays.
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir) + ["keep.txt"])
+    assert set(os.listdir(web_dir)) | set(os.listdir(onnx_dir)) <= set(step_model.EXPORT_FILES)
     # An overwrite that fails before its files are written leaves the old export whole.
     def fail(*args):
         raise UserError("the converted model does not match")
 
-    monkeypatch.setattr(onnx_export, "check", fail)
-    with pytest.raises(UserError, match="does not match"):
-        _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
-                    "--overwrite")
-    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir))
+    with monkeypatch.context() as patched:
+        patched.setattr(onnx_export, "check", fail)
+        with pytest.raises(UserError, match="does not match"):
+            _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
+                        "--overwrite")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(web_dir) + ["keep.txt"])
+    # One that succeeds replaces the page by the ONNX folder, keep.txt still kept.
+    _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path}",
+                "--overwrite")
+    assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(onnx_dir) + ["keep.txt"])
+    # Never into the job directory (its vocab.json, its checkpoints) or a folder above it.
+    for folder in (job_dir, os.path.dirname(job_dir)):
+        with pytest.raises(UserError, match="holds the job directory .*; export to a folder "
+                           "outside it"):
+            _run_export("--format=web", f"--job_dir={job_dir}", f"--export_dir={folder}",
+                        "--overwrite")
 
 
 def test_web_export_to_a_bucket_serves_as_a_website(exported, gcs_bucket):
@@ -237,15 +251,20 @@ def test_web_export_to_a_bucket_serves_as_a_website(exported, gcs_bucket):
     assert types["index.html"] == "text/html" and "javascript" in types["model.js"], types
 
 
-def test_published_exports_name_no_file_or_bucket_path(exported):
+def test_published_exports_name_no_file_or_bucket_path(exported, tmp_path):
     """A web page or ONNX folder goes to other people: its description keeps the model's
     name, settings and best checkpoint, not where the job and its data lived."""
     _, job_dir, web_dir, onnx_dir = exported
-    for path in (onnx_dir / "model.json", web_dir / "model.js"):
+    weights = json.loads((Path(job_dir) / "best.json").read_text())["weights"]
+    # A --checkpoint given as a path is named by its file name alone.
+    _run_export("--format=onnx", f"--job_dir={job_dir}", f"--export_dir={tmp_path / 'x'}",
+                f"--checkpoint={job_dir}/{weights}")
+    for path in (onnx_dir / "model.json", web_dir / "model.js", tmp_path / "x" / "model.json"):
         text = path.read_text()
         assert job_dir not in text and '"job_dir"' not in text, path
         assert not [f for f in config.PATH_FIELDS if f'"{f}"' in text], path
         assert re.search(r'"rnn_units": ?16\b', text) and re.search(r'"name": ?"job"', text), path
+        assert re.search(r'"checkpoint": ?"' + re.escape(weights) + '"', text), path
 
 
 def test_serving_an_onnx_or_web_folder_says_what_it_is(exported):

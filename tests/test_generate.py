@@ -115,6 +115,21 @@ def test_prompt_chars_outside_the_vocabulary(job, capsys):
     assert "skipping 2 prompt character(s)" in err
     assert text == run(capsys, f"--job_dir={job[0]}", "--prime=uich", "--length=20",
                        "--seed=3")[0]
+    # Bytes that were not UTF-8 arrive as lone surrogates: not text, so not skipped (the
+    # prompt is printed back, and they have no UTF-8 to print).
+    with pytest.raises(UserError, match=r"1 lone surrogate\(s\) \('\\udcff'\): bytes that "
+                       "were not UTF-8"):
+        run(capsys, f"--job_dir={job[0]}", "--prime=ab\udcff", "--length=5", "--oov=skip",
+            "--format=json", "--seed=1")
+
+
+def test_a_seed_past_int64_or_an_infinite_temperature_is_one_line(job, capsys):
+    with pytest.raises(UserError, match=r"--seed \+ --num_samples - 1 must be at most "
+                       r"9223372036854775807, got 9223372036854775808"):
+        run(capsys, f"--job_dir={job[0]}", "--prime=the", "--seed=9223372036854775807",
+            "--num_samples=2")
+    with pytest.raises(UserError, match="temperature must be a finite number >= 0, got inf"):
+        run(capsys, f"--job_dir={job[0]}", "--prime=the", "--temperature=inf")
 
 
 def test_default_prompt_is_a_validation_window_or_a_newline(job, capsys, tmp_path):

@@ -141,6 +141,24 @@ def test_a_slowed_run_still_ends_its_budget_decayed_and_a_resume_keeps_the_clock
     assert _checkpoint_value(tmp_path, "elapsed") > elapsed
 
 
+def test_the_warmup_counts_steps_even_when_the_clock_runs_ahead():
+    """A slow machine's clock passes the warmup's share of the budget within a few steps:
+    the rate still climbs over the warmup's steps, then follows the budget's decay."""
+    clock = tf.Variable(0.0)
+    schedule = optimization.BudgetSchedule(0.01, 1000, 100, 0.0, clock)
+    assert float(schedule(50)) == pytest.approx(0.005)  # The clock has not run ahead yet.
+    clock.assign(0.5)  # Half the minutes gone at step 10: a far slower machine than planned.
+    assert float(schedule(10)) == pytest.approx(0.001)  # Still the warmup's 10 / 100.
+    # Past the warmup: the cosine at the clock's progress (half of it past the warmup).
+    half = 0.01 * 0.5 * (1 + math.cos(math.pi * (500 - 100) / 900))
+    assert float(schedule(100)) == pytest.approx(half, rel=1e-5)
+    # Late in the warmup the smaller one wins: ramp 0.006 against the decay's 0.0059.
+    assert float(schedule(60)) == pytest.approx(half, rel=1e-5)
+    clock.assign(0.0)
+    assert float(schedule(400)) == pytest.approx(float(optimization.BudgetSchedule(
+        0.01, 1000, 100, 0.0)(400)))  # Without a lead, the plain steps' cosine.
+
+
 def test_without_a_budget_the_schedule_follows_the_steps_only(corpus, tmp_path, monkeypatch):
     _slowed(monkeypatch, 0.01)
     train.train(tiny(corpus, tmp_path, epochs=2, learning_rate=0.01, min_lr_ratio=0.1,

@@ -9,6 +9,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import logging
@@ -62,11 +63,21 @@ def environment_message(err: BaseException) -> str | None:
     return None
 
 
+def _from_the_pipeline(err: BaseException) -> str | None:
+    """The message of a UserError raised inside a tf.data pipeline's Python code, which
+    TensorFlow hands on as an op error that quotes it; None for any other error."""
+    tf = sys.modules.get("tensorflow")
+    if tf is None or not isinstance(err, tf.errors.OpError):
+        return None
+    found = re.search(r"\bUserError: (.+)", err.message)
+    return found.group(1).strip() if found else None
+
+
 def describe(err: Exception) -> str | None:
     """The one line an entrypoint prints for `err`; None for a bug (re-raise it then)."""
     if isinstance(err, UserError):
         return str(err)
-    message = environment_message(err)
+    message = environment_message(err) or _from_the_pipeline(err)
     if message is not None:
         logging.debug("traceback of the error below", exc_info=err)
     return message

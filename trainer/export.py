@@ -112,9 +112,14 @@ def run(fv: flags.FlagValues) -> None:
 
     if "://" not in fv.export_dir and os.path.isfile(fv.export_dir):
         raise UserError(f"--export_dir={fv.export_dir} is a file; give a folder (new or empty)")
-    if fv.format != "saved_model" and not fv.overwrite and storage.listdir(fv.export_dir):
+    if _inside(fv.job_dir, fv.export_dir):
+        raise UserError(f"--export_dir={fv.export_dir} holds the job directory "
+                        f"{fv.job_dir}; export to a folder outside it")
+    held = storage.listdir(fv.export_dir) if fv.format != "saved_model" else []
+    if held and not fv.overwrite:
         raise UserError(f"{fv.export_dir} is not empty; pass --overwrite to replace what it "
                         "holds, or choose a new folder")
+
     cfg, tokenizer, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
             "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
@@ -134,9 +139,19 @@ def run(fv: flags.FlagValues) -> None:
             storage.join(fv.job_dir, "vocab.json"))
         # A page or an ONNX folder is published: it names no file or bucket path.
         published = {**{k: v for k, v in info.items() if k != "job_dir"}, "name": name,
-                     "config": public_config(info["config"])}
+                     "config": public_config(info["config"]),
+                     "checkpoint": str(info["checkpoint"] or "").rstrip("/").rsplit("/", 1)[-1]}
         writer.export(model, tokenizer, fv.export_dir, published, chars)
     print(f"exported {fv.format} to {fv.export_dir}", file=sys.stderr)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it (local paths made absolute)."""
+    def norm(p: str) -> str:
+        return p.rstrip("/") if "://" in p else os.path.abspath(p)
+
+    path, folder = norm(path), norm(folder)
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 if __name__ == "__main__":

@@ -67,12 +67,17 @@ def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
     # Imported here so that --help and flag errors never wait for TensorFlow.
     from trainer import checkpoints
+    from trainer.errors import UserError
+    from trainer.sampling.next_char import MAX_SEED
     from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings, encode_prompt
 
     settings = Settings(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p,
                         greedy=fv.greedy).validate()
     prompt = samples.read_prompt(fv.prime, fv.prime_file)
     seed = fv.seed if fv.seed is not None else random.SystemRandom().randrange(2**31)
+    if seed + fv.num_samples - 1 > MAX_SEED:  # Row i draws with seed + i, an int64.
+        raise UserError(f"--seed + --num_samples - 1 must be at most {MAX_SEED}, got "
+                        f"{seed + fv.num_samples - 1}")
     cfg, tokenizer, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     weights = fv.checkpoint or pointer.get("weights", "?")
     note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"

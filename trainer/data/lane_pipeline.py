@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import tokenization
+from trainer.data import index, tokenization
 from trainer.config import Config
 from trainer.data.index import Region
 from trainer.errors import UserError
@@ -71,13 +71,17 @@ class _LaneReader:
         self.bounds = np.cumsum([0] + [r.length for r in regions])
         self.held: dict[int, np.ndarray] = {}
         self.used: dict[int, np.ndarray] = {}
+        # Lanes walk through a .gz file's pieces in interleaved forward runs.
+        self.streams = index.Streams()
 
     def _ids(self, corpus: int) -> np.ndarray:
         ids = self.used.get(corpus)
         if ids is None:
             ids = self.held.get(corpus)
             if ids is None:
-                ids = load_region_ids(self.regions[corpus], self.vocab, self.lowercase)
+                region = self.regions[corpus]
+                ids = load_region_ids(region, self.vocab, self.lowercase,
+                                      self.streams.get(region))
             self.used[corpus] = ids
         return ids
 

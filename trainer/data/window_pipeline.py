@@ -37,6 +37,7 @@ from trainer.data import scan
 from trainer.data import tokenization
 from trainer.config import Config
 from trainer.data.index import Region
+from trainer.errors import UserError
 
 # Window orders are shuffled within blocks of this many windows (and the blocks'
 # order is shuffled), so the permutation held per region stays small.
@@ -65,8 +66,17 @@ def load_region_ids(region: Region, tok: tokenization.Tokenizer, lowercase: bool
     of its piece, tokenized whole (as `index.count_tokens` counted it); for characters
     (one id each) only the region's slice is encoded."""
     if tok.kind == "char":
-        return tok.encode(index.read_text(region, lowercase, stream))
-    return tok.encode(index.read_piece(region, lowercase, stream))[region.begin:region.end]
+        ids = tok.encode(index.read_text(region, lowercase, stream))
+    else:
+        ids = tok.encode(index.read_piece(region, lowercase, stream))[region.begin:region.end]
+    if len(ids) != region.end - region.begin:
+        # A file rewritten since the scan: its windows would not fit the counts the
+        # job laid its steps out by.
+        raise UserError(f"{region.path} changed while the job read it (bytes {region.start}-"
+                        f"{region.stop} now hold {len(ids)} tokens where the scan counted "
+                        f"{region.end - region.begin} from token {region.begin}); leave the "
+                        "data unchanged while a job runs, and rerun it to rescan")
+    return ids
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ masked to 32 bits, since TensorFlow's CPU kernels lack most uint32 arithmetic.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -24,6 +25,9 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.errors import UserError
+
+# Seeds are int64 in the graph; the hash uses all 64 bits.
+MAX_SEED = 2**63 - 1
 
 # Sampled rows divide their logits by at least this (0 means greedy, handled apart).
 MIN_TEMPERATURE = 1e-6
@@ -47,8 +51,9 @@ class Settings:
 
     def validate(self) -> Settings:
         """Raises UserError naming the first bad value; returns self."""
-        if not self.temperature >= 0:  # Also catches NaN.
-            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        # Also catches NaN; an infinite one would divide -inf logits into NaN.
+        if not 0 <= self.temperature < math.inf:
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -155,5 +155,5 @@ def export(model: keras.Model, vocab: tokenization.Tokenizer, export_dir: str,
     step_model.write_folder({MODEL_FILE: onnx_bytes,
                              "vocab.json": token_export.chars_of(vocab, chars).to_json(),
                              "model.json": json.dumps(described, indent=1),
-                             **token_export.files(vocab)}, export_dir)
+                             **token_export.files(vocab)}, export_dir, last="model.json")
     return export_dir

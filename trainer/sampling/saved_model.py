@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -259,11 +260,10 @@ def export(model: keras.Model, tokenizer: tokenization.Tokenizer, export_dir: st
       UserError: when `export_dir` already holds a SavedModel and not `overwrite`.
     """
     target = storage.join(export_dir, "saved_model.pb")
-    if storage.exists(target):
-        if not overwrite:
-            raise UserError(f"{export_dir} already holds a SavedModel; pass --overwrite "
-                            "to replace it, or choose a new version folder")
-        storage.delete_prefix(export_dir)
+    replace = storage.exists(target)
+    if replace and not overwrite:
+        raise UserError(f"{export_dir} already holds a SavedModel; pass --overwrite "
+                        "to replace it, or choose a new version folder")
     kind = tokenizer.kind
     if kind == "char":
         module = CharGenerator(model, tokenizer, max_length)
@@ -288,14 +288,51 @@ def export(model: keras.Model, tokenizer: tokenization.Tokenizer, export_dir: st
         with open(os.path.join(extra, "model.json"), "w", encoding="utf-8") as f:
             json.dump({**(info or {}), "tokenizer": kind, "max_length": max_length}, f,
                       indent=1)
-        # The graph file goes last, so a half-copied folder is never a loadable model.
-        storage.upload_dir(os.path.join(local, "variables"), storage.join(export_dir, "variables"))
-        for name in sorted(os.listdir(local)):
-            if name not in ("variables", "saved_model.pb"):
-                path = os.path.join(local, name)
-                if os.path.isdir(path):
-                    storage.upload_dir(path, storage.join(export_dir, name))
-                else:
-                    storage.copy_file(path, storage.join(export_dir, name))
-        storage.copy_file(os.path.join(local, "saved_model.pb"), target)
+        # The SavedModel it replaces goes only now that the new one is whole.
+        if replace and not storage.is_gcs(export_dir):
+            _swap_local(local, export_dir)
+        else:
+            _upload(local, export_dir, replace)
     return export_dir
+
+
+def _upload(local: str, export_dir: str, replace: bool) -> None:
+    """Copies the SavedModel in `local` into `export_dir`, the graph file last, so a
+    half-copied folder is never a loadable model; with `replace`, the old graph file
+    goes first, and the old files the new model lacks last."""
+    target = storage.join(export_dir, "saved_model.pb")
+    before = set(storage.listdir(export_dir)) if replace else set()
+    if replace:
+        storage.delete(target)
+    storage.upload_dir(os.path.join(local, "variables"), storage.join(export_dir, "variables"))
+    for name in sorted(os.listdir(local)):
+        if name not in ("variables", "saved_model.pb"):
+            path = os.path.join(local, name)
+            if os.path.isdir(path):
+                storage.upload_dir(path, storage.join(export_dir, name))
+            else:
+                storage.copy_file(path, storage.join(export_dir, name))
+    storage.copy_file(os.path.join(local, "saved_model.pb"), target)
+    for stale in sorted(before - set(os.listdir(local))):
+        path = storage.join(export_dir, stale.rstrip("/"))
+        storage.delete_prefix(path)
+        storage.delete(path)
+
+
+def _swap_local(local: str, export_dir: str) -> None:
+    """Puts the SavedModel in `local` in place of the local folder `export_dir`: copied
+    beside it first, then swapped in by two renames."""
+    final = os.path.abspath(export_dir)
+    parent, name = os.path.dirname(final), os.path.basename(final)
+    staged = tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent)
+    old = staged.replace(f".{name}.new-", f".{name}.old-")
+    try:
+        shutil.copytree(local, staged, dirs_exist_ok=True)
+        os.rename(final, old)
+        os.rename(staged, final)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        if os.path.exists(old) and not os.path.exists(final):
+            os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

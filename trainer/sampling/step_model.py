@@ -137,27 +137,41 @@ def keras_step(model: keras.Model, ids: np.ndarray, states: list[np.ndarray]
     return np.asarray(logits, np.float32), new_states
 
 
-def write_folder(files: dict[str, str | bytes], export_dir: str) -> None:
+# Every file a web or ONNX export may write: --overwrite replaces these and leaves
+# anything else the folder holds.
+EXPORT_FILES = ("index.html", "charmodel.js", "tokenizer.js", "model.js", "vocab.json",
+                "tokenizer.json", "model.onnx", "model.json")
+
+
+def write_folder(files: dict[str, str | bytes], export_dir: str, last: str) -> None:
     """Writes named files into `export_dir` (local or gs://).
 
     They are written locally and uploaded as files rather than as strings: Cloud
     Storage then gives each object the content type its extension implies
     (text/html for index.html), which a bucket website serves it with.
 
-    What the folder held before (an export being replaced with --overwrite) is removed
-    only after every new file is in place, so a failure midway loses nothing.
+    Replacing an export (--overwrite), `last` (the file that names the others: the
+    page, model.json) is uploaded last, and the earlier export's files that the new
+    one lacks go only after every new file is in place. Nothing else the folder
+    holds is touched: only names in `EXPORT_FILES`.
 
     Args:
       files: file name -> contents; text is written as UTF-8.
       export_dir: the destination folder.
+      last: the name of `files` uploaded last.
     """
-    before = set(storage.listdir(export_dir))
+    if set(files) - set(EXPORT_FILES):
+        raise ValueError(f"not export files: {sorted(set(files) - set(EXPORT_FILES))}")
+    before = set(storage.listdir(export_dir)) & set(EXPORT_FILES)
     with tempfile.TemporaryDirectory() as tmp:
         for name, contents in files.items():
             data = contents.encode("utf-8") if isinstance(contents, str) else contents
-            with open(os.path.join(tmp, name), "wb") as f:
+            folder = tmp if name == last else os.path.join(tmp, "first")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
-        storage.upload_dir(tmp, export_dir)
+        storage.upload_dir(os.path.join(tmp, "first"), export_dir)
+        storage.copy_file(os.path.join(tmp, last), storage.join(export_dir, last))
     for stale in sorted(before - set(files)):
         path = storage.join(export_dir, stale)
         storage.delete_prefix(path)

@@ -67,8 +67,8 @@ def encode_prompt(tokenizer: tokenization.Tokenizer, text: str, oov: str = "erro
 
     Args:
       tokenizer: the job's tokenizer; its `lowercase` setting is applied first. A bpe
-        tokenizer encodes any text but lone surrogates; char and word ones lack the
-        characters that no training text held.
+        tokenizer encodes any text; char and word ones lack the characters that no
+        training text held.
       text: the prompt.
       oov: "error" raises on characters the tokenizer lacks, "skip" drops them.
       hint: how the caller's user drops them, for the error message.
@@ -77,17 +77,21 @@ def encode_prompt(tokenizer: tokenization.Tokenizer, text: str, oov: str = "erro
       The ids and the characters left out.
 
     Raises:
-      UserError: for unknown characters with oov="error", or a bad `oov`.
+      UserError: for unknown characters with oov="error", lone surrogates (whatever
+        `oov` says), or a bad `oov`.
     """
     check_oov(oov)
     text = normalise(text, tokenizer.lowercase)
+    lone = tokenization.lone_surrogates(text)
+    if lone:
+        # Not characters at all, so not skipped either: the prompt is printed back (the
+        # samples, --format=json, an echo), and these have no UTF-8 to print.
+        raise UserError(f"the prompt holds {len(lone)} lone surrogate(s) ("
+                        + ", ".join(repr(c) for c in lone[:5]) + "): bytes that were not "
+                        "UTF-8, or half of a character's JSON escape; give the prompt as "
+                        "UTF-8 text")
     missing = tokenizer.missing(text)
     if missing and oov == "error":
-        lone = tokenization.lone_surrogates("".join(missing))
-        if lone:  # Not characters at all: say so rather than blame the vocabulary.
-            raise UserError(f"the prompt holds {len(lone)} lone surrogate(s) ("
-                            + ", ".join(repr(c) for c in lone[:5]) + "): bytes that were not "
-                            f"UTF-8, or half of a character's JSON escape ({hint})")
         shown = ", ".join(repr(c) for c in missing[:20])
         more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise UserError(f"the prompt has {len(missing)} character(s) the model's vocabulary "

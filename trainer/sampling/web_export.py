@@ -144,5 +144,5 @@ def export(model: keras.Model, vocab: tokenization.Tokenizer, export_dir: str,
              **token_export.files(vocab)}
     if kind != "char":
         files[TOKENIZER_SCRIPT] = _script(TOKENIZER_SCRIPT)
-    step_model.write_folder(files, export_dir)
+    step_model.write_folder(files, export_dir, last="index.html")
     return export_dir

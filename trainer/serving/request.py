@@ -18,12 +18,10 @@ from typing import Any
 
 from trainer.data import tokenization
 from trainer.errors import UserError
-from trainer.sampling.next_char import Settings
+from trainer.sampling.next_char import MAX_SEED, Settings
 from trainer.sampling.sampler import check_oov
 
 FIELDS = ("prompt", "length", "temperature", "top_k", "top_p", "greedy", "seed", "oov")
-# Seeds are int64 in the graph; the hash uses all 64 bits.
-MAX_SEED = 2**63 - 1
 
 
 class RequestError(UserError):

@@ -138,9 +138,13 @@ def _train_bpe(cfg: Config, corpus: index.Index, place: Placement, combine
     if place.is_chief:
         began = time.monotonic()
         sample = index.sample_pieces(corpus, tokenization.BPE_SAMPLE_BYTES)
-        text = tokenization.BpeTokenizer.train(
-            (index.read_piece(r, cfg.lowercase) for r in sample), cfg.max_vocab,
-            cfg.lowercase).to_json()
+        streams = index.Streams()  # A .gz file's sampled pieces, read in one forward run.
+        try:
+            text = tokenization.BpeTokenizer.train(
+                (index.read_piece(r, cfg.lowercase, streams.get(r)) for r in sample),
+                cfg.max_vocab, cfg.lowercase).to_json()
+        finally:
+            streams.close()
         logging.info("trained the BPE tokenizer on %d of %d training pieces (%.1f MB) in %.1f s",
                      len(sample), sum(len(f.pieces) for f in corpus.split("train")),
                      sum(r.stop - r.start for r in sample) / 1e6, time.monotonic() - began)

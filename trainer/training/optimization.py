@@ -26,6 +26,10 @@ class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
     `time_progress` (a variable in [0, 1], the elapsed fraction of --train_minutes)
     is set by the training loop; at 0 this is Keras's CosineDecay with warmup over
     `total_steps`. A machine slower than planned thus still ends its budget decayed.
+    The warmup counts steps alone: on a slow machine (or after a slow start) the
+    clock would otherwise end it within a few steps, and a deep LSTM thrown at the
+    peak rate that early learns far worse (the rate is the smaller of the warmup's
+    and the decay's).
     """
 
     def __init__(self, peak: float, total_steps: int, warmup_steps: int, alpha: float,
@@ -40,9 +44,14 @@ class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        if self.time_progress is not None:
-            step = tf.maximum(step, tf.cast(self.time_progress, tf.float32) * self.total_steps)
-        return self.cosine(step)
+        if self.time_progress is None:
+            return self.cosine(step)
+        budget = tf.maximum(step, tf.cast(self.time_progress, tf.float32) * self.total_steps)
+        warmup = float(self.warmup_steps)
+        decayed = self.cosine(tf.maximum(budget, warmup))
+        if not self.warmup_steps:
+            return decayed
+        return tf.minimum(self.cosine(tf.minimum(step, warmup)), decayed)
 
     def get_config(self) -> dict[str, Any]:
         return {"peak": self.peak, "total_steps": self.total_steps,

@@ -293,8 +293,9 @@
         yield text;
         if (chars < length) logits = this.step(id, state);
       }
-      const rest = decoder.flush();
-      if (rest) yield rest;
+      // Bytes of a character the last id left incomplete are dropped, as in Python
+      // (tokens.OutputText): the text never ends in U+FFFD.
+      decoder.flush();
     }
 
     generate(prompt, length, options) {
@@ -326,7 +327,8 @@
     const seedText = $("seed").value;
     return {
       length: number("length", (v) => Number.isInteger(v) && v >= 0, "must be an integer >= 0"),
-      temperature: number("temperature", (v) => v >= 0, "must be >= 0"),
+      temperature: number("temperature", (v) => Number.isFinite(v) && v >= 0,
+        "must be a finite number >= 0"),
       top_k: number("top_k", (v) => Number.isInteger(v) && v >= 0, "must be an integer >= 0"),
       top_p: number("top_p", (v) => v > 0 && v <= 1, "must be in (0, 1]"),
       seed: seedText === "" ? Math.floor(Math.random() * 2147483648) :
