@@ -12,7 +12,8 @@ the figures are per character of the text (each token's loss spread over the
 characters it covers), beside the per-token ones; a word model's unknown words
 count as their `<unk>` plus their spelling, and their share is reported.
 Characters the model's vocabulary lacks are counted and reported, and left out of
-the scores. Bad input ends with a one-line error on stderr and exit status 1.
+the scores. Bad input ends with a one-line error on stderr and exit status 1 (2 for a
+bad flag).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ token that reaches it (a word or subword sample may be longer by the rest of tha
 token). A single text sample streams
 to stdout as it is generated; the prompt itself is not repeated there. Notes on
 what was loaded and which prompt was used go to stderr. Bad input ends with a
-one-line error on stderr and exit status 1.
+one-line error on stderr and exit status 1 (2 for a bad flag).
 """
 
 from __future__ import annotations
