@@ -133,6 +133,10 @@ def test_pointers_reach_the_bucket_after_the_files_they_name(tmp_path, gcs_bucke
         for step in (500, 1000, 1500):
             variable.assign(float(step))
             resume.save(step, 0)
+        # What is left uncopied names the staged copy of each pointer, as of any file.
+        left = job.flush(timeout=0.5)
+        assert (str(tmp_path / "staging" / "ckpt" / "latest.json"),
+                f"{bucket}/job/ckpt/latest.json") in left
     finally:
         gcs_emulator.start()
     assert job.close(timeout=60) == []

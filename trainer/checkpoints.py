@@ -119,7 +119,8 @@ class JobDir:
             return
         storage.write_text(self.local_path(name), text)
         if self.uploader:
-            self.uploader.submit_bytes(self.remote_path(name), text.encode("utf-8"), on_done)
+            self.uploader.submit_bytes(self.remote_path(name), text.encode("utf-8"), on_done,
+                                       local=self.local_path(name))
         elif on_done:
             on_done()
 

@@ -44,10 +44,11 @@ class Uploader:
         self._put(_Item(local_path, remote_path, None, on_done))
 
     def submit_bytes(self, remote_path: str, data: bytes,
-                     on_done: Callable[[], None] | None = None) -> None:
+                     on_done: Callable[[], None] | None = None, local: str = "") -> None:
         """Queues writing `data` to `remote_path` (same queue as submit): what is
-        written is `data` as it is now, whatever happens to it or to any file later."""
-        self._put(_Item(f"<{len(data)} bytes>", remote_path, bytes(data), on_done))
+        written is `data` as it is now, whatever happens to it or to any file later.
+        `local` names a local copy of it, for the list of what was left uncopied."""
+        self._put(_Item(local or f"<{len(data)} bytes>", remote_path, bytes(data), on_done))
 
     def _put(self, item: _Item) -> None:
         with self._cond:
