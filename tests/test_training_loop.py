@@ -356,50 +356,6 @@ def test_a_stop_during_an_epoch_s_last_steps_still_validates_that_epoch(shards, 
     assert epochs() == list(range(1, done + 3))
 
 
-def test_a_job_killed_while_it_validates_a_stopped_epoch_validates_it_on_resume(
-        shards, tmp_path, monkeypatch):
-    """A stop seen at epoch 2's last step saves, then validates; the job is killed during
-    that validation (SIGKILL after a preemption's grace period). The resume validates
-    and reports epoch 2 before it trains epoch 3, with epoch 2's own training figures."""
-    from trainer.training import loop
-
-    class Killed(BaseException):
-        pass
-
-    cfg = tiny(os.path.join(shards, "*.txt"), tmp_path, epochs=3, steps_per_epoch=3,
-               sample_length=0, val_steps=1)
-    build = loop.Loop.__init__
-
-    def init(self, *args, **kwargs):
-        build(self, *args, **kwargs)
-        agree, evaluate = self.agree, self.evaluate
-
-        def stop_at_step_6(stop):
-            agree(stop)
-            if int(self.progress["step"].numpy()) == 6:
-                self.stop_by = "SIGTERM"
-
-        def killed_while_stopping():
-            if self.stop_by:
-                raise Killed
-            return evaluate()
-
-        self.agree, self.evaluate = stop_at_step_6, killed_while_stopping
-
-    monkeypatch.setattr(loop.Loop, "__init__", init)
-    with pytest.raises(Killed):
-        train.train(cfg)
-    monkeypatch.undo()
-    assert [h["epoch"] for h in metrics(tmp_path)] == [1] and _latest_step(str(tmp_path)) == 6
-    train.train(cfg)
-    history = metrics(tmp_path)
-    assert [(h["epoch"], h["step"]) for h in history] == [(1, 3), (2, 6), (3, 9)]
-    assert history[1]["loss"] > 0 and history[1]["chars_per_sec"] > 0
-    assert "val_loss" in history[1]
-    latest = json.loads(_read(os.path.join(tmp_path, "ckpt", "latest.json")))
-    assert latest["checkpoints"][0]["step"] == 9
-
-
 def test_the_time_limit_is_said_once(shards, tmp_path):
     # Seen mid-epoch: the epoch is cut, validated, and the job ends, saying so once.
     result = _run(_args(f"{shards}/*.txt", str(tmp_path / "job"), "--train_minutes=0.05",

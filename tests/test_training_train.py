@@ -77,22 +77,6 @@ def test_a_restart_never_replaces_a_better_best(corpus, tmp_path, caplog):
                          f"{history[1]['val_loss']:.4f})")
 
 
-def test_a_resume_that_would_choose_the_best_by_another_measure_is_refused(corpus, tmp_path):
-    train.train(tiny(corpus, tmp_path, epochs=1))
-    kept = read_json(tmp_path / "best.json")
-    assert kept["monitor"] == "val_loss"
-    # The validation flag left out: the job would keep its best by the training loss.
-    with pytest.raises(UserError, match=r"best weights were chosen by val_loss, this run would "
-                       r"choose by loss \(no validation data: --val_data or --val_fraction\): "
-                       r"resume with the validation data and --monitor=val_loss"):
-        train.train(tiny(corpus, tmp_path, epochs=2, val_fraction=0.0))
-    with pytest.raises(UserError, match="chosen by val_loss, this run would choose by "
-                       "val_carried_loss: resume"):
-        train.train(tiny(corpus, tmp_path, epochs=2, monitor="val_carried_loss"))
-    assert read_json(tmp_path / "best.json") == kept
-    assert [h["epoch"] for h in metrics(tmp_path)] == [1]
-
-
 def test_a_diverging_loss_stops_with_a_clear_error(corpus, tmp_path):
     with pytest.raises(loop.TrainingDivergedError, match="loss became (nan|inf)"):
         train.train(tiny(corpus, tmp_path, learning_rate=1e38, clipnorm=0, epochs=1))

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import index, tokenization
+from trainer.data import scan, tokenization
 from trainer.config import Config
 from trainer.data.index import Region
 from trainer.errors import UserError
@@ -72,7 +72,7 @@ class _LaneReader:
         self.held: dict[int, np.ndarray] = {}
         self.used: dict[int, np.ndarray] = {}
         # Lanes walk through a .gz file's pieces in interleaved forward runs.
-        self.streams = index.Streams()
+        self.streams = scan.Streams()
 
     def _ids(self, corpus: int) -> np.ndarray:
         ids = self.used.get(corpus)

@@ -24,6 +24,7 @@ import math
 import os
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -224,3 +225,39 @@ def _snap(cut: int, edges: tuple[int, int]) -> int:
 
 def default_threads() -> int:
     return max(4, os.cpu_count() or 1)
+
+
+class Streams:
+    """Open .gz streams to read pieces from, each only forward.
+
+    A .gz file has no random access: reading a piece from a fresh stream first
+    decompresses everything before it. Readers that take a file's pieces in several
+    interleaved forward runs (carried lanes, a sample of pieces) keep up to `limit`
+    streams, and each piece is read from the stream closest behind it, so a file is
+    decompressed about once per run rather than once per piece.
+    """
+
+    def __init__(self, limit: int = 8):
+        self.limit = limit
+        self.open: list[tuple[str, Any]] = []  # (path, stream), least recently used first.
+
+    def get(self, region: Any):  # An index.Region.
+        """A stream positioned at or before the region's piece; None if not compressed."""
+        if not region.compressed:
+            return None
+        behind = [i for i, (path, stream) in enumerate(self.open)
+                  if path == region.path and stream.tell() <= region.start]
+        if behind:
+            i = max(behind, key=lambda i: self.open[i][1].tell())
+            entry = self.open.pop(i)
+        else:
+            if len(self.open) >= self.limit:
+                self.open.pop(0)[1].close()
+            entry = (region.path, open_compressed(region.path))
+        self.open.append(entry)
+        return entry[1]
+
+    def close(self) -> None:
+        for _, stream in self.open:
+            stream.close()
+        self.open = []

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from typing import Any
 
 from trainer.data import tokenization
@@ -144,7 +145,9 @@ def decode_json(body: bytes) -> Any:
     """
     try:
         data = json.loads(body.decode("utf-8"))
-        _refuse_lone_surrogates(data)
+        # Strict UTF-8 has no surrogates: only a \uD800-\uDFFF escape can bring one.
+        if _SURROGATE_ESCAPE.search(body):
+            _refuse_lone_surrogates(data)
         return data
     except UnicodeDecodeError as err:
         raise RequestError(f"the body is not UTF-8: {err.reason} at byte {err.start}") from err
@@ -153,6 +156,9 @@ def decode_json(body: bytes) -> Any:
                            ) from err
     except RecursionError as err:
         raise RequestError("the body's JSON is nested too deeply") from err
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _refuse_lone_surrogates(value: Any, where: str = "the body") -> None:

@@ -16,7 +16,7 @@ from absl import logging
 
 from trainer import checkpoints, storage
 from trainer.config import Config
-from trainer.data import index, lane_pipeline, tokenization, window_pipeline
+from trainer.data import index, lane_pipeline, scan, tokenization, window_pipeline
 from trainer.data.index import Region
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
@@ -138,7 +138,7 @@ def _train_bpe(cfg: Config, corpus: index.Index, place: Placement, combine
     if place.is_chief:
         began = time.monotonic()
         sample = index.sample_pieces(corpus, tokenization.BPE_SAMPLE_BYTES)
-        streams = index.Streams()  # A .gz file's sampled pieces, read in one forward run.
+        streams = scan.Streams()  # A .gz file's sampled pieces, read in one forward run.
         try:
             text = tokenization.BpeTokenizer.train(
                 (index.read_piece(r, cfg.lowercase, streams.get(r)) for r in sample),
