@@ -152,6 +152,13 @@ def write_result(path: str, result: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def report(table: str, path: str, result: dict[str, Any]) -> None:
+    """Prints a benchmark's table, writes its JSON result and says where."""
+    print(table)
+    write_result(path, result)
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as f:
         for line in f:

@@ -60,7 +60,8 @@ def train_blocks(preset: str, train: str, job_dir: str, steps: int, extra: list[
     seconds = blocks[-1]["elapsed_sec"] - blocks[0]["elapsed_sec"]
     return {"chars_per_sec": chars / seconds if seconds > 0 else float("nan"),
             "threads": [cfg.get("intra_op_threads"), cfg.get("inter_op_threads")],
-            "precision": cfg.get("precision"), "rnn_units": cfg["rnn_units"]}
+            "precision": cfg.get("precision"), "rnn_units": cfg["rnn_units"],
+            "num_layers": cfg["num_layers"], "embedding_dim": cfg["embedding_dim"]}
 
 
 def measure(preset: str, train: str, folder: str, env: dict[str, str]) -> dict[str, Any]:
@@ -126,9 +127,7 @@ def main(argv: list[str]) -> int:
             result["presets"].append(measure(preset, text.train, folder, env))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print(markdown(result))
-    bench.write_result(FLAGS.out, result)
-    print(f"wrote {FLAGS.out}", file=sys.stderr)
+    bench.report(markdown(result), FLAGS.out, result)
     return 0
 
 

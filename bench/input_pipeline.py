@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
@@ -309,9 +308,7 @@ def main(argv: list[str]) -> int:
                  list(FLAGS.rss_mb), FLAGS.shard_cycle, FLAGS.rss_repeats,
                  FLAGS.tutorial_chars,
                  FLAGS.train_windows_per_sec, FLAGS.tmp_dir)
-    print(markdown(result))
-    bench.write_result(FLAGS.out, result)
-    print(f"wrote {FLAGS.out}", file=sys.stderr)
+    bench.report(markdown(result), FLAGS.out, result)
     return 0
 
 

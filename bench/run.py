@@ -47,11 +47,16 @@ def plan(out_dir: str, quick: bool, long: bool, corpus: str) -> list[tuple[str, 
         threads.append("--rounds=1")
     elif long:
         threads.append("--rounds=3")
+    # Power-of-two widths are slow where oneDNN has AVX2 and no AVX-512: time them there.
+    width = ["bench.lstm_width", f"--corpus={corpus}", "--isa=AVX2",
+             f"--out={out_dir}/lstm_width.json"]
+    if quick:
+        width += ["--widths=248,256", "--steps=10", "--rounds=1"]
     pipeline = ["bench.input_pipeline", f"--out={out_dir}/input_pipeline.json"]
     if quick:
         pipeline += ["--rss_mb=10mb", "--tutorial_chars=0", "--rounds=3"]
     return [("train_throughput", throughput), ("cpu_threads", threads),
-            ("input_pipeline", pipeline),
+            ("lstm_width", width), ("input_pipeline", pipeline),
             ("multi_worker_stop", ["bench.multi_worker_stop", f"--rounds={1 if quick else 3}",
                                    f"--out={out_dir}/multi_worker_stop.json"]),
             ("generate", ["bench.generate", f"--out={out_dir}/generate.json"]),

@@ -322,9 +322,7 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unknown --models {sorted(unknown)}; choose from {list(MODELS)}")
     bench.check_corpus(FLAGS.corpus)  # Before TensorFlow loads: a missing corpus fails at once.
     result = run(FLAGS.corpus, rounds, FLAGS.epochs, FLAGS.long, FLAGS.models, FLAGS.steps)
-    print(markdown(result))
-    bench.write_result(FLAGS.out, result)
-    print(f"wrote {FLAGS.out}", file=sys.stderr)
+    bench.report(markdown(result), FLAGS.out, result)
     return 0
 
 

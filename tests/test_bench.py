@@ -21,6 +21,7 @@ import pytest
 from cluster import write_corpus
 
 import bench
+from bench import lstm_width
 from bench import run as bench_run
 from trainer.config import Config
 from trainer.training import distribution
@@ -142,8 +143,9 @@ def test_a_figure_that_cannot_be_measured_fails_in_one_line_and_writes_nothing(t
 
 def test_plan_runs_every_benchmark_on_the_corpus():
     steps = dict(bench_run.plan("out", quick=True, long=False, corpus="data/x"))
-    assert list(steps) == ["train_throughput", "cpu_threads", "input_pipeline",
+    assert list(steps) == ["train_throughput", "cpu_threads", "lstm_width", "input_pipeline",
                            "multi_worker_stop", "generate", "serve_load", "quality"]
+    assert "--isa=AVX2" in steps["lstm_width"] and "--corpus=data/x" in steps["lstm_width"]
     assert "--corpus=data/x" in steps["train_throughput"]
     assert "--corpus=data/x" in steps["cpu_threads"] and "--rounds=1" in steps["cpu_threads"]
     assert "--corpus=data/x" in steps["quality"]
@@ -176,6 +178,33 @@ def test_cpu_threads(text_file, tmp_path):
     assert row["auto_threads"] == [auto["intra_op_threads"], auto["inter_op_threads"]]
     assert row["tensorflow_threads"] == [0, 0]
     assert len(row["rounds"]["auto"]) == len(row["rounds"]["tensorflow"]) == 1
+
+
+def test_lstm_width(text_file, tmp_path):
+    out = tmp_path / "width.json"
+    result = measured(run_bench("bench.lstm_width", f"--corpus={text_file}", "--preset=tiny",
+                                "--widths=8,12", "--steps=2", "--rounds=2",
+                                "--flag=--intra_op_threads=3", f"--out={out}"), out)
+    assert [r["rnn_units"] for r in result["widths"]] == [8, 12]
+    for row in result["widths"]:
+        assert_figures({k: row[k] for k in ("chars_per_sec", "lstm_gflops")})
+        # Each round's job trained the width asked for, with the flags passed on.
+        assert [r["rnn_units"] for r in row["rounds"]] == [row["rnn_units"]] * 2
+        assert row["threads"][0] == 3  # --flag reached every job (auto would be 1 or 0).
+        layers, embedding = row["rounds"][0]["num_layers"], row["rounds"][0]["embedding_dim"]
+        assert row["lstm_gflops"] == pytest.approx(
+            row["chars_per_sec"] * lstm_width.lstm_flops_per_char(
+                row["rnn_units"], layers, embedding) / 1e9)
+    # 2 layers of 4 units over 3 inputs, then 4: 6 x 4 x 4 x (3 + 4) + 6 x 4 x 4 x (4 + 4).
+    assert lstm_width.lstm_flops_per_char(4, 2, 3) == 6 * 4 * 4 * 7 + 6 * 4 * 4 * 8
+
+
+def test_lstm_width_refuses_a_width_that_is_not_a_number(text_file, tmp_path):
+    done = run_bench("bench.lstm_width", f"--corpus={text_file}", "--widths=248,wide",
+                     f"--out={tmp_path / 'w.json'}")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: --widths takes positive whole numbers, not 'wide'")
+    assert not (tmp_path / "w.json").exists()
 
 
 def test_input_pipeline(tmp_path):

@@ -256,35 +256,6 @@ def test_bfloat16_is_refused_on_a_gpu(corpus, tmp_path, monkeypatch):
     precision.check_precision(cfg.replace(precision="mixed_float16"))
 
 
-def test_auto_precision_follows_the_cpu_flags(corpus, tmp_path, monkeypatch):
-    # bfloat16 only where the CPU multiplies it natively; emulated, it is slower than float32.
-    def cpuinfo(name: str, flag_line: str) -> str:
-        path = tmp_path / name
-        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flag_line}\n\n"
-                        f"processor\t: 1\nflags\t\t: fpu sse2 {flag_line}\n")
-        return str(path)
-
-    zen4, sapphire, avx2 = (cpuinfo("zen4", "avx2 avx512f avx512_bf16"),
-                            cpuinfo("spr", "avx512f amx_bf16 amx_tile"), cpuinfo("avx2", "avx2"))
-    assert precision.cpu_has_bfloat16(zen4) and precision.cpu_has_bfloat16(sapphire)
-    assert not precision.cpu_has_bfloat16(avx2)
-    assert not precision.cpu_has_bfloat16(str(tmp_path / "missing"))
-    # oneDNN capped at AVX2 (as on an AVX2-only CPU) runs no bfloat16 instructions.
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    assert not precision.cpu_has_bfloat16(zen4)
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert precision.cpu_has_bfloat16(sapphire)
-    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    auto = tiny(corpus, tmp_path, precision="auto")
-    assert precision.resolve_precision(auto, zen4).precision == "mixed_bfloat16"
-    assert precision.resolve_precision(auto, avx2).precision == "float32"
-    fixed = auto.replace(precision="mixed_float16")
-    assert precision.resolve_precision(fixed, zen4) is fixed
-    monkeypatch.setattr(precision.tf.config, "list_logical_devices",
-                        lambda kind=None: ["/device:GPU:0"] if kind == "GPU" else [])
-    assert precision.resolve_precision(auto, zen4).precision == "float32"  # cuDNN: no bfloat16.
-
-
 @pytest.fixture(scope="module")
 def base_job(corpus, tmp_path_factory) -> str:
     """A few steps of a tiny job, the base that the fine-tuning tests start from."""

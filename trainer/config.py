@@ -95,7 +95,9 @@ class Config:
 
     # --- model ---
     embedding_dim: int = option(64, "Size of the learned character embedding.")
-    rnn_units: int = option(512, "Units in each LSTM layer.")
+    rnn_units: int = option(512, "Units in each LSTM layer. In float32 on a CPU without "
+                            "AVX-512, a power of two (256, 512) trains slowly: 248 or 504 "
+                            "train more text a second (the job warns).")
     num_layers: int = option(2, "Number of stacked LSTM layers.")
     dropout: float = option(
         0.2, "Dropout between layers (never recurrent dropout, which would disable cuDNN).")

@@ -2,7 +2,8 @@
 
 `--precision=auto` becomes mixed_bfloat16 on a CPU that multiplies bfloat16 natively
 (and has no GPU), float32 elsewhere. Settings a GPU cannot run (XLA around the cuDNN
-LSTM, bfloat16 in it) are refused with one line before anything is written.
+LSTM, bfloat16 in it) are refused with one line before anything is written. A layer
+width that oneDNN multiplies slowly in float32 without AVX-512 is warned about.
 """
 
 from __future__ import annotations
@@ -35,22 +36,54 @@ def check_precision(cfg: Config) -> None:
                         "--precision=mixed_float16 there")
 
 
+def _onednn_capped_below_avx512() -> bool:
+    """Whether `ONEDNN_MAX_CPU_ISA` holds oneDNN below AVX-512 (e.g. AVX2)."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return bool(cap) and cap != "ALL" and not cap.startswith(("AVX512", "AVX10"))
+
+
+def _cpu_flags(cpuinfo: str) -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None when it cannot be read."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            return {word for line in f if line.startswith("flags")
+                    for word in line.split(":", 1)[-1].split()}
+    except OSError:
+        return None
+
+
 def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU multiplies bfloat16 natively (x86 AVX512_BF16 or AMX-BF16 flags).
 
     Elsewhere oneDNN emulates bfloat16 and mixed_bfloat16 runs slower than float32.
     oneDNN capped below AVX-512 (`ONEDNN_MAX_CPU_ISA`, e.g. AVX2) uses neither: then False.
     """
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if cap and cap != "ALL" and not cap.startswith(("AVX512", "AVX10")):
+    if _onednn_capped_below_avx512():
         return False
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            flags = {word for line in f if line.startswith("flags")
-                     for word in line.split(":", 1)[-1].split()}
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool((_cpu_flags(cpuinfo) or set()) & {"avx512_bf16", "amx_bf16"})
+
+
+def slow_width_warning(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """A warning when --rnn_units is a power of two and the LSTMs train in float32 on a
+    CPU whose oneDNN runs without AVX-512 (an AVX2-only CPU, or one held to AVX2);
+    None otherwise.
+
+    There oneDNN multiplies the LSTMs' 4 x units-wide gate products far more slowly
+    when units is a power of two: a training step of 2 x LSTM(256) took 1.7x as long
+    as 2 x LSTM(248) and 1.6x as long as 2 x LSTM(264), which does more arithmetic
+    (128: 1.4x 120, 1.2x 136; 512: 1.5x 504); with AVX-512 the gap is about 1.1x, in
+    bfloat16 none (BENCHMARKS.md, *LSTM width*; `python -m bench.lstm_width`).
+    """
+    units = cfg.rnn_units
+    if (cfg.precision != "float32" or units < 128 or units & (units - 1) or has_gpu()):
+        return None
+    flags = _cpu_flags(cpuinfo)
+    if not _onednn_capped_below_avx512() and (flags is None or "avx512f" in flags):
+        return None
+    return (f"--rnn_units={units} is a power of two: in float32 without AVX-512, oneDNN "
+            f"multiplies such LSTMs slowly (a training step took 1.2-1.7x as long as at "
+            f"{units - 8} or {units + 8} units); --rnn_units={units - 8} trains more text "
+            f"a second here")
 
 
 def resolve_precision(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> Config:
@@ -74,4 +107,7 @@ def settle(cfg: Config) -> Config:
     check_jit_compile(cfg)
     cfg = resolve_precision(cfg)
     check_precision(cfg)
+    warning = slow_width_warning(cfg)
+    if warning:
+        logging.warning("%s", warning)
     return cfg
