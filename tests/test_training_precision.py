@@ -61,6 +61,11 @@ def test_a_power_of_two_width_is_warned_about_in_float32_without_avx512(
                   cfg.replace(rnn_units=64), cfg.replace(precision="mixed_bfloat16")):
         assert precision.slow_width_warning(quiet, avx2) is None
     assert precision.slow_width_warning(cfg, zen4) is None
+    # Unmeasured elsewhere (an ARM CPU's oneDNN runs other kernels), or unreadable: silent.
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve\n")
+    assert precision.slow_width_warning(cfg, str(arm)) is None
+    assert precision.slow_width_warning(cfg, str(tmp_path / "missing")) is None
     # An AVX-512 CPU with oneDNN held to AVX2 multiplies as an AVX2-only one does.
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert precision.slow_width_warning(cfg, zen4) == warning

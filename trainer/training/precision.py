@@ -65,8 +65,9 @@ def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def slow_width_warning(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> str | None:
     """A warning when --rnn_units is a power of two and the LSTMs train in float32 on a
-    CPU whose oneDNN runs without AVX-512 (an AVX2-only CPU, or one held to AVX2);
-    None otherwise.
+    CPU whose oneDNN runs without AVX-512 (an x86 CPU with AVX2 and no AVX-512, or one
+    held to AVX2 by `ONEDNN_MAX_CPU_ISA`), with no GPU; None otherwise (other CPUs are
+    not measured).
 
     There oneDNN multiplies the LSTMs' 4 x units-wide gate products far more slowly
     when units is a power of two: a training step of 2 x LSTM(256) took 1.7x as long
@@ -77,8 +78,9 @@ def slow_width_warning(cfg: Config, cpuinfo: str = "/proc/cpuinfo") -> str | Non
     units = cfg.rnn_units
     if (cfg.precision != "float32" or units < 128 or units & (units - 1) or has_gpu()):
         return None
-    flags = _cpu_flags(cpuinfo)
-    if not _onednn_capped_below_avx512() and (flags is None or "avx512f" in flags):
+    flags = _cpu_flags(cpuinfo) or set()
+    # Measured on x86 only: an AVX2 CPU without AVX-512, or oneDNN held below it.
+    if not _onednn_capped_below_avx512() and ("avx2" not in flags or "avx512f" in flags):
         return None
     return (f"--rnn_units={units} is a power of two: in float32 without AVX-512, oneDNN "
             f"multiplies such LSTMs slowly (a training step took 1.2-1.7x as long as at "
