@@ -9,10 +9,10 @@ validation, no sample, --train_minutes=0), the widths in turn and in reverse ord
 round by round because the machine may be shared. Figures: chars/s over the blocks after
 the first (which traces the step), the median over rounds; the LSTMs' arithmetic per
 character (multiply-adds of the gate products, forward and backward: 6 x 4 x units x
-(inputs + units) per layer) over a step's time, in GFLOP/s; and each width's chars/s
-against the width's neighbours, so a width that runs slowly for its arithmetic stands
-out. In float32 without AVX-512 (`--isa=AVX2`), oneDNN runs power-of-two widths slowly:
-the job warns about them, and the `quality` preset uses 248 units, not 256.
+(inputs + units) per layer) over a step's time, in GFLOP/s, so a width that runs slowly
+for its arithmetic stands out beside its neighbours. In float32 without AVX-512
+(`--isa=AVX2`), oneDNN runs power-of-two widths slowly: the job warns about them, and the
+`quality` preset uses 248 units, not 256.
 
 Each row records the precision and the CPU threads its job resolved (config.json): auto
 threads change at widths above 256 (`distribution.SMALL_MODEL_UNITS`), so pass
@@ -95,6 +95,8 @@ def define_flags() -> None:
 def main(argv: list[str]) -> int:
     """Times each width, prints the table, writes the JSON."""
     del argv
+    if not FLAGS.widths:
+        raise bench.BenchError("--widths needs at least one width, e.g. --widths=248,256")
     bad = [w for w in FLAGS.widths if not w.isdigit() or int(w) < 1]
     if bad:
         raise bench.BenchError(f"--widths takes positive whole numbers, not {bad[0]!r}")

@@ -205,6 +205,11 @@ def test_lstm_width_refuses_a_width_that_is_not_a_number(text_file, tmp_path):
     assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
         "error: --widths takes positive whole numbers, not 'wide'")
     assert not (tmp_path / "w.json").exists()
+    done = run_bench("bench.lstm_width", f"--corpus={text_file}", "--widths=",
+                     f"--out={tmp_path / 'w.json'}")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == (
+        "error: --widths needs at least one width, e.g. --widths=248,256")
+    assert not (tmp_path / "w.json").exists()
 
 
 def test_input_pipeline(tmp_path):
