@@ -13,7 +13,7 @@ import pytest
 
 from trainer import checkpoints, storage
 from trainer.config import Config
-from trainer.training import train
+from trainer.training import distribution, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ["the cat sat on the mat. ", "a dog ran in the fog. ", "we see the sea. "]
@@ -66,6 +66,14 @@ def test_json_reports_both_modes_and_counts_the_oov_chars(job, test_text):
     result = _evaluate(f"--job_dir={job}", f"--data={test_text}", "--format=json",
                        "--batch_size=4")
     assert result.returncode == 0, result.stderr[-3000:]
+    # Threads sized for this machine (as a training job here would pick them) before
+    # TensorFlow started, whatever the job trained with.
+    counts = distribution.thread_counts(Config(rnn_units=24), distribution.usable_cpus(),
+                                        gpu=False)
+    intra, inter = (counts[k] or "TensorFlow's choice"
+                    for k in ("intra_op_threads", "inter_op_threads"))
+    assert f"threads per op: {intra}; ops at once: {inter}" in result.stderr
+    assert "already started" not in result.stderr
     report = json.loads(result.stdout)
     with open(test_text, encoding="utf-8") as f:
         text = f.read()
@@ -128,11 +136,14 @@ def test_text_output_and_a_job_dir_in_a_bucket(job, test_text, gcs_bucket):
     (["--job_dir={job}", "--data={tmp}/short.txt"], "error: the text holds 5 chars, fewer"),
     (["--job_dir={job}", "--data={tmp}/short.txt", "--seq_length=5"],
      "error: the text holds 5 chars, fewer than one window of 6 (seq_length 5 + 1)"),
+    (["--job_dir={tmp}", "--data={text}"], "error: could not load a model from {tmp}: "
+                                           "JSONDecodeError"),
     (["--job_dir={job}"], "error: flag --data=None: Flag --data must have a value other than "
                           "None."),
 ])
 def test_bad_input_ends_with_one_line(job, test_text, tmp_path, args, message):
     (tmp_path / "short.txt").write_text("the c")
+    (tmp_path / "config.json").write_text("{not json")
     values = {"tmp": tmp_path, "job": job, "text": test_text}
     result = _evaluate(*[a.format(**values) for a in args])
     assert result.returncode != 0

@@ -317,11 +317,28 @@ def load_job(job_dir: str, checkpoint: str | None = None
                         f"{type(err).__name__}: {err}") from err
 
 
+def read_config(job_dir: str) -> Config:
+    """The config a job directory holds, read alone (a door sizes its thread pools from it
+    before TensorFlow starts).
+
+    Raises:
+      UserError: not a job directory, or an unreadable config.json, in one line.
+    """
+    path = storage.join(job_dir.rstrip("/"), "config.json")
+    try:
+        return Config.from_dict(json.loads(storage.read_text(path)))
+    except FileNotFoundError as err:
+        raise UserError(f"{job_dir.rstrip('/')} is not a job directory: {err}") from err
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"could not load a model from {job_dir}: "
+                        f"{type(err).__name__}: {err}") from err
+
+
 def _load_job(job_dir: str, checkpoint: str | None
               ) -> tuple[Config, tokenization.Tokenizer, keras.Model, dict[str, Any]]:
     job_dir = job_dir.rstrip("/")
+    cfg = read_config(job_dir)
     try:
-        cfg = Config.from_dict(json.loads(storage.read_text(storage.join(job_dir, "config.json"))))
         vocab = Vocabulary.load(storage.join(job_dir, "vocab.json"))
     except FileNotFoundError as err:
         raise UserError(f"{job_dir} is not a job directory: {err}") from err

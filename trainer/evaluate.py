@@ -12,7 +12,9 @@ the figures are per character of the text (each token's loss spread over the
 characters it covers), beside the per-token ones; a word model's unknown words
 count as their `<unk>` plus their spelling, and their share is reported.
 Characters the model's vocabulary lacks are counted and reported, and left out of
-the scores. Bad input ends with a one-line error on stderr and exit status 1 (2 for a
+the scores. Its threads are sized for this machine as a training job here would size
+them (`TF_NUM_INTRAOP_THREADS` / `TF_NUM_INTEROP_THREADS` override), whatever the job
+trained on. Bad input ends with a one-line error on stderr and exit status 1 (2 for a
 bad flag).
 """
 
@@ -82,14 +84,19 @@ def run(fv: flags.FlagValues) -> None:
     """Scores the job directory on the text the parsed flags `fv` name; prints the result."""
     # Imported here: --helpshort should not wait for TensorFlow.
     from trainer import checkpoints, storage
-    from trainer.training import evaluation
+    from trainer.training import distribution, evaluation
 
+    # This machine's threads, as a training job here would pick them (not the ones the
+    # job trained with, elsewhere): sized before the model starts TensorFlow.
+    threads = distribution.set_threads(checkpoints.read_config(fv.job_dir).replace(
+        intra_op_threads=-1, inter_op_threads=-1))
     cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
     if fv.seq_length:
         cfg = cfg.replace(seq_length=fv.seq_length)
     paths = storage.expand_patterns(fv.data)
     result = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights", ""),
-              **evaluation.score_files(paths, cfg, vocab, model, fv.batch_size)}
+              **evaluation.score_files(paths, cfg, vocab, model, fv.batch_size,
+                                             parts=distribution.batch_parts(threads))}
     print(json.dumps(result, indent=1, ensure_ascii=False) if fv.format == "json"
           else render(result))
 

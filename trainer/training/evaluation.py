@@ -100,7 +100,8 @@ class Evaluator:
 
 def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
                 model: keras.Model, batch_size: int = 0,
-                strategy: tf.distribute.Strategy | None = None) -> dict[str, Any]:
+                strategy: tf.distribute.Strategy | None = None,
+                parts: int = 1) -> dict[str, Any]:
     """Scores a model on text files both ways, leaving out-of-vocabulary targets out.
 
     Args:
@@ -113,6 +114,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
         shorter than one lane step; `chars_scored` and `tokens_scored` say how much
         each scored.
       strategy: default: the current (default) strategy.
+      parts: each batch's rows run in this many parts side by side (`Evaluator`).
 
     Returns:
       {"files", "chars", "tokens", "tokenizer", "oov_chars", "oov_distinct",
@@ -143,7 +145,7 @@ def score_files(paths: Sequence[str], cfg: Config, tok: tokenization.Tokenizer,
     batch = max(1, min(batch_size or cfg.batch_size, windows))
     steps = -(-windows // batch)  # The last batch is padded: every window is scored.
     evaluator = Evaluator(strategy, model, cfg.objective, skip_oov=True,
-                          token_chars=tokenization.chars_table(tok))
+                          token_chars=tokenization.chars_table(tok), parts=parts)
     result: dict[str, Any] = {
         "files": sum(1 for f in corpus.files if f.chars), "chars": chars, "tokens": tokens,
         "tokenizer": tok.kind, "oov_chars": sum(missing.values()),
