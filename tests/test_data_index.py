@@ -127,6 +127,38 @@ def test_a_gzip_file_streams_into_the_same_pieces_of_text(tmp_path):
     assert texts[str(plain)] == texts[str(packed)] == vocabulary.decode(text.encode())[0]
 
 
+def test_a_byte_order_mark_at_a_files_start_is_neither_text_nor_vocabulary(tmp_path,
+                                                                            monkeypatch):
+    # Plain and gzip, one piece and several, one worker and three: the mark is skipped
+    # and the text after it is whole; a U+FEFF inside the text stays a character.
+    text = _text(random.Random(5), 400) + "\ufeff" + _text(random.Random(6), 300)
+    plain, packed, bare = tmp_path / "a.txt", tmp_path / "b.txt.gz", tmp_path / "c.txt"
+    plain.write_bytes(scan.BOM + text.encode())
+    with gzip.open(packed, "wb") as f:
+        f.write(scan.BOM + text.encode())
+    bare.write_bytes(scan.BOM)
+    paths = [str(plain), str(packed), str(bare)]
+    whole = vocabulary.decode(text.encode())[0]
+    for piece_bytes in (64, 97, 4096):
+        corpus = index.build(paths, [], lowercase=False, piece_bytes=piece_bytes)
+        a, b, c = corpus.files
+        assert a.pieces[0][0] == b.pieces[0][0] == 3 and c.chars == 0
+        assert a.chars == b.chars == len(whole)
+        assert "".join(_decoded_pieces(str(plain), a)) == whole
+        assert corpus.counts == collections.Counter(whole + whole)
+        train, _ = index.make_regions(corpus, 10)
+        with scan.open_compressed(str(packed)) as stream:
+            for path in (str(plain), str(packed)):
+                assert "".join(index.read_text(r, False, stream if r.compressed else None)
+                               for r in train if r.path == path) == whole
+        for n in (2, 3):
+            for other in _scan_as_workers(paths, [], n, piece_bytes, monkeypatch):
+                assert other.files == corpus.files
+    # A prompt read from a file's start (a job dir without its index) skips it too.
+    for path in (plain, packed):
+        assert excerpt.snippet(str(path), 1000, False, random.Random(0)) == whole
+
+
 def test_a_corrupt_gzip_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.txt.gz"
     bad.write_bytes(b"this is not gzip at all")

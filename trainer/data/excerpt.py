@@ -46,13 +46,13 @@ def snippet(path: str, width: int, lowercase: bool, rng, tail: float = 0.0) -> s
     in one range read, for when no index of the file exists."""
     if index.is_compressed(path):
         with scan.open_compressed(path) as stream:
-            data = stream.read(4 * width + scan.LOOKAHEAD)
+            data = stream.read(4 * width + scan.LOOKAHEAD).removeprefix(scan.BOM)
     else:
         size = storage.size(path)
         lo = int(size * (1 - tail)) if tail else 0
         start = rng.randint(lo, max(lo, size - 4 * width - scan.LOOKAHEAD))
         data = storage.read_range(path, start, start + 4 * width + scan.LOOKAHEAD)
-        data = data[scan.boundary(data, 0):] if start else data
+        data = data[scan.boundary(data, 0):] if start else data.removeprefix(scan.BOM)
     return vocabulary.decode(data, lowercase)[0][:width]
 
 

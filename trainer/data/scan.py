@@ -8,7 +8,9 @@ holds its first byte, since words do not add up across a cut), read by one range
 nominal or at a share's end, moves forward to the next UTF-8 character start (and
 past the `\\n` of a `\\r\\n`) by the same rule on the same bytes, so the worker on
 each side of it agrees where it falls, and the parts of a piece add up to exactly
-the piece. A `.gz` file is one stream, scanned whole by the worker whose share
+the piece. A file's first piece begins after a UTF-8 byte-order mark (EF BB BF, as
+some editors save text), so the mark is neither text nor vocabulary; a U+FEFF
+anywhere else is an ordinary character. A `.gz` file is one stream, scanned whole by the worker whose share
 holds its first byte. Two sums across the workers (`combine`) then give every
 worker the same pieces and the same character histogram (and, when counting
 words, `tokenization.exchange_words` the same word counts).
@@ -35,6 +37,8 @@ from trainer.errors import UserError
 # UTF-8 puts at most 3 continuation bytes after a lead byte: a cut moves at most that far.
 _MAX_CONTINUATION = 3
 LOOKAHEAD = _MAX_CONTINUATION + 1
+# The byte-order mark some editors put at the start of a UTF-8 file (Python's utf-8-sig).
+BOM = b"\xef\xbb\xbf"
 
 Combine = Callable[[np.ndarray], np.ndarray]
 
@@ -80,7 +84,8 @@ def _read_part(path: str, size: int, lo: int, hi: int, lowercase: bool,
     """Reads nominal bytes [lo, hi) of a plain file, with both ends moved to a cut."""
     first, last = max(0, lo - 1), min(size, hi + LOOKAHEAD)
     data = storage.read_range(path, first, last)
-    start = 0 if lo == 0 else first + boundary(data, lo - first)
+    # A file's first piece begins after its byte-order mark: no reader ever sees it.
+    start = len(BOM) * data.startswith(BOM) if lo == 0 else first + boundary(data, lo - first)
     stop = size if hi >= size else first + boundary(data, hi - first)
     return measure(data[start - first:stop - first], start, lowercase, words)
 
@@ -95,6 +100,9 @@ def _read_gzip(path: str, piece_bytes: int, lowercase: bool, words: bool = False
     pieces, buffer, position = [], b"", 0
     try:
         with open_compressed(path) as stream:
+            buffer = stream.read(len(BOM))
+            if buffer == BOM:  # The first piece begins after the byte-order mark.
+                position, buffer = len(BOM), b""
             while True:
                 more = stream.read(piece_bytes + LOOKAHEAD - len(buffer))
                 buffer += more
