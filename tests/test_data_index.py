@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import collections
 import gzip
+import os
 import random
+import time
 
 import numpy as np
 import pytest
 from cluster import as_workers
 
-from trainer import storage
+from trainer import gcs, storage
 from trainer.data import excerpt, index, scan, vocabulary
 from trainer.errors import UserError
 
@@ -159,6 +161,43 @@ def test_a_byte_order_mark_at_a_files_start_is_neither_text_nor_vocabulary(tmp_p
         assert excerpt.snippet(str(path), 1000, False, random.Random(0)) == whole
 
 
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz"])
+def test_reads_are_pinned_to_the_file_the_scan_measured(tmp_path, name):
+    # Same length, other bytes: a read after the rewrite is an error, not other text.
+    path = tmp_path / name
+    write = (lambda p, d: p.write_bytes(gzip.compress(d, mtime=0))) if name.endswith(
+        ".gz") else (lambda p, d: p.write_bytes(d))
+    write(path, b"abcdefgh" * 40)
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=64)
+    train, _ = index.make_regions(corpus, 4)
+    assert index.read_text(train[1], False) == "abcdefgh" * 8
+    write(path, b"ABCDEFGH" * 40)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(UserError, match=f"{path} changed while the job read it .*differs from "
+                                        "the scan's.*rerun it to rescan"):
+        index.read_text(train[1], False)
+    path.unlink()
+    with pytest.raises(UserError, match="changed while the job read it"):
+        index.read_text(train[1], False)
+
+
+def test_a_bucket_read_asks_for_the_generation_it_scanned(gcs_bucket):
+    path = f"{gcs_bucket()}/a.txt"
+    storage.write_bytes(path, b"abcdefgh" * 40)
+    corpus = index.build([path], [], lowercase=False, piece_bytes=64)
+    train, _ = index.make_regions(corpus, 4)
+    size, generation = storage.stat(path)
+    assert train[1].version == f"{size}:{generation}"
+    # The emulator serves the live object whatever generation is asked for; a bucket
+    # answers 404 once that generation is replaced. What is asked for is checked here.
+    assert storage._pinned_blob(gcs.parse(path), train[1].version).generation == int(generation)
+    assert index.read_text(train[1], False) == "abcdefgh" * 8
+    assert storage.read_range(path, 0, 4, train[1].version) == b"abcd"
+    storage.delete(path)
+    with pytest.raises(UserError, match="changed while the job read it"):
+        index.read_text(train[1], False)
+
+
 def test_a_corrupt_gzip_file_is_one_clear_error(tmp_path):
     bad = tmp_path / "bad.txt.gz"
     bad.write_bytes(b"this is not gzip at all")
@@ -196,7 +235,8 @@ def test_prompts_and_samples_read_one_small_range(tmp_path, monkeypatch):
     train, _ = index.make_regions(corpus, 10)
     reads = []
     real = storage.read_range
-    monkeypatch.setattr(storage, "read_range", lambda p, a, b: reads.append(b - a) or real(p, a, b))
+    monkeypatch.setattr(storage, "read_range",
+                        lambda p, a, b, *v: reads.append(b - a) or real(p, a, b, *v))
     monkeypatch.setattr(storage, "read_bytes", lambda p: pytest.fail("read a whole file"))
     assert excerpt.read_tokens(train[0], 0, 20, False) == "01234567890123456789"
     assert reads == [20 * 4 + 4]

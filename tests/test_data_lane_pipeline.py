@@ -211,7 +211,7 @@ def test_lanes_over_a_gzip_file_read_it_forward_not_once_per_piece(tmp_path, mon
     assert len(regions) > 40
     opened = []
     real = scan.open_compressed
-    monkeypatch.setattr(scan, "open_compressed", lambda p: opened.append(p) or real(p))
+    monkeypatch.setattr(scan, "open_compressed", lambda p, *v: opened.append(p) or real(p, *v))
     lanes, length = 6, len(text) // 6
     steps = lane_pipeline.lane_steps(regions, 20, lanes, window_pipeline.Sharding())
     ds = lane_pipeline.lanes_dataset(regions, vocab, Config(seq_length=20), batch_size=lanes,

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -257,13 +259,20 @@ def test_binary_bytes_and_one_long_line_work(tmp_path):
     assert sum(1 for _ in ds) == steps > 700
 
 
-def test_a_shard_cut_short_while_the_job_reads_it_is_one_clear_line(tmp_path):
+@pytest.mark.parametrize("rewrite", ["shorter", "same length"])
+def test_a_shard_rewritten_while_the_job_reads_it_is_one_clear_line(tmp_path, rewrite):
     from trainer import errors
 
     paths = _corpus(tmp_path, random.Random(11), [1500, 900])
     cfg, vocab, train, _ = _setup(paths, piece_bytes=256, seq_length=7)
-    with open(paths[1], "r+b") as f:  # Rewritten after the scan: 300 bytes shorter.
-        f.truncate(600)
+    with open(paths[1], "r+b") as f:  # Rewritten after the scan.
+        if rewrite == "shorter":
+            f.truncate(600)
+        else:  # Other text of the same length, which would otherwise train unnoticed.
+            data = f.read()
+            f.seek(0)
+            f.write(data[::-1])
+    os.utime(paths[1], ns=(time.time_ns(), time.time_ns() + 10**9))
     ds, _ = _one_pass(cfg, vocab, train, 2, cfg.window)
     with pytest.raises(Exception) as caught:  # Whatever tf.data hands on.
         _windows(ds, vocab)

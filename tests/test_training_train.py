@@ -157,7 +157,8 @@ def test_a_resumed_job_reads_only_the_shards_that_changed(corpus, tmp_path, monk
     cfg = tiny(str(folder / "*.txt"), tmp_path / "job")
     read = []
     real_read = storage.read_range
-    monkeypatch.setattr(storage, "read_range", lambda p, a, b: read.append(p) or real_read(p, a, b))
+    monkeypatch.setattr(storage, "read_range",
+                        lambda p, a, b, *v: read.append(p) or real_read(p, a, b, *v))
     place = distribution.Placement(1, 0, True, 1)
 
     def prepare():

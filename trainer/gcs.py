@@ -164,9 +164,10 @@ class GcsPath:
         """The google.cloud.storage Bucket of this path (not fetched)."""
         return client().bucket(self.bucket)
 
-    def blob(self) -> Any:
-        """The google.cloud.storage Blob at this path (not fetched)."""
-        return self.bucket_ref().blob(self.name)
+    def blob(self, generation: int | None = None) -> Any:
+        """The google.cloud.storage Blob at this path (not fetched); with a generation,
+        reads of it ask for that generation and find nothing once it is replaced."""
+        return self.bucket_ref().blob(self.name, generation=generation)
 
     def get_blob(self) -> Any:
         """Fetches the object's metadata, with retries.

@@ -83,34 +83,72 @@ def read_text(path: str) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def read_range(path: str, start: int, stop: int) -> bytes:
+class ChangedError(OSError):
+    """A read pinned to a `fingerprint` found the file or object rewritten since."""
+
+
+def _pinned_local(path: str, version: str) -> BinaryIO:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - the caller closes it.
+    except FileNotFoundError as err:
+        if version:
+            raise ChangedError(f"{path} is gone since it was read first") from err
+        raise
+    if version:
+        info = os.fstat(f.fileno())
+        if f"{info.st_size}:{info.st_mtime_ns}" != version:
+            f.close()
+            raise ChangedError(f"{path} changed since it was read first")
+    return f
+
+
+def _pinned_blob(gs: gcs.GcsPath, version: str):
+    """The Blob, of the generation `version` names when one is given."""
+    return gs.blob(int(version.rpartition(":")[2]) if version else None)
+
+
+def _missing(path: str, version: str, err: Exception) -> OSError:
+    return (ChangedError(f"{path} changed since it was read first: that generation is "
+                         "gone") if version else FileNotFoundError(path))
+
+
+def read_range(path: str, start: int, stop: int, version: str = "") -> bytes:
     """Returns bytes [start, stop) of a file or object (fewer at its end), in one read.
 
     gs:// uses a ranged download (no checksum is computed on a range).
+
+    Args:
+      path, start, stop: what to read.
+      version: the `fingerprint` the file had when its pieces were measured: a local
+        file whose size or modification time differs, or a gs:// object whose
+        generation is gone (the read asks for that generation), raises ChangedError
+        rather than returning other bytes of the same length. "" = whatever is there.
     """
     if stop <= start:
         return b""
     gs = gcs.parse(path)
     if gs is None:
-        with open(path, "rb") as f:
+        with _pinned_local(path, version) as f:
             f.seek(start)
             return f.read(stop - start)
     try:
-        return gs.blob().download_as_bytes(start=start, end=stop - 1, retry=gcs.retry())
+        return _pinned_blob(gs, version).download_as_bytes(start=start, end=stop - 1,
+                                                           retry=gcs.retry())
     except gcs.not_found() as e:
-        raise FileNotFoundError(path) from e
+        raise _missing(path, version, e) from e
 
 
-def open_read(path: str) -> BinaryIO:
-    """A buffered binary reader over a file or object, for streaming it front to back."""
+def open_read(path: str, version: str = "") -> BinaryIO:
+    """A buffered binary reader over a file or object, for streaming it front to back;
+    `version` pins it as `read_range`'s does."""
     gs = gcs.parse(path)
     if gs is None:
-        return open(path, "rb")
-    blob = gs.blob()
+        return _pinned_local(path, version)
+    blob = _pinned_blob(gs, version)
     try:
         blob.reload(retry=gcs.retry())
     except gcs.not_found() as e:
-        raise FileNotFoundError(path) from e
+        raise _missing(path, version, e) from e
     return blob.open("rb", chunk_size=8 * _CHUNK, retry=gcs.retry())
 
 

@@ -37,7 +37,8 @@ def read_tokens(region: Region, begin: int, count: int, lowercase: bool,
     if region.compressed or region.begin + begin > 0:
         return index.read_text(region, lowercase)[begin:begin + count]
     data = storage.read_range(region.path, region.start,
-                              min(region.stop, region.start + 4 * count + scan.LOOKAHEAD))
+                              min(region.stop, region.start + 4 * count + scan.LOOKAHEAD),
+                              region.version)
     return vocabulary.decode(data, lowercase)[0][:min(count, region.length)]
 
 

@@ -101,7 +101,8 @@ class Region:
     windows are cut from.
 
     `start`/`stop` are the piece's bytes in its file; `offset` is the number of
-    tokens of the file before the piece.
+    tokens of the file before the piece; `version` is the file's fingerprint when it
+    was scanned: reads are pinned to it (`storage.read_range`).
     """
 
     path: str
@@ -111,6 +112,7 @@ class Region:
     end: int
     offset: int = 0
     compressed: bool = False
+    version: str = ""
 
     @property
     def length(self) -> int:
@@ -191,7 +193,8 @@ def count_tokens(index: Index, tok, *, worker: int = 0, num_workers: int = 1,
         stream = scan.open_compressed(info.path) if info.compressed else None
         try:
             for k, (start, stop, chars) in enumerate(info.pieces):
-                region = Region(info.path, start, stop, 0, chars, 0, info.compressed)
+                region = Region(info.path, start, stop, 0, chars, 0, info.compressed,
+                                info.fingerprint)
                 ids = tok.encode(read_piece(region, tok.lowercase, stream))
                 out[k], out[-1] = len(ids), out[-1] + tokenization.unknown_ids(tok, ids)
         finally:
@@ -271,14 +274,17 @@ def make_regions(index: Index, window: int, val_fraction: float = 0.0
         for (start, stop, _), chars in zip(info.pieces, info.lengths(), strict=True):
             mid = min(max(cut - offset, 0), chars)
             if mid:
-                train.append(Region(info.path, start, stop, 0, mid, offset, info.compressed))
+                train.append(Region(info.path, start, stop, 0, mid, offset, info.compressed,
+                                    info.fingerprint))
             if val_fraction and mid < chars:
-                val.append(Region(info.path, start, stop, mid, chars, offset, info.compressed))
+                val.append(Region(info.path, start, stop, mid, chars, offset, info.compressed,
+                                  info.fingerprint))
             offset += chars
     for info in index.split("val"):
         offset = 0
         for (start, stop, _), chars in zip(info.pieces, info.lengths(), strict=True):
-            val.append(Region(info.path, start, stop, 0, chars, offset, info.compressed))
+            val.append(Region(info.path, start, stop, 0, chars, offset, info.compressed,
+                              info.fingerprint))
             offset += chars
     files = index.split("train")
     train = _keep_long_enough(train, files, window, "training")
@@ -313,7 +319,7 @@ def _keep_long_enough(regions: list[Region], files: Sequence[FileInfo], window: 
 def sample_pieces(index: Index, budget: int) -> list[Region]:
     """Whole training pieces of at most `budget` bytes in all, spread evenly over the
     corpus (every piece when they fit), in corpus order."""
-    pieces = [Region(f.path, start, stop, 0, chars, 0, f.compressed)
+    pieces = [Region(f.path, start, stop, 0, chars, 0, f.compressed, f.fingerprint)
               for f in index.split("train") for start, stop, chars in f.pieces if chars]
     total = sum(r.stop - r.start for r in pieces)
     if total <= budget:
@@ -334,20 +340,35 @@ def read_text(region: Region, lowercase: bool, stream=None) -> str:
 
 
 def read_piece(region: Region, lowercase: bool, stream=None) -> str:
-    """The text of the region's whole piece: one range read (or the next bytes of `stream`)."""
-    if region.compressed:
-        if stream is None:
-            with scan.open_compressed(region.path) as own:
-                own.seek(region.start)
-                data = own.read(region.stop - region.start)
+    """The text of the region's whole piece: one range read (or the next bytes of `stream`).
+
+    Raises:
+      UserError: the file was rewritten since the scan (`Region.version`).
+    """
+    try:
+        if region.compressed:
+            if stream is None:
+                with scan.open_compressed(region.path, region.version) as own:
+                    own.seek(region.start)
+                    data = own.read(region.stop - region.start)
+            else:
+                if stream.tell() != region.start:
+                    stream.seek(region.start)
+                data = stream.read(region.stop - region.start)
         else:
-            if stream.tell() != region.start:
-                stream.seek(region.start)
-            data = stream.read(region.stop - region.start)
-    else:
-        data = storage.read_range(region.path, region.start, region.stop)
+            data = storage.read_range(region.path, region.start, region.stop, region.version)
+    except storage.ChangedError as err:
+        raise changed(region, "its size, modification time or generation differs from the "
+                      "scan's") from err
     text, _ = vocabulary.decode(data, lowercase)
     return text
+
+
+def changed(region: Region, why: Exception | str) -> UserError:
+    """The error for a file rewritten while a job reads it."""
+    return UserError(f"{region.path} changed while the job read it (bytes {region.start}-"
+                     f"{region.stop}: {why}); leave the data unchanged while a job runs, "
+                     "and rerun it to rescan")
 
 
 def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,

@@ -90,8 +90,9 @@ def _read_part(path: str, size: int, lo: int, hi: int, lowercase: bool,
     return measure(data[start - first:stop - first], start, lowercase, words)
 
 
-def open_compressed(path: str) -> gzip.GzipFile:
-    return gzip.GzipFile(fileobj=storage.open_read(path), mode="rb")
+def open_compressed(path: str, version: str = "") -> gzip.GzipFile:
+    """A .gz file's decompressed stream; `version` pins it (`storage.read_range`)."""
+    return gzip.GzipFile(fileobj=storage.open_read(path, version), mode="rb")
 
 
 def _read_gzip(path: str, piece_bytes: int, lowercase: bool, words: bool = False
@@ -261,7 +262,7 @@ class Streams:
         else:
             if len(self.open) >= self.limit:
                 self.open.pop(0)[1].close()
-            entry = (region.path, open_compressed(region.path))
+            entry = (region.path, open_compressed(region.path, region.version))
         self.open.append(entry)
         return entry[1]
 

@@ -72,10 +72,8 @@ def load_region_ids(region: Region, tok: tokenization.Tokenizer, lowercase: bool
     if len(ids) != region.end - region.begin:
         # A file rewritten since the scan: its windows would not fit the counts the
         # job laid its steps out by.
-        raise UserError(f"{region.path} changed while the job read it (bytes {region.start}-"
-                        f"{region.stop} now hold {len(ids)} tokens where the scan counted "
-                        f"{region.end - region.begin} from token {region.begin}); leave the "
-                        "data unchanged while a job runs, and rerun it to rescan")
+        raise index.changed(region, f"they now hold {len(ids)} tokens where the scan "
+                            f"counted {region.end - region.begin} from token {region.begin}")
     return ids
 
 
