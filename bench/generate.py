@@ -43,12 +43,12 @@ WINDOW = 100
 
 def _model(job_dir: str | None) -> tuple[Any, Any, str]:
     """(model, vocabulary, a description): the job's best model or a random default-size one."""
-    from trainer import checkpoints, models
+    from trainer import job_loader, models
     from trainer.config import Config
     from trainer.data.vocabulary import Vocabulary
 
     if job_dir:
-        cfg, vocab, model, pointer = checkpoints.load_job(job_dir)
+        cfg, vocab, model, pointer = job_loader.load_job(job_dir)
         return model, vocab, (f"{job_dir} ({pointer.get('weights')}; {vocab.kind} tokenizer, "
                               f"{vocab.size} ids)")
     cfg = Config()

@@ -125,7 +125,7 @@ def test_a_gzip_file_streams_into_the_same_pieces_of_text(tmp_path):
     texts = collections.defaultdict(str)
     with scan.open_compressed(str(packed)) as stream:
         for r in train:
-            texts[r.path] += index.read_text(r, False, stream if r.compressed else None)
+            texts[r.path] += scan.read_text(r, False, stream if r.compressed else None)
     assert texts[str(plain)] == texts[str(packed)] == vocabulary.decode(text.encode())[0]
 
 
@@ -151,7 +151,7 @@ def test_a_byte_order_mark_at_a_files_start_is_neither_text_nor_vocabulary(tmp_p
         train, _ = index.make_regions(corpus, 10)
         with scan.open_compressed(str(packed)) as stream:
             for path in (str(plain), str(packed)):
-                assert "".join(index.read_text(r, False, stream if r.compressed else None)
+                assert "".join(scan.read_text(r, False, stream if r.compressed else None)
                                for r in train if r.path == path) == whole
         for n in (2, 3):
             for other in _scan_as_workers(paths, [], n, piece_bytes, monkeypatch):
@@ -170,15 +170,15 @@ def test_reads_are_pinned_to_the_file_the_scan_measured(tmp_path, name):
     write(path, b"abcdefgh" * 40)
     corpus = index.build([str(path)], [], lowercase=False, piece_bytes=64)
     train, _ = index.make_regions(corpus, 4)
-    assert index.read_text(train[1], False) == "abcdefgh" * 8
+    assert scan.read_text(train[1], False) == "abcdefgh" * 8
     write(path, b"ABCDEFGH" * 40)
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(UserError, match=f"{path} changed while the job read it .*differs from "
                                         "the scan's.*rerun it to rescan"):
-        index.read_text(train[1], False)
+        scan.read_text(train[1], False)
     path.unlink()
     with pytest.raises(UserError, match="changed while the job read it"):
-        index.read_text(train[1], False)
+        scan.read_text(train[1], False)
 
 
 def test_a_bucket_read_asks_for_the_generation_it_scanned(gcs_bucket):
@@ -191,11 +191,11 @@ def test_a_bucket_read_asks_for_the_generation_it_scanned(gcs_bucket):
     # The emulator serves the live object whatever generation is asked for; a bucket
     # answers 404 once that generation is replaced. What is asked for is checked here.
     assert storage._pinned_blob(gcs.parse(path), train[1].version).generation == int(generation)
-    assert index.read_text(train[1], False) == "abcdefgh" * 8
+    assert scan.read_text(train[1], False) == "abcdefgh" * 8
     assert storage.read_range(path, 0, 4, train[1].version) == b"abcd"
     storage.delete(path)
     with pytest.raises(UserError, match="changed while the job read it"):
-        index.read_text(train[1], False)
+        scan.read_text(train[1], False)
 
 
 def test_a_corrupt_gzip_file_is_one_clear_error(tmp_path):

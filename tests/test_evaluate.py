@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from trainer import checkpoints, storage
+from trainer import job_loader, storage
 from trainer.config import Config
 from trainer.training import distribution, train
 
@@ -50,7 +50,7 @@ def _evaluate(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 def _direct_windowed(job: str, text: str, batch: int, seq_length: int = 0) -> float:
     """Mean loss over every window (the last batch is padded), OOV targets left out."""
-    cfg, vocab, model, _ = checkpoints.load_job(job)
+    cfg, vocab, model, _ = job_loader.load_job(job)
     ids = vocab.encode(text).astype("int32")
     n = seq_length or cfg.seq_length
     windows = np.stack([ids[s:s + n + 1] for s in range(0, len(ids) - n, n)])

@@ -22,7 +22,7 @@ import pytest
 from test_export_formats import CHROMIUM, DRIVER, _run_export, needs_chromium
 from training_jobs import tiny
 
-from trainer import checkpoints
+from trainer import job_loader
 from trainer.data.tokenization import UNK_ID
 from trainer.data.vocabulary import OOV_ID, Vocabulary
 from trainer.sampling import step_model, web_export
@@ -54,7 +54,7 @@ def jobs(tmp_path_factory):
         train.train(tiny(str(corpus), job_dir, tokenizer=kind, max_vocab=max_vocab, epochs=1,
                          steps_per_epoch=30, sample_length=0))
         _run_export("--format=web", f"--job_dir={job_dir}", f"--export_dir={tmp / kind}")
-        _, tok, model, _ = checkpoints.load_job(str(job_dir))
+        _, tok, model, _ = job_loader.load_job(str(job_dir))
         out[kind] = tok, model, tmp / kind
     _run_export("--format=onnx", f"--job_dir={tmp / 'job_bpe'}", f"--export_dir={tmp / 'onnx'}")
     return out, tmp / "onnx"

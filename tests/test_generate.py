@@ -12,7 +12,7 @@ import keras
 import pytest
 from absl import flags
 
-from trainer import checkpoints, cli, generate, models, storage
+from trainer import cli, generate, job_loader, models, storage
 from trainer.config import Config
 from trainer.data.vocabulary import Vocabulary
 from trainer.errors import UserError
@@ -244,6 +244,6 @@ def test_generate_from_a_real_training_run(tmp_path):
     result = _cli("trainer.generate", f"--job_dir={job_dir}", "--prime=the ", "--length=80",
                   "--seed=3")
     assert result.returncode == 0, result.stderr[-3000:]
-    _, vocab, model, pointer = checkpoints.load_job(job_dir)
+    _, vocab, model, pointer = job_loader.load_job(job_dir)
     assert pointer["weights"] in result.stderr
     assert [result.stdout] == Sampler(model, vocab).generate(["the "], 80, seed=3)

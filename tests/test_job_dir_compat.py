@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from serve_helpers import free_port, request, start_server, stop, wait_ready
 
-from trainer import checkpoints, task
+from trainer import job_loader, task
 from trainer.training import evaluation, train
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -39,7 +39,7 @@ def job(tmp_path) -> str:
 
 
 def test_an_old_job_dir_generates_and_evaluates_as_it_did(job):
-    cfg, vocab, model, pointer = checkpoints.load_job(job)
+    cfg, vocab, model, pointer = job_loader.load_job(job)
     assert pointer["step"] == 120 and cfg.rnn_units == 24
     from trainer.sampling.sampler import Sampler, Settings
 

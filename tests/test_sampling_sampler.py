@@ -9,7 +9,7 @@ import tensorflow as tf
 from absl import flags
 from training_jobs import TOKEN_TEXT, token_job
 
-from trainer import checkpoints, generate, models
+from trainer import generate, job_loader, models
 from trainer.config import Config
 from trainer.data import excerpt
 from trainer.data.vocabulary import OOV_ID, Vocabulary
@@ -333,14 +333,14 @@ def test_word_and_bpe_jobs_generate_whole_text_counted_in_chars(token_jobs, kind
     # Never a U+FFFD: a character split across ids waits for its last byte, and a bpe
     # model never draws bytes that would not continue the text as UTF-8.
     assert len(text) >= 60 and "\ufffd" not in text
-    _, tokenizer, model, _ = checkpoints.load_job(token_jobs[kind])
+    _, tokenizer, model, _ = job_loader.load_job(token_jobs[kind])
     # The graph executor (the door's XLA loop gives the same text), no compile per length.
     sampler = Sampler(model, tokenizer, jit_compile=False)
     assert sampler.generate([prompt], 60, Settings(0.8), seed=3) == [text]
     # Stopping at 60 chars changes no draw: a longer text goes on from it.
     assert sampler.generate([prompt], 100, Settings(0.8), seed=3)[0].startswith(text)
     # The default prompt: seq_length tokens of the validation text, not characters.
-    cfg = checkpoints.load_job(token_jobs[kind])[0]
+    cfg = job_loader.load_job(token_jobs[kind])[0]
     window, source = excerpt.random_excerpt(cfg, 1, tokenizer)
     assert "16-token window" in source and len(window) > 16 and window in TOKEN_TEXT * 40
     # Blocks of 3 tokens continue one stream, rows of any length.
@@ -353,7 +353,7 @@ def test_word_and_bpe_jobs_generate_whole_text_counted_in_chars(token_jobs, kind
 @pytest.mark.parametrize("kind", ["word", "bpe"])
 def test_word_and_bpe_generate_draws_blocks_not_a_token_per_character(token_jobs, kind,
                                                                       monkeypatch):
-    _, tokenizer, model, _ = checkpoints.load_job(token_jobs[kind])
+    _, tokenizer, model, _ = job_loader.load_job(token_jobs[kind])
     sampler = Sampler(model, tokenizer, jit_compile=False)
     widths = []
     advance = sampler.advance
@@ -379,7 +379,7 @@ def test_word_and_bpe_generate_draws_blocks_not_a_token_per_character(token_jobs
 
 
 def test_split_characters_come_out_whole_and_word_prompts_skip_whole(token_jobs):
-    _, bpe, _, _ = checkpoints.load_job(token_jobs["bpe"])
+    _, bpe, _, _ = job_loader.load_job(token_jobs["bpe"])
     emoji, a = bpe.encode("🎉"), bpe.encode("a")
     assert len(emoji) >= 2  # Not in the training text: its bytes are split.
     out = OutputText(bpe, 2)
@@ -389,7 +389,7 @@ def test_split_characters_come_out_whole_and_word_prompts_skip_whole(token_jobs)
     more = OutputText(bpe, 2)
     assert more.feed(np.concatenate([a, emoji, a, emoji])) == "a🎉"
     assert more.tokens == 1 + len(emoji)
-    _, word, _, _ = checkpoints.load_job(token_jobs["word"])
+    _, word, _, _ = job_loader.load_job(token_jobs["word"])
     with pytest.raises(UserError, match="'#'"):
         encode_prompt(word, "the c#at")
     skipped = encode_prompt(word, "the c#at", oov="skip")

@@ -9,7 +9,7 @@ import os
 import pytest
 from training_jobs import metrics, read_json, tiny
 
-from trainer import checkpoints, storage
+from trainer import job_loader, storage
 from trainer.data import index
 from trainer.training import evaluation, train
 
@@ -23,7 +23,7 @@ def test_a_word_or_bpe_job_trains_records_its_tokenizer_and_resumes(corpus, tmp_
     history = metrics(tmp_path)
     assert [h["step"] for h in history] == [15, 30] and summary["step"] == 30
     assert read_json(tmp_path / "config.json")["tokenizer"] == kind
-    loaded, tok, model, _ = checkpoints.load_job(str(tmp_path))
+    loaded, tok, model, _ = job_loader.load_job(str(tmp_path))
     assert tok.kind == kind and tok.size <= 300 and loaded.tokenizer == kind
     best = read_json(tmp_path / "best.json")
     assert set(best["files"]) >= {"config.json", "vocab.json", "tokenizer.json"}

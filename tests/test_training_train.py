@@ -17,7 +17,7 @@ import pytest
 import tensorflow as tf
 from training_jobs import flags_of, free_port, metrics, read_json, start_task, tiny
 
-from trainer import checkpoints, models, storage
+from trainer import checkpoints, job_loader, models, storage
 from trainer.config import Config
 from trainer.data import index, vocabulary
 from trainer.errors import UserError
@@ -277,7 +277,7 @@ def test_fine_tuning_starts_from_the_base_weights(base_job, tmp_path):
     cfg = tiny(data, tmp_path / "tuned", epochs=1, steps_per_epoch=1, sample_length=0,
                init_from=base_job)
     train.train(cfg)
-    _, base_vocab, base_model, pointer = checkpoints.load_job(base_job)
+    _, base_vocab, base_model, pointer = job_loader.load_job(base_job)
     ids = base_vocab.encode(window[:33]).astype("int32")
     logits = base_model(ids[None, :-1])
     expected = float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
@@ -303,7 +303,7 @@ def test_new_chars_get_fresh_rows_and_a_resumed_fine_tuning_job_keeps_its_own(
     model = models.build_model(cfg, vocab.size)
     fresh = [w.numpy() for w in model.weights]
     init_from.load_weights(model, base, vocab)
-    _, _, base_model, _ = checkpoints.load_job(base_job)
+    _, _, base_model, _ = job_loader.load_job(base_job)
     old = base.vocab.size
     for name, new, was, src in zip([w.path for w in model.weights],
                                    [w.numpy() for w in model.weights], fresh,

@@ -83,14 +83,14 @@ def render(result: dict[str, Any]) -> str:
 def run(fv: flags.FlagValues) -> None:
     """Scores the job directory on the text the parsed flags `fv` name; prints the result."""
     # Imported here: --helpshort should not wait for TensorFlow.
-    from trainer import checkpoints, storage
+    from trainer import job_loader, storage
     from trainer.training import distribution, evaluation
 
     # This machine's threads, as a training job here would pick them (not the ones the
     # job trained with, elsewhere): sized before the model starts TensorFlow.
-    threads = distribution.set_threads(checkpoints.read_config(fv.job_dir).replace(
+    threads = distribution.set_threads(job_loader.read_config(fv.job_dir).replace(
         intra_op_threads=-1, inter_op_threads=-1))
-    cfg, vocab, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    cfg, vocab, model, pointer = job_loader.load_job(fv.job_dir, fv.checkpoint)
     if fv.seq_length:
         cfg = cfg.replace(seq_length=fv.seq_length)
     paths = storage.expand_patterns(fv.data)

@@ -104,7 +104,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and exports it as the parsed flags `fv` ask."""
     # Imported here: --help should not wait for TensorFlow.
-    from trainer import checkpoints, storage
+    from trainer import job_loader, storage
     from trainer.config import public_config
     from trainer.data.vocabulary import Vocabulary
     from trainer.errors import UserError
@@ -120,7 +120,7 @@ def run(fv: flags.FlagValues) -> None:
         raise UserError(f"{fv.export_dir} is not empty; pass --overwrite to replace what it "
                         "holds, or choose a new folder")
 
-    cfg, tokenizer, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    cfg, tokenizer, model, pointer = job_loader.load_job(fv.job_dir, fv.checkpoint)
     info = {"job_dir": fv.job_dir, "checkpoint": fv.checkpoint or pointer.get("weights"),
             "best": {k: pointer[k] for k in ("epoch", "step", "monitor", "value") if k in pointer},
             "config": json.loads(cfg.to_json())}

@@ -66,7 +66,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def run(fv: flags.FlagValues) -> None:
     """Loads the job directory and writes the samples the parsed flags `fv` ask for."""
     # Imported here so that --help and flag errors never wait for TensorFlow.
-    from trainer import checkpoints
+    from trainer import job_loader
     from trainer.errors import UserError
     from trainer.sampling.next_char import MAX_SEED
     from trainer.sampling.sampler import STREAM_BLOCK, Sampler, Settings, encode_prompt
@@ -78,7 +78,7 @@ def run(fv: flags.FlagValues) -> None:
     if seed + fv.num_samples - 1 > MAX_SEED:  # Row i draws with seed + i, an int64.
         raise UserError(f"--seed + --num_samples - 1 must be at most {MAX_SEED}, got "
                         f"{seed + fv.num_samples - 1}")
-    cfg, tokenizer, model, pointer = checkpoints.load_job(fv.job_dir, fv.checkpoint)
+    cfg, tokenizer, model, pointer = job_loader.load_job(fv.job_dir, fv.checkpoint)
     weights = fv.checkpoint or pointer.get("weights", "?")
     note = (f" (epoch {pointer['epoch']}, {pointer['monitor']} {pointer['value']:.4f})"
             if {"epoch", "monitor", "value"} <= pointer.keys() else "")

@@ -31,11 +31,11 @@ def read_tokens(region: Region, begin: int, count: int, lowercase: bool,
       tokenizer: the job's tokenizer; None or a `Vocabulary` for characters.
     """
     if tokenizer is not None and tokenizer.kind != "char":
-        text = index.read_piece(region, lowercase)
+        text = scan.read_piece(region, lowercase)
         ids = tokenizer.encode(text)[region.begin + begin:region.begin + begin + count]
         return b"".join(tokenizer.pieces[i] for i in ids.tolist()).decode("utf-8", "ignore")
     if region.compressed or region.begin + begin > 0:
-        return index.read_text(region, lowercase)[begin:begin + count]
+        return scan.read_text(region, lowercase)[begin:begin + count]
     data = storage.read_range(region.path, region.start,
                               min(region.stop, region.start + 4 * count + scan.LOOKAHEAD),
                               region.version)

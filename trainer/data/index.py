@@ -195,7 +195,7 @@ def count_tokens(index: Index, tok, *, worker: int = 0, num_workers: int = 1,
             for k, (start, stop, chars) in enumerate(info.pieces):
                 region = Region(info.path, start, stop, 0, chars, 0, info.compressed,
                                 info.fingerprint)
-                ids = tok.encode(read_piece(region, tok.lowercase, stream))
+                ids = tok.encode(scan.read_piece(region, tok.lowercase, stream))
                 out[k], out[-1] = len(ids), out[-1] + tokenization.unknown_ids(tok, ids)
         finally:
             if stream is not None:
@@ -332,43 +332,6 @@ def sample_pieces(index: Index, budget: int) -> list[Region]:
             due += (r.stop - r.start) * every
         seen += r.stop - r.start
     return chosen
-
-
-def read_text(region: Region, lowercase: bool, stream=None) -> str:
-    """A char region's text: one range read of its piece (or the next bytes of `stream`)."""
-    return read_piece(region, lowercase, stream)[region.begin:region.end]
-
-
-def read_piece(region: Region, lowercase: bool, stream=None) -> str:
-    """The text of the region's whole piece: one range read (or the next bytes of `stream`).
-
-    Raises:
-      UserError: the file was rewritten since the scan (`Region.version`).
-    """
-    try:
-        if region.compressed:
-            if stream is None:
-                with scan.open_compressed(region.path, region.version) as own:
-                    own.seek(region.start)
-                    data = own.read(region.stop - region.start)
-            else:
-                if stream.tell() != region.start:
-                    stream.seek(region.start)
-                data = stream.read(region.stop - region.start)
-        else:
-            data = storage.read_range(region.path, region.start, region.stop, region.version)
-    except storage.ChangedError as err:
-        raise changed(region, "its size, modification time or generation differs from the "
-                      "scan's") from err
-    text, _ = vocabulary.decode(data, lowercase)
-    return text
-
-
-def changed(region: Region, why: Exception | str) -> UserError:
-    """The error for a file rewritten while a job reads it."""
-    return UserError(f"{region.path} changed while the job read it (bytes {region.start}-"
-                     f"{region.stop}: {why}); leave the data unchanged while a job runs, "
-                     "and rerun it to rescan")
 
 
 def prepare(train_paths: Sequence[str], val_paths: Sequence[str], *, lowercase: bool,

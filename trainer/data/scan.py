@@ -1,5 +1,6 @@
 """The scan under `trainer.data.index`: cutting files into pieces and counting chars,
-each byte read once per job, split evenly among the workers.
+each byte read once per job, split evenly among the workers; and reading a piece back
+(`read_piece`, pinned to the file the scan measured).
 
 The bytes of all files to scan are laid end to end and every worker takes an equal
 contiguous share, cut into byte ranges at piece boundaries (and at the share's
@@ -270,3 +271,40 @@ class Streams:
         for _, stream in self.open:
             stream.close()
         self.open = []
+
+
+def read_text(region: Any, lowercase: bool, stream=None) -> str:
+    """A char region's (an `index.Region`'s) text: one range read of its piece (or the next bytes of `stream`)."""
+    return read_piece(region, lowercase, stream)[region.begin:region.end]
+
+
+def read_piece(region: Any, lowercase: bool, stream=None) -> str:
+    """The text of the region's whole piece: one range read (or the next bytes of `stream`).
+
+    Raises:
+      UserError: the file was rewritten since the scan (`Region.version`).
+    """
+    try:
+        if region.compressed:
+            if stream is None:
+                with open_compressed(region.path, region.version) as own:
+                    own.seek(region.start)
+                    data = own.read(region.stop - region.start)
+            else:
+                if stream.tell() != region.start:
+                    stream.seek(region.start)
+                data = stream.read(region.stop - region.start)
+        else:
+            data = storage.read_range(region.path, region.start, region.stop, region.version)
+    except storage.ChangedError as err:
+        raise changed(region, "its size, modification time or generation differs from the "
+                      "scan's") from err
+    text, _ = vocabulary.decode(data, lowercase)
+    return text
+
+
+def changed(region: Any, why: Exception | str) -> UserError:
+    """The error for a file rewritten while a job reads it."""
+    return UserError(f"{region.path} changed while the job read it (bytes {region.start}-"
+                     f"{region.stop}: {why}); leave the data unchanged while a job runs, "
+                     "and rerun it to rescan")

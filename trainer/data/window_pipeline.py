@@ -66,13 +66,13 @@ def load_region_ids(region: Region, tok: tokenization.Tokenizer, lowercase: bool
     of its piece, tokenized whole (as `index.count_tokens` counted it); for characters
     (one id each) only the region's slice is encoded."""
     if tok.kind == "char":
-        ids = tok.encode(index.read_text(region, lowercase, stream))
+        ids = tok.encode(scan.read_text(region, lowercase, stream))
     else:
-        ids = tok.encode(index.read_piece(region, lowercase, stream))[region.begin:region.end]
+        ids = tok.encode(scan.read_piece(region, lowercase, stream))[region.begin:region.end]
     if len(ids) != region.end - region.begin:
         # A file rewritten since the scan: its windows would not fit the counts the
         # job laid its steps out by.
-        raise index.changed(region, f"they now hold {len(ids)} tokens where the scan "
+        raise scan.changed(region, f"they now hold {len(ids)} tokens where the scan "
                             f"counted {region.end - region.begin} from token {region.begin}")
     return ids
 

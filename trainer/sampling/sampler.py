@@ -87,7 +87,7 @@ class Sampler:
 
         Args:
           model: the training model; its embedding, lstm_* and logits layers are used.
-          tokenizer: the tokenizer the model was trained with (`checkpoints.load_job`'s;
+          tokenizer: the tokenizer the model was trained with (`job_loader.load_job`'s;
             a `Vocabulary` for a char model).
           jit_compile: compile the step loop with XLA for batches of fewer than
             XLA_MAX_ROW_UNITS rows x units. Each (batch, tokens per call) shape then

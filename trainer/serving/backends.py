@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, storage
+from trainer import job_loader, storage
 from trainer.data import tokenization
 from trainer.data.tokenization import Tokenizer
 from trainer.data.vocabulary import Vocabulary
@@ -272,7 +272,7 @@ def load_backend(path: str, checkpoint: str | None = None, jit_compile: bool = T
                 raise UserError(f"{path} holds {kind} (trainer.export --format=...), which "
                                 "this server does not load: serve its job directory or a "
                                 "SavedModel export")
-        cfg, tokenizer, model, pointer = checkpoints.load_job(path, checkpoint)
+        cfg, tokenizer, model, pointer = job_loader.load_job(path, checkpoint)
         return SamplerBackend(Sampler(model, tokenizer, jit_compile=jit_compile),
                               _job_info(path, cfg, pointer))
     if not storage.is_gcs(path):

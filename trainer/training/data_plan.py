@@ -141,7 +141,7 @@ def _train_bpe(cfg: Config, corpus: index.Index, place: Placement, combine
         streams = scan.Streams()  # A .gz file's sampled pieces, read in one forward run.
         try:
             text = tokenization.BpeTokenizer.train(
-                (index.read_piece(r, cfg.lowercase, streams.get(r)) for r in sample),
+                (scan.read_piece(r, cfg.lowercase, streams.get(r)) for r in sample),
                 cfg.max_vocab, cfg.lowercase).to_json()
         finally:
             streams.close()

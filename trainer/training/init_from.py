@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from trainer import checkpoints, storage
+from trainer import checkpoints, job_loader, storage
 from trainer.config import Config, incompatibilities
 from trainer.data import tokenization
 from trainer.data.vocabulary import Vocabulary
@@ -198,7 +198,7 @@ def load_weights(model: keras.Model, base: Base, vocab: Vocabulary) -> None:
     if vocab.chars[:base.vocab.size - 1] != base.vocab.chars:
         raise UserError(f"the job's vocab.json does not start with the vocabulary of "
                         f"--init_from={base.job_dir}; use a new --job_dir")
-    _, _, source, pointer = checkpoints.load_job(base.job_dir)
+    _, _, source, pointer = job_loader.load_job(base.job_dir)
     if pointer["weights"] != base.pointer["weights"]:
         raise UserError(f"the best checkpoint of --init_from={base.job_dir} changed while this "
                         "job started (is it still training?); rerun to start from the new one")
