@@ -94,11 +94,9 @@ def _pinned_local(path: str, version: str) -> BinaryIO:
         if version:
             raise ChangedError(f"{path} is gone since it was read first") from err
         raise
-    if version:
-        info = os.fstat(f.fileno())
-        if f"{info.st_size}:{info.st_mtime_ns}" != version:
-            f.close()
-            raise ChangedError(f"{path} changed since it was read first")
+    if version and ":".join(map(str, _local_stat(os.fstat(f.fileno())))) != version:
+        f.close()
+        raise ChangedError(f"{path} changed since it was read first")
     return f
 
 
@@ -107,7 +105,7 @@ def _pinned_blob(gs: gcs.GcsPath, version: str):
     return gs.blob(int(version.rpartition(":")[2]) if version else None)
 
 
-def _missing(path: str, version: str, err: Exception) -> OSError:
+def _missing(path: str, version: str) -> OSError:
     return (ChangedError(f"{path} changed since it was read first: that generation is "
                          "gone") if version else FileNotFoundError(path))
 
@@ -135,7 +133,7 @@ def read_range(path: str, start: int, stop: int, version: str = "") -> bytes:
         return _pinned_blob(gs, version).download_as_bytes(start=start, end=stop - 1,
                                                            retry=gcs.retry())
     except gcs.not_found() as e:
-        raise _missing(path, version, e) from e
+        raise _missing(path, version) from e
 
 
 def open_read(path: str, version: str = "") -> BinaryIO:
@@ -148,7 +146,7 @@ def open_read(path: str, version: str = "") -> BinaryIO:
     try:
         blob.reload(retry=gcs.retry())
     except gcs.not_found() as e:
-        raise _missing(path, version, e) from e
+        raise _missing(path, version) from e
     return blob.open("rb", chunk_size=8 * _CHUNK, retry=gcs.retry())
 
 
@@ -200,12 +198,15 @@ def stat(path: str) -> tuple[int, str]:
     generation of a gs:// object (every overwrite makes a new one). No content is read."""
     gs = gcs.parse(path)
     if gs is None:
-        info = os.stat(path)
-        return info.st_size, str(info.st_mtime_ns)
+        return _local_stat(os.stat(path))
     blob = gs.get_blob()
     if blob is None:
         raise FileNotFoundError(path)
     return int(blob.size), str(blob.generation)
+
+
+def _local_stat(info: os.stat_result) -> tuple[int, str]:
+    return info.st_size, str(info.st_mtime_ns)
 
 
 def size(path: str) -> int:
