@@ -89,15 +89,15 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
     record["config"]["max_vocab"] = cfg.get("max_vocab")
     record["vocab_size"] = _vocab_size(job_dir, record["config"]["tokenizer"])
     last = record["epochs"][-1]
+    validated = _validated(record["epochs"])  # All of them but with --validation_freq.
     # Per character of the text whatever the tokenizer (older metrics: val_loss is per char).
     record["final_val_loss"] = per_char(last, "val")
-    record["best_val_loss"] = min(per_char(e, "val") for e in record["epochs"])
+    record["best_val_loss"] = min(per_char(e, "val") for e in validated)
     record["final_val_bpc"] = record["final_val_loss"] / math.log(2)
     record["final_val_loss_per_token"] = last["val_loss"]
     if "val_carried_loss" in last:
         record["final_val_carried_loss"] = per_char(last, "val_carried")
-        record["best_val_carried_loss"] = min(per_char(e, "val_carried")
-                                              for e in record["epochs"])
+        record["best_val_carried_loss"] = min(per_char(e, "val_carried") for e in validated)
         record["final_val_carried_bpc"] = record["final_val_carried_loss"] / math.log(2)
     record["train_sec"] = last["elapsed_sec"]
     record["chars_trained"] = last.get("chars_trained",
@@ -105,6 +105,11 @@ def train_preset(preset: str, train: str, val: str, job_dir: str, minutes: float
     record["chars_per_sec"] = record["chars_trained"] / max(record["train_sec"], 1e-9)
     record["sample"] = _last_sample(f"{job_dir}.log")
     return record
+
+
+def _validated(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The epochs a job validated."""
+    return [e for e in epochs if "val_loss" in e]
 
 
 def score(job_dir: str, val: str, seq_length: int, batch_size: int) -> dict[str, Any]:
@@ -197,13 +202,14 @@ def plot(runs: list[dict[str, Any]], path: str, title: str) -> None:
     for run in runs:
         if "epochs" not in run:
             continue
-        minutes = [e["elapsed_sec"] / 60 for e in run["epochs"]]
+        epochs = _validated(run["epochs"])
+        minutes = [e["elapsed_sec"] / 60 for e in epochs]
         name = run.get("label") or run["preset"]
-        line = ax.plot(minutes, [per_char(e, "val") for e in run["epochs"]], marker="o",
+        line = ax.plot(minutes, [per_char(e, "val") for e in epochs], marker="o",
                        markersize=3, linestyle="--" if "final_val_carried_loss" in run else "-",
                        label=f"{name}, windowed: {run['final_val_loss']:.4f}")[0]
         if "final_val_carried_loss" in run:
-            ax.plot(minutes, [per_char(e, "val_carried") for e in run["epochs"]], marker="o",
+            ax.plot(minutes, [per_char(e, "val_carried") for e in epochs], marker="o",
                     markersize=3, color=line.get_color(),
                     label=f"{name}, carried: {run['final_val_carried_loss']:.4f}")
     for (name, value), style in zip(ANCHORS.items(), ("--", ":")):

@@ -319,6 +319,28 @@ def test_early_stopping_stops_after_the_patience_and_a_rerun_stays_stopped(
     assert any("the job stopped early" in r.getMessage() for r in caplog.records)
 
 
+def test_validation_freq_validates_every_nth_epoch_and_the_last(shards, tmp_path, caplog):
+    caplog.set_level("INFO", logger="absl")
+    cfg = tiny(os.path.join(shards, "*.txt"), tmp_path / "capped", epochs=7, steps_per_epoch=2,
+               sample_length=0, val_steps=1, validation_freq=3, early_stopping_patience=2)
+    summary = train.train(cfg)
+    rows = metrics(tmp_path / "capped")
+    assert [h["epoch"] for h in rows if "val_loss" in h] == [3, 6, 7]  # 7: the last.
+    assert not any(h["improved"] for h in rows if "val_loss" not in h)
+    assert all("loss" in h and "chars_per_sec" in h for h in rows)
+    assert _best(str(tmp_path / "capped"))["epoch"] in (3, 6, 7)
+    assert summary["step"] == 14  # Patience counts validations, not epochs.
+    assert sum("not validated this epoch" in r.getMessage() for r in caplog.records) == 4
+    # Ended by the clock, whatever epoch that is: validated, and its weights kept.
+    cfg = tiny(os.path.join(shards, "*.txt"), tmp_path / "clock", epochs=10**6,
+               steps_per_epoch=2, sample_length=0, val_steps=1, validation_freq=10**6,
+               train_minutes=0.05)
+    train.train(cfg)
+    rows = metrics(tmp_path / "clock")
+    assert len(rows) > 1 and [h["epoch"] for h in rows if "val_loss" in h] == [rows[-1]["epoch"]]
+    assert _best(str(tmp_path / "clock"))["epoch"] == rows[-1]["epoch"]
+
+
 def test_a_stop_during_an_epoch_s_last_steps_still_validates_that_epoch(shards, tmp_path):
     """A 3-step epoch is read back only at its end (READBACK_STEPS is 10), so a signal that
     comes while it trains is seen at its last step: the job validates and reports the

@@ -67,6 +67,11 @@ class Config:
     steps_per_epoch: int = option(
         0, "Steps per epoch; 0 = one full pass over the training windows.")
     val_steps: int = option(0, "Validation batches per evaluation; 0 = all validation windows.")
+    validation_freq: int = option(
+        1, "Validate every N epochs (Keras's validation_freq), and always after the job's last "
+        "epoch (--epochs or --train_minutes); the epochs between report training metrics "
+        "only and keep no best checkpoint when --monitor is a validation metric, and "
+        "--early_stopping_patience counts validations.")
     carry_state: bool = option(
         False, "Train on contiguous lanes of the text with each LSTM layer's state carried from "
         "step to step (truncated backpropagation), instead of shuffled zero-state windows.")
@@ -213,7 +218,7 @@ class Config:
     def validate(self) -> Config:
         """Raises UserError naming the first bad value; returns self."""
         positive = ("seq_length", "max_vocab", "batch_size", "epochs", "embedding_dim", "rnn_units",
-                    "num_layers", "shard_cycle", "keep_checkpoints")
+                    "num_layers", "shard_cycle", "keep_checkpoints", "validation_freq")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be positive, got {getattr(self, name)}")

@@ -113,6 +113,7 @@ class Loop:
         self.averaged = average.applied if average else contextlib.nullcontext
         self.elapsed = float(progress["elapsed"].numpy())
         self.stop_by: str | None = None
+        self.total_steps = 0  # Set by `run`.
         self.stale = int(progress["stale"].numpy())
         self._time_logged = False
 
@@ -159,6 +160,7 @@ class Loop:
     def run(self, step: int, total_steps: int) -> dict[str, Any]:
         """Trains from `step` to `total_steps` (or the time limit); returns the last summary."""
         summary: dict[str, Any] = {}
+        self.total_steps = total_steps
         with StopSignal() as stop:
             self.agree(stop)
             summary = self._pending_epoch(step, stop)
@@ -207,15 +209,18 @@ class Loop:
         epoch_metrics["chars_per_sec"] = rate
         epoch_metrics["chars_trained"] = int(step * self.chars_per_step)
         with self.averaged():
-            epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
+            if self._validates(epoch, step):
+                epoch_metrics.update({f"val_{k}": v for k, v in self.evaluate().items()})
             # The clock after evaluation, for the rate logged with this epoch (the
             # budget schedule's); agreed again below, after sampling.
             self.agree(stop)
             epoch_metrics["elapsed_sec"] = self.agreement.elapsed()
-            improved = self.best.maybe_export(self.model, epoch + 1, step,
-                                              epoch_metrics[self.cfg.monitor])
-            # The chief's count is the job's: the next agreement hands it on.
-            self.stale = 0 if improved else self.stale + 1
+            improved = False
+            if self.cfg.monitor in epoch_metrics:
+                improved = self.best.maybe_export(self.model, epoch + 1, step,
+                                                  epoch_metrics[self.cfg.monitor])
+                # The chief's count is the job's: the next agreement hands it on.
+                self.stale = 0 if improved else self.stale + 1
             self.progress["best"].assign(self.best.best)
             self.reporter.epoch_end(epoch + 1, step, epoch_metrics, improved,
                                     self.best.best, self.optimizer)
@@ -225,6 +230,13 @@ class Loop:
         self.progress["pending"].assign(np.zeros(5))
         self.resume.save(step, epoch + 1)
         return {"epoch": epoch + 1, "step": step, **epoch_metrics, "best": self.best.best}
+
+    def _validates(self, epoch: int, step: int) -> bool:
+        """Whether `epoch` (0-based, ended at `step`) is validated: every
+        --validation_freq epochs and the job's last one, by its step cap or the agreed
+        clock (so every worker decides alike)."""
+        return ((epoch + 1) % self.cfg.validation_freq == 0 or step >= self.total_steps
+                or self.out_of_time())
 
     def _epoch(self, step: int, epoch: int, stop: StopSignal
                ) -> tuple[int, np.ndarray, float]:

@@ -83,10 +83,12 @@ class Reporter:
         lr = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
         parts = [f"{k} {v:.4f}" for k, v in metrics.items()
                  if k not in ("chars_per_sec", "elapsed_sec")]
+        value = metrics.get(cfg.monitor)
         logging.info("epoch %d/%d step %d: %s | %.0f chars/s | lr %.2e | best %s %.4f%s",
                      epoch, cfg.epochs, step, ", ".join(parts), metrics["chars_per_sec"], lr,
                      cfg.monitor, best, " (this epoch, saved)" if improved
-                     else f" (not improved, kept; this epoch {metrics[cfg.monitor]:.4f})")
+                     else " (not validated this epoch, --validation_freq)" if value is None
+                     else f" (not improved, kept; this epoch {value:.4f})")
         text = self.sample()
         if text:
             logging.info("sample after epoch %d:\n%s%s", epoch, self.prime, text)
@@ -102,7 +104,8 @@ class Reporter:
         with open(self.job.local_path("metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.job.publish("metrics.jsonl")
-        self.tuning.report(cfg.monitor, metrics[cfg.monitor], step)
+        if value is not None:
+            self.tuning.report(cfg.monitor, value, step)
         self._sync_logs()
 
     def _sync_logs(self) -> None:
