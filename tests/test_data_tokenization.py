@@ -4,7 +4,10 @@ the word vocabulary of a scan split among workers, and tokens counted per piece.
 from __future__ import annotations
 
 import collections
+import gzip
+import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -165,6 +168,20 @@ def test_two_workers_scan_the_same_word_vocabulary_and_token_counts_as_one(tmp_p
         assert info.tokens == [len(tok.encode(data[a:b].decode())) for a, b, _ in info.pieces]
         assert info.unknown_words == sum(tok.unknown(tok.encode(data[a:b].decode()))
                                          for a, b, _ in info.pieces)
+
+
+@pytest.mark.parametrize("name", ["t.txt", "t.txt.gz"])
+def test_counting_tokens_reads_the_file_the_scan_measured(tmp_path, bpe, name):
+    path = tmp_path / name
+    data = TEXT.encode()
+    path.write_bytes(gzip.compress(data, mtime=0) if name.endswith(".gz") else data)
+    corpus = index.build([str(path)], [], lowercase=False, piece_bytes=300)
+    # The same length, other bytes, a later time: counted, it would be other text's count.
+    other = data.swapcase()
+    path.write_bytes(gzip.compress(other, mtime=0) if name.endswith(".gz") else other)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(UserError, match=f"{path} changed while the job read it"):
+        index.count_tokens(corpus, bpe)
 
 
 def test_regions_count_tokens_and_the_validation_tail_is_cut_in_tokens(tmp_path, bpe):

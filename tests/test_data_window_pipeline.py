@@ -4,6 +4,7 @@ over pieces of any file, for any number of workers."""
 from __future__ import annotations
 
 import collections
+import gzip
 import logging
 import os
 import random
@@ -259,19 +260,32 @@ def test_binary_bytes_and_one_long_line_work(tmp_path):
     assert sum(1 for _ in ds) == steps > 700
 
 
-@pytest.mark.parametrize("rewrite", ["shorter", "same length"])
+@pytest.mark.parametrize("rewrite", ["shorter", "same length", "gzip, same length"])
 def test_a_shard_rewritten_while_the_job_reads_it_is_one_clear_line(tmp_path, rewrite):
     from trainer import errors
 
     paths = _corpus(tmp_path, random.Random(11), [1500, 900])
+    if rewrite.startswith("gzip"):
+        for i, path in enumerate(paths):
+            with open(path, "rb") as f:
+                data = f.read()
+            os.remove(path)
+            paths[i] = path + ".gz"
+            with open(paths[i], "wb") as f:
+                f.write(gzip.compress(data, mtime=0))
     cfg, vocab, train, _ = _setup(paths, piece_bytes=256, seq_length=7)
     with open(paths[1], "r+b") as f:  # Rewritten after the scan.
         if rewrite == "shorter":
             f.truncate(600)
-        else:  # Other text of the same length, which would otherwise train unnoticed.
+        elif rewrite == "same length":  # Other text, which would otherwise train unnoticed.
             data = f.read()
             f.seek(0)
             f.write(data[::-1])
+        else:
+            data = gzip.decompress(f.read())
+            f.seek(0)
+            f.truncate()
+            f.write(gzip.compress(data[::-1], mtime=0))
     os.utime(paths[1], ns=(time.time_ns(), time.time_ns() + 10**9))
     ds, _ = _one_pass(cfg, vocab, train, 2, cfg.window)
     with pytest.raises(Exception) as caught:  # Whatever tf.data hands on.

@@ -190,11 +190,11 @@ def count_tokens(index: Index, tok, *, worker: int = 0, num_workers: int = 1,
 
     def run(f: int) -> np.ndarray:
         info, out = todo[f], np.zeros(len(todo[f].pieces) + 1)
-        stream = scan.open_compressed(info.path) if info.compressed else None
+        regions = [Region(info.path, start, stop, 0, chars, 0, info.compressed,
+                          info.fingerprint) for start, stop, chars in info.pieces]
+        stream = scan.open_region(regions[0]) if info.compressed and regions else None
         try:
-            for k, (start, stop, chars) in enumerate(info.pieces):
-                region = Region(info.path, start, stop, 0, chars, 0, info.compressed,
-                                info.fingerprint)
+            for k, region in enumerate(regions):
                 ids = tok.encode(scan.read_piece(region, tok.lowercase, stream))
                 out[k], out[-1] = len(ids), out[-1] + tokenization.unknown_ids(tok, ids)
         finally:

@@ -96,6 +96,18 @@ def open_compressed(path: str, version: str = "") -> gzip.GzipFile:
     return gzip.GzipFile(fileobj=storage.open_read(path, version), mode="rb")
 
 
+def open_region(region: Any) -> gzip.GzipFile:
+    """A compressed region's file, decompressed, pinned to the file the scan measured.
+
+    Raises:
+      UserError: the file was rewritten since the scan (`Region.version`).
+    """
+    try:
+        return open_compressed(region.path, region.version)
+    except storage.ChangedError as err:
+        raise changed(region, CHANGED) from err
+
+
 def _read_gzip(path: str, piece_bytes: int, lowercase: bool, words: bool = False
                ) -> list[Part]:
     """Streams a .gz file once, cutting its decompressed bytes into pieces."""
@@ -263,7 +275,7 @@ class Streams:
         else:
             if len(self.open) >= self.limit:
                 self.open.pop(0)[1].close()
-            entry = (region.path, open_compressed(region.path, region.version))
+            entry = (region.path, open_region(region))
         self.open.append(entry)
         return entry[1]
 
@@ -287,7 +299,7 @@ def read_piece(region: Any, lowercase: bool, stream=None) -> str:
     try:
         if region.compressed:
             if stream is None:
-                with open_compressed(region.path, region.version) as own:
+                with open_region(region) as own:
                     own.seek(region.start)
                     data = own.read(region.stop - region.start)
             else:
@@ -297,10 +309,12 @@ def read_piece(region: Any, lowercase: bool, stream=None) -> str:
         else:
             data = storage.read_range(region.path, region.start, region.stop, region.version)
     except storage.ChangedError as err:
-        raise changed(region, "its size, modification time or generation differs from the "
-                      "scan's") from err
+        raise changed(region, CHANGED) from err
     text, _ = vocabulary.decode(data, lowercase)
     return text
+
+
+CHANGED = "its size, modification time or generation differs from the scan's"
 
 
 def changed(region: Any, why: Exception | str) -> UserError:

@@ -241,8 +241,7 @@ class _Windows:
                 if stream is None or stream.tell() > region.start:
                     if len(self._streams) > self.keep:
                         self._streams.pop(next(iter(self._streams))).close()
-                    stream = self._streams[region.path] = scan.open_compressed(
-                        region.path)
+                    stream = self._streams[region.path] = scan.open_region(region)
             ids = load_region_ids(region, self.vocab, self.cfg.lowercase, stream)
             # A strided view of every window of the region: indexing it copies just the rows.
             self._ids[i] = np.lib.stride_tricks.sliding_window_view(ids, self.cfg.window)
