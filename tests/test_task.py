@@ -53,8 +53,8 @@ def test_every_field_carries_its_own_help_and_enums_their_choices():
     assert flag_values["monitor"].help.endswith(helps["monitor"])
     assert flag_values["seed"].help == helps["seed"]
     assert tuple(flag_values["precision"].parser.enum_values) == config.PRECISIONS
-    with pytest.raises(UserError, match="--lr_schedule must be one of cosine, constant"):
-        Config(train_data="x", job_dir="y", lr_schedule="linear").validate()
+    with pytest.raises(UserError, match="--lr_schedule must be one of cosine, linear, constant"):
+        Config(train_data="x", job_dir="y", lr_schedule="step").validate()
     with pytest.raises(UserError, match="--early_stopping_patience must be >= 0, got -1"):
         Config(train_data="x", job_dir="y", early_stopping_patience=-1).validate()
 

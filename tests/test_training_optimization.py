@@ -159,6 +159,30 @@ def test_the_warmup_counts_steps_even_when_the_clock_runs_ahead():
         0.01, 1000, 100, 0.0)(400)))  # Without a lead, the plain steps' cosine.
 
 
+def test_the_linear_schedule_warms_up_then_falls_in_a_straight_line_on_the_clock():
+    clock = tf.Variable(0.0)
+    schedule = optimization.BudgetSchedule(0.01, 1000, 100, 0.1, clock, shape="linear")
+    assert float(schedule(50)) == pytest.approx(0.005)
+    assert float(schedule(100)) == pytest.approx(0.01)
+    # 0.01 down to 0.001 over steps 100-1000: a quarter of the way at step 325.
+    assert float(schedule(325)) == pytest.approx(0.01 - 0.009 / 4, rel=1e-5)
+    assert float(schedule(1000)) == pytest.approx(0.001, rel=1e-5)
+    assert float(schedule(5000)) == pytest.approx(0.001, rel=1e-5)
+    clock.assign(0.55)  # The clock ahead: step 550's rate at step 200 (half the decay).
+    assert float(schedule(200)) == pytest.approx(0.0055, rel=1e-5)
+    assert float(schedule(10)) == pytest.approx(0.001)  # The warmup still counts steps.
+    # The cosine's rate is above the line's early in the decay, below it late.
+    cosine = optimization.BudgetSchedule(0.01, 1000, 100, 0.1)
+    line = optimization.BudgetSchedule(0.01, 1000, 100, 0.1, shape="linear")
+    assert float(cosine(300)) > float(line(300)) and float(cosine(800)) < float(line(800))
+    cfg = tiny("unused", "unused", lr_schedule="linear", learning_rate=0.01, warmup_steps=0,
+               min_lr_ratio=0.0)
+    optimizer, _ = optimization.build_optimizer(cfg, total_steps=10)
+    assert float(optimizer.learning_rate) == pytest.approx(0.01)
+    optimizer.iterations.assign(2)
+    assert float(optimizer.learning_rate) == pytest.approx(0.008)  # The cosine's: 0.00905.
+
+
 def test_without_a_budget_the_schedule_follows_the_steps_only(corpus, tmp_path, monkeypatch):
     _slowed(monkeypatch, 0.01)
     train.train(tiny(corpus, tmp_path, epochs=2, learning_rate=0.01, min_lr_ratio=0.1,

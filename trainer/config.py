@@ -18,7 +18,7 @@ from trainer.errors import UserError
 OBJECTIVES = ("sequence", "last")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16", "auto")
-LR_SCHEDULES = ("cosine", "constant")
+LR_SCHEDULES = ("cosine", "linear", "constant")
 MONITORS = ("val_loss", "val_carried_loss", "loss")
 NEW_CHARS = ("add", "refuse")
 TOKENIZERS = ("char", "word", "bpe")
@@ -121,12 +121,12 @@ class Config:
         "embedding by learning_rate * weight_decay of themselves; biases are not decayed. "
         "0 = none.")
     lr_schedule: str = option(
-        "cosine", "'cosine' decays to min_lr_ratio * learning_rate after warmup; 'constant' keeps "
-        "it.",
+        "cosine", "'cosine' decays to min_lr_ratio * learning_rate after warmup along a cosine, "
+        "'linear' along a straight line; 'constant' keeps it.",
         choices=LR_SCHEDULES)
     warmup_steps: int = option(100, "Linear warmup steps before the peak learning rate.")
     min_lr_ratio: float = option(
-        0.1, "Final learning rate of the cosine schedule, as a fraction of the peak.")
+        0.1, "Final learning rate of the cosine or linear schedule, as a fraction of the peak.")
     ema_momentum: float = option(
         0.0, "Validate, keep (best checkpoints, per-epoch samples) and export an exponential "
         "moving average of the weights with this momentum (Polyak averaging; it averages "

@@ -2,7 +2,7 @@
 of the weights (--ema_momentum).
 
 Adam (AdamW's decoupled weight decay with --weight_decay, biases excluded) over a
-warmup-then-cosine schedule whose progress is the larger of the step count and
+warmup-then-cosine (or linear) schedule whose progress is the larger of the step count and
 the elapsed share of --train_minutes, so a machine slower than planned still ends
 its budget decayed. Gradient clipping is not here: `distribution.clip_global_norm`
 clips the gradient summed over replicas.
@@ -21,7 +21,8 @@ from trainer.config import Config
 
 
 class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup then cosine decay, whose progress is the larger of step and time.
+    """Linear warmup then cosine (or linear) decay, whose progress is the larger of step
+    and time.
 
     `time_progress` (a variable in [0, 1], the elapsed fraction of --train_minutes)
     is set by the training loop; at 0 this is Keras's CosineDecay with warmup over
@@ -33,29 +34,39 @@ class BudgetSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, peak: float, total_steps: int, warmup_steps: int, alpha: float,
-                 time_progress: tf.Variable | None = None):
+                 time_progress: tf.Variable | None = None, shape: str = "cosine"):
         super().__init__()
         self.peak, self.total_steps, self.warmup_steps, self.alpha = (
             peak, total_steps, warmup_steps, alpha)
-        self.time_progress = time_progress
+        self.time_progress, self.shape = time_progress, shape
         self.cosine = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0, decay_steps=max(1, total_steps - warmup_steps),
             alpha=alpha, warmup_target=peak, warmup_steps=warmup_steps)
 
+    def curve(self, step):
+        """The rate at `step` (a float tensor) of warmup then decay, by steps alone."""
+        if self.shape == "cosine":
+            return self.cosine(step)
+        warmup = float(self.warmup_steps)
+        ramp = self.peak * step / max(warmup, 1.0)
+        done = tf.clip_by_value((step - warmup) / max(self.total_steps - warmup, 1.0), 0.0, 1.0)
+        decayed = self.peak * (1.0 - (1.0 - self.alpha) * done)
+        return tf.where(step < warmup, ramp, decayed)
+
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         if self.time_progress is None:
-            return self.cosine(step)
+            return self.curve(step)
         budget = tf.maximum(step, tf.cast(self.time_progress, tf.float32) * self.total_steps)
         warmup = float(self.warmup_steps)
-        decayed = self.cosine(tf.maximum(budget, warmup))
+        decayed = self.curve(tf.maximum(budget, warmup))
         if not self.warmup_steps:
             return decayed
-        return tf.minimum(self.cosine(tf.minimum(step, warmup)), decayed)
+        return tf.minimum(self.curve(tf.minimum(step, warmup)), decayed)
 
     def get_config(self) -> dict[str, Any]:
         return {"peak": self.peak, "total_steps": self.total_steps,
-                "warmup_steps": self.warmup_steps, "alpha": self.alpha}
+                "warmup_steps": self.warmup_steps, "alpha": self.alpha, "shape": self.shape}
 
 
 def build_optimizer(cfg: Config, total_steps: int
@@ -64,8 +75,9 @@ def build_optimizer(cfg: Config, total_steps: int
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
     time_progress = tf.Variable(0.0, dtype=tf.float32, trainable=False, name="time_progress")
     schedule = BudgetSchedule(cfg.learning_rate, total_steps, warmup,
-                              cfg.min_lr_ratio if cfg.lr_schedule == "cosine" else 1.0,
-                              time_progress if cfg.train_minutes else None)
+                              1.0 if cfg.lr_schedule == "constant" else cfg.min_lr_ratio,
+                              time_progress if cfg.train_minutes else None,
+                              "linear" if cfg.lr_schedule == "linear" else "cosine")
     # No global_clipnorm here: Keras would clip each replica's share of the gradient
     # before summing them; `distribution.clip_global_norm` clips the summed gradient instead.
     # Keras applies weight_decay as AdamW does: w -= lr * weight_decay * w, apart from Adam's
