@@ -245,16 +245,19 @@ def test_quality(shard_folder, tmp_path):
     out, png = tmp_path / "quality.json", tmp_path / "quality.png"
     result = measured(run_bench(
         "bench.quality", f"--corpus={shard_folder}", "--presets=tiny", "--minutes=0.5",
-        "--flag=--epochs=1", "--flag=--steps_per_epoch=5", "--score_seq_length=32",
-        "--score_batch_size=16", f"--out={out}", f"--plot={png}"), out)
+        "--flag=--epochs=3", "--flag=--steps_per_epoch=2", "--flag=--validation_freq=2",
+        "--score_seq_length=32", "--score_batch_size=16", f"--out={out}", f"--plot={png}"), out)
     (run,) = result["runs"]
     assert_figures({k: run[k] for k in ("final_val_loss", "best_val_loss", "final_val_bpc",
                                         "train_sec", "chars_trained")})
-    assert run["chars_trained"] == 5 * 16 * 32  # Steps x the tiny preset's batch x window.
-    # Scored again at the job's own shape (the tiny preset's 32 x 16), its one validation's
-    # weights give the job's own windowed figure.
+    assert run["chars_trained"] == 6 * 16 * 32  # Steps x the tiny preset's batch x window.
+    # Validated after epochs 2 and 3 only (--validation_freq and the last epoch).
+    assert ["val_loss" in e for e in run["epochs"]] == [False, True, True]
+    assert run["best_val_loss"] == min(e["val_loss"] for e in run["epochs"][1:])
+    # Scored again at the job's own shape (the tiny preset's 32 x 16), the kept weights
+    # (the best validation's, by val_loss) give that validation's windowed figure.
     assert run["common"]["seq_length"] == 32 and run["common"]["batch_size"] == 16
-    assert run["common"]["windowed"] == pytest.approx(run["final_val_loss"], rel=1e-4)
+    assert run["common"]["windowed"] == pytest.approx(run["best_val_loss"], rel=1e-4)
     assert_figures({"common carried": run["common"]["carried"]})
     assert png.stat().st_size > 0
 
