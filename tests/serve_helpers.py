@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import keras
+import pytest
 import uvicorn
 
 from trainer import checkpoints, models
@@ -132,3 +133,30 @@ def stop(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
+
+
+def streamed_logprobs(client, asked: dict, choices: int) -> tuple[list[str], list[dict]]:
+    """Each choice's text and `logprobs` lists joined over a stream's chunks; asserts that
+    each chunk's offsets start where its text does and that several chunks had tokens."""
+    texts, scored = [""] * choices, [0] * choices
+    joined = [{k: [] for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+              for _ in range(choices)]
+    for chunk in client.completions.create(**asked, stream=True):
+        for c in chunk.choices:
+            for key, values in joined[c.index].items():
+                values += getattr(c.logprobs, key)
+            scored[c.index] += bool(c.logprobs.tokens)
+            assert c.logprobs.text_offset[:1] in ([], [len(texts[c.index])])
+            texts[c.index] += c.text
+    assert all(n > 1 for n in scored)
+    return texts, joined
+
+
+def same_logprobs(got: dict, want) -> None:
+    """`got` (from `streamed_logprobs`) equals an answer's `logprobs` `want`."""
+    assert got["tokens"] == want.tokens and got["text_offset"] == want.text_offset
+    assert got["token_logprobs"] == pytest.approx(want.token_logprobs, abs=1e-5)
+    assert [t and list(t) for t in got["top_logprobs"]] == [t and list(t) for t in
+                                                             want.top_logprobs]
+    assert [v for t in got["top_logprobs"] for v in (t or {}).values()] == pytest.approx(
+        [v for t in want.top_logprobs for v in (t or {}).values()], abs=1e-5)

@@ -7,7 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from serve_helpers import VOCAB, LiveServer, module_job, request
+from serve_helpers import (
+    VOCAB,
+    LiveServer,
+    module_job,
+    request,
+    same_logprobs,
+    streamed_logprobs,
+)
 from training_jobs import token_job
 
 from trainer.sampling.sampler import Sampler, Settings
@@ -172,8 +179,26 @@ def test_logprobs_of_an_echoed_prompt_and_of_the_completion_are_the_models(clien
     for bad in (6, -1, "2", True, 1.5):
         with pytest.raises(openai.BadRequestError, match="logprobs must be a whole number"):
             client.completions.create(model="job", prompt="a", extra_body={"logprobs": bad})
-    with pytest.raises(openai.BadRequestError, match="logprobs are not streamed"):
-        client.completions.create(model="job", prompt="a", logprobs=1, stream=True)
+
+
+def test_a_streams_logprobs_add_up_to_the_answers(client):
+    # Choices of three 16-token blocks: echoed prompt, two prompts, a stop string in one.
+    asked = {"model": "job", "prompt": ["the ", "a"], "max_tokens": 40, "seed": 5,
+             "temperature": 0.9, "echo": True, "logprobs": 2}
+    whole = client.completions.create(**asked)
+    texts, joined = streamed_logprobs(client, asked, 2)
+    assert texts == [c.text for c in whole.choices]
+    for got, c in zip(joined, whole.choices):
+        same_logprobs(got, c.logprobs)
+        assert "".join(got["tokens"]) == c.text
+    text = whole.choices[0].text[4:]  # A stop string first seen in the second block.
+    at = next(i for i in range(20, 36) if text.find(text[i:i + 3]) == i)
+    cut = {**asked, "stop": text[at:at + 3], "echo": False}
+    whole = client.completions.create(**cut)
+    texts, joined = streamed_logprobs(client, cut, 2)
+    assert texts == [c.text for c in whole.choices] and texts[0] == text[:at]
+    for got, c in zip(joined, whole.choices):
+        same_logprobs(got, c.logprobs)
 
 
 def test_errors_in_openai_shape(client, server):
@@ -320,6 +345,11 @@ def test_word_and_bpe_logprobs_are_the_models_with_split_characters_named_as_byt
     got = [names[t] for t in drawn.logprobs.tokens]
     assert tokenizer.decode(got) == text
     _check_logprobs(drawn.logprobs, model, tokenizer, np.concatenate([ids, got]), len(ids), 2)
+    # Streamed in 8-token blocks: a split character's ids may straddle two chunks.
+    texts, (joined,) = streamed_logprobs(client, {**asked, "logprobs": 2, "echo": True}, 1)
+    assert texts == [prompt + text]
+    same_logprobs(joined, client.completions.create(**asked, logprobs=2,
+                                                      echo=True).choices[0].logprobs)
 
 
 def test_schemathesis_finds_no_5xx_and_answers_conform(server):

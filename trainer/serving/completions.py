@@ -17,7 +17,7 @@ is a string or a list of them; `temperature` (0: greedy), `top_p`, `n`, `seed`
 (choice i uses seed + i), `stop` (up to 4 strings; the text ends before the
 first, with finish_reason "stop"), `echo` (the prompt, as sent, starts each
 choice's text; a stream sends it as the choice's first chunk) and `logprobs` (0 to
-5 alternatives per token, not streamed: `trainer.serving.logprobs`) are honoured,
+5 alternatives per token, streamed or not: `trainer.serving.logprobs`) are honoured,
 and so is this server's `oov` ("error", or "skip" to leave out the prompt's characters
 the model never saw, as on /predict); `suffix` is refused; other fields are ignored,
 as OpenAI's servers do. Errors are
@@ -259,8 +259,9 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
         if top is not None:
             batcher.backend.check_score()
         blocks: asyncio.Queue = asyncio.Queue()
-        # Scores are computed after the rows end: the rows' admission is held until then.
-        held: list[Any] | None = [] if top is not None else None
+        # Scores are computed after the rows end: the rows' admission is held until then
+        # (a stream's chunks are scored as they are sent, and its rows let go as they end).
+        held: list[Any] | None = [] if top is not None and not data.get("stream") else None
         rows = transport.admit(batcher, instances,
                                [transport.to_queue(blocks, i) for i in range(len(instances))],
                                held)
@@ -280,9 +281,11 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
         if data.get("stream"):
             options = data.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
+            scorer = (None if top is None else
+                      logprobs.StreamScores(tokenizer, top, batcher.score, rows, echoed))
             return StreamingResponse(_stream(blocks, rows, instances, stops, head,
                                              tokenizer if usage else None, n,
-                                             timing.deadline_seconds, echoed),
+                                             timing.deadline_seconds, echoed, scorer),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
@@ -329,22 +332,27 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
 async def _stream(blocks: asyncio.Queue, rows: Sequence[Any], instances: Sequence[Instance],
                   stops: Sequence[str], head: dict[str, Any],
                   usage: tokenization.Tokenizer | None, n: int, deadline: float,
-                  echoed: Sequence[str]) -> AsyncIterator[str]:
+                  echoed: Sequence[str], scorer: logprobs.StreamScores | None = None
+                  ) -> AsyncIterator[str]:
     """Server-sent `text_completion` chunks, then `data: [DONE]`; an error is a data frame.
 
     `usage`: the model's tokenizer when the client asked for usage, else None.
     `echoed`: each choice's prompt when the client asked for echo (its first chunk).
+    `scorer`: gives each chunk its `logprobs` when the client asked for them.
     """
     texts = [""] * len(instances)
     try:
-        for index, prompt in enumerate(echoed):
-            if prompt:
-                yield _frame({**head, "choices": [{"text": prompt, "index": index,
-                                                   "logprobs": None, "finish_reason": None}]})
         async with asyncio.timeout(deadline or None):
+            for index, prompt in enumerate(echoed):
+                if prompt:
+                    lp = await scorer.echo(index) if scorer else None
+                    yield _frame({**head, "choices": [{"text": prompt, "index": index,
+                                                       "logprobs": lp,
+                                                       "finish_reason": None}]})
             async for index, text, reason in _choices(blocks, len(instances), rows, stops):
                 texts[index] += text
-                choice = {"text": text, "index": index, "logprobs": None,
+                choice = {"text": text, "index": index,
+                          "logprobs": await scorer.chunk(index, text) if scorer else None,
                           "finish_reason": reason}
                 yield _frame({**head, "choices": [choice]})
         if usage is not None:

@@ -29,13 +29,22 @@ The scores come from one more pass of the model over each choice's tokens after 
 is drawn (`Backend.score`, run by the batcher's worker between blocks, the request's
 rows still counted against the admission budget until it is done), so asking for them
 costs about as much again as feeding the prompt and completion; a choice's text is
-the same with or without them. Streams do not carry them yet (a request with both is
-refused).
+the same with or without them.
+
+A stream carries them too (`StreamScores`): each chunk's `logprobs` holds the tokens
+whose text starts in that chunk (an echoed prompt's in its own first chunk), with
+`text_offset` counted from the start of the choice's whole text, so a choice's chunks
+together hold what the same request gets without "stream". Each chunk is scored when it
+is sent, by a pass over its row's prompt and every id drawn so far: a completion of c
+chunks costs about (c + 1) / 2 passes where one answer costs one, and the last chunk's
+pass runs after its row has left the admission budget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,15 +66,13 @@ def parse(data: dict[str, Any]) -> int | None:
       k in 0..TOP_LOGPROBS, or None for absent, null or false.
 
     Raises:
-      RequestError: for anything else, or with "stream".
+      RequestError: for anything else.
     """
     k = data.get("logprobs")
     if k is None or k is False:
         return None
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= TOP_LOGPROBS:
         raise RequestError(f"logprobs must be a whole number from 0 to {TOP_LOGPROBS}")
-    if data.get("stream"):
-        raise RequestError("logprobs are not streamed: ask for them without \"stream\"")
     return k
 
 
@@ -155,3 +162,48 @@ def choice(tokenizer: tokenization.Tokenizer, k: int, scores: Scores, prompt: np
         add(int(token), context - 1 + j, base + offset)
         offset += width
     return out
+
+
+class StreamScores:
+    """The `logprobs` of a stream's chunks (see the module docstring), choice by choice."""
+
+    def __init__(self, tokenizer: tokenization.Tokenizer, k: int,
+                 score: Callable[[list[np.ndarray]], concurrent.futures.Future],
+                 rows: Sequence[Any], echoed: Sequence[str]):
+        """Scores the chunks of `rows`.
+
+        Args:
+          tokenizer: the model's tokenizer.
+          k: alternatives per token.
+          score: `Batcher.score`.
+          rows: the request's rows (`Batcher.submit`): `ids` is the prompt's, and
+            `output.ids` the ids drawn so far, which the batcher's worker appends to.
+          echoed: each choice's echoed prompt, or "" without echo.
+        """
+        self.tokenizer, self.k, self.score, self.rows = tokenizer, k, score, rows
+        self.echoed = echoed
+        self.sent = [0] * len(rows)  # Characters of each completion sent so far.
+
+    async def _scores(self, index: int, drawn: list[int]) -> Scores:
+        (scores,) = await asyncio.wrap_future(
+            self.score(rows(self.tokenizer, [self.rows[index].ids], [drawn])))
+        return scores
+
+    async def echo(self, index: int) -> dict[str, list[Any]]:
+        """The `logprobs` of choice `index`'s echoed prompt (its first chunk)."""
+        prompt = self.rows[index].ids
+        return choice(self.tokenizer, self.k, await self._scores(index, []), prompt, [],
+                      self.echoed[index], 0)
+
+    async def chunk(self, index: int, text: str) -> dict[str, list[Any]]:
+        """The `logprobs` of choice `index`'s next chunk of completion, `text`."""
+        drawn = list(self.rows[index].output.ids)  # A copy: the worker may add more.
+        scores = await self._scores(index, drawn)
+        start = self.sent[index]
+        self.sent[index] += len(text)
+        whole = choice(self.tokenizer, self.k, scores, self.rows[index].ids, drawn, None,
+                       self.sent[index])
+        keep = [j for j, offset in enumerate(whole["text_offset"]) if offset >= start]
+        out = {key: [values[j] for j in keep] for key, values in whole.items()}
+        out["text_offset"] = [len(self.echoed[index]) + o for o in out["text_offset"]]
+        return out
