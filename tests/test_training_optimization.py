@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import types
 
 import keras
 import numpy as np
@@ -243,36 +242,3 @@ def test_weight_decay_shrinks_kernels_and_embedding_but_not_biases(tmp_path):
     start = kernel.numpy()
     plain.apply_gradients([(tf.zeros_like(kernel), kernel)])
     np.testing.assert_array_equal(kernel.numpy(), start)
-
-
-def test_the_dropout_ramp_rises_on_steps_or_clock_and_the_layers_drop_that_share(tmp_path):
-    cfg = tiny("unused", tmp_path, num_layers=2, dropout=0.4, dropout_ramp=0.5,
-               train_minutes=10)
-    plan = types.SimpleNamespace(tokenizer=types.SimpleNamespace(size=12), total_steps=100)
-    trainable = train.build_trainable(cfg, tf.distribute.get_strategy(), plan)
-    layer, *more = [x for x in trainable.model.layers if isinstance(x, models.RampedDropout)]
-    share, iterations = layer.share, trainable.optimizer.iterations
-    assert share is not None and [x.share for x in more] == [share]
-    assert float(share()) == 0.0
-    iterations.assign(25)  # A quarter of the steps: half of the ramp.
-    assert float(share()) == pytest.approx(0.5)
-    trainable.time_progress.assign(0.4)  # The clock ahead of the steps leads.
-    assert float(share()) == pytest.approx(0.8)
-    iterations.assign(80)
-    assert float(share()) == 1.0
-    # Without --train_minutes the clock is not read; without a ramp there is no share.
-    iterations.assign(25)
-    assert float(optimization.dropout_share(cfg.replace(train_minutes=0), trainable.optimizer,
-                                            trainable.time_progress, 100)()) == 0.25 / 0.5
-    assert optimization.dropout_share(cfg.replace(dropout_ramp=0.0), trainable.optimizer,
-                                      trainable.time_progress, 100) is None
-    # The layer drops rate x share of its inputs and scales the rest up to match.
-    x = tf.ones([400, 100])
-    layer.share = lambda: tf.constant(0.0)
-    assert np.array_equal(layer(x, training=True).numpy(), x.numpy())
-    layer.share = lambda: tf.constant(0.5)
-    out = layer(x, training=True).numpy()
-    assert 0.18 < (out == 0).mean() < 0.22 and np.allclose(out[out != 0], 1 / 0.8)
-    assert np.array_equal(layer(x, training=False).numpy(), x.numpy())
-    with pytest.raises(UserError, match="--dropout_ramp must be in"):
-        tiny("unused", tmp_path, dropout_ramp=1.5)

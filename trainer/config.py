@@ -106,10 +106,6 @@ class Config:
     num_layers: int = option(2, "Number of stacked LSTM layers.")
     dropout: float = option(
         0.2, "Dropout between layers (never recurrent dropout, which would disable cuDNN).")
-    dropout_ramp: float = option(
-        0.0, "Dropout rises in a straight line from 0 to --dropout over this share of the "
-        "job (0 to 1, on the step-or-clock progress the learning rate follows), then stays: "
-        "a short job learns fast early and is held back late. 0 = --dropout from the start.")
 
     # --- optimisation ---
     batch_size: int = option(
@@ -237,8 +233,6 @@ class Config:
             raise UserError(f"--piece_mb must be at least 64 bytes' worth, got {self.piece_mb}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.dropout_ramp <= 1.0:
-            raise UserError(f"--dropout_ramp must be in [0, 1], got {self.dropout_ramp}")
         if not 0.0 <= self.state_reset_prob < 1.0:
             raise UserError(f"--state_reset_prob must be in [0, 1), got {self.state_reset_prob}")
         for name in ("adam_beta1", "adam_beta2"):

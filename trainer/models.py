@@ -43,25 +43,9 @@ def build_model(cfg: Config, vocab_size: int) -> keras.Model:
     for i in range(cfg.num_layers):
         x, _, _ = lstm_layer(cfg.rnn_units, name=f"lstm_{i}")(x)
         if cfg.dropout:
-            x = RampedDropout(cfg.dropout, name=f"dropout_{i}")(x)
+            x = layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
     logits = layers.Dense(vocab_size, dtype="float32", name="logits")(x)
     return keras.Model(inputs, logits, name="char_lstm")
-
-
-@keras.saving.register_keras_serializable(package="char_lstm")
-class RampedDropout(layers.Dropout):
-    """Keras's Dropout, whose rate may follow a schedule (--dropout_ramp): `share`, when
-    set, gives the part of `rate` that applies now (a scalar tensor in [0, 1])."""
-
-    share = None
-
-    def call(self, inputs, training=False):
-        if not training or self.share is None or not self.rate:
-            return super().call(inputs, training=training)
-        rate = self.rate * tf.cast(self.share(), tf.float32)
-        kept = keras.random.uniform(tf.shape(inputs), seed=self.seed_generator) >= rate
-        return tf.where(kept, inputs * tf.cast(1.0 / (1.0 - rate), inputs.dtype),
-                        tf.zeros_like(inputs))
 
 
 def lstm_layer(units: int, name: str) -> layers.LSTM:

@@ -11,7 +11,7 @@ clips the gradient summed over replicas.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -89,26 +89,6 @@ def build_optimizer(cfg: Config, total_steps: int
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer, time_progress
-
-
-def dropout_share(cfg: Config, optimizer: keras.optimizers.Optimizer,
-                  time_progress: tf.Variable, total_steps: int) -> Callable[[], tf.Tensor] | None:
-    """The share of --dropout that applies now under --dropout_ramp (None without one).
-
-    It rises in a straight line from 0 to 1 over the first --dropout_ramp of the job's
-    progress, the larger of the steps' share of `total_steps` and (with --train_minutes)
-    the clock's, as the learning rate's decay reads it, then stays at 1.
-    """
-    if not cfg.dropout_ramp or not cfg.dropout:
-        return None
-
-    def share() -> tf.Tensor:
-        progress = tf.cast(optimizer.iterations, tf.float32) / max(total_steps, 1)
-        if cfg.train_minutes:
-            progress = tf.maximum(progress, tf.cast(time_progress, tf.float32))
-        return tf.minimum(1.0, progress / cfg.dropout_ramp)
-
-    return share
 
 
 class WeightAverage(tf.Module):

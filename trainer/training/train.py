@@ -152,10 +152,6 @@ def build_trainable(cfg: Config, strategy: tf.distribute.Strategy, plan: DataPla
         model = models.build_model(cfg, plan.tokenizer.size)
         optimizer, time_progress = optimization.build_optimizer(cfg, plan.total_steps)
         optimizer.build(model.trainable_variables)
-        share = optimization.dropout_share(cfg, optimizer, time_progress, plan.total_steps)
-        for layer in model.layers:
-            if isinstance(layer, models.RampedDropout):
-                layer.share = share
     keras.mixed_precision.set_dtype_policy("float32")
     average = (optimization.WeightAverage(strategy, model, cfg.ema_momentum)
                if cfg.ema_momentum else None)
