@@ -114,6 +114,7 @@ class Loop:
         self.elapsed = float(progress["elapsed"].numpy())
         self.stop_by: str | None = None
         self.total_steps = 0  # Set by `run`.
+        self.clock_ran_out = False  # At the last epoch's end, as its validation saw it.
         self.stale = int(progress["stale"].numpy())
         self._time_logged = False
 
@@ -178,7 +179,11 @@ class Loop:
                                         "raise the patience to train further", self.stale,
                                         self.cfg.monitor, self.cfg.early_stopping_patience)
                     break
-                if self.out_of_time():
+                # At an epoch's end the clock that decided its validation decides here
+                # too: a clock that ran out while the epoch was reported (sampling, the
+                # metrics) ends the job within the next READBACK_STEPS steps, at an
+                # epoch end that is validated, not at this one, which was not.
+                if self.clock_ran_out if summary else self.out_of_time():
                     if summary:  # Reached at an epoch's end.
                         self._log_time_limit(step)
                     else:
@@ -235,8 +240,9 @@ class Loop:
         """Whether `epoch` (0-based, ended at `step`) is validated: every
         --validation_freq epochs and the job's last one, by its step cap or the agreed
         clock (so every worker decides alike)."""
+        self.clock_ran_out = self.out_of_time()
         return ((epoch + 1) % self.cfg.validation_freq == 0 or step >= self.total_steps
-                or self.out_of_time())
+                or self.clock_ran_out)
 
     def _epoch(self, step: int, epoch: int, stop: StopSignal
                ) -> tuple[int, np.ndarray, float]:
