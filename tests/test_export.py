@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
-from serve_helpers import LiveServer, request
+from serve_helpers import LiveServer, request, same_logprobs, streamed_logprobs
+from test_sampling_scoring import same_scores, scored_in_pieces
 from training_jobs import token_job
 
 from trainer import checkpoints, export, models, storage
@@ -109,16 +110,21 @@ def test_score_signature_gives_the_job_dirs_logprobs_and_an_older_export_is_refu
         np.testing.assert_array_equal(g.top_ids, w.top_ids)
         np.testing.assert_allclose(g.top_logprobs, w.top_logprobs, atol=1e-5)
     assert len(want[0].logprobs) == 18 and np.all(want[0].logprobs < 0)
+    # `score_from`, piece by piece from carried states, gives the same.
+    pieces = scored_in_pieces(backends.load_backend(export_dir).score_from, rows[0], (2, 9, 19))
+    same_scores(pieces, want[0])
     # An export from before the `score` signature serves text, and answers a request
     # for logprobs with one line saying to export again.
     real_save = tf.saved_model.save
 
-    def save_without_score(module, path, signatures):
-        real_save(module, path, signatures={k: v for k, v in signatures.items()
-                                            if k != "score"})
+    def save_without(*names):
+        def save(module, path, signatures):
+            real_save(module, path, signatures={k: v for k, v in signatures.items()
+                                                if k not in names})
+        return save
 
     old_dir = str(tmp_path / "old" / "1")
-    monkeypatch.setattr(tf.saved_model, "save", save_without_score)
+    monkeypatch.setattr(tf.saved_model, "save", save_without("score", "score_from"))
     _run_export(f"--job_dir={job_dir}", f"--export_dir={old_dir}")
     monkeypatch.undo()
     running = LiveServer(batcher.Batcher(backends.load_backend(old_dir), window_ms=1))
@@ -130,6 +136,22 @@ def test_score_signature_gives_the_job_dirs_logprobs_and_an_older_export_is_refu
         assert status == 400 and b"\n" not in body.strip()
         assert "exported without log-probabilities" in json.loads(body)["error"]["message"]
         assert json.loads(request(running.url("/info"))[1])["logprobs"] is False
+    finally:
+        running.close()
+    # One from before `score_from` streams logprobs by scoring each chunk from the prompt.
+    openai = pytest.importorskip("openai", reason="openai is in the test extra")
+    older_dir = str(tmp_path / "older" / "1")
+    monkeypatch.setattr(tf.saved_model, "save", save_without("score_from"))
+    _run_export(f"--job_dir={job_dir}", f"--export_dir={older_dir}")
+    monkeypatch.undo()
+    older = backends.load_backend(older_dir)
+    assert older.score_from(rows[0], None) is None
+    running = LiveServer(batcher.Batcher(older, window_ms=1, block=8))
+    try:
+        client = openai.OpenAI(base_url=running.url("/v1"), api_key="EMPTY", max_retries=0)
+        asked = {"model": "m", "prompt": "the", "max_tokens": 20, "seed": 2, "logprobs": 1}
+        texts, (joined,) = streamed_logprobs(client, asked, 1)
+        same_logprobs(joined, client.completions.create(**asked).choices[0].logprobs)
     finally:
         running.close()
 

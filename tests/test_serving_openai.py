@@ -181,12 +181,16 @@ def test_logprobs_of_an_echoed_prompt_and_of_the_completion_are_the_models(clien
             client.completions.create(model="job", prompt="a", extra_body={"logprobs": bad})
 
 
-def test_a_streams_logprobs_add_up_to_the_answers(client):
+def test_a_streams_logprobs_add_up_to_the_answers(client, server):
     # Choices of three 16-token blocks: echoed prompt, two prompts, a stop string in one.
     asked = {"model": "job", "prompt": ["the ", "a"], "max_tokens": 40, "seed": 5,
              "temperature": 0.9, "echo": True, "logprobs": 2}
     whole = client.completions.create(**asked)
+    before = server.batcher.stats().scored
     texts, joined = streamed_logprobs(client, asked, 2)
+    # Each chunk fed only its new ids, from the states the last one ended in: every
+    # position of the two rows (4 + 40 and 1 + 40 ids) scored once, as without stream.
+    assert server.batcher.stats().scored - before == 43 + 40
     assert texts == [c.text for c in whole.choices]
     for got, c in zip(joined, whole.choices):
         same_logprobs(got, c.logprobs)

@@ -28,6 +28,12 @@ char model (the default tokenizer):
       -> {"logprobs": float32[batch, time-1], after the ids before it (rows right-
           "top_ids": int32[batch, time-1, 5],  padded; any pad id), and the 5 likeliest
           "top_logprobs": float32[...]}        ids at each position: OpenAI's logprobs
+  score_from(ids, states: float32[batch,     the same for rows that continue a text
+             width])                         (rows of one length): states are the
+      -> {the same, and "states"}            layers' (h, c) side by side after the ids
+                                             before the row (zeros to start), and come
+                                             back after all but its last id, where the
+                                             next piece starts (a stream's logprobs)
 
 Beside the graph, assets.extra/ (TF Serving's folder for extra files) holds
 vocab.json and model.json (the job's config, tokenizer kind and best checkpoint), and
@@ -50,7 +56,7 @@ A word or bpe model's graph cannot split text, so its signatures take and give i
   serving_default(ids: int32[batch, time], length, temperature)
       -> {"generated_ids": int32[batch, length]}
   generate_seeded(the same, and seed)         the same, reproducibly
-  begin(ids) -> {"logits", "states"};  advance and score as above
+  begin(ids) -> {"logits", "states"};  advance, score and score_from as above
 
 A bpe graph never draws an id whose bytes cannot continue a row's text as valid UTF-8
 (trainer/sampling/utf8.py), so the ids it gives decode without U+FFFD; its `states`

@@ -2,9 +2,9 @@
 
 The model reads and draws the ids of the job's tokenizer (characters, words or BPE
 subwords; `trainer.sampling.tokens` turns prompts into ids and ids back into text,
-counted in characters). The prompt is fed once through the model's own layers;
-after that every new token costs one LSTM step per layer, with each layer's (h, c) carried from
-the step before, never a re-run of a window. The step loop is a `tf.while_loop`
+counted in characters). The prompt is fed once through the model's own layers; after
+that a new token costs one LSTM step per layer, each layer's (h, c) carried from the
+step before, never a re-run of a window. The step loop is a `tf.while_loop`
 inside one `tf.function`, compiled with XLA by default (it fuses the per-char
 ops, which otherwise cost more than the arithmetic of a small LSTM), so a block
 of tokens is one call from Python.
@@ -116,8 +116,9 @@ class Sampler:
             self._utf8_masks = tf.constant(self.utf8.mask() + oov_mask[None, :])
         self._feed = tf.function(self.feed, reduce_retracing=True)
         self._steps = tf.function(self.steps, reduce_retracing=True)
-        self._scores = tf.function(functools.partial(scoring.scores, self),
-                                   reduce_retracing=True)
+        self._scores, self._scores_from = (
+            tf.function(functools.partial(f, self), reduce_retracing=True)
+            for f in (scoring.scores, scoring.scores_from))
         self._steps_xla = tf.function(self.steps, reduce_retracing=True, jit_compile=True)
 
     # --- Compiled internals. Public only because trainer.sampling.saved_model builds
@@ -355,6 +356,11 @@ class Sampler:
         """
         return score_rows(rows, self.tokenizer.size,
                           lambda ids: [t.numpy() for t in self._scores(tf.constant(ids))])
+
+    def score_from(self, row: np.ndarray, states: np.ndarray | None
+                   ) -> tuple[Scores, np.ndarray]:
+        """`score` of one row that continues a text: `scoring.score_piece`."""
+        return scoring.score_piece(row, states, self.tokenizer.size, self._scores_from)
 
     def _draw(self, prompts: Sequence[np.ndarray], outputs: Sequence[OutputText],
               settings: Settings | Sequence[Settings], seed: int | Sequence[int], block: int

@@ -1,7 +1,7 @@
 """The exported SavedModel: the model, its tokenizer and the sampling loop as one module.
 
 `trainer.export` is the entrypoint that writes it; `trainer.serving.backends` loads it
-(its `begin`/`advance` signatures, and `score` for log-probabilities). What the
+(its `begin`/`advance` signatures, and `score`/`score_from` for log-probabilities). What the
 signatures take and return is
 described in trainer/export.py.
 
@@ -76,6 +76,14 @@ class _Generator(tf.Module):
         ids at each position (rows right-padded; see `scoring.scores`)."""
         logprobs, top_ids, top_logprobs = scoring.scores(self._sampler, ids)
         return {"logprobs": logprobs, "top_ids": top_ids, "top_logprobs": top_logprobs}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.int32, name="ids"),
+                                  tf.TensorSpec([None, None], tf.float32, name="states")])
+    def score_from(self, ids: tf.Tensor, states: tf.Tensor) -> dict[str, tf.Tensor]:
+        """`score` of rows that continue a text from its packed states, and the states
+        after all but each row's last id (see `scoring.scores_from`)."""
+        out = scoring.scores_from(self._sampler, ids, states)
+        return dict(zip(("logprobs", "top_ids", "top_logprobs", "states"), out))
 
     def _pack(self, states: tuple[tf.Tensor, ...]) -> tf.Tensor:
         """The sampler's states as one (batch, width) tensor: the layers' (h, c) side by
@@ -273,7 +281,8 @@ def export(model: keras.Model, tokenizer: tokenization.Tokenizer, export_dir: st
         chars = getattr(tokenizer, "chars", Vocabulary((), lowercase=tokenizer.lowercase))
         vocab_json = vocab_json or chars.to_json()
     signatures = {"serving_default": module.serve, "generate_seeded": module.generate_seeded,
-                  "begin": module.begin, "advance": module.advance, "score": module.score}
+                  "begin": module.begin, "advance": module.advance, "score": module.score,
+                  "score_from": module.score_from}
     with tempfile.TemporaryDirectory() as tmp:
         # Saved locally, then copied by `storage`, the one module that writes to buckets.
         local = os.path.join(tmp, "saved_model")

@@ -35,7 +35,7 @@ from trainer.errors import UserError
 from trainer.sampling.next_char import Rule
 from trainer.sampling.sampler import Sampler
 from trainer.sampling.saved_model import EXTRA_DIR
-from trainer.sampling.scoring import Scores, score_rows
+from trainer.sampling.scoring import Scores, score_piece, score_rows
 from trainer.serving.request import RequestError
 
 
@@ -89,6 +89,17 @@ class Backend:
         """
         raise NotImplementedError
 
+    def score_from(self, row: np.ndarray, states: np.ndarray | None
+                   ) -> tuple[Scores, np.ndarray] | None:
+        """`score` of one row that continues a text from its packed states
+        (`Sampler.score_from`), or None when this model cannot (an export from before
+        its `score_from` signature): the caller then scores the whole text again.
+
+        Returns:
+          (the row's `Scores`, the packed states where the next piece starts) or None.
+        """
+        return None
+
     def check_score(self) -> None:
         """Raises RequestError when `score` cannot work (a SavedModel exported before it)."""
 
@@ -121,6 +132,9 @@ class SamplerBackend(Backend):
     def score(self, rows):
         return self.sampler.score(rows)
 
+    def score_from(self, row, states):
+        return self.sampler.score_from(row, states)
+
 
 class SavedModelBackend(Backend):
     """An exported SavedModel, through its `begin` and `advance` signatures."""
@@ -135,6 +149,7 @@ class SavedModelBackend(Backend):
         self._advance = loaded.signatures["advance"]
         # Exports from before log-probabilities have no `score`.
         self._score = loaded.signatures.get("score")
+        self._score_from = loaded.signatures.get("score_from")
         self._loaded = loaded  # Keeps the variables alive.
         self.tokenizer, self.info = tokenizer, info
         self._text_in = tokenizer.kind == "char"
@@ -181,6 +196,16 @@ class SavedModelBackend(Backend):
             return [out[k].numpy() for k in ("logprobs", "top_ids", "top_logprobs")]
 
         return score_rows(rows, self.tokenizer.size, run)
+
+    def score_from(self, row, states):
+        if self._score_from is None:
+            return None
+
+        def run(ids: tf.Tensor, states: tf.Tensor) -> list[tf.Tensor]:
+            out = self._score_from(ids=ids, states=states)
+            return [out[k] for k in ("logprobs", "top_ids", "top_logprobs", "states")]
+
+        return score_piece(row, states, self.tokenizer.size, run)
 
 
 def _job_info(path: str, cfg: Any, pointer: dict[str, Any]) -> dict[str, Any]:

@@ -246,12 +246,22 @@ class Batcher:
         Returns:
           A future of one `Scores` per row (or the error).
         """
+        return self._queue_scoring(lambda: self._scoring.put(rows))
+
+    def score_from(self, row: np.ndarray, states: np.ndarray | None
+                   ) -> concurrent.futures.Future:
+        """`score` of one row that continues a text (`Backend.score_from`): a future of
+        (Scores, states), or of None where the model cannot."""
+        return self._queue_scoring(lambda: self._scoring.put_from(row, states))
+
+    def _queue_scoring(self, put: Callable[[], concurrent.futures.Future]
+                       ) -> concurrent.futures.Future:
         stopping = UnavailableError("the server is shutting down")
         if self._stop.is_set():
             future: concurrent.futures.Future = concurrent.futures.Future()
             future.set_exception(stopping)
             return future
-        future = self._scoring.put(rows)
+        future = put()
         self._pending.put(None)
         if not self._thread.is_alive():  # Closed meanwhile: nobody would answer.
             self._scoring.fail(stopping)

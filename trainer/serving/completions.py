@@ -282,7 +282,8 @@ def add_routes(app: FastAPI, batcher: Batcher, limits: Limits, timing: transport
             options = data.get("stream_options")
             usage = isinstance(options, dict) and options.get("include_usage") is True
             scorer = (None if top is None else
-                      logprobs.StreamScores(tokenizer, top, batcher.score, rows, echoed))
+                      logprobs.StreamScores(tokenizer, top, batcher.score,
+                                            batcher.score_from, rows, echoed))
             return StreamingResponse(_stream(blocks, rows, instances, stops, head,
                                              tokenizer if usage else None, n,
                                              timing.deadline_seconds, echoed, scorer),

@@ -35,9 +35,11 @@ A stream carries them too (`StreamScores`): each chunk's `logprobs` holds the to
 whose text starts in that chunk (an echoed prompt's in its own first chunk), with
 `text_offset` counted from the start of the choice's whole text, so a choice's chunks
 together hold what the same request gets without "stream". Each chunk is scored when it
-is sent, by a pass over its row's prompt and every id drawn so far: a completion of c
-chunks costs about (c + 1) / 2 passes where one answer costs one, and the last chunk's
-pass runs after its row has left the admission budget.
+is sent, by a pass over only the ids drawn since the chunk before, from the LSTM states
+that pass ended in (`Backend.score_from`), so a whole stream costs one pass over its
+prompt and completion, as one answer does; the last chunk's pass runs after its row
+has left the admission budget. A SavedModel exported before its `score_from` signature
+scores each chunk from the prompt on instead (about (c + 1) / 2 passes for c chunks).
 """
 
 from __future__ import annotations
@@ -169,25 +171,50 @@ class StreamScores:
 
     def __init__(self, tokenizer: tokenization.Tokenizer, k: int,
                  score: Callable[[list[np.ndarray]], concurrent.futures.Future],
+                 score_from: Callable[[np.ndarray, np.ndarray | None],
+                                      concurrent.futures.Future],
                  rows: Sequence[Any], echoed: Sequence[str]):
         """Scores the chunks of `rows`.
 
         Args:
           tokenizer: the model's tokenizer.
           k: alternatives per token.
-          score: `Batcher.score`.
+          score: `Batcher.score`, for a model that cannot carry states.
+          score_from: `Batcher.score_from`.
           rows: the request's rows (`Batcher.submit`): `ids` is the prompt's, and
             `output.ids` the ids drawn so far, which the batcher's worker appends to.
           echoed: each choice's echoed prompt, or "" without echo.
         """
-        self.tokenizer, self.k, self.score, self.rows = tokenizer, k, score, rows
-        self.echoed = echoed
+        self.tokenizer, self.k, self.rows, self.echoed = tokenizer, k, rows, echoed
+        self._score, self._score_from = score, score_from
         self.sent = [0] * len(rows)  # Characters of each completion sent so far.
+        # Per choice: the scores of positions [0, fed) of its row (`rows`), and the
+        # packed states after its first `fed` ids, where the next piece starts.
+        self._done: list[list[Scores]] = [[] for _ in rows]
+        self._fed = [0] * len(rows)
+        self._states: list[np.ndarray | None] = [None] * len(rows)
 
     async def _scores(self, index: int, drawn: list[int]) -> Scores:
-        (scores,) = await asyncio.wrap_future(
-            self.score(rows(self.tokenizer, [self.rows[index].ids], [drawn])))
-        return scores
+        """The scores of choice `index`'s row so far: only the ids not yet scored are fed,
+        from the states the last piece ended in (the whole row again for a model that
+        cannot carry states)."""
+        (row,) = rows(self.tokenizer, [self.rows[index].ids], [drawn])
+        fed = self._fed[index]
+        if self._score_from is not None and len(row) - fed >= 2:
+            answer = await asyncio.wrap_future(
+                self._score_from(row[fed:], self._states[index]))
+            if answer is None:  # An export without `score_from`: from the prompt on.
+                self._score_from = None
+            else:
+                piece, self._states[index] = answer
+                self._done[index].append(piece)
+                self._fed[index] = len(row) - 1
+        if self._score_from is None:
+            (scores,) = await asyncio.wrap_future(self._score([row]))
+            return scores
+        done = self._done[index]
+        return (Scores(*(np.concatenate(parts) for parts in zip(*done))) if done
+                else Scores.empty(self.tokenizer.size))
 
     async def echo(self, index: int) -> dict[str, list[Any]]:
         """The `logprobs` of choice `index`'s echoed prompt (its first chunk)."""
