@@ -21,7 +21,7 @@ import pytest
 from cluster import write_corpus
 
 import bench
-from bench import lstm_width
+from bench import lstm_width, quality
 from bench import run as bench_run
 from trainer.config import Config
 from trainer.training import distribution
@@ -122,6 +122,30 @@ def test_require_names_every_figure_that_is_missing_or_nan():
     bench.require({"chars/s": 1.5, "steps": 3})
     with pytest.raises(bench.BenchError, match="not measured: ratio, baseline, flag$"):
         bench.require({"chars/s": 1.5, "ratio": float("nan"), "baseline": None, "flag": True})
+
+
+def test_quality_spread_groups_a_presets_seeds():
+    def run(name, seed, carried, windowed, common=None):
+        out = {"name": name, "seed": seed, "final_val_carried_loss": carried,
+               "final_val_loss": windowed}
+        return {**out, "common": common} if common else out
+
+    runs = [run("quality", 1, 1.40, 1.52, {"carried": 1.39, "windowed": 1.45}),
+            run("quality", 2, 1.38, 1.50, {"carried": 1.37, "windowed": 1.44}),
+            run("cpu", 1, 1.45, 1.49), {"preset": "tiny", "final_val_loss": 2.0},
+            run("quality", 3, 1.42, 1.51, {"carried": 1.41, "windowed": 1.47})]
+    (row,) = quality.spread(runs)  # "cpu" has one seed, "tiny" none: no spread.
+    assert row["name"] == "quality" and row["seeds"] == [1, 2, 3]
+    assert row["carried"] == pytest.approx({"mean": 1.40, "min": 1.38, "max": 1.42})
+    assert row["windowed"] == pytest.approx({"mean": 1.51, "min": 1.50, "max": 1.52})
+    assert row["common carried"]["mean"] == pytest.approx(1.39)
+    assert row["common windowed"] == pytest.approx({"mean": 4.36 / 3, "min": 1.44,
+                                                    "max": 1.47})
+    # A run without the kept weights' scores leaves those columns out, not half-averaged.
+    runs[0].pop("common")
+    (row,) = quality.spread(runs)
+    assert "common carried" not in row and row["carried"]["max"] == pytest.approx(1.42)
+    assert "1.4000 (1.3800-1.4200)" in quality._spread_table([row])
 
 
 @pytest.mark.parametrize("module", ["bench.train_throughput", "bench.quality", "bench.run",
@@ -246,8 +270,12 @@ def test_quality(shard_folder, tmp_path):
     result = measured(run_bench(
         "bench.quality", f"--corpus={shard_folder}", "--presets=tiny", "--minutes=0.5",
         "--flag=--epochs=3", "--flag=--steps_per_epoch=2", "--flag=--validation_freq=2",
-        "--score_seq_length=32", "--score_batch_size=16", f"--out={out}", f"--plot={png}"), out)
+        "--score_seq_length=32", "--score_batch_size=16", "--seeds=7", f"--out={out}",
+        f"--plot={png}"), out)
     (run,) = result["runs"]
+    # The seed reached the job; one seed gives no spread.
+    assert run["config"]["seed"] == 7 and run["label"] == "tiny seed 7"
+    assert result["spread"] == []
     assert_figures({k: run[k] for k in ("final_val_loss", "best_val_loss", "final_val_bpc",
                                         "train_sec", "chars_trained")})
     assert run["chars_trained"] == 6 * 16 * 32  # Steps x the tiny preset's batch x window.
