@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 
 from trainer import models
 from trainer.config import Config
+from trainer.errors import UserError
 
 
 def test_every_lstm_is_cudnn_eligible():
@@ -30,6 +32,19 @@ def test_parameter_count_matches_the_architecture():
     lstm = lambda inputs: 4 * (units * (inputs + units) + units)  # noqa: E731
     expected = vocab * emb + lstm(emb) + lstm(units) + units * vocab + vocab
     assert model.count_params() == expected
+
+
+def test_embedding_init_std_draws_a_normal_embedding():
+    def embedding(std: float) -> np.ndarray:
+        cfg = Config(num_layers=1, rnn_units=8, embedding_dim=64, embedding_init_std=std)
+        return models.build_model(cfg, 200).get_layer("embedding").get_weights()[0]
+
+    assert np.abs(embedding(0.0)).max() <= 0.05  # Keras's uniform in +-0.05.
+    for std in (1.0, 2.0):
+        values = embedding(std)
+        assert values.std() == pytest.approx(std, rel=0.05) and np.abs(values).max() > 2 * std
+    with pytest.raises(UserError, match="--embedding_init_std must be >= 0"):
+        Config(embedding_init_std=-1.0).validate()
 
 
 def test_logits_stay_float32_under_mixed_precision():

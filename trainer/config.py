@@ -100,6 +100,10 @@ class Config:
 
     # --- model ---
     embedding_dim: int = option(64, "Size of the learned character embedding.")
+    embedding_init_std: float = option(
+        0.0, "Draw the embedding's initial values from a normal distribution of this "
+        "standard deviation (1.0: PyTorch's default); 0 = Keras's default, uniform in "
+        "+-0.05, which can leave a deep LSTM at the unigram level for hundreds of steps.")
     rnn_units: int = option(512, "Units in each LSTM layer. In float32 on a CPU without "
                             "AVX-512, a power of two (256, 512) trains slowly: 248 or 504 "
                             "train more text a second (the job warns).")
@@ -225,7 +229,7 @@ class Config:
         non_negative = ("window_shift", "steps_per_epoch", "val_steps", "warmup_steps",
                         "clipnorm", "train_minutes", "checkpoint_every_steps",
                         "sample_length", "upload_timeout", "logical_cpus", "weight_decay",
-                        "early_stopping_patience")
+                        "early_stopping_patience", "embedding_init_std")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")

@@ -31,7 +31,7 @@ def build_model(cfg: Config, vocab_size: int) -> keras.Model:
     """Builds the training model mapping (batch, time) ids to (batch, time, vocab) logits.
 
     Args:
-      cfg: embedding_dim, rnn_units, num_layers and dropout are read.
+      cfg: embedding_dim, embedding_init_std, rnn_units, num_layers and dropout are read.
       vocab_size: number of ids, the out-of-vocabulary id included.
 
     Returns:
@@ -39,7 +39,10 @@ def build_model(cfg: Config, vocab_size: int) -> keras.Model:
       `lstm_{i}`, `dropout_{i}` and `logits`.
     """
     inputs = keras.Input(shape=(None,), dtype="int32", name="chars")
-    x = layers.Embedding(vocab_size, cfg.embedding_dim, name="embedding")(inputs)
+    init = (keras.initializers.RandomNormal(stddev=cfg.embedding_init_std)
+            if cfg.embedding_init_std else "uniform")
+    x = layers.Embedding(vocab_size, cfg.embedding_dim, embeddings_initializer=init,
+                         name="embedding")(inputs)
     for i in range(cfg.num_layers):
         x, _, _ = lstm_layer(cfg.rnn_units, name=f"lstm_{i}")(x)
         if cfg.dropout:
