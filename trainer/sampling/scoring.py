@@ -65,7 +65,7 @@ def score_rows(rows: Sequence[np.ndarray], vocab: int,
 
 
 def score_piece(row: np.ndarray, states: np.ndarray | None, vocab: int,
-                run: Callable[[np.ndarray, np.ndarray], Sequence[np.ndarray]]
+                run: Callable[[tf.Tensor, tf.Tensor], Sequence[tf.Tensor]]
                 ) -> tuple[Scores, np.ndarray]:
     """Scores one row from given states, through `scores_from` (or an export's signature).
 
